@@ -1,0 +1,1 @@
+"""Per-core numerical kernels, each with a plain-jnp reference beside it."""

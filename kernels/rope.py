@@ -1,0 +1,50 @@
+"""Rotary position embeddings: plain and Llama-3 scaled frequencies, HF's half-split layout."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def rope_inv_freq(head_dim: int, theta: float, llama3_scaling: dict | None = None) -> np.ndarray:
+    """Inverse frequencies [H/2], float32, computed the way HF transformers computes them.
+
+    Args:
+      head_dim: H.
+      theta: rotary base.
+      llama3_scaling: None, or dict(factor, low_freq_factor, high_freq_factor,
+        original_max_pos) for Llama-3.1 style frequency scaling.
+    """
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
+    if llama3_scaling is None:
+        return inv_freq
+    factor = llama3_scaling["factor"]
+    low, high = llama3_scaling["low_freq_factor"], llama3_scaling["high_freq_factor"]
+    old_len = llama3_scaling["original_max_pos"]
+    low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(pos: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables [..., H] for integer positions `pos` [...]."""
+    angles = pos.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope_ref(x_H: jax.Array, cos_H: jax.Array, sin_H: jax.Array) -> jax.Array:
+    """Rotate `x` [..., H] by the angles whose cos/sin [..., H] broadcast against it.
+
+    HF's layout: the first half of H pairs with the second half (`rotate_half`), not
+    interleaved pairs as in llama.cpp (the GGUF loader undoes llama.cpp's row permutation).
+    """
+    half = x_H.shape[-1] // 2
+    rotated = jnp.concatenate([-x_H[..., half:], x_H[..., :half]], axis=-1)
+    return x_H * cos_H + rotated * sin_H

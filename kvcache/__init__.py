@@ -1,0 +1,1 @@
+"""The KV cache pytree and its layouts."""

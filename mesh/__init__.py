@@ -1,0 +1,1 @@
+"""The machine: wafer specs, grids, executors, CPU-device emulation, the SRAM planner."""

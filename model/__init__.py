@@ -1,0 +1,1 @@
+"""Configs, weights, loaders, tokenizer, the single-device reference decoder."""

@@ -1,0 +1,90 @@
+"""The single-device reference forward pass: prefill of a batch of prompts and the decode step.
+
+Both are one function, `forward`: T new tokens per sequence at positions start_B[b] + t, written
+into the KV cache, each attending to every cached position up to its own. Prefill is T = the
+padded prompt length with start 0; decode is T = 1 at each sequence's current length.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kernels.attention import gqa_attention_ref
+from kernels.rmsnorm import rmsnorm_ref
+from kernels.rope import apply_rope_ref, rope_cos_sin, rope_inv_freq
+from kvcache.cache import KVCache, write_kv
+from model.config import ModelConfig, RopeScaling
+from model.weights import Params, lm_head_weight
+
+
+def inv_freq_for(config: ModelConfig):
+    scaling = None
+    if config.rope_scaling is RopeScaling.LLAMA3:
+        scaling = dict(factor=config.rope_factor, low_freq_factor=config.rope_low_freq_factor,
+                       high_freq_factor=config.rope_high_freq_factor,
+                       original_max_pos=config.rope_original_max_pos)
+    return rope_inv_freq(config.head_dim, config.rope_theta, scaling)
+
+
+def decoder_layer(layer: Params, config: ModelConfig, x_BTD: jax.Array, cos_BTH, sin_BTH,
+                  k_cache_BKSH, v_cache_BKSH, start_B, visible_BTS):
+    """One transformer block; returns the new residual stream and this layer's updated cache."""
+    B, T, D = x_BTD.shape
+    N, K, H = config.n_heads, config.n_kv_heads, config.head_dim
+    with jax.named_scope("attention"):
+        h = rmsnorm_ref(x_BTD, layer["attn_norm"], config.rms_eps)
+        qkv = h @ layer["w_qkv"]
+        if "b_qkv" in layer:
+            qkv = qkv + layer["b_qkv"]
+        q_BTNH = qkv[..., : N * H].reshape(B, T, N, H)
+        k_BTKH = qkv[..., N * H: (N + K) * H].reshape(B, T, K, H)
+        v_BTKH = qkv[..., (N + K) * H:].reshape(B, T, K, H)
+        q_BTNH = apply_rope_ref(q_BTNH, cos_BTH[:, :, None], sin_BTH[:, :, None])
+        k_BTKH = apply_rope_ref(k_BTKH, cos_BTH[:, :, None], sin_BTH[:, :, None])
+        k_cache_BKSH = write_kv(k_cache_BKSH, k_BTKH.transpose(0, 2, 1, 3), start_B)
+        v_cache_BKSH = write_kv(v_cache_BKSH, v_BTKH.transpose(0, 2, 1, 3), start_B)
+        attn_BTNH = gqa_attention_ref(q_BTNH, k_cache_BKSH, v_cache_BKSH, visible_BTS)
+        x_BTD = x_BTD + attn_BTNH.reshape(B, T, N * H) @ layer["w_o"]
+    with jax.named_scope("mlp"):
+        h = rmsnorm_ref(x_BTD, layer["mlp_norm"], config.rms_eps)
+        gate_up = h @ layer["w_gate_up"]
+        F = config.ffn_dim
+        x_BTD = x_BTD + (jax.nn.silu(gate_up[..., :F]) * gate_up[..., F:]) @ layer["w_down"]
+    return x_BTD, k_cache_BKSH, v_cache_BKSH
+
+
+def forward(params: Params, config: ModelConfig, tokens_BT: jax.Array, start_B: jax.Array,
+            last_B: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Run T tokens per sequence through the model, extending the cache.
+
+    Args:
+      tokens_BT: [B, T] int32 token ids (padding past a prompt's end is allowed: it lands in
+        cache positions the sequence has not reached, which later writes overwrite and masks hide).
+      start_B: [B] int32 position of tokens_BT[:, 0] in each sequence.
+      last_B: [B] int32 index t of the token whose logits are wanted (prompt length - 1 in a
+        prefill, 0 in a decode step). Only those rows go through the LM head.
+      cache: L layers of [B, K, S, H]; requires start + T <= S.
+
+    Returns:
+      logits_BV (float32) at `last_B`, and the updated cache.
+    """
+    B, T = tokens_BT.shape
+    S = cache.max_len
+    with jax.named_scope("embed"):
+        x_BTD = jnp.take(params["embed"], tokens_BT, axis=0)
+    pos_BT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    cos_BTH, sin_BTH = rope_cos_sin(pos_BT, inv_freq_for(config))
+    visible_BTS = jnp.arange(S, dtype=jnp.int32)[None, None, :] <= pos_BT[:, :, None]
+    new_k, new_v = [], []
+    for i, layer in enumerate(params["layers"]):
+        with jax.named_scope(f"layer{i}"):
+            x_BTD, k, v = decoder_layer(layer, config, x_BTD, cos_BTH, sin_BTH,
+                                        cache.k_LBKSH[i], cache.v_LBKSH[i], start_B, visible_BTS)
+        new_k.append(k)
+        new_v.append(v)
+    with jax.named_scope("lm_head"):
+        x_BD = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)[:, 0]
+        x_BD = rmsnorm_ref(x_BD, params["final_norm"], config.rms_eps)
+        logits_BV = (x_BD @ lm_head_weight(params).T).astype(jnp.float32)
+    return logits_BV, KVCache(tuple(new_k), tuple(new_v))

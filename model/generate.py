@@ -1,0 +1,171 @@
+"""Single-device generation: prefill the prompts, then a jitted decode step per token.
+
+The decode step donates the KV cache (updated in place), samples on device, and returns the next
+tokens and positions, so the host loop only dispatches and reads token ids. Shapes are bucketed
+(prompt length and cache length rounded up) so that nearby requests reuse compiled code;
+compilation is done ahead of time and reported separately from the timed work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels.sampling import sample_ref
+from kvcache.cache import KVCache, empty_cache
+from mesh.errors import WaferError
+from model.config import ModelConfig
+from model.forward import forward
+from model.weights import Params
+
+# Prompt and cache lengths are rounded up to these multiples: fewer distinct compiled shapes,
+# and a cache only slightly longer than needed (decode attention reads the whole cache).
+PROMPT_BUCKET = 32
+CACHE_BUCKET = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How to choose tokens. temperature 0 means greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise WaferError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise WaferError(f"top-k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise WaferError(f"top-p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # generated ids per prompt (EOS included when it was produced)
+    ttft_s: float  # prefill + first token, compiled code only
+    decode_s: float  # wall time of the decode steps after the first token
+    decode_steps: int  # decode steps run (each yields one token per sequence)
+    compile_s: float  # compilation done by this call (0 when everything was cached)
+
+    @property
+    def tok_per_s(self) -> float:
+        """Decode rate per sequence after compilation; 0 when no decode step ran."""
+        return self.decode_steps / self.decode_s if self.decode_steps and self.decode_s > 0 else 0.0
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _select(logits_BV, pos_B, temperature, top_k, top_p, key, greedy):
+    keys_B = jax.vmap(lambda p: jax.random.fold_in(key, p))(pos_B)
+    return sample_ref(logits_BV, keys_B, temperature, top_k, top_p, greedy)
+
+
+def _prefill(params, tokens_BT, lengths_B, cache, temperature, top_k, top_p, key, *, config, greedy):
+    B = tokens_BT.shape[0]
+    logits_BV, cache = forward(params, config, tokens_BT, jnp.zeros((B,), jnp.int32), lengths_B - 1, cache)
+    first_B = _select(logits_BV, lengths_B, temperature, top_k, top_p, key, greedy)
+    return first_B, logits_BV, cache
+
+
+def _decode_step(params, cache, tokens_B, pos_B, temperature, top_k, top_p, key, *, config, greedy):
+    logits_BV, cache = forward(params, config, tokens_B[:, None], pos_B, jnp.zeros_like(pos_B), cache)
+    next_B = _select(logits_BV, pos_B + 1, temperature, top_k, top_p, key, greedy)
+    return next_B, pos_B + 1, cache
+
+
+class Generator:
+    """Generates from one model on the default device, caching compiled code per shape."""
+
+    def __init__(self, params: Params, config: ModelConfig):
+        self.params = params
+        self.config = config
+        self._compiled: dict[tuple, object] = {}
+
+    def _compile(self, key: tuple, fn, *args):
+        """AOT-compile `fn` for `args`' shapes once; returns (compiled, seconds spent now)."""
+        if key in self._compiled:
+            return self._compiled[key], 0.0
+        t0 = time.perf_counter()
+        compiled = fn.lower(*args).compile()
+        self._compiled[key] = compiled
+        return compiled, time.perf_counter() - t0
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+                 stop_on_eos: bool = True) -> GenerationResult:
+        """Generate up to `max_new_tokens` for each prompt (a batch decodes in lockstep)."""
+        cfg = self.config
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise WaferError("every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise WaferError(f"max-new-tokens must be at least 1, got {max_new_tokens}")
+        for p in prompts:
+            bad = [t for t in p if not 0 <= t < cfg.vocab_size]
+            if bad:
+                raise WaferError(f"token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > cfg.max_seq_len:
+            raise WaferError(f"prompt ({longest} tokens) + {max_new_tokens} new tokens exceeds the "
+                             f"model's context of {cfg.max_seq_len}")
+        B = len(prompts)
+        T = _round_up(longest, PROMPT_BUCKET)
+        S = _round_up(max(T, longest + max_new_tokens), CACHE_BUCKET)
+        tokens_BT = np.zeros((B, T), np.int32)
+        for b, p in enumerate(prompts):
+            tokens_BT[b, : len(p)] = p
+        lengths_B = jnp.asarray([len(p) for p in prompts], jnp.int32)
+        knobs = (jnp.float32(max(sampling.temperature, 1e-6)), jnp.int32(sampling.top_k),
+                 jnp.float32(sampling.top_p), jax.random.key(sampling.seed))
+        cache = empty_cache(cfg.n_layers, B, cfg.n_kv_heads, S, cfg.head_dim)
+
+        prefill = jax.jit(functools.partial(_prefill, config=cfg, greedy=sampling.greedy), donate_argnums=(3,))
+        step = jax.jit(functools.partial(_decode_step, config=cfg, greedy=sampling.greedy), donate_argnums=(1,))
+        prefill_c, c1 = self._compile(("prefill", B, T, S, sampling.greedy), prefill,
+                                      self.params, tokens_BT, lengths_B, cache, *knobs)
+        step_c, c2 = self._compile(("step", B, S, sampling.greedy), step,
+                                   self.params, cache, lengths_B, lengths_B, *knobs)
+
+        t0 = time.perf_counter()
+        tok_B, _, cache = prefill_c(self.params, jnp.asarray(tokens_BT), lengths_B, cache, *knobs)
+        first = np.asarray(tok_B)
+        ttft = time.perf_counter() - t0
+
+        eos = set(cfg.eos_token_ids) if stop_on_eos else set()
+        out = [[int(t)] for t in first]
+        done = [int(t) in eos for t in first]
+        pos_B = lengths_B
+        steps = 0
+        pending = None
+
+        def consume(tokens_B):
+            for b, t in enumerate(np.asarray(tokens_B)):
+                if not done[b]:
+                    out[b].append(int(t))
+                    done[b] = int(t) in eos
+
+        t0 = time.perf_counter()
+        while steps < max_new_tokens - 1 and not all(done):
+            # Dispatch the next step before reading the previous one's tokens, so the host
+            # read overlaps device work; a sequence that hits EOS costs at most one wasted step.
+            tok_B, pos_B, cache = step_c(self.params, cache, tok_B, pos_B, *knobs)
+            steps += 1
+            if pending is not None:
+                consume(pending)
+            pending = tok_B
+        if pending is not None:
+            consume(pending)
+        decode_s = time.perf_counter() - t0
+        return GenerationResult(out, ttft, decode_s, steps, c1 + c2)
