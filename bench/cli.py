@@ -1,0 +1,118 @@
+"""The `wafer` command line.
+
+Every failure the user can cause ends as one line on stderr and exit code 2; anything else that
+escapes is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mesh.errors import WaferError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (not usage + error) and exit code 2."""
+
+    def error(self, message: str):
+        raise WaferError(f"{self.prog}: {message}")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="preset name (default: smollm2-135m, the embedded model)")
+    src.add_argument("--checkpoint", default=None, help="a .gguf file or an HF checkpoint folder")
+
+
+def parse_prompt_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise WaferError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise WaferError("--prompt-ids is empty")
+    return ids
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="wafer", description="Wafer-scale transformer decode in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    gen = sub.add_parser("generate", help="generate text with the single-device decoder")
+    add_model_args(gen)
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text")
+    prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
+    gen.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.set_defaults(run=run_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    from bench import decode as decode_bench
+    dec = bench_sub.add_parser("decode", help="decode tokens/s against the bandwidth roofline and HF")
+    add_model_args(dec)
+    decode_bench.add_arguments(dec)
+    dec.set_defaults(run=decode_bench.run)
+    return parser
+
+
+def run_generate(args) -> int:
+    from model.generate import Generator, Sampling
+    from model.load import load_model
+
+    if args.chat and args.prompt is None:
+        raise WaferError("--chat needs --prompt text (token ids are used as they are)")
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    loaded = load_model(args.model, args.checkpoint)
+    tokenizer = loaded.tokenizer
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise WaferError(f"{loaded.source} ships no tokenizer; pass --prompt-ids")
+        prompt_ids = tokenizer.encode_chat(args.prompt) if args.chat else tokenizer.encode(args.prompt)
+    else:
+        prompt_ids = parse_prompt_ids(args.prompt_ids)
+    result = Generator(loaded.params, loaded.config).generate([prompt_ids], args.max_new_tokens, sampling)
+    tokens = result.tokens[0]
+    text = tokenizer.decode(tokens) if tokenizer is not None else None
+    if args.json:
+        print(json.dumps({
+            "model": loaded.config.name,
+            "prompt_ids": prompt_ids,
+            "tokens": tokens,
+            "text": text,
+            "ttft_ms": round(result.ttft_s * 1e3, 3),
+            "compile_s": round(result.compile_s, 3),
+            "tok_per_s": round(result.tok_per_s, 2),
+            "decode_steps": result.decode_steps,
+        }))
+    else:
+        print(text if text is not None else " ".join(map(str, tokens)))
+        print(f"[{len(tokens)} tokens, ttft {result.ttft_s * 1e3:.1f} ms, {result.tok_per_s:.1f} tok/s, "
+              f"compile {result.compile_s:.1f} s]", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.run(args)
+    except WaferError as e:
+        print(f"wafer: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("wafer: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

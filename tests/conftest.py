@@ -1,0 +1,36 @@
+"""Shared fixtures: the embedded model and its HF reference, loaded once per session."""
+
+import os
+
+import pytest
+
+# Tests never write into the user's cache: each session gets its own weight cache folder.
+os.environ.setdefault("WAFER_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "wafer"))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M-Instruct as a `LoadedModel`."""
+    from model.load import load_model
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2):
+    """HF transformers' own load of the same GGUF file (float32, eval mode)."""
+    from bench.hf_peer import load_hf_model
+    return load_hf_model(smollm2.source)
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests skip cleanly, with the reason, on machines without an NVIDIA GPU."""
+    import jax
+    try:
+        has_gpu = bool(jax.devices("gpu"))
+    except RuntimeError:
+        has_gpu = False
+    if not has_gpu:
+        skip = pytest.mark.skip(reason="needs an NVIDIA GPU (none visible to JAX)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
