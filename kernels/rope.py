@@ -17,16 +17,20 @@ def rope_inv_freq(head_dim: int, theta: float, llama3_scaling: dict | None = Non
         original_max_pos) for Llama-3.1 style frequency scaling.
     """
     exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
+    # torch's `float ** float32 tensor` rounds the double-precision power once to float32.
+    powers = (float(theta) ** exponents.astype(np.float64)).astype(np.float32)
+    inv_freq = np.reciprocal(powers)
     if llama3_scaling is None:
         return inv_freq
     factor = llama3_scaling["factor"]
     low, high = llama3_scaling["low_freq_factor"], llama3_scaling["high_freq_factor"]
     old_len = llama3_scaling["original_max_pos"]
     low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
-    wavelen = 2 * math.pi / inv_freq
-    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
+    # torch evaluates `scalar / tensor` as `reciprocal(tensor) * scalar`; doing the same keeps
+    # every frequency bit-identical to HF's (a plain division differs in the last ulp).
+    wavelen = np.reciprocal(inv_freq) * np.float32(2 * math.pi)
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(factor), inv_freq)
+    smooth = (np.reciprocal(wavelen) * np.float32(old_len) - low) / (high - low)
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
     return np.where(is_medium, smoothed, scaled).astype(np.float32)

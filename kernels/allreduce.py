@@ -1,0 +1,143 @@
+"""All-reduce along one mesh axis, in the schedules worth comparing on a wafer.
+
+- PSUM: XLA's own all-reduce.
+- RING: neighbour-only messages around a ring: n-1 shifts by one core, each core collecting every
+  partial sum, then every core adds them in core order (so all cores hold bit-identical sums).
+- KTREE: WaferLLM's two-level tree: the axis is cut into `groups` contiguous groups; each group
+  reduces toward its middle core with chains from both ends, the group roots reduce toward the
+  middle root the same way, and the total is broadcast back down the same routes. Only a few
+  distinct routes per core (the wafer has ~24 "colors"), and latency ~ n/groups + groups hops
+  instead of n.
+
+All schedules are per-core code (they call collectives with the axis name) and run unchanged
+under every executor. The tree's message plan is static Python (`ktree_plan`), so the profiler
+can count its hops without running anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import jax
+import jax.numpy as jnp
+
+
+class Schedule(enum.Enum):
+    PSUM = "psum"
+    RING = "ring"
+    KTREE = "ktree"
+
+
+def allreduce(x: jax.Array, axis: str, schedule: Schedule, groups: int | None = None) -> jax.Array:
+    """Sum `x` over the cores along mesh axis `axis`; every core gets the total."""
+    n = jax.lax.axis_size(axis)
+    if n == 1:
+        return x
+    if schedule is Schedule.PSUM:
+        return jax.lax.psum(x, axis)
+    if schedule is Schedule.RING:
+        return ring_allreduce(x, axis, n)
+    if schedule is Schedule.KTREE:
+        return ktree_allreduce(x, axis, n, groups)
+    raise ValueError(f"unknown schedule {schedule}")
+
+
+def ring_allreduce(x: jax.Array, axis: str, n: int) -> jax.Array:
+    shift = [(j, (j + 1) % n) for j in range(n)]
+    received = [x]  # received[i] on core j is the partial sum of core (j - i) mod n
+    for _ in range(n - 1):
+        received.append(jax.lax.ppermute(received[-1], axis, shift))
+    stacked = jnp.stack(received)
+    j = jax.lax.axis_index(axis)
+    in_core_order = jnp.take(stacked, (j - jnp.arange(n)) % n, axis=0)
+    return jnp.sum(in_core_order, axis=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class KTreePlan:
+    """Static message plan of a K-tree all-reduce over n cores.
+
+    `reduce_steps` and `broadcast_steps` are lists of steps; a step is a list of ppermute batches
+    (each a list of (source, destination) pairs with distinct sources and destinations) that
+    travel at the same time. `root` is the core that ends up holding the total.
+    """
+
+    n: int
+    groups: int
+    reduce_steps: list
+    broadcast_steps: list
+    root: int
+
+
+def default_groups(n: int) -> int:
+    """~sqrt(n) groups balances the two tree levels (n/groups vs groups hops)."""
+    return max(1, round(n ** 0.5))
+
+
+def _chain_toward(members: list[int], target: int):
+    """Steps that reduce along `members` (ordered) toward `target`: (rightward, leftward) pairs."""
+    t = members.index(target)
+    left, right = members[: t + 1], members[t:][::-1]
+    steps = []
+    for i in range(max(len(left), len(right)) - 1):
+        rightward = [(left[i], left[i + 1])] if i + 1 < len(left) else []
+        leftward = [(right[i], right[i + 1])] if i + 1 < len(right) else []
+        steps.append((rightward, leftward))
+    return steps
+
+
+def ktree_plan(n: int, groups: int | None = None) -> KTreePlan:
+    groups = min(n, groups or default_groups(n))
+    bounds = [round(g * n / groups) for g in range(groups + 1)]
+    members = [list(range(bounds[g], bounds[g + 1])) for g in range(groups)]
+    roots = [m[len(m) // 2] for m in members]
+    top = roots[len(roots) // 2]
+
+    def merge(per_chain_steps):
+        """Run independent chains side by side: step i of every chain travels together."""
+        depth = max((len(s) for s in per_chain_steps), default=0)
+        out = []
+        for i in range(depth):
+            batches = [[], []]
+            for steps in per_chain_steps:
+                if i < len(steps):
+                    batches[0] += steps[i][0]
+                    batches[1] += steps[i][1]
+            out.append([b for b in batches if b])
+        return out
+
+    level1 = merge([_chain_toward(m, r) for m, r in zip(members, roots)])
+    level2 = merge([_chain_toward(roots, top)])
+    reduce_steps = level1 + level2
+    # Broadcast retraces the reduction routes backwards: every message reversed, steps reversed.
+    broadcast_steps = [[[(d, s) for s, d in batch] for batch in step] for step in reversed(reduce_steps)]
+    return KTreePlan(n, groups, reduce_steps, broadcast_steps, top)
+
+
+def partial_ppermute(x: jax.Array, axis: str, pairs: list[tuple[int, int]], n: int):
+    """`ppermute` of only `pairs`; returns (received, is_destination) on every core.
+
+    vmap's ppermute accepts only full permutations, so the pairs are completed with filler
+    routes (idle sources to idle destinations) whose data the receivers ignore.
+    """
+    sources = {s for s, _ in pairs}
+    dests = {d for _, d in pairs}
+    filler = zip([s for s in range(n) if s not in sources], [d for d in range(n) if d not in dests])
+    received = jax.lax.ppermute(x, axis, list(pairs) + list(filler))
+    is_dest = jnp.isin(jax.lax.axis_index(axis), jnp.asarray(sorted(dests)))
+    return received, is_dest
+
+
+def ktree_allreduce(x: jax.Array, axis: str, n: int, groups: int | None = None) -> jax.Array:
+    plan = ktree_plan(n, groups)
+    acc = x
+    for step in plan.reduce_steps:
+        for batch in step:
+            received, is_dest = partial_ppermute(acc, axis, batch, n)
+            acc = jnp.where(is_dest, acc + received, acc)
+    for step in plan.broadcast_steps:
+        for batch in step:
+            received, is_dest = partial_ppermute(acc, axis, batch, n)
+            acc = jnp.where(is_dest, received, acc)
+    return acc

@@ -1,0 +1,104 @@
+"""Executors: run one per-core program over an R×C grid of cores.
+
+A per-core program sees only its own tiles (no leading grid axes) and talks to other cores only
+through collectives along the named axes `ROW` and `COL`. Every operand it receives is stored
+globally as an array [R, C, *local]: entry (r, c) is what core (r, c) holds. The executors:
+
+- DEVICES: `jax.shard_map` over a `Mesh` of R×C devices, operands sharded P(ROW, COL), so each
+  device holds exactly its core's tiles (emulated CPU devices, several GPUs, several processes).
+- VCORES: nested `jax.vmap` with axis names over R×C virtual cores on one device: the same
+  collectives, resolved as array operations, for grids far larger than the device count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mesh.axes import COL, ROW
+from mesh.errors import WaferError
+
+
+class Executor(enum.Enum):
+    DEVICES = "devices"
+    VCORES = "vcores"
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """An R×C grid of cores."""
+
+    rows: int  # R
+    cols: int  # C
+
+    def __post_init__(self):
+        if self.rows < 1 or self.cols < 1:
+            raise WaferError(f"grid {self.rows}x{self.cols}: both sides must be positive")
+
+    @property
+    def cores(self) -> int:
+        return self.rows * self.cols
+
+    def __str__(self) -> str:
+        return f"{self.rows}x{self.cols}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Grid":
+        """'RxC' (e.g. '2x4'), or 'N' for a 1×N grid."""
+        parts = text.lower().split("x")
+        try:
+            dims = [int(p) for p in parts]
+        except ValueError:
+            raise WaferError(f"mesh {text!r}: expected RxC such as 2x4") from None
+        if len(dims) == 1:
+            dims = [1, dims[0]]
+        if len(dims) != 2:
+            raise WaferError(f"mesh {text!r}: expected RxC such as 2x4")
+        return cls(*dims)
+
+
+@dataclasses.dataclass(frozen=True)
+class CoreMesh:
+    """A grid bound to an executor (and, for DEVICES, to the devices that hold the cores)."""
+
+    grid: Grid
+    executor: Executor
+    mesh: Mesh | None = None  # DEVICES only
+
+    def place(self, tree):
+        """Put [R, C, *local] arrays where their cores live (one shard per device for DEVICES)."""
+        if self.executor is Executor.VCORES:
+            return jax.tree.map(jax.numpy.asarray, tree)
+        sharding = NamedSharding(self.mesh, P(ROW, COL))
+        return jax.tree.map(lambda a: jax.device_put(a, sharding), tree)
+
+    def run(self, program: Callable) -> Callable:
+        """Lift a per-core `program(*local operands) -> local outputs` to [R, C, ...] arrays."""
+        if self.executor is Executor.VCORES:
+            return jax.vmap(jax.vmap(program, axis_name=COL), axis_name=ROW)
+
+        def per_device(*args):
+            local = jax.tree.map(lambda a: a[0, 0], args)
+            out = program(*local)
+            return jax.tree.map(lambda a: a[None, None], out)
+
+        # One PartitionSpec is a prefix for every operand and output: all are [R, C, ...].
+        return jax.shard_map(per_device, mesh=self.mesh, in_specs=P(ROW, COL), out_specs=P(ROW, COL),
+                             check_vma=False)
+
+
+def make_core_mesh(grid: Grid, executor: Executor, devices: list | None = None) -> CoreMesh:
+    """Bind `grid` to an executor. DEVICES uses the first R×C devices of `devices` (default: all)."""
+    if executor is Executor.VCORES:
+        return CoreMesh(grid, executor)
+    devices = list(jax.devices()) if devices is None else list(devices)
+    if len(devices) < grid.cores:
+        raise WaferError(f"mesh {grid} needs {grid.cores} devices, {len(devices)} available "
+                         f"(emulate CPU devices with mesh.devices.ensure_cpu_devices before JAX starts)")
+    arr = np.array(devices[: grid.cores], dtype=object).reshape(grid.rows, grid.cols)
+    return CoreMesh(grid, executor, Mesh(arr, (ROW, COL)))

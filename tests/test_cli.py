@@ -1,0 +1,138 @@
+"""The `wafer generate` command: its JSON, its chat answer, and one-line errors on bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from bench.cli import main
+
+
+def run_cli(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line_error(rc, err, *fragments):
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("wafer: error:"), err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+def test_generate_json_fields(capsys, smollm2):
+    rc, out, _ = run_cli(capsys, "generate", "--prompt-ids", "1,9690,198", "--max-new-tokens", "5", "--json")
+    assert rc == 0
+    d = json.loads(out)
+    assert d["prompt_ids"] == [1, 9690, 198]
+    assert 1 <= len(d["tokens"]) <= 5
+    assert all(0 <= t < smollm2.config.vocab_size for t in d["tokens"])
+    assert d["text"] == smollm2.tokenizer.decode(d["tokens"])
+    for key in ("ttft_ms", "compile_s", "tok_per_s"):
+        assert d[key] >= 0
+
+
+def test_chat_answers_paris(capsys):
+    rc, out, _ = run_cli(capsys, "generate", "--chat", "--prompt", "What is the capital of France?",
+                         "--max-new-tokens", "16", "--json")
+    assert rc == 0
+    assert "Paris" in json.loads(out)["text"]
+
+
+def test_plain_text_output(capsys):
+    rc, out, err = run_cli(capsys, "generate", "--prompt", "The sky is", "--max-new-tokens", "4")
+    assert rc == 0
+    assert out.strip()
+    assert "tok/s" in err
+
+
+def test_sampling_is_seeded(capsys):
+    args = ("generate", "--prompt", "Once upon a time", "--max-new-tokens", "12", "--temperature", "1.0",
+            "--top-k", "50", "--top-p", "0.95", "--json")
+    runs = [json.loads(run_cli(capsys, *args, "--seed", s)[1])["tokens"] for s in ("7", "7", "8")]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["generate", "--model", "nope", "--prompt", "x"], ["unknown model preset 'nope'", "smollm2-135m"]),
+    (["generate", "--model", "llama3-8b", "--prompt", "x"], ["no embedded weights"]),
+    (["generate", "--checkpoint", "/no/such/file.gguf", "--prompt", "x"], ["checkpoint not found"]),
+    (["generate", "--prompt-ids", "1,a,3"], ["comma-separated integers"]),
+    (["generate", "--prompt-ids", "1,999999"], ["outside the vocabulary"]),
+    (["generate", "--prompt-ids", "1,2", "--max-new-tokens", "9000"], ["exceeds the model's context of 8192"]),
+    (["generate", "--prompt-ids", "1,2", "--max-new-tokens", "0"], ["at least 1"]),
+    (["generate", "--prompt", "x", "--top-p", "0"], ["top-p"]),
+    (["generate", "--prompt", "x", "--temperature", "-1"], ["temperature"]),
+    (["generate", "--prompt-ids", "1", "--chat"], ["--chat needs --prompt"]),
+    (["generate"], ["required"]),
+    (["generate", "--prompt", "x", "--max-new-tokens", "ten"], ["invalid int value"]),
+    ([], ["required"]),
+])
+def test_bad_input_is_one_line(capsys, argv, fragments):
+    rc, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(rc, err, *fragments)
+
+
+def test_prompt_longer_than_context(capsys):
+    ids = ",".join(["198"] * 8200)
+    rc, _, err = run_cli(capsys, "generate", "--prompt-ids", ids, "--max-new-tokens", "1")
+    assert_one_line_error(rc, err, "prompt (8200 tokens)", "8192")
+
+
+def test_corrupt_gguf(capsys, tmp_path):
+    bad = tmp_path / "garbage.gguf"
+    bad.write_bytes(b"GGUF" + os.urandom(4096))
+    rc, _, err = run_cli(capsys, "generate", "--checkpoint", str(bad), "--prompt", "x")
+    assert_one_line_error(rc, err, "garbage.gguf")
+
+
+def test_truncated_gguf(capsys, tmp_path, smollm2):
+    cut = tmp_path / "cut.gguf"
+    with open(smollm2.source, "rb") as f:
+        cut.write_bytes(f.read(3_000_000))
+    rc, _, err = run_cli(capsys, "generate", "--checkpoint", str(cut), "--prompt", "x")
+    assert_one_line_error(rc, err, "cut.gguf")
+
+
+def test_hf_folder_errors(capsys, tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    rc, _, err = run_cli(capsys, "generate", "--checkpoint", str(folder), "--prompt-ids", "1")
+    assert_one_line_error(rc, err, "no config.json")
+
+    (folder / "config.json").write_text("{not json")
+    rc, _, err = run_cli(capsys, "generate", "--checkpoint", str(folder), "--prompt-ids", "1")
+    assert_one_line_error(rc, err, "not valid JSON")
+
+    (folder / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    rc, _, err = run_cli(capsys, "generate", "--checkpoint", str(folder), "--prompt-ids", "1")
+    assert_one_line_error(rc, err, "unsupported architecture", "GPT2LMHeadModel")
+
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 128}))
+    rc, _, err = run_cli(capsys, "generate", "--checkpoint", str(folder), "--prompt-ids", "1")
+    assert_one_line_error(rc, err, "no *.safetensors")
+
+    (folder / "model.safetensors").write_bytes(os.urandom(256))
+    rc, _, err = run_cli(capsys, "generate", "--checkpoint", str(folder), "--prompt-ids", "1")
+    assert_one_line_error(rc, err, "not a readable safetensors file")
+
+
+def test_console_script_exit_code(tmp_path):
+    """The installed entry point itself: exit code 2 and no traceback."""
+    exe = shutil.which("wafer", path=os.path.dirname(sys.executable))
+    assert exe, "the wafer console script is not installed next to this Python"
+    proc = subprocess.run([exe, "generate", "--model", "nope", "--prompt", "x"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["wafer: error: unknown model preset 'nope'; known: "
+                                                 + ", ".join(__import__("model.config").config.PRESETS)]
