@@ -104,68 +104,104 @@ class Generator:
         self._compiled[key] = compiled
         return compiled, time.perf_counter() - t0
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
-                 stop_on_eos: bool = True) -> GenerationResult:
-        """Generate up to `max_new_tokens` for each prompt (a batch decodes in lockstep)."""
+    def prefill(self, prompts: list[list[int]], cache_len: int, sampling: Sampling):
+        """Prefill `prompts` into a fresh cache of `cache_len` positions.
+
+        Returns (first tokens [B] on device, cache, knobs, seconds of compiled prefill,
+        seconds spent compiling). `knobs` are the sampling arrays the decode step takes.
+        """
         cfg = self.config
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise WaferError("every prompt needs at least one token")
-        if max_new_tokens < 1:
-            raise WaferError(f"max-new-tokens must be at least 1, got {max_new_tokens}")
-        for p in prompts:
-            bad = [t for t in p if not 0 <= t < cfg.vocab_size]
-            if bad:
-                raise WaferError(f"token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
-        longest = max(len(p) for p in prompts)
-        if longest + max_new_tokens > cfg.max_seq_len:
-            raise WaferError(f"prompt ({longest} tokens) + {max_new_tokens} new tokens exceeds the "
-                             f"model's context of {cfg.max_seq_len}")
         B = len(prompts)
+        longest = max(len(p) for p in prompts)
         T = _round_up(longest, PROMPT_BUCKET)
-        S = _round_up(max(T, longest + max_new_tokens), CACHE_BUCKET)
+        S = max(cache_len, T)
         tokens_BT = np.zeros((B, T), np.int32)
         for b, p in enumerate(prompts):
             tokens_BT[b, : len(p)] = p
         lengths_B = jnp.asarray([len(p) for p in prompts], jnp.int32)
-        knobs = (jnp.float32(max(sampling.temperature, 1e-6)), jnp.int32(sampling.top_k),
-                 jnp.float32(sampling.top_p), jax.random.key(sampling.seed))
+        knobs = sampling_knobs(sampling)
         cache = empty_cache(cfg.n_layers, B, cfg.n_kv_heads, S, cfg.head_dim)
-
         prefill = jax.jit(functools.partial(_prefill, config=cfg, greedy=sampling.greedy), donate_argnums=(3,))
-        step = jax.jit(functools.partial(_decode_step, config=cfg, greedy=sampling.greedy), donate_argnums=(1,))
-        prefill_c, c1 = self._compile(("prefill", B, T, S, sampling.greedy), prefill,
-                                      self.params, tokens_BT, lengths_B, cache, *knobs)
-        step_c, c2 = self._compile(("step", B, S, sampling.greedy), step,
-                                   self.params, cache, lengths_B, lengths_B, *knobs)
-
+        prefill_c, compile_s = self._compile(("prefill", B, T, S, sampling.greedy), prefill,
+                                             self.params, tokens_BT, lengths_B, cache, *knobs)
         t0 = time.perf_counter()
         tok_B, _, cache = prefill_c(self.params, jnp.asarray(tokens_BT), lengths_B, cache, *knobs)
-        first = np.asarray(tok_B)
-        ttft = time.perf_counter() - t0
+        tok_B.block_until_ready()
+        return tok_B, cache, knobs, time.perf_counter() - t0, compile_s
 
-        eos = set(cfg.eos_token_ids) if stop_on_eos else set()
-        out = [[int(t)] for t in first]
-        done = [int(t) in eos for t in first]
-        pos_B = lengths_B
-        steps = 0
-        pending = None
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+                 stop_on_eos: bool = True) -> GenerationResult:
+        """Generate up to `max_new_tokens` for each prompt (a batch decodes in lockstep)."""
+        cfg = self.config
+        check_request(cfg, prompts, max_new_tokens)
+        longest = max(len(p) for p in prompts)
+        S = _round_up(max(_round_up(longest, PROMPT_BUCKET), longest + max_new_tokens), CACHE_BUCKET)
+        tok_B, cache, knobs, prefill_s, c1 = self.prefill(prompts, S, sampling)
+        step = jax.jit(functools.partial(_decode_step, config=cfg, greedy=sampling.greedy), donate_argnums=(1,))
+        lengths_B = jnp.asarray([len(p) for p in prompts], jnp.int32)
+        step_c, c2 = self._compile(("step", len(prompts), S, sampling.greedy), step,
+                                   self.params, cache, lengths_B, lengths_B, *knobs)
+        state = {"tok": tok_B, "pos": lengths_B, "cache": cache}
 
-        def consume(tokens_B):
-            for b, t in enumerate(np.asarray(tokens_B)):
-                if not done[b]:
-                    out[b].append(int(t))
-                    done[b] = int(t) in eos
+        def dispatch_step():
+            state["tok"], state["pos"], state["cache"] = step_c(
+                self.params, state["cache"], state["tok"], state["pos"], *knobs)
+            return state["tok"]
 
         t0 = time.perf_counter()
-        while steps < max_new_tokens - 1 and not all(done):
-            # Dispatch the next step before reading the previous one's tokens, so the host
-            # read overlaps device work; a sequence that hits EOS costs at most one wasted step.
-            tok_B, pos_B, cache = step_c(self.params, cache, tok_B, pos_B, *knobs)
-            steps += 1
-            if pending is not None:
-                consume(pending)
-            pending = tok_B
+        first = np.asarray(tok_B)
+        ttft = prefill_s + time.perf_counter() - t0
+        eos = set(cfg.eos_token_ids) if stop_on_eos else set()
+        out, steps, decode_s = decode_loop(dispatch_step, first, max_new_tokens, eos)
+        return GenerationResult(out, ttft, decode_s, steps, c1 + c2)
+
+
+def sampling_knobs(sampling: Sampling) -> tuple:
+    """The traced sampling arguments (temperature, top_k, top_p, key) of prefill and decode."""
+    return (jnp.float32(max(sampling.temperature, 1e-6)), jnp.int32(sampling.top_k),
+            jnp.float32(sampling.top_p), jax.random.key(sampling.seed))
+
+
+def check_request(config: ModelConfig, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """Refuse a generation request that cannot run, with the reason."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise WaferError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise WaferError(f"max-new-tokens must be at least 1, got {max_new_tokens}")
+    for p in prompts:
+        bad = [t for t in p if not 0 <= t < config.vocab_size]
+        if bad:
+            raise WaferError(f"token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > config.max_seq_len:
+        raise WaferError(f"prompt ({longest} tokens) + {max_new_tokens} new tokens exceeds the "
+                         f"model's context of {config.max_seq_len}")
+
+
+def decode_loop(dispatch_step, first: np.ndarray, max_new_tokens: int, eos: set[int]):
+    """Host loop shared by every decoder: returns (tokens per sequence, steps run, seconds).
+
+    `dispatch_step()` launches one decode step and returns its tokens [B] (on device). The next
+    step is dispatched before the previous one's tokens are read, so the host read overlaps
+    device work; a sequence that hits EOS costs at most one wasted step.
+    """
+    out = [[int(t)] for t in first]
+    done = [int(t) in eos for t in first]
+
+    def consume(tokens_B):
+        for b, t in enumerate(np.asarray(tokens_B)):
+            if not done[b]:
+                out[b].append(int(t))
+                done[b] = int(t) in eos
+
+    steps, pending = 0, None
+    t0 = time.perf_counter()
+    while steps < max_new_tokens - 1 and not all(done):
+        tokens_B = dispatch_step()
+        steps += 1
         if pending is not None:
             consume(pending)
-        decode_s = time.perf_counter() - t0
-        return GenerationResult(out, ttft, decode_s, steps, c1 + c2)
+        pending = tokens_B
+    if pending is not None:
+        consume(pending)
+    return out, steps, time.perf_counter() - t0

@@ -1,0 +1,170 @@
+"""How a model's weights and KV cache are cut into per-core tiles on an R×C grid.
+
+Every tensor a core holds is stored globally as [R, C, *local] (see mesh/executors.py). The
+layout alternates which axis a GEMV reduces over, so each output already lies where the next
+GEMV wants its input:
+
+  x        [D_row]                 residual stream: D split over rows, replicated over columns
+  w_qkv    [D_row, heads_col]      reduce over ROW -> q, k, v of column c's heads on every row
+  KV cache [heads_col, S_row]      KV heads over columns, positions over rows (cyclic: p % R)
+  w_o      [heads_col, D_row]      reduce over COL -> residual update [D_row]
+  w_gate_up[D_row, F_col]          reduce over ROW -> [F_col]
+  w_down   [F_col, D_row]          reduce over COL -> [D_row]
+  lm       [D_row, V_col]          reduce over ROW -> logits [V_col]; also the embedding table
+
+Dimensions that do not divide the grid are zero-padded: D to a multiple of R, KV heads to a
+multiple of C (with their G query heads), F and V to multiples of C, S to a multiple of R.
+Zero rows and columns contribute exact zeros to every sum, norms divide by the true D, and padded
+vocabulary entries are masked out of the argmax, so padding never changes a result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from mesh.executors import Grid
+from model.config import ModelConfig
+from model.weights import Params
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclasses.dataclass(frozen=True)
+class WaferLayout:
+    """Per-core extents of every dimension for one model on one grid."""
+
+    config: ModelConfig
+    grid: Grid
+    max_len: int  # S: cache positions per sequence (before padding to the grid)
+
+    @property
+    def d(self) -> int:  # local D per row
+        return _ceil_div(self.config.dim, self.grid.rows)
+
+    @property
+    def kc(self) -> int:  # KV heads per column
+        return _ceil_div(self.config.n_kv_heads, self.grid.cols)
+
+    @property
+    def nc(self) -> int:  # query heads per column
+        return self.kc * self.config.q_per_kv
+
+    @property
+    def f(self) -> int:  # local F per column
+        return _ceil_div(self.config.ffn_dim, self.grid.cols)
+
+    @property
+    def v(self) -> int:  # local V per column
+        return _ceil_div(self.config.vocab_size, self.grid.cols)
+
+    @property
+    def s(self) -> int:  # cache positions per row
+        return _ceil_div(self.max_len, self.grid.rows)
+
+    @property
+    def qkv_width(self) -> int:  # local width of the fused QKV output: q | k | v of column c
+        return (self.nc + 2 * self.kc) * self.config.head_dim
+
+    def local_shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
+        """Shape of every per-core tensor kind (per layer where it is per layer)."""
+        H = self.config.head_dim
+        shapes = {
+            "attn_norm": (self.d,), "w_qkv": (self.d, self.qkv_width), "w_o": (self.nc * H, self.d),
+            "mlp_norm": (self.d,), "w_gate_up": (self.d, 2 * self.f), "w_down": (self.f, self.d),
+            "final_norm": (self.d,), "lm": (self.d, self.v),
+            "k_cache": (batch, self.kc, self.s, H), "v_cache": (batch, self.kc, self.s, H),
+        }
+        if self.config.qkv_bias:
+            shapes["b_qkv"] = (self.qkv_width,)
+        if not self.config.tie_embeddings:
+            shapes["embed"] = (self.v, self.d)
+        return shapes
+
+
+def _pad_to(a: np.ndarray, axis: int, size: int) -> np.ndarray:
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (0, size - a.shape[axis])
+    return np.pad(a, pad)
+
+
+def _tile(a: np.ndarray, row_axis: int | None, col_axis: int | None, grid: Grid) -> np.ndarray:
+    """[..] -> [R, C, ..local]: split `row_axis` over rows and `col_axis` over columns
+    (each already padded to a multiple); an axis of None is replicated."""
+    R, C = grid.rows, grid.cols
+    out = np.empty((R, C), dtype=object)
+    for r in range(R):
+        for c in range(C):
+            idx = [slice(None)] * a.ndim
+            if row_axis is not None:
+                n = a.shape[row_axis] // R
+                idx[row_axis] = slice(r * n, (r + 1) * n)
+            if col_axis is not None:
+                n = a.shape[col_axis] // C
+                idx[col_axis] = slice(c * n, (c + 1) * n)
+            out[r, c] = a[tuple(idx)]
+    return np.stack([np.stack(list(row)) for row in out])
+
+
+def _head_major(w: np.ndarray, layout: WaferLayout) -> np.ndarray:
+    """Reorder a fused QKV output axis (last) from q|k|v into column-major groups:
+    for each column c, [q heads of its KV heads | its k heads | its v heads], KV heads padded."""
+    cfg = layout.config
+    N, K, G, H = cfg.n_heads, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim
+    Kp = layout.kc * layout.grid.cols
+    q = w[..., : N * H].reshape(*w.shape[:-1], K, G * H)
+    k = w[..., N * H: (N + K) * H].reshape(*w.shape[:-1], K, H)
+    v = w[..., (N + K) * H:].reshape(*w.shape[:-1], K, H)
+    q, k, v = (_pad_to(t, t.ndim - 2, Kp) for t in (q, k, v))
+    cols = []
+    for c in range(layout.grid.cols):
+        heads = slice(c * layout.kc, (c + 1) * layout.kc)
+        cols += [q[..., heads, :].reshape(*w.shape[:-1], -1), k[..., heads, :].reshape(*w.shape[:-1], -1),
+                 v[..., heads, :].reshape(*w.shape[:-1], -1)]
+    return np.concatenate(cols, axis=-1)
+
+
+def tile_params(params: Params, layout: WaferLayout) -> dict:
+    """Per-core tiles [R, C, *local] of every weight, from single-device params."""
+    cfg, grid = layout.config, layout.grid
+    Dp, Fp, Vp = layout.d * grid.rows, layout.f * grid.cols, layout.v * grid.cols
+    H, G = cfg.head_dim, cfg.q_per_kv
+    Kp = layout.kc * grid.cols
+
+    def vec_d(w):  # [D] -> rows
+        return _tile(_pad_to(np.asarray(w, np.float32), 0, Dp), 0, None, grid)
+
+    layers = []
+    for lp in params["layers"]:
+        w_qkv = _head_major(_pad_to(np.asarray(lp["w_qkv"], np.float32), 0, Dp), layout)
+        F = cfg.ffn_dim
+        gate_up = np.asarray(lp["w_gate_up"], np.float32)
+        gate = _pad_to(_pad_to(gate_up[:, :F], 1, Fp), 0, Dp)
+        up = _pad_to(_pad_to(gate_up[:, F:], 1, Fp), 0, Dp)
+        gate_t, up_t = _tile(gate, 0, 1, grid), _tile(up, 0, 1, grid)
+        # w_o rows are query heads (N H); pad per KV group so they line up with the QKV columns.
+        w_o = np.asarray(lp["w_o"], np.float32).reshape(cfg.n_kv_heads, G * H, cfg.dim)
+        w_o = _pad_to(_pad_to(w_o, 0, Kp), 2, Dp).reshape(Kp * G * H, Dp)
+        tiles = {
+            "attn_norm": vec_d(lp["attn_norm"]),
+            "w_qkv": _tile(w_qkv, 0, 1, grid),
+            "w_o": _tile(w_o, 1, 0, grid),
+            "mlp_norm": vec_d(lp["mlp_norm"]),
+            "w_gate_up": np.concatenate([gate_t, up_t], axis=-1),
+            "w_down": _tile(_pad_to(_pad_to(np.asarray(lp["w_down"], np.float32), 0, Fp), 1, Dp), 1, 0, grid),
+        }
+        if cfg.qkv_bias:
+            b = _head_major(np.asarray(lp["b_qkv"], np.float32), layout)
+            tiles["b_qkv"] = _tile(b, None, 0, grid)
+        layers.append(tiles)
+    def padded_vd(w):  # [V, D] -> [Vp, Dp]
+        return _pad_to(_pad_to(np.asarray(w, np.float32), 0, Vp), 1, Dp)
+
+    head = params.get("lm_head", params["embed"])
+    out = {"layers": layers, "final_norm": vec_d(params["final_norm"]), "lm": _tile(padded_vd(head).T, 0, 1, grid)}
+    if not cfg.tie_embeddings:  # a tied model reads its embedding rows out of the lm tile
+        out["embed"] = _tile(padded_vd(params["embed"]), 1, 0, grid)
+    return out
