@@ -1,0 +1,260 @@
+"""Wafer decode: the transformer decode step as the program of one core, over an R×C core mesh.
+
+Each core holds only its own weight tiles and its slice of the KV cache (see wafer_layout.py for
+what lies where) and talks to the rest of the mesh only through collectives along ROW and COL.
+The decode batch has B slots with independent positions: a prefilled sequence is inserted into
+a free slot (its cache moved into the decode layout), decodes alongside the others, and is
+evicted when finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels.allreduce import Schedule, allreduce
+from kernels.attention import decode_attention_mesh
+from kernels.lm_head import lm_head_logits_mesh, sample_mesh
+from kernels.mesh_gemv import mesh_gemv
+from kernels.rmsnorm import rmsnorm_mesh
+from kernels.rope import apply_rope_ref, rope_cos_sin
+from mesh.axes import COL, ROW
+from mesh.errors import WaferError
+from mesh.executors import CoreMesh
+from model.config import ModelConfig
+from model.forward import inv_freq_for
+from model.generate import (CACHE_BUCKET, PROMPT_BUCKET, GenerationResult, Generator, Sampling, _round_up,
+                            check_request, decode_loop)
+from model.wafer_layout import WaferLayout, tile_params
+from model.weights import Params
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshOptions:
+    """Static choices of the per-core program."""
+
+    schedule: Schedule = Schedule.PSUM
+    groups: int | None = None  # K-tree groups per axis (None: ~sqrt of the axis length)
+    greedy: bool = True
+
+
+def _write_local(cache_BksH, new_BkH, idx_B, mine_B):
+    """Write new[b] at local position idx[b] on the cores that own it (mine[b])."""
+    def one(c, new, i, mine):
+        old = jax.lax.dynamic_slice_in_dim(c, i, 1, axis=1)[:, 0]
+        return jax.lax.dynamic_update_slice_in_dim(c, jnp.where(mine, new, old)[:, None], i, axis=1)
+    return jax.vmap(one)(cache_BksH, new_BkH.astype(cache_BksH.dtype), idx_B, mine_B)
+
+
+def core_decode_step(tiles, k_cache, v_cache, tokens_B, pos_B, active_B, seed, temperature, top_k, top_p,
+                     *, layout: WaferLayout, opts: MeshOptions):
+    """One decode step of one core.
+
+    Args (all local to this core):
+      tiles: this core's weight tiles (wafer_layout.tile_params, without the [R, C] axes).
+      k_cache, v_cache: L arrays [B, k, s, H]: this core's KV heads and cache positions.
+      tokens_B: [B] the tokens to feed (the same on every core).
+      pos_B: [B] their positions; active_B: [B] bool, which slots hold a live sequence.
+      seed, temperature, top_k, top_p: sampling knobs (scalars, the same on every core).
+
+    Returns:
+      next tokens [B], next positions [B], and the updated cache, identical on every core.
+    """
+    cfg: ModelConfig = layout.config
+    R = layout.grid.rows
+    B = tokens_B.shape[0]
+    kc, G, H, d = layout.kc, cfg.q_per_kv, cfg.head_dim, layout.d
+    sched, groups = opts.schedule, opts.groups
+    r = jax.lax.axis_index(ROW)
+    c = jax.lax.axis_index(COL)
+    assert tiles["lm"].shape == (d, layout.v), tiles["lm"].shape
+    assert k_cache[0].shape == (B, kc, layout.s, H), k_cache[0].shape
+
+    with jax.named_scope("embed"):
+        local_tok = tokens_B - c * layout.v
+        in_block = (local_tok >= 0) & (local_tok < layout.v)
+        safe = jnp.clip(local_tok, 0, layout.v - 1)
+        rows_Bd = tiles["embed"][safe] if "embed" in tiles else tiles["lm"][:, safe].T
+        # Exactly one column holds each token's row: the sum over COL is exact.
+        x_Bd = allreduce(jnp.where(in_block[:, None], rows_Bd, 0.0), COL, sched, groups)
+
+    cos_BH, sin_BH = rope_cos_sin(pos_B, inv_freq_for(cfg))
+    # Cache positions are dealt cyclically over rows: position p lives on row p % R at p // R.
+    mine_B = (pos_B % R == r) & active_B
+    local_idx_B = pos_B // R
+    visible_Bs = (jnp.arange(layout.s)[None, :] * R + r) <= pos_B[:, None]
+    new_k, new_v = [], []
+    for i, t in enumerate(tiles["layers"]):
+        with jax.named_scope(f"layer{i}"):
+            with jax.named_scope("attention"):
+                h = rmsnorm_mesh(x_Bd, t["attn_norm"], cfg.rms_eps, cfg.dim, ROW, sched, groups)
+                qkv = mesh_gemv(h, t["w_qkv"], ROW, sched, groups)
+                if "b_qkv" in t:
+                    qkv = qkv + t["b_qkv"]
+                nq = layout.nc * H
+                q = apply_rope_ref(qkv[:, :nq].reshape(B, kc, G, H), cos_BH[:, None, None], sin_BH[:, None, None])
+                k = apply_rope_ref(qkv[:, nq: nq + kc * H].reshape(B, kc, H), cos_BH[:, None], sin_BH[:, None])
+                v = qkv[:, nq + kc * H:].reshape(B, kc, H)
+                kcache = _write_local(k_cache[i], k, local_idx_B, mine_B)
+                vcache = _write_local(v_cache[i], v, local_idx_B, mine_B)
+                attn = decode_attention_mesh(q, kcache, vcache, visible_Bs, ROW, sched, groups)
+                x_Bd = x_Bd + mesh_gemv(attn.reshape(B, nq), t["w_o"], COL, sched, groups)
+            with jax.named_scope("mlp"):
+                h = rmsnorm_mesh(x_Bd, t["mlp_norm"], cfg.rms_eps, cfg.dim, ROW, sched, groups)
+                gate_up = mesh_gemv(h, t["w_gate_up"], ROW, sched, groups)
+                f = layout.f
+                x_Bd = x_Bd + mesh_gemv(jax.nn.silu(gate_up[:, :f]) * gate_up[:, f:], t["w_down"], COL, sched,
+                                        groups)
+        new_k.append(kcache)
+        new_v.append(vcache)
+
+    h = rmsnorm_mesh(x_Bd, tiles["final_norm"], cfg.rms_eps, cfg.dim, ROW, sched, groups)
+    logits_Bv = lm_head_logits_mesh(h, tiles["lm"], cfg.vocab_size, ROW, COL, sched, groups)
+    # The same keys as the single-device decoder: fold the position of the token being chosen.
+    keys_B = jax.vmap(lambda p: jax.random.fold_in(jax.random.key(seed), p))(pos_B + 1)
+    next_B = sample_mesh(logits_Bv, COL, cfg.vocab_size, keys_B, temperature, top_k, top_p, opts.greedy)
+    next_B = jnp.where(active_B, next_B, tokens_B)
+    return next_B, pos_B + active_B.astype(pos_B.dtype), tuple(new_k), tuple(new_v)
+
+
+def cache_to_decode_layout(k_KSH: np.ndarray, layout: WaferLayout) -> np.ndarray:
+    """One sequence's cache [K, S', H] (S' <= S) -> per-core slices [R, C, k, s, H]."""
+    cfg, R, C = layout.config, layout.grid.rows, layout.grid.cols
+    K, S1, H = k_KSH.shape
+    if S1 > layout.s * R:
+        raise WaferError(f"cache of {S1} positions does not fit {layout.s * R} decode positions")
+    full = np.zeros((layout.kc * C, layout.s * R, H), np.float32)
+    full[:K, :S1] = k_KSH
+    # position p = j * R + r  ->  [r, j]
+    by_row = full.reshape(layout.kc * C, layout.s, R, H).transpose(2, 0, 1, 3)  # [R, Kp, s, H]
+    return by_row.reshape(R, C, layout.kc, layout.s, H)
+
+
+class WaferDecoder:
+    """A decode batch of `batch` slots on a core mesh."""
+
+    def __init__(self, params: Params, config: ModelConfig, core_mesh: CoreMesh, batch: int, max_len: int,
+                 opts: MeshOptions = MeshOptions()):
+        if batch < 1:
+            raise WaferError(f"decode batch must be at least 1, got {batch}")
+        self.config, self.core_mesh, self.batch, self.opts = config, core_mesh, batch, opts
+        self.layout = WaferLayout(config, core_mesh.grid, _round_up(max_len, CACHE_BUCKET))
+        self.params = params  # single-device weights: the prefill runs on them
+        self.tiles = core_mesh.place(tile_params(params, self.layout))
+        shape = (core_mesh.grid.rows, core_mesh.grid.cols, batch, self.layout.kc, self.layout.s, config.head_dim)
+        self.k_cache = core_mesh.place(tuple(np.zeros(shape, np.float32) for _ in range(config.n_layers)))
+        self.v_cache = core_mesh.place(tuple(np.zeros(shape, np.float32) for _ in range(config.n_layers)))
+        self.tokens = np.zeros(batch, np.int32)
+        self.pos = np.zeros(batch, np.int32)
+        self.active = np.zeros(batch, bool)
+        self._step = jax.jit(core_mesh.run(functools.partial(core_decode_step, layout=self.layout, opts=opts)),
+                             donate_argnums=(1, 2))
+        self._prefiller = Generator(params, config)
+        self._compiled_step = None
+
+    def _replicate(self, a) -> jax.Array:
+        """A per-sequence value as every core's copy: [R, C, ...]."""
+        g = self.core_mesh.grid
+        a = np.asarray(a)
+        return self.core_mesh.place(np.broadcast_to(a, (g.rows, g.cols) + a.shape).copy())
+
+    def free_slots(self) -> list[int]:
+        return [b for b in range(self.batch) if not self.active[b]]
+
+    def insert(self, slot: int, k_LKSH, v_LKSH, length: int, next_token: int) -> None:
+        """Place one prefilled sequence (its cache, length and next token) into a free slot."""
+        if not 0 <= slot < self.batch:
+            raise WaferError(f"slot {slot} is outside the decode batch of {self.batch}")
+        if self.active[slot]:
+            raise WaferError(f"slot {slot} is occupied")
+        if length >= self.layout.s * self.layout.grid.rows:
+            raise WaferError(f"sequence of {length} tokens leaves no room in a cache of {self.layout.max_len}")
+        per_core_k = [cache_to_decode_layout(np.asarray(k)[:, :length], self.layout) for k in k_LKSH]
+        per_core_v = [cache_to_decode_layout(np.asarray(v)[:, :length], self.layout) for v in v_LKSH]
+        self.k_cache, self.v_cache = _insert_slot(self.k_cache, self.v_cache, self.core_mesh.place(tuple(per_core_k)),
+                                                  self.core_mesh.place(tuple(per_core_v)), jnp.int32(slot))
+        self.tokens[slot], self.pos[slot], self.active[slot] = next_token, length, True
+
+    def evict(self, slot: int) -> None:
+        self.active[slot] = False
+
+    def step(self, sampling: Sampling = Sampling()) -> np.ndarray:
+        """Decode one token for every active slot; returns the tokens [B] (inactive: unchanged)."""
+        tok, pos = self.step_device(sampling)
+        self.tokens, self.pos = np.asarray(tok), np.asarray(pos)
+        return self.tokens.copy()
+
+    def step_device(self, sampling: Sampling, tokens=None, pos=None):
+        """Dispatch one step without reading back; returns device (tokens, positions) [R, C, B]."""
+        if sampling.greedy != self.opts.greedy:
+            raise WaferError("this decoder was compiled for " + ("greedy" if self.opts.greedy else "sampled")
+                             + " decoding")
+        tokens = self._replicate(self.tokens) if tokens is None else tokens
+        pos = self._replicate(self.pos) if pos is None else pos
+        args = (self.tiles, self.k_cache, self.v_cache, tokens, pos, self._replicate(self.active),
+                *self._knobs(sampling))
+        self.compile()
+        tok, new_pos, self.k_cache, self.v_cache = self._compiled_step(*args)
+        return tok, new_pos
+
+    def _knobs(self, sampling: Sampling) -> list:
+        return [self._replicate(np.asarray(v, dt)) for v, dt in (
+            (sampling.seed, np.uint32), (max(sampling.temperature, 1e-6), np.float32),
+            (sampling.top_k, np.int32), (sampling.top_p, np.float32))]
+
+    def compile(self) -> float:
+        """Compile the decode step once (shapes are fixed per decoder); returns seconds spent now."""
+        if self._compiled_step is not None:
+            return 0.0
+        t0 = time.perf_counter()
+        r = self._replicate
+        self._compiled_step = self._step.lower(self.tiles, self.k_cache, self.v_cache, r(self.tokens), r(self.pos),
+                                               r(self.active), *self._knobs(Sampling())).compile()
+        return time.perf_counter() - t0
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+                 stop_on_eos: bool = True) -> GenerationResult:
+        """Prefill each prompt on one device, insert it into a slot, decode all together."""
+        check_request(self.config, prompts, max_new_tokens)
+        if len(prompts) > len(self.free_slots()):
+            raise WaferError(f"{len(prompts)} prompts but only {len(self.free_slots())} free slots")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.layout.s * self.layout.grid.rows:
+            raise WaferError(f"prompt ({longest}) + {max_new_tokens} new tokens exceeds this decoder's cache "
+                             f"of {self.layout.max_len}")
+        t0 = time.perf_counter()
+        slots, firsts, compile_s = [], [], 0.0
+        for p in prompts:
+            first, cache, _, _, c = self._prefiller.prefill([p], _round_up(len(p), PROMPT_BUCKET), sampling)
+            compile_s += c
+            slot = self.free_slots()[0]
+            self.insert(slot, [k[0] for k in cache.k_LBKSH], [v[0] for v in cache.v_LBKSH], len(p),
+                        int(np.asarray(first)[0]))
+            slots.append(slot)
+            firsts.append(int(np.asarray(first)[0]))
+        ttft = time.perf_counter() - t0 - compile_s
+        compile_s += self.compile()  # outside the timed loop
+        state = {"tok": self._replicate(self.tokens), "pos": self._replicate(self.pos)}
+
+        def dispatch_step():
+            state["tok"], state["pos"] = self.step_device(sampling, state["tok"], state["pos"])
+            return state["tok"][0, 0][jnp.asarray(slots)]
+
+        eos = set(self.config.eos_token_ids) if stop_on_eos else set()
+        out, steps, decode_s = decode_loop(dispatch_step, np.asarray(firsts), max_new_tokens, eos)
+        self.tokens, self.pos = np.asarray(state["tok"][0, 0]), np.asarray(state["pos"][0, 0])
+        for s in slots:
+            self.evict(s)
+        return GenerationResult(out, ttft, decode_s, steps, compile_s)
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _insert_slot(k_cache, v_cache, k_new, v_new, slot):
+    """Write one sequence's per-core cache slices [R, C, k, s, H] into batch slot `slot`."""
+    put = lambda c, n: jax.lax.dynamic_update_index_in_dim(c, n, slot, axis=2)
+    return tuple(map(put, k_cache, k_new)), tuple(map(put, v_cache, v_new))
