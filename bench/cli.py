@@ -7,7 +7,9 @@ escapes is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 
 from mesh.errors import WaferError
@@ -26,6 +28,52 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, help="preset name (default: smollm2-135m, the embedded model)")
     src.add_argument("--checkpoint", default=None, help="a .gguf file or an HF checkpoint folder")
+
+
+def add_mesh_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mesh", default=None, help="decode on an RxC core mesh (e.g. 2x2); default: one device")
+    p.add_argument("--executor", choices=["devices", "vcores"], default="devices",
+                   help="devices: one JAX device per core; vcores: virtual cores on one device")
+    p.add_argument("--schedule", choices=["psum", "ring", "ktree"], default="psum", help="all-reduce schedule")
+    p.add_argument("--groups", type=int, default=None, help="K-tree groups per mesh axis (default ~sqrt)")
+    p.add_argument("--sram-budget", default=None,
+                   help="per-core budget for the SRAM planner, e.g. 48KiB or 64MiB (default: no limit)")
+
+
+def setup_mesh(args):
+    """Parse the mesh flags and emulate CPU devices before JAX starts; None without --mesh."""
+    if args.mesh is None:
+        for flag in ("groups", "sram_budget"):
+            if getattr(args, flag) is not None:
+                raise WaferError(f"--{flag.replace('_', '-')} needs --mesh")
+        return None
+    from kernels.allreduce import Schedule
+    from mesh.devices import ensure_cpu_devices
+    from mesh.executors import Executor, Grid
+    from mesh.wafer import emulated_spec, parse_bytes
+
+    grid = Grid.parse(args.mesh)
+    executor = Executor(args.executor)
+    if executor is Executor.DEVICES:
+        ensure_cpu_devices(grid.cores)
+    if args.groups is not None and args.groups < 1:
+        raise WaferError(f"--groups must be positive, got {args.groups}")
+    spec = emulated_spec(parse_bytes(args.sram_budget)) if args.sram_budget else None
+    return grid, executor, Schedule(args.schedule), args.groups, spec
+
+
+def make_decoder(loaded, mesh_setup, batch: int, max_len: int, greedy: bool):
+    """A `WaferDecoder` for the parsed mesh flags, or the single-device `Generator`."""
+    from model.generate import Generator
+
+    if mesh_setup is None:
+        return Generator(loaded.params, loaded.config)
+    from mesh.executors import make_core_mesh
+    from model.wafer_decode import MeshOptions, WaferDecoder
+
+    grid, executor, schedule, groups, spec = mesh_setup
+    return WaferDecoder(loaded.params, loaded.config, make_core_mesh(grid, executor), batch, max_len,
+                        MeshOptions(schedule, groups, greedy), spec)
 
 
 def parse_prompt_ids(text: str) -> list[int]:
@@ -54,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.add_argument("--trace", default=None, metavar="DIR", help="write a jax.profiler trace to DIR")
+    add_mesh_args(gen)
     gen.set_defaults(run=run_generate)
 
     bench = sub.add_parser("bench", help="benchmarks")
@@ -67,12 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_generate(args) -> int:
-    from model.generate import Generator, Sampling
+    from model.generate import Sampling
     from model.load import load_model
 
     if args.chat and args.prompt is None:
         raise WaferError("--chat needs --prompt text (token ids are used as they are)")
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    mesh_setup = setup_mesh(args)
     loaded = load_model(args.model, args.checkpoint)
     tokenizer = loaded.tokenizer
     if args.prompt is not None:
@@ -81,7 +132,11 @@ def run_generate(args) -> int:
         prompt_ids = tokenizer.encode_chat(args.prompt) if args.chat else tokenizer.encode(args.prompt)
     else:
         prompt_ids = parse_prompt_ids(args.prompt_ids)
-    result = Generator(loaded.params, loaded.config).generate([prompt_ids], args.max_new_tokens, sampling)
+    from model.generate import check_request
+    check_request(loaded.config, [prompt_ids], args.max_new_tokens)
+    decoder = make_decoder(loaded, mesh_setup, 1, len(prompt_ids) + args.max_new_tokens, sampling.greedy)
+    with profiler_trace(args.trace):
+        result = decoder.generate([prompt_ids], args.max_new_tokens, sampling)
     tokens = result.tokens[0]
     text = tokenizer.decode(tokens) if tokenizer is not None else None
     if args.json:
@@ -94,12 +149,30 @@ def run_generate(args) -> int:
             "compile_s": round(result.compile_s, 3),
             "tok_per_s": round(result.tok_per_s, 2),
             "decode_steps": result.decode_steps,
+            "mesh": args.mesh or "1x1 (single device)",
+            **({"executor": args.executor, "schedule": args.schedule,
+                "sram_per_core_bytes": decoder.plan.bytes_by_kind()} if mesh_setup else {}),
         }))
     else:
         print(text if text is not None else " ".join(map(str, tokens)))
         print(f"[{len(tokens)} tokens, ttft {result.ttft_s * 1e3:.1f} ms, {result.tok_per_s:.1f} tok/s, "
               f"compile {result.compile_s:.1f} s]", file=sys.stderr)
     return 0
+
+
+@contextlib.contextmanager
+def profiler_trace(trace_dir: str | None):
+    """A jax.profiler trace around the block when `trace_dir` is given (named scope per kernel)."""
+    if trace_dir is None:
+        yield
+        return
+    import jax
+    try:
+        os.makedirs(trace_dir, exist_ok=True)
+    except OSError as e:
+        raise WaferError(f"--trace {trace_dir}: {e.strerror}") from None
+    with jax.profiler.trace(trace_dir):
+        yield
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,8 @@ from kernels.rope import apply_rope_ref, rope_cos_sin
 from mesh.axes import COL, ROW
 from mesh.errors import WaferError
 from mesh.executors import CoreMesh
+from mesh.planner import plan_sram
+from mesh.wafer import WaferSpec, emulated_spec
 from model.config import ModelConfig
 from model.forward import inv_freq_for
 from model.generate import (CACHE_BUCKET, PROMPT_BUCKET, GenerationResult, Generator, Sampling, _round_up,
@@ -63,7 +65,8 @@ def core_decode_step(tiles, k_cache, v_cache, tokens_B, pos_B, active_B, seed, t
       seed, temperature, top_k, top_p: sampling knobs (scalars, the same on every core).
 
     Returns:
-      next tokens [B], next positions [B], and the updated cache, identical on every core.
+      next tokens [B], next positions [B] and the updated cache, identical on every core, and
+      this column's logits [B, v] (for checks against the single-device decoder).
     """
     cfg: ModelConfig = layout.config
     R = layout.grid.rows
@@ -119,7 +122,7 @@ def core_decode_step(tiles, k_cache, v_cache, tokens_B, pos_B, active_B, seed, t
     keys_B = jax.vmap(lambda p: jax.random.fold_in(jax.random.key(seed), p))(pos_B + 1)
     next_B = sample_mesh(logits_Bv, COL, cfg.vocab_size, keys_B, temperature, top_k, top_p, opts.greedy)
     next_B = jnp.where(active_B, next_B, tokens_B)
-    return next_B, pos_B + active_B.astype(pos_B.dtype), tuple(new_k), tuple(new_v)
+    return next_B, pos_B + active_B.astype(pos_B.dtype), tuple(new_k), tuple(new_v), logits_Bv
 
 
 def cache_to_decode_layout(k_KSH: np.ndarray, layout: WaferLayout) -> np.ndarray:
@@ -135,15 +138,24 @@ def cache_to_decode_layout(k_KSH: np.ndarray, layout: WaferLayout) -> np.ndarray
     return by_row.reshape(R, C, layout.kc, layout.s, H)
 
 
+# Budget of an unconstrained plan (the accounting still happens).
+UNLIMITED_BUDGET = 1 << 62
+
+
 class WaferDecoder:
     """A decode batch of `batch` slots on a core mesh."""
 
     def __init__(self, params: Params, config: ModelConfig, core_mesh: CoreMesh, batch: int, max_len: int,
-                 opts: MeshOptions = MeshOptions()):
+                 opts: MeshOptions = MeshOptions(), spec: WaferSpec | None = None):
+        """Plan, tile and place the model; `spec` sets the per-core budget (default: no limit)."""
         if batch < 1:
             raise WaferError(f"decode batch must be at least 1, got {batch}")
         self.config, self.core_mesh, self.batch, self.opts = config, core_mesh, batch, opts
         self.layout = WaferLayout(config, core_mesh.grid, _round_up(max_len, CACHE_BUCKET))
+        grid = core_mesh.grid
+        # Planning comes first: a layout that does not fit fails before anything is allocated.
+        self.plan = plan_sram(self.layout.tensor_specs(batch), grid.rows, grid.cols,
+                              spec or emulated_spec(UNLIMITED_BUDGET))
         self.params = params  # single-device weights: the prefill runs on them
         self.tiles = core_mesh.place(tile_params(params, self.layout))
         shape = (core_mesh.grid.rows, core_mesh.grid.cols, batch, self.layout.kc, self.layout.s, config.head_dim)
@@ -156,6 +168,7 @@ class WaferDecoder:
                              donate_argnums=(1, 2))
         self._prefiller = Generator(params, config)
         self._compiled_step = None
+        self._logits = None
 
     def _replicate(self, a) -> jax.Array:
         """A per-sequence value as every core's copy: [R, C, ...]."""
@@ -199,8 +212,13 @@ class WaferDecoder:
         args = (self.tiles, self.k_cache, self.v_cache, tokens, pos, self._replicate(self.active),
                 *self._knobs(sampling))
         self.compile()
-        tok, new_pos, self.k_cache, self.v_cache = self._compiled_step(*args)
+        tok, new_pos, self.k_cache, self.v_cache, self._logits = self._compiled_step(*args)
         return tok, new_pos
+
+    def last_logits(self) -> np.ndarray:
+        """Logits [B, V] of the last step, gathered from the column shards of row 0."""
+        shards = np.asarray(self._logits)[0]  # [C, B, v]
+        return np.concatenate(list(shards), axis=-1)[:, : self.config.vocab_size]
 
     def _knobs(self, sampling: Sampling) -> list:
         return [self._replicate(np.asarray(v, dt)) for v, dt in (

@@ -25,6 +25,7 @@ import dataclasses
 import numpy as np
 
 from mesh.executors import Grid
+from mesh.planner import Kind, TensorSpec
 from model.config import ModelConfig
 from model.weights import Params
 
@@ -69,20 +70,28 @@ class WaferLayout:
     def qkv_width(self) -> int:  # local width of the fused QKV output: q | k | v of column c
         return (self.nc + 2 * self.kc) * self.config.head_dim
 
-    def local_shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
-        """Shape of every per-core tensor kind (per layer where it is per layer)."""
-        H = self.config.head_dim
-        shapes = {
-            "attn_norm": (self.d,), "w_qkv": (self.d, self.qkv_width), "w_o": (self.nc * H, self.d),
-            "mlp_norm": (self.d,), "w_gate_up": (self.d, 2 * self.f), "w_down": (self.f, self.d),
-            "final_norm": (self.d,), "lm": (self.d, self.v),
-            "k_cache": (batch, self.kc, self.s, H), "v_cache": (batch, self.kc, self.s, H),
-        }
-        if self.config.qkv_bias:
-            shapes["b_qkv"] = (self.qkv_width,)
-        if not self.config.tie_embeddings:
-            shapes["embed"] = (self.v, self.d)
-        return shapes
+    def tensor_specs(self, batch: int) -> list[TensorSpec]:
+        """Every tensor a core holds during decode: the single description that placement, the
+        SRAM planner and the profiler all read."""
+        cfg, H, W, KV, BUF = self.config, self.config.head_dim, Kind.WEIGHT, Kind.KV, Kind.BUFFER
+        specs = []
+        for i in range(cfg.n_layers):
+            p = f"layers.{i}."
+            specs += [TensorSpec(p + "attn_norm", W, (self.d,)), TensorSpec(p + "w_qkv", W, (self.d, self.qkv_width))]
+            if cfg.qkv_bias:
+                specs.append(TensorSpec(p + "b_qkv", W, (self.qkv_width,)))
+            specs += [TensorSpec(p + "w_o", W, (self.nc * H, self.d)), TensorSpec(p + "mlp_norm", W, (self.d,)),
+                      TensorSpec(p + "w_gate_up", W, (self.d, 2 * self.f)), TensorSpec(p + "w_down", W, (self.f, self.d)),
+                      TensorSpec(p + "k_cache", KV, (batch, self.kc, self.s, H)),
+                      TensorSpec(p + "v_cache", KV, (batch, self.kc, self.s, H))]
+        specs += [TensorSpec("final_norm", W, (self.d,)), TensorSpec("lm", W, (self.d, self.v))]
+        if not cfg.tie_embeddings:
+            specs.append(TensorSpec("embed", W, (self.v, self.d)))
+        # Live activations of one step (the largest set alive at once, reused layer to layer).
+        specs += [TensorSpec("x", BUF, (batch, self.d)), TensorSpec("qkv", BUF, (batch, self.qkv_width)),
+                  TensorSpec("scores", BUF, (batch, self.nc, self.s)), TensorSpec("gate_up", BUF, (batch, 2 * self.f)),
+                  TensorSpec("logits", BUF, (batch, self.v))]
+        return specs
 
 
 def _pad_to(a: np.ndarray, axis: int, size: int) -> np.ndarray:

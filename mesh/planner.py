@@ -1,0 +1,82 @@
+"""The SRAM planner: every byte a core holds, checked against its budget before anything runs.
+
+The planner knows nothing of models: it reads a list of `TensorSpec`s (what each core holds,
+described once by the layout that places it) and sums them per core and per kind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+
+import numpy as np
+
+from mesh.errors import WaferError
+from mesh.wafer import WaferSpec
+
+
+class Kind(enum.Enum):
+    WEIGHT = "weight"
+    KV = "kv"
+    BUFFER = "buffer"  # activations and scratch that live during a step
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One tensor every core holds a slice of: its name, kind, per-core shape and dtype."""
+
+    name: str
+    kind: Kind
+    local_shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    @property
+    def local_bytes(self) -> int:
+        return math.prod(self.local_shape) * np.dtype(self.dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class SramPlan:
+    rows: int
+    cols: int
+    tensors: tuple[TensorSpec, ...]
+    budget: int
+
+    def bytes_by_kind(self) -> dict[str, int]:
+        """Bytes per core of each kind (every core holds the same extents in these layouts)."""
+        out = {k.value: 0 for k in Kind}
+        for t in self.tensors:
+            out[t.kind.value] += t.local_bytes
+        return out
+
+    @property
+    def per_core_bytes(self) -> int:
+        return sum(t.local_bytes for t in self.tensors)
+
+    def per_core_grid(self) -> np.ndarray:
+        """[R, C] bytes held by each core."""
+        return np.full((self.rows, self.cols), self.per_core_bytes, dtype=np.int64)
+
+    @property
+    def headroom(self) -> int:
+        return self.budget - self.per_core_bytes
+
+
+def plan_sram(tensors: list[TensorSpec], rows: int, cols: int, spec: WaferSpec) -> SramPlan:
+    """Account every tensor on every core; refuse a plan that does not fit the budget.
+
+    The error names the grid and core, the largest tensor of the overflowing core, and the
+    shortfall, so a user knows what to shrink.
+    """
+    if rows > spec.max_rows or cols > spec.max_cols:
+        raise WaferError(f"grid {rows}x{cols} exceeds {spec.name}'s {spec.max_rows}x{spec.max_cols} cores")
+    plan = SramPlan(rows, cols, tuple(tensors), spec.sram_per_core)
+    if plan.per_core_bytes > spec.sram_per_core:
+        biggest = max(tensors, key=lambda t: t.local_bytes)
+        raise WaferError(
+            f"layout does not fit {spec.name} on a {rows}x{cols} grid: core (0, 0) needs "
+            f"{plan.per_core_bytes:,} B of {spec.sram_per_core:,} B (short by "
+            f"{plan.per_core_bytes - spec.sram_per_core:,} B); largest tensor {biggest.name} "
+            f"{biggest.local_shape} = {biggest.local_bytes:,} B")
+    return plan
