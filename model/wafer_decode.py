@@ -199,7 +199,7 @@ class WaferDecoder:
     def step(self, sampling: Sampling = Sampling()) -> np.ndarray:
         """Decode one token for every active slot; returns the tokens [B] (inactive: unchanged)."""
         tok, pos = self.step_device(sampling)
-        self.tokens, self.pos = np.asarray(tok), np.asarray(pos)
+        self.tokens, self.pos = np.array(tok[0, 0]), np.array(pos[0, 0])
         return self.tokens.copy()
 
     def step_device(self, sampling: Sampling, tokens=None, pos=None):
@@ -265,7 +265,7 @@ class WaferDecoder:
 
         eos = set(self.config.eos_token_ids) if stop_on_eos else set()
         out, steps, decode_s = decode_loop(dispatch_step, np.asarray(firsts), max_new_tokens, eos)
-        self.tokens, self.pos = np.asarray(state["tok"][0, 0]), np.asarray(state["pos"][0, 0])
+        self.tokens, self.pos = np.array(state["tok"][0, 0]), np.array(state["pos"][0, 0])
         for s in slots:
             self.evict(s)
         return GenerationResult(out, ttft, decode_s, steps, compile_s)

@@ -4,8 +4,15 @@ import os
 
 import pytest
 
+from mesh.devices import ensure_cpu_devices
+
 # Tests never write into the user's cache: each session gets its own weight cache folder.
 os.environ.setdefault("WAFER_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "wafer"))
+
+# Real 2D meshes need real devices: 16 emulated CPU devices (up to a 4x4 mesh), set before JAX
+# starts. Larger meshes run in subprocesses (the stress test) or on the vcores executor.
+TEST_CPU_DEVICES = 16
+ensure_cpu_devices(TEST_CPU_DEVICES)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,155 @@
+"""Per-core kernels on real meshes against their plain references, and hand-checked plans."""
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+from kernels.allreduce import Schedule, allreduce, ktree_plan
+from kernels.attention import decode_attention_mesh, gqa_attention_ref
+from kernels.lm_head import argmax_mesh
+from kernels.mesh_gemv import mesh_gemv, mesh_gemv_ref
+from kernels.rmsnorm import rmsnorm_mesh, rmsnorm_ref
+from mesh.axes import COL, ROW
+from mesh.executors import Executor, Grid, make_core_mesh
+
+EXECUTORS = [Executor.DEVICES, Executor.VCORES]
+
+
+def split(a: np.ndarray, grid: Grid, row_axis=None, col_axis=None) -> np.ndarray:
+    """[..] -> [R, C, ..local] (the executors' operand convention), axes split evenly."""
+    out = []
+    for r in range(grid.rows):
+        row = []
+        for c in range(grid.cols):
+            idx = [slice(None)] * a.ndim
+            if row_axis is not None:
+                n = a.shape[row_axis] // grid.rows
+                idx[row_axis] = slice(r * n, (r + 1) * n)
+            if col_axis is not None:
+                n = a.shape[col_axis] // grid.cols
+                idx[col_axis] = slice(c * n, (c + 1) * n)
+            row.append(a[tuple(idx)])
+        out.append(np.stack(row))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+@pytest.mark.parametrize("schedule", list(Schedule))
+@pytest.mark.parametrize("rows, cols", [(1, 4), (2, 2), (4, 4), (3, 5)])
+def test_allreduce_sums_and_agrees_everywhere(executor, schedule, rows, cols):
+    if executor is Executor.DEVICES and rows * cols > 16:
+        pytest.skip("more cores than the 16 emulated devices")
+    grid = Grid(rows, cols)
+    cm = make_core_mesh(grid, executor)
+    x = np.random.default_rng(0).standard_normal((rows, cols, 3, 5)).astype(np.float32)
+    for axis, a in ((ROW, 0), (COL, 1)):
+        y = np.asarray(jax.jit(cm.run(lambda v: allreduce(v, axis, schedule)))(cm.place(x)))
+        # float32 sums of <= 5 terms in some order: within a few ulps of the float64 sum.
+        np.testing.assert_allclose(y, np.broadcast_to(x.astype(np.float64).sum(a, keepdims=True), x.shape),
+                                   rtol=1e-5, atol=1e-6)
+        # Every core along the axis holds the bit-identical total (cores never drift apart).
+        first = np.take(y, [0], axis=a)
+        assert (y == first).all()
+
+
+def test_ktree_plan_by_hand():
+    # 8 cores, 2 groups {0..3} {4..7}; group roots are the middles 2 and 6; the top root is 6.
+    plan = ktree_plan(8, 2)
+    assert plan.root == 6
+    assert plan.reduce_steps == [
+        [[(0, 1), (4, 5)], [(3, 2), (7, 6)]],  # chains from both ends of each group
+        [[(1, 2), (5, 6)]],
+        [[(2, 6)]],  # roots reduce toward the top root
+    ]
+    assert plan.broadcast_steps == [[[(6, 2)]], [[(2, 1), (6, 5)]], [[(1, 0), (5, 4)], [(2, 3), (6, 7)]]]
+    # One group: a plain chain toward the middle; n groups of one core: a chain over roots.
+    assert ktree_plan(3, 1).reduce_steps == [[[(0, 1)], [(2, 1)]]]
+    assert ktree_plan(3, 3).reduce_steps == [[[(0, 1)], [(2, 1)]]]
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+@pytest.mark.parametrize("schedule", list(Schedule))
+def test_mesh_gemv_chain_matches_reference(executor, schedule):
+    grid = Grid(2, 3)
+    cm = make_core_mesh(grid, executor)
+    rng = np.random.default_rng(1)
+    B, D, F = 2, 8, 9  # D over 2 rows, F over 3 columns
+    x = rng.standard_normal((B, D)).astype(np.float32)
+    w1 = rng.standard_normal((D, F)).astype(np.float32)  # W1[D_row, F_col]
+    w2 = rng.standard_normal((F, D)).astype(np.float32)  # W2[F_col, D_row]
+
+    def core(x_Bd, w1_df, w2_fd):
+        y_Bf = mesh_gemv(x_Bd, w1_df, ROW, schedule)  # reduce over rows -> y[F_col]
+        return mesh_gemv(y_Bf, w2_fd, COL, schedule)  # reduce over columns -> z[D_row]
+
+    z = jax.jit(cm.run(core))(cm.place(_x_by_rows(x, grid)), cm.place(split(w1, grid, 0, 1)),
+                              cm.place(split(w2, grid, 1, 0)))
+    want = mesh_gemv_ref(mesh_gemv_ref(x, w1), w2)
+    got = np.concatenate([np.asarray(z)[r, 0] for r in range(grid.rows)], axis=-1)
+    # Two chained float32 GEMVs of width <= 9: relative-norm error at float32 rounding level.
+    assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want)
+
+
+def _x_by_rows(x_BD: np.ndarray, grid: Grid) -> np.ndarray:
+    """x[D_row]: each row's slice of D, replicated over columns -> [R, C, B, D/R]."""
+    return split(x_BD, grid, row_axis=1)
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_rmsnorm_mesh_with_padding(executor):
+    grid = Grid(3, 2)
+    cm = make_core_mesh(grid, executor)
+    rng = np.random.default_rng(2)
+    D = 10  # padded to 12 over 3 rows
+    x = rng.standard_normal((2, D)).astype(np.float32)
+    w = rng.standard_normal(D).astype(np.float32)
+    xp, wp = np.pad(x, ((0, 0), (0, 2))), np.pad(w, (0, 2))
+    out = jax.jit(cm.run(lambda xx, ww: rmsnorm_mesh(xx, ww, 1e-5, D, ROW, Schedule.PSUM)))(
+        cm.place(split(xp, grid, row_axis=1)), cm.place(split(wp, grid, row_axis=0)))
+    got = np.concatenate([np.asarray(out)[r, 0] for r in range(3)], axis=-1)
+    want = np.asarray(rmsnorm_ref(jnp.asarray(x), jnp.asarray(w), 1e-5))
+    np.testing.assert_allclose(got[:, :D], want, rtol=1e-5, atol=1e-6)
+    assert (got[:, D:] == 0).all()  # padding stays exactly zero
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+@pytest.mark.parametrize("schedule", list(Schedule))
+def test_decode_attention_mesh_matches_reference(executor, schedule):
+    grid = Grid(4, 2)  # positions dealt cyclically over 4 rows, KV heads over 2 columns
+    cm = make_core_mesh(grid, executor)
+    rng = np.random.default_rng(3)
+    B, K, G, S, H = 3, 4, 2, 12, 8
+    q = rng.standard_normal((B, K, G, H)).astype(np.float32)
+    k = rng.standard_normal((B, K, S, H)).astype(np.float32)
+    v = rng.standard_normal((B, K, S, H)).astype(np.float32)
+    pos = np.array([0, 5, 11])  # position 0: only row 0 sees anything
+    visible = np.arange(S)[None] <= pos[:, None]
+
+    def by_core(a):  # [B, K, S, H] -> [R, C, B, K/C, S/R, H], position p on row p % R
+        s = S // grid.rows
+        a = a.reshape(B, K, s, grid.rows, H).transpose(3, 0, 1, 2, 4)  # [R, B, K, s, H]
+        return np.stack([split(a[r], Grid(1, grid.cols), col_axis=1)[0] for r in range(grid.rows)])
+
+    vis = visible.reshape(B, S // grid.rows, grid.rows).transpose(2, 0, 1)  # [R, B, s]
+    vis = np.broadcast_to(vis[:, None], (grid.rows, grid.cols) + vis.shape[1:])
+    out = jax.jit(cm.run(lambda qq, kk, vv, mm: decode_attention_mesh(qq, kk, vv, mm, ROW, schedule)))(
+        cm.place(split(q, grid, col_axis=1)), cm.place(by_core(k)), cm.place(by_core(v)), cm.place(vis))
+    got = np.concatenate([np.asarray(out)[0, c] for c in range(grid.cols)], axis=1)  # [B, K, G, H]
+    want = np.asarray(gqa_attention_ref(jnp.asarray(q.reshape(B, 1, K * G, H)), jnp.asarray(k), jnp.asarray(v),
+                                        jnp.asarray(visible[:, None])))[:, 0].reshape(B, K, G, H)
+    # float32 softmax over 12 positions merged by log-sum-exp: a few ulps of O(1) values.
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_argmax_mesh_first_occurrence(executor):
+    grid = Grid(1, 4)
+    cm = make_core_mesh(grid, executor)
+    logits = np.full((3, 12), -1.0, np.float32)
+    logits[0, 7] = 5.0  # a single maximum in shard 2
+    logits[1, [2, 9]] = 4.0  # a tie across shards 0 and 3: the first index wins
+    logits[2, [4, 5]] = 3.0  # a tie inside shard 1
+    out = jax.jit(cm.run(lambda l: argmax_mesh(l, COL)))(cm.place(split(logits, grid, col_axis=1)))
+    assert np.asarray(out)[0, 0].tolist() == [7, 2, 4] == np.argmax(logits, axis=-1).tolist()
+    assert (np.asarray(out) == np.asarray(out)[0, 0]).all()
