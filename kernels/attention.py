@@ -30,6 +30,32 @@ def gqa_attention_ref(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
     return out.reshape(B, T, N, H)
 
 
+def decode_attention_partial(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, visible_BS: jax.Array):
+    """Softmax attention of one new token per sequence over S cached positions, unnormalized.
+
+    Written as elementwise products and sums, not `einsum`: XLA on CPU lowered a dot that reads a
+    freshly updated cache with two to four full copies of that cache per layer per step, and the
+    fused elementwise form with none. One query per sequence makes it memory bound either way.
+
+    Args:
+      q_BKGH: [B, K, G, H] queries (G per KV head).
+      k_BKSH, v_BKSH: [B, K, S, H] the cache.
+      visible_BS: [B, S] bool, which positions the token may attend to.
+
+    Returns:
+      (m [B, K, G] max score, -inf when nothing is visible; l [B, K, G] sum of exp(score - m);
+      o [B, K, G, H] the exp-weighted sum of values). The attention output is o / l.
+    """
+    H = q_BKGH.shape[-1]
+    scores = jnp.sum(q_BKGH[:, :, :, None, :] * k_BKSH[:, :, None, :, :], axis=-1) * (H ** -0.5)  # BKGS
+    scores = jnp.where(visible_BS[:, None, None, :], scores.astype(jnp.float32), -jnp.inf)
+    m = jnp.max(scores, axis=-1)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(scores - m_safe[..., None])  # masked positions: exp(-inf) = 0
+    o = jnp.sum(p[..., None].astype(v_BKSH.dtype) * v_BKSH[:, :, None, :, :], axis=-2)
+    return m, jnp.sum(p, axis=-1), o
+
+
 def decode_attention_mesh(q_BKGH: jax.Array, k_BKsH: jax.Array, v_BKsH: jax.Array, visible_Bs: jax.Array,
                           seq_axis: str, schedule, groups: int | None = None) -> jax.Array:
     """Per-core decode attention over this core's slice of the cache positions.
@@ -47,17 +73,10 @@ def decode_attention_mesh(q_BKGH: jax.Array, k_BKsH: jax.Array, v_BKsH: jax.Arra
     Returns:
       [B, k, G, H] attention output, identical on every core along `seq_axis`.
     """
-    H = q_BKGH.shape[-1]
     with jax.named_scope("decode_attention"):
-        scores = jnp.einsum("BKGH,BKSH->BKGS", q_BKGH, k_BKsH) * (H ** -0.5)
-        scores = jnp.where(visible_Bs[:, None, None, :], scores.astype(jnp.float32), -jnp.inf)
-        m_local = jnp.max(scores, axis=-1)
-        m_safe = jnp.where(jnp.isfinite(m_local), m_local, 0.0)
-        p = jnp.exp(scores - m_safe[..., None])  # masked positions: exp(-inf) = 0
-        l_local = jnp.sum(p, axis=-1)
-        o_local = jnp.einsum("BKGS,BKSH->BKGH", p.astype(v_BKsH.dtype), v_BKsH)
+        m_local, l_local, o_local = decode_attention_partial(q_BKGH, k_BKsH, v_BKsH, visible_Bs)
         m_global = jax.lax.pmax(m_local, seq_axis)
-        scale = jnp.where(jnp.isfinite(m_local), jnp.exp(m_safe - m_global), 0.0)
+        scale = jnp.where(jnp.isfinite(m_local), jnp.exp(m_local - m_global), 0.0)
         l = allreduce(l_local * scale, seq_axis, schedule, groups)
         o = allreduce(o_local * scale[..., None], seq_axis, schedule, groups)
         return o / l[..., None]

@@ -41,8 +41,12 @@ def empty_cache(n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_d
 def write_kv(cache_BKSH: jax.Array, new_BKTH: jax.Array, start_B: jax.Array) -> jax.Array:
     """Write T new positions for each sequence b at `start_B[b]`.
 
+    One `dynamic_update_slice` per sequence (B is small and static): a vmapped update would
+    lower to a scatter, which XLA on CPU ran by copying the whole cache of every layer each step.
     The caller guarantees start + T <= S: `dynamic_update_slice` clamps an out-of-range start,
     which would silently shift the write.
     """
-    return jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice(c, u, (0, s, 0)))(
-        cache_BKSH, new_BKTH.astype(cache_BKSH.dtype), start_B)
+    new_BKTH = new_BKTH.astype(cache_BKSH.dtype)
+    for b in range(cache_BKSH.shape[0]):
+        cache_BKSH = jax.lax.dynamic_update_slice(cache_BKSH, new_BKTH[b:b + 1], (b, 0, start_B[b], 0))
+    return cache_BKSH

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.attention import gqa_attention_ref
+from kernels.attention import decode_attention_partial, gqa_attention_ref
 from kernels.rmsnorm import rmsnorm_ref
 from kernels.rope import apply_rope_ref, rope_cos_sin, rope_inv_freq
 from kvcache.cache import KVCache, write_kv
@@ -44,7 +44,12 @@ def decoder_layer(layer: Params, config: ModelConfig, x_BTD: jax.Array, cos_BTH,
         k_BTKH = apply_rope_ref(k_BTKH, cos_BTH[:, :, None], sin_BTH[:, :, None])
         k_cache_BKSH = write_kv(k_cache_BKSH, k_BTKH.transpose(0, 2, 1, 3), start_B)
         v_cache_BKSH = write_kv(v_cache_BKSH, v_BTKH.transpose(0, 2, 1, 3), start_B)
-        attn_BTNH = gqa_attention_ref(q_BTNH, k_cache_BKSH, v_cache_BKSH, visible_BTS)
+        if T == 1:  # decode: the copy-free elementwise form (see decode_attention_partial)
+            _, l, o = decode_attention_partial(q_BTNH.reshape(B, K, N // K, H), k_cache_BKSH, v_cache_BKSH,
+                                               visible_BTS[:, 0])
+            attn_BTNH = (o / l[..., None]).reshape(B, 1, N, H)
+        else:
+            attn_BTNH = gqa_attention_ref(q_BTNH, k_cache_BKSH, v_cache_BKSH, visible_BTS)
         x_BTD = x_BTD + attn_BTNH.reshape(B, T, N * H) @ layer["w_o"]
     with jax.named_scope("mlp"):
         h = rmsnorm_ref(x_BTD, layer["mlp_norm"], config.rms_eps)

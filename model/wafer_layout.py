@@ -67,6 +67,14 @@ class WaferLayout:
         return _ceil_div(self.max_len, self.grid.rows)
 
     @property
+    def s_slots(self) -> int:
+        """Cache slots per row: s positions plus one scratch slot. Every row writes the new K and
+        V each step; rows that do not own the position write into the scratch slot, which is
+        never attended to. A plain write then never reads the cache first, which kept XLA
+        from updating the cache in place (it copied every layer's cache every step)."""
+        return self.s + 1
+
+    @property
     def qkv_width(self) -> int:  # local width of the fused QKV output: q | k | v of column c
         return (self.nc + 2 * self.kc) * self.config.head_dim
 
@@ -82,14 +90,14 @@ class WaferLayout:
                 specs.append(TensorSpec(p + "b_qkv", W, (self.qkv_width,)))
             specs += [TensorSpec(p + "w_o", W, (self.nc * H, self.d)), TensorSpec(p + "mlp_norm", W, (self.d,)),
                       TensorSpec(p + "w_gate_up", W, (self.d, 2 * self.f)), TensorSpec(p + "w_down", W, (self.f, self.d)),
-                      TensorSpec(p + "k_cache", KV, (batch, self.kc, self.s, H)),
-                      TensorSpec(p + "v_cache", KV, (batch, self.kc, self.s, H))]
+                      TensorSpec(p + "k_cache", KV, (batch, self.kc, self.s_slots, H)),
+                      TensorSpec(p + "v_cache", KV, (batch, self.kc, self.s_slots, H))]
         specs += [TensorSpec("final_norm", W, (self.d,)), TensorSpec("lm", W, (self.d, self.v))]
         if not cfg.tie_embeddings:
             specs.append(TensorSpec("embed", W, (self.v, self.d)))
         # Live activations of one step (the largest set alive at once, reused layer to layer).
         specs += [TensorSpec("x", BUF, (batch, self.d)), TensorSpec("qkv", BUF, (batch, self.qkv_width)),
-                  TensorSpec("scores", BUF, (batch, self.nc, self.s)), TensorSpec("gate_up", BUF, (batch, 2 * self.f)),
+                  TensorSpec("scores", BUF, (batch, self.nc, self.s_slots)), TensorSpec("gate_up", BUF, (batch, 2 * self.f)),
                   TensorSpec("logits", BUF, (batch, self.v))]
         return specs
 

@@ -127,14 +127,14 @@ def test_planner_by_hand():
     qkv = (2 + 2 * 1) * 16  # 64 columns: 2 q heads + k + v of one KV head
     per_layer = 4 * (32 + 32 * qkv + qkv + 2 * 16 * 32 + 32 + 32 * 160 + 80 * 32)
     weights = 2 * per_layer + 4 * (32 + 32 * 256)
-    kv = 2 * 2 * 4 * (1 * 1 * 32 * 16)
+    kv = 2 * 2 * 4 * (1 * 1 * (32 + 1) * 16)  # 32 positions + the scratch slot
     assert dec.plan.bytes_by_kind()["weight"] == weights == 4 * (2 * 10880 + 8224)
-    assert dec.plan.bytes_by_kind()["kv"] == kv == 8192
+    assert dec.plan.bytes_by_kind()["kv"] == kv == 8448
 
 
 def test_plan_that_does_not_fit_names_the_problem():
     cfg = TINY_QWEN2
-    with pytest.raises(WaferError, match=r"short by [\d,]+ B; largest tensor lm \(32, 256\)"):
+    with pytest.raises(WaferError, match=r"core \(0, 0\) needs [\d,]+ B of 49,152 B \(short by [\d,]+ B\); largest tensor lm \(32, 256\)"):
         WaferDecoder(init_random_params(cfg), cfg, make_core_mesh(Grid(2, 2), Executor.VCORES), 1, 64,
                      spec=emulated_spec(48 * 1024))
 
