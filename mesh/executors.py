@@ -75,7 +75,14 @@ class CoreMesh:
         if self.executor is Executor.VCORES:
             return jax.tree.map(jax.numpy.asarray, tree)
         sharding = NamedSharding(self.mesh, P(ROW, COL))
-        return jax.tree.map(lambda a: jax.device_put(a, sharding), tree)
+
+        # Each process copies only the tiles of its own devices. `jax.device_put` would do the
+        # same, but on a mesh spanning processes it first all-gathers the whole host array to
+        # check every process passed the same one: every weight, through the network.
+        def put(a):
+            host = np.asarray(a)
+            return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+        return jax.tree.map(put, tree)
 
     def run(self, program: Callable) -> Callable:
         """Lift a per-core `program(*local operands) -> local outputs` to [R, C, ...] arrays."""

@@ -178,10 +178,11 @@ def check_request(config: ModelConfig, prompts: list[list[int]], max_new_tokens:
                          f"model's context of {config.max_seq_len}")
 
 
-def decode_loop(dispatch_step, first: np.ndarray, max_new_tokens: int, eos: set[int]):
+def decode_loop(dispatch_step, first: np.ndarray, max_new_tokens: int, eos: set[int], read_tokens=np.asarray):
     """Host loop shared by every decoder: returns (tokens per sequence, steps run, seconds).
 
-    `dispatch_step()` launches one decode step and returns its tokens [B] (on device). The next
+    `dispatch_step()` launches one decode step and returns its tokens (on device);
+    `read_tokens` turns them into a host array [B]. The next
     step is dispatched before the previous one's tokens are read, so the host read overlaps
     device work; a sequence that hits EOS costs at most one wasted step.
     """
@@ -189,7 +190,7 @@ def decode_loop(dispatch_step, first: np.ndarray, max_new_tokens: int, eos: set[
     done = [int(t) in eos for t in first]
 
     def consume(tokens_B):
-        for b, t in enumerate(np.asarray(tokens_B)):
+        for b, t in enumerate(read_tokens(tokens_B)):
             if not done[b]:
                 out[b].append(int(t))
                 done[b] = int(t) in eos

@@ -16,6 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from kernels.allreduce import Schedule, allreduce
 from kernels.attention import decode_attention_mesh
@@ -23,6 +24,7 @@ from kernels.lm_head import lm_head_logits_mesh, sample_mesh
 from kernels.mesh_gemv import mesh_gemv
 from kernels.rmsnorm import rmsnorm_mesh
 from kernels.rope import apply_rope_ref, rope_cos_sin
+from kvcache.cache import write_kv
 from mesh.axes import COL, ROW
 from mesh.errors import WaferError
 from mesh.executors import CoreMesh
@@ -43,14 +45,6 @@ class MeshOptions:
     schedule: Schedule = Schedule.PSUM
     groups: int | None = None  # K-tree groups per axis (None: ~sqrt of the axis length)
     greedy: bool = True
-
-
-def _write_local(cache_BksH, new_BkH, idx_B, mine_B):
-    """Write new[b] at local position idx[b] on the cores that own it (mine[b])."""
-    def one(c, new, i, mine):
-        old = jax.lax.dynamic_slice_in_dim(c, i, 1, axis=1)[:, 0]
-        return jax.lax.dynamic_update_slice_in_dim(c, jnp.where(mine, new, old)[:, None], i, axis=1)
-    return jax.vmap(one)(cache_BksH, new_BkH.astype(cache_BksH.dtype), idx_B, mine_B)
 
 
 def core_decode_step(tiles, k_cache, v_cache, tokens_B, pos_B, active_B, seed, temperature, top_k, top_p,
@@ -76,7 +70,7 @@ def core_decode_step(tiles, k_cache, v_cache, tokens_B, pos_B, active_B, seed, t
     r = jax.lax.axis_index(ROW)
     c = jax.lax.axis_index(COL)
     assert tiles["lm"].shape == (d, layout.v), tiles["lm"].shape
-    assert k_cache[0].shape == (B, kc, layout.s, H), k_cache[0].shape
+    assert k_cache[0].shape == (B, kc, layout.s_slots, H), k_cache[0].shape
 
     with jax.named_scope("embed"):
         local_tok = tokens_B - c * layout.v
@@ -89,8 +83,9 @@ def core_decode_step(tiles, k_cache, v_cache, tokens_B, pos_B, active_B, seed, t
     cos_BH, sin_BH = rope_cos_sin(pos_B, inv_freq_for(cfg))
     # Cache positions are dealt cyclically over rows: position p lives on row p % R at p // R.
     mine_B = (pos_B % R == r) & active_B
-    local_idx_B = pos_B // R
-    visible_Bs = (jnp.arange(layout.s)[None, :] * R + r) <= pos_B[:, None]
+    slot_B = jnp.where(mine_B, pos_B // R, layout.s)  # layout.s: the scratch slot
+    j = jnp.arange(layout.s_slots)[None, :]
+    visible_Bs = (j < layout.s) & (j * R + r <= pos_B[:, None])
     new_k, new_v = [], []
     for i, t in enumerate(tiles["layers"]):
         with jax.named_scope(f"layer{i}"):
@@ -103,8 +98,8 @@ def core_decode_step(tiles, k_cache, v_cache, tokens_B, pos_B, active_B, seed, t
                 q = apply_rope_ref(qkv[:, :nq].reshape(B, kc, G, H), cos_BH[:, None, None], sin_BH[:, None, None])
                 k = apply_rope_ref(qkv[:, nq: nq + kc * H].reshape(B, kc, H), cos_BH[:, None], sin_BH[:, None])
                 v = qkv[:, nq + kc * H:].reshape(B, kc, H)
-                kcache = _write_local(k_cache[i], k, local_idx_B, mine_B)
-                vcache = _write_local(v_cache[i], v, local_idx_B, mine_B)
+                kcache = write_kv(k_cache[i], k[:, :, None], slot_B)
+                vcache = write_kv(v_cache[i], v[:, :, None], slot_B)
                 attn = decode_attention_mesh(q, kcache, vcache, visible_Bs, ROW, sched, groups)
                 x_Bd = x_Bd + mesh_gemv(attn.reshape(B, nq), t["w_o"], COL, sched, groups)
             with jax.named_scope("mlp"):
@@ -131,11 +126,21 @@ def cache_to_decode_layout(k_KSH: np.ndarray, layout: WaferLayout) -> np.ndarray
     K, S1, H = k_KSH.shape
     if S1 > layout.s * R:
         raise WaferError(f"cache of {S1} positions does not fit {layout.s * R} decode positions")
-    full = np.zeros((layout.kc * C, layout.s * R, H), np.float32)
+    full = np.zeros((layout.kc * C, layout.s_slots * R, H), np.float32)
     full[:K, :S1] = k_KSH
-    # position p = j * R + r  ->  [r, j]
-    by_row = full.reshape(layout.kc * C, layout.s, R, H).transpose(2, 0, 1, 3)  # [R, Kp, s, H]
-    return by_row.reshape(R, C, layout.kc, layout.s, H)
+    # position p = j * R + r  ->  [r, j]; the last slot of each row is the scratch slot
+    by_row = full.reshape(layout.kc * C, layout.s_slots, R, H).transpose(2, 0, 1, 3)  # [R, Kp, s+1, H]
+    return by_row.reshape(R, C, layout.kc, layout.s_slots, H)
+
+
+
+def _core_copy(a: jax.Array) -> jax.Array:
+    """One core's copy of a value that every core holds alike: [R, C, ...] -> [...].
+
+    Reads the first shard local to this process; never the whole array, which on a mesh spanning
+    processes lies partly on devices this process cannot read.
+    """
+    return a.addressable_data(0)[0, 0]
 
 
 # Budget of an unconstrained plan (the accounting still happens).
@@ -158,7 +163,8 @@ class WaferDecoder:
                               spec or emulated_spec(UNLIMITED_BUDGET))
         self.params = params  # single-device weights: the prefill runs on them
         self.tiles = core_mesh.place(tile_params(params, self.layout))
-        shape = (core_mesh.grid.rows, core_mesh.grid.cols, batch, self.layout.kc, self.layout.s, config.head_dim)
+        shape = (core_mesh.grid.rows, core_mesh.grid.cols, batch, self.layout.kc, self.layout.s_slots,
+                 config.head_dim)
         self.k_cache = core_mesh.place(tuple(np.zeros(shape, np.float32) for _ in range(config.n_layers)))
         self.v_cache = core_mesh.place(tuple(np.zeros(shape, np.float32) for _ in range(config.n_layers)))
         self.tokens = np.zeros(batch, np.int32)
@@ -169,6 +175,8 @@ class WaferDecoder:
         self._prefiller = Generator(params, config)
         self._compiled_step = None
         self._logits = None
+        self._active_placed = None
+        self._knobs_placed: dict[Sampling, list] = {}
 
     def _replicate(self, a) -> jax.Array:
         """A per-sequence value as every core's copy: [R, C, ...]."""
@@ -199,7 +207,7 @@ class WaferDecoder:
     def step(self, sampling: Sampling = Sampling()) -> np.ndarray:
         """Decode one token for every active slot; returns the tokens [B] (inactive: unchanged)."""
         tok, pos = self.step_device(sampling)
-        self.tokens, self.pos = np.array(tok[0, 0]), np.array(pos[0, 0])
+        self.tokens, self.pos = np.array(_core_copy(tok)), np.array(_core_copy(pos))
         return self.tokens.copy()
 
     def step_device(self, sampling: Sampling, tokens=None, pos=None):
@@ -209,21 +217,29 @@ class WaferDecoder:
                              + " decoding")
         tokens = self._replicate(self.tokens) if tokens is None else tokens
         pos = self._replicate(self.pos) if pos is None else pos
-        args = (self.tiles, self.k_cache, self.v_cache, tokens, pos, self._replicate(self.active),
-                *self._knobs(sampling))
+        args = (self.tiles, self.k_cache, self.v_cache, tokens, pos, self._device_active(), *self._knobs(sampling))
         self.compile()
         tok, new_pos, self.k_cache, self.v_cache, self._logits = self._compiled_step(*args)
         return tok, new_pos
 
     def last_logits(self) -> np.ndarray:
         """Logits [B, V] of the last step, gathered from the column shards of row 0."""
-        shards = np.asarray(self._logits)[0]  # [C, B, v]
+        # On a mesh spanning processes, other processes' cores hold shards this one cannot read.
+        shards = multihost_utils.process_allgather(self._logits, tiled=True)[0]  # [C, B, v]
         return np.concatenate(list(shards), axis=-1)[:, : self.config.vocab_size]
 
+    def _device_active(self) -> jax.Array:
+        """The slot mask on the cores, placed again only when a slot changes (not every step)."""
+        if self._active_placed is None or not np.array_equal(self._active_placed[0], self.active):
+            self._active_placed = (self.active.copy(), self._replicate(self.active))
+        return self._active_placed[1]
+
     def _knobs(self, sampling: Sampling) -> list:
-        return [self._replicate(np.asarray(v, dt)) for v, dt in (
-            (sampling.seed, np.uint32), (max(sampling.temperature, 1e-6), np.float32),
-            (sampling.top_k, np.int32), (sampling.top_p, np.float32))]
+        if sampling not in self._knobs_placed:
+            self._knobs_placed[sampling] = [self._replicate(np.asarray(v, dt)) for v, dt in (
+                (sampling.seed, np.uint32), (max(sampling.temperature, 1e-6), np.float32),
+                (sampling.top_k, np.int32), (sampling.top_p, np.float32))]
+        return self._knobs_placed[sampling]
 
     def compile(self) -> float:
         """Compile the decode step once (shapes are fixed per decoder); returns seconds spent now."""
@@ -232,7 +248,7 @@ class WaferDecoder:
         t0 = time.perf_counter()
         r = self._replicate
         self._compiled_step = self._step.lower(self.tiles, self.k_cache, self.v_cache, r(self.tokens), r(self.pos),
-                                               r(self.active), *self._knobs(Sampling())).compile()
+                                               self._device_active(), *self._knobs(Sampling())).compile()
         return time.perf_counter() - t0
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
@@ -261,11 +277,12 @@ class WaferDecoder:
 
         def dispatch_step():
             state["tok"], state["pos"] = self.step_device(sampling, state["tok"], state["pos"])
-            return state["tok"][0, 0][jnp.asarray(slots)]
+            return state["tok"]
 
         eos = set(self.config.eos_token_ids) if stop_on_eos else set()
-        out, steps, decode_s = decode_loop(dispatch_step, np.asarray(firsts), max_new_tokens, eos)
-        self.tokens, self.pos = np.array(state["tok"][0, 0]), np.array(state["pos"][0, 0])
+        out, steps, decode_s = decode_loop(dispatch_step, np.asarray(firsts), max_new_tokens, eos,
+                                           read_tokens=lambda t: np.asarray(_core_copy(t))[slots])
+        self.tokens, self.pos = np.array(_core_copy(state["tok"])), np.array(_core_copy(state["pos"]))
         for s in slots:
             self.evict(s)
         return GenerationResult(out, ttft, decode_s, steps, compile_s)
