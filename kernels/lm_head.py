@@ -4,8 +4,15 @@ Core (r, c) holds lm[D_row, V_col]. The logits of column c's vocabulary block ar
 reduced over ROW; selection then works across COL:
 - greedy: each core's local (max, first index), merged with pmax then pmin over COL, which
   reproduces `argmax`'s first-occurrence tie-break over the whole vocabulary;
-- sampling: the shards are gathered along COL (V floats per sequence) and filtered and sampled
-  exactly as `sample_ref` does, with the same keys on every core, so all cores pick the same token.
+- sampling with top-k (k <= TOPK_CANDIDATES): each core offers its local top candidates; the
+  global top k is always among them, so filtering the gathered C x TOPK_CANDIDATES candidates
+  gives exactly `sample_ref`'s distribution (top-p included, which renormalizes over the top k)
+  while moving a few hundred values instead of V;
+- sampling without top-k (or a larger k): the shards are gathered along COL (V floats per
+  sequence) and sampled by `sample_ref`.
+Every core uses the same keys on the same values, so all cores pick the same token. The draws
+differ from the single-device sampler's (the random noise lands on other array positions); the
+distribution does not.
 """
 
 import jax
@@ -36,11 +43,36 @@ def argmax_mesh(logits_Bv: jax.Array, col_axis: str) -> jax.Array:
     return jax.lax.pmin(candidate, col_axis)
 
 
+# Candidates each core offers to a distributed top-k.
+TOPK_CANDIDATES = 64
+
+
 def sample_mesh(logits_Bv: jax.Array, col_axis: str, vocab_size: int, keys_B, temperature, top_k, top_p,
                 greedy: bool) -> jax.Array:
-    """Token [B] per sequence, identical on every core."""
+    """Token [B] per sequence, identical on every core.
+
+    Args:
+      logits_Bv: [B, v] this column's vocabulary shard (padding at -inf).
+      keys_B: [B] PRNG keys, the same on every core.
+      temperature, top_k, top_p: as `sample_ref`.
+      greedy: static; distributed argmax when True.
+    """
     with jax.named_scope("sample"):
         if greedy:
             return argmax_mesh(logits_Bv, col_axis)
-        full = jax.lax.all_gather(logits_Bv, col_axis, axis=1, tiled=True)[:, :vocab_size]
-        return sample_ref(full, keys_B, temperature, top_k, top_p, greedy=False)
+        v = logits_Bv.shape[-1]
+        n_cand = min(TOPK_CANDIDATES, v)
+
+        def from_candidates():
+            values, local_ids = jax.lax.top_k(logits_Bv, n_cand)
+            ids = jax.lax.axis_index(col_axis) * v + local_ids
+            values = jax.lax.all_gather(values, col_axis, axis=1, tiled=True)  # [B, C * n_cand]
+            ids = jax.lax.all_gather(ids, col_axis, axis=1, tiled=True)
+            pick = sample_ref(values, keys_B, temperature, top_k, top_p, greedy=False)
+            return jnp.take_along_axis(ids, pick[:, None], axis=1)[:, 0].astype(jnp.int32)
+
+        def from_all_logits():
+            full = jax.lax.all_gather(logits_Bv, col_axis, axis=1, tiled=True)[:, :vocab_size]
+            return sample_ref(full, keys_B, temperature, top_k, top_p, greedy=False)
+
+        return jax.lax.cond((top_k > 0) & (top_k <= n_cand), from_candidates, from_all_logits)

@@ -153,3 +153,50 @@ def test_argmax_mesh_first_occurrence(executor):
     out = jax.jit(cm.run(lambda l: argmax_mesh(l, COL)))(cm.place(split(logits, grid, col_axis=1)))
     assert np.asarray(out)[0, 0].tolist() == [7, 2, 4] == np.argmax(logits, axis=-1).tolist()
     assert (np.asarray(out) == np.asarray(out)[0, 0]).all()
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+@pytest.mark.parametrize("top_k, top_p", [(1, 1.0), (5, 1.0), (5, 0.5), (0, 0.9), (0, 1e-6)])
+def test_sample_mesh_keeps_to_the_filtered_set(executor, top_k, top_p):
+    """Sharded sampling draws only tokens `sample_ref`'s filters keep, the same on every core,
+    and covers the kept set (so a filter that kept too little would fail too)."""
+    from kernels.lm_head import sample_mesh
+
+    grid = Grid(1, 4)
+    cm = make_core_mesh(grid, executor)
+    V = 38  # padded to 40 over 4 columns
+    logits = np.random.default_rng(5).standard_normal((2, V)).astype(np.float32) * 2
+    padded = np.pad(logits, ((0, 0), (0, 2)), constant_values=-np.inf)
+    order = np.argsort(-logits, axis=-1)
+    if top_k:
+        allowed = [set(order[b, :top_k].tolist()) for b in range(2)]
+    else:  # nucleus: smallest prefix of the sorted tokens whose mass reaches p
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        allowed = []
+        for b in range(2):
+            mass = np.cumsum(p[b, order[b]]) - p[b, order[b]]
+            allowed.append(set(order[b, mass < top_p].tolist()) | {int(order[b, 0])})
+    if top_k and top_p < 1:  # top-p inside the top k: recompute over the kept tokens
+        allowed = []
+        for b in range(2):
+            kept = logits[b, order[b, :top_k]]
+            q = np.exp(kept - kept.max())
+            q /= q.sum()
+            allowed.append(set(order[b, :top_k][(np.cumsum(q) - q) < top_p].tolist()))
+
+    def core(l, seed):
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(2))
+        return sample_mesh(l, COL, V, keys, jnp.float32(1.0), jnp.int32(top_k), jnp.float32(top_p), greedy=False)
+
+    f = jax.jit(cm.run(core))
+    seen = [set(), set()]
+    for seed in range(60):
+        out = np.asarray(f(cm.place(split(padded, grid, col_axis=1)), cm.place(np.full((1, 4), seed, np.uint32))))
+        assert (out == out[0, 0]).all()
+        for b in range(2):
+            seen[b].add(int(out[0, 0, b]))
+    for b in range(2):
+        assert seen[b] <= allowed[b]
+        if len(allowed[b]) <= 5:
+            assert seen[b] == allowed[b]
