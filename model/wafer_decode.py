@@ -133,14 +133,13 @@ def cache_to_decode_layout(k_KSH: np.ndarray, layout: WaferLayout) -> np.ndarray
     return by_row.reshape(R, C, layout.kc, layout.s_slots, H)
 
 
+def _core_copy(a: jax.Array) -> np.ndarray:
+    """One core's copy of a value that every core holds alike, on the host: [R, C, ...] -> [...].
 
-def _core_copy(a: jax.Array) -> jax.Array:
-    """One core's copy of a value that every core holds alike: [R, C, ...] -> [...].
-
-    Reads the first shard local to this process; never the whole array, which on a mesh spanning
-    processes lies partly on devices this process cannot read.
+    Reads the first shard local to this process (one device-to-host copy, no dispatch), never the
+    whole array, which on a mesh spanning processes lies partly on devices this process cannot read.
     """
-    return a.addressable_data(0)[0, 0]
+    return np.asarray(a.addressable_data(0))[0, 0]
 
 
 # Budget of an unconstrained plan (the accounting still happens).
@@ -281,7 +280,7 @@ class WaferDecoder:
 
         eos = set(self.config.eos_token_ids) if stop_on_eos else set()
         out, steps, decode_s = decode_loop(dispatch_step, np.asarray(firsts), max_new_tokens, eos,
-                                           read_tokens=lambda t: np.asarray(_core_copy(t))[slots])
+                                           read_tokens=lambda t: _core_copy(t)[slots])
         self.tokens, self.pos = np.array(_core_copy(state["tok"])), np.array(_core_copy(state["pos"]))
         for s in slots:
             self.evict(s)
