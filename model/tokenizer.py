@@ -8,9 +8,11 @@ sandboxed Jinja environment, so no PyTorch or transformers code runs on the prod
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 
+import jinja2
 import jinja2.sandbox
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
@@ -32,10 +34,10 @@ class TextTokenizer:
         self.bos_token = bos_token
         self.eos_token = eos_token
 
-    def encode(self, text: str) -> list[int]:
-        # add_special_tokens=False: the chat template (or the caller) places BOS where the model
-        # wants it; SmolLM2's GGUF says add_bos_token=False.
-        return self.backend.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of plain text, with the tokenizer's own special tokens (a Llama-3
+        tokenizer.json adds BOS, as HF's `tokenizer(text)` does; SmolLM2's GGUF adds none)."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -47,16 +49,21 @@ class TextTokenizer:
         # The same environment options HF transformers renders templates with.
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+        env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_template_error
-        template = env.from_string(self.chat_template)
-        return template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-        )
+        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+        try:
+            template = env.from_string(self.chat_template)
+            return template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+            )
+        except jinja2.TemplateError as e:
+            raise WaferError(f"chat template failed: {type(e).__name__}: {e}") from None
 
     def encode_chat(self, user_text: str) -> list[int]:
-        return self.encode(self.render_chat([{"role": "user", "content": user_text}]))
+        # The rendered template already holds every special token (HF tokenizes it the same way).
+        return self.encode(self.render_chat([{"role": "user", "content": user_text}]), add_special_tokens=False)
 
     def to_json(self) -> str:
         return json.dumps({
@@ -69,6 +76,11 @@ class TextTokenizer:
         d = json.loads(text)
         return cls(tokenizers.Tokenizer.from_str(d["backend"]), d["chat_template"],
                    d["bos_token"], d["eos_token"])
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    """HF's `tojson` filter: json.dumps with its keyword arguments."""
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _raise_template_error(message: str):
