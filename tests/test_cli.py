@@ -136,3 +136,36 @@ def test_console_script_exit_code(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["wafer: error: unknown model preset 'nope'; known: "
                                                  + ", ".join(__import__("model.config").config.PRESETS)]
+
+
+def test_generate_on_a_mesh_matches_single_device(capsys):
+    args = ("generate", "--prompt-ids", "1,9690,198,2683", "--max-new-tokens", "6", "--json")
+    single = json.loads(run_cli(capsys, *args)[1])
+    rc, out, _ = run_cli(capsys, *args, "--mesh", "2x2", "--schedule", "ktree")
+    assert rc == 0
+    mesh = json.loads(out)
+    assert mesh["tokens"] == single["tokens"]
+    assert mesh["mesh"] == "2x2" and mesh["schedule"] == "ktree"
+    assert mesh["sram_per_core_bytes"]["weight"] > 0 and mesh["sram_per_core_bytes"]["kv"] > 0
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--mesh", "2y2"], ["mesh '2y2': expected RxC"]),
+    (["--mesh", "0x2"], ["both sides must be positive"]),
+    (["--mesh", "8x8"], ["JAX already started with 16 CPU devices; 64 are needed"]),
+    (["--mesh", "2x2", "--executor", "gpus"], ["invalid choice: 'gpus'"]),
+    (["--mesh", "2x2", "--sram-budget", "48KiB"], ["does not fit", "short by", "largest tensor"]),
+    (["--mesh", "2x2", "--sram-budget", "lots"], ["size 'lots'"]),
+    (["--mesh", "2x2", "--groups", "0"], ["--groups must be positive"]),
+    (["--sram-budget", "1MiB"], ["--sram-budget needs --mesh"]),
+])
+def test_bad_mesh_flags_are_one_line(capsys, argv, fragments):
+    rc, _, err = run_cli(capsys, "generate", "--prompt-ids", "1,2", "--max-new-tokens", "2", *argv)
+    assert_one_line_error(rc, err, *fragments)
+
+
+def test_trace_writes_a_profile(capsys, tmp_path):
+    rc, _, _ = run_cli(capsys, "generate", "--prompt-ids", "1,2", "--max-new-tokens", "3", "--mesh", "1x2",
+                       "--trace", str(tmp_path / "trace"))
+    assert rc == 0
+    assert any(name.endswith((".xplane.pb", ".trace.json.gz")) for _, _, files in os.walk(tmp_path) for name in files)
