@@ -1,0 +1,139 @@
+"""This machine's bounds, measured in the benchmark's own run: streaming-read bandwidth and matmul peak.
+
+Decode reads every weight once per step, so its bound is the best rate at which this machine
+streams memory into the cores. The bound is the *best* rate any candidate reaches (a slow
+candidate says nothing about the machine, only about that loop), so several reads compete: a
+jitted reduction, a jitted GEMV (the decode step's own kind of read, multi-threaded by XLA), and
+numpy's reduction and GEMV. Each candidate reads well past the last-level cache, warms up once
+and reports the median of its timed runs.
+
+The matmul peak is the compute bound: at batch B a decode step does 2·B FLOPs per weight read
+(4 bytes), so on a machine with few cores a batch of 8 already meets the compute roof.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Sizes large enough to defeat any cache (this machine's L3 is 32 MiB), small enough that the
+# whole measurement stays within a few seconds.
+SUM_BYTES = 512 * 2**20
+GEMV_ROWS = 8192
+GEMM_N = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class Rate:
+    """One measured candidate: `amount` (bytes or FLOPs) per median run, over `seconds`."""
+
+    name: str
+    amount: int
+    seconds: float  # median over the timed runs
+
+    @property
+    def per_s(self) -> float:
+        return self.amount / self.seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class MachineBounds:
+    bandwidth: tuple[Rate, ...]  # streaming-read candidates, bytes per run
+    matmul: Rate  # FLOPs per run of a square float32 GEMM
+
+    @property
+    def best_bandwidth(self) -> Rate:
+        return max(self.bandwidth, key=lambda r: r.per_s)
+
+    @property
+    def bandwidth_bytes_per_s(self) -> float:
+        return self.best_bandwidth.per_s
+
+    @property
+    def matmul_flops_per_s(self) -> float:
+        return self.matmul.per_s
+
+    def best_with(self, other: MachineBounds) -> MachineBounds:
+        """Each candidate's faster measurement of the two: another process's burst of work can
+        only slow a measurement down, never speed it up, so the faster one is nearer the machine."""
+        def faster(a: Rate, b: Rate) -> Rate:
+            return a if a.per_s >= b.per_s else b
+        by_name = {r.name: r for r in other.bandwidth}
+        return MachineBounds(tuple(faster(r, by_name[r.name]) for r in self.bandwidth),
+                             faster(self.matmul, other.matmul))
+
+
+def median_seconds(fn: Callable[[], object], runs: int) -> float:
+    """Median wall time of `runs` calls of `fn` after one warm-up call (which also compiles).
+
+    `fn` must block until its result is ready (`jax.block_until_ready` for JAX work).
+    """
+    fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _jax_sum(nbytes: int, runs: int) -> Rate:
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    seconds = median_seconds(lambda: total(x).block_until_ready(), runs)
+    x.delete()
+    return Rate("jax_sum", nbytes // 4 * 4, seconds)
+
+
+def _jax_gemv(rows: int, runs: int) -> Rate:
+    w_RC = jnp.ones((rows, rows), jnp.float32)
+    x_C = jnp.ones((rows,), jnp.float32)
+    gemv = jax.jit(jnp.matmul)
+    seconds = median_seconds(lambda: gemv(w_RC, x_C).block_until_ready(), runs)
+    w_RC.delete()
+    return Rate("jax_gemv", rows * rows * 4, seconds)
+
+
+def _numpy_sum(nbytes: int, runs: int) -> Rate:
+    x = np.ones(nbytes // 4, np.float32)
+    seconds = median_seconds(x.sum, runs)
+    return Rate("numpy_sum", x.nbytes, seconds)
+
+
+def _numpy_gemv(rows: int, runs: int) -> Rate:
+    w_RC = np.ones((rows, rows), np.float32)
+    x_C = np.ones(rows, np.float32)
+    seconds = median_seconds(lambda: w_RC @ x_C, runs)
+    return Rate("numpy_gemv", w_RC.nbytes, seconds)
+
+
+def _jax_gemm(n: int, runs: int) -> Rate:
+    a = jnp.ones((n, n), jnp.float32)
+    gemm = jax.jit(jnp.matmul)
+    seconds = median_seconds(lambda: gemm(a, a).block_until_ready(), runs)
+    return Rate("jax_gemm", 2 * n ** 3, seconds)
+
+
+def measure_machine(sum_bytes: int = SUM_BYTES, gemv_rows: int = GEMV_ROWS, gemm_n: int = GEMM_N,
+                    runs: int = 5) -> MachineBounds:
+    """Measure the streaming-read candidates and the matmul peak on the default JAX device.
+
+    Args:
+      sum_bytes: bytes each reduction reads per run.
+      gemv_rows: the GEMVs multiply a [rows, rows] float32 matrix by a vector.
+      gemm_n: the matmul peak is timed on an [n, n] @ [n, n] float32 product.
+      runs: timed runs per candidate (after one warm-up); each reports its median.
+    """
+    bandwidth = []
+    for measure, size in ((_jax_sum, sum_bytes), (_jax_gemv, gemv_rows),
+                          (_numpy_sum, sum_bytes), (_numpy_gemv, gemv_rows)):
+        bandwidth.append(measure(size, runs))
+        gc.collect()  # each candidate's buffers go before the next one allocates
+    return MachineBounds(tuple(bandwidth), _jax_gemm(gemm_n, runs))

@@ -1,0 +1,322 @@
+"""`wafer bench decode`: decode tokens/s against this machine's roofline and against HF transformers.
+
+One run measures everything it reports: the machine's streaming-read bandwidth and matmul peak
+(`bench.bandwidth`), our decoder's rate, and optionally HF `generate` on the same weights, prompts
+and length. Decode reads every weight once per step whatever the batch, plus each sequence's KV
+cache, so the bandwidth roofline in steps/s is
+
+    bandwidth / (weight_bytes + batch * mean valid length * kv_bytes_per_token)
+
+and a step yields one token per sequence. The compute roof (FLOPs per step over the matmul peak)
+is printed beside it: with few cores, batching moves decode from one roof to the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+
+import jax
+import numpy as np
+
+from bench.bandwidth import MachineBounds, measure_machine
+from mesh.errors import WaferError
+from model.config import ModelConfig
+from model.generate import CACHE_BUCKET, PROMPT_BUCKET, Generator
+from model.load import load_model
+from model.weights import Params, lm_head_weight, weight_bytes
+
+# HF's greedy tokens are compared with ours over this many leading tokens of row 0: a sanity
+# check that both decoded the same thing (greedy paths may legitimately part later, on near-ties).
+MATCH_TOKENS = 16
+# A 1-minute load average above this many runnable processes per CPU (before we start) means
+# other work shares the cores.
+BUSY_LOAD_PER_CPU = 0.75
+# Prompt ids stay this far from both ends of the vocabulary, where the special tokens live.
+PROMPT_ID_MARGIN = 100
+
+
+def _int_at_least(minimum: int, what: str):
+    """An argparse `type` for integers >= minimum (its message becomes the one-line CLI error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch", type=_positive_int, default=1, help="sequences decoded in lockstep")
+    p.add_argument("--context", type=_positive_int, default=256, help="prompt length in tokens")
+    p.add_argument("--steps", type=_positive_int, default=128, help="decode steps timed per run")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs; the median is reported")
+    p.add_argument("--compare-hf", action="store_true", help="also time HF transformers' generate")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--seed", type=_int_at_least(0, ">= 0"), default=0, help="seed of the random prompts")
+
+
+def random_prompts(batch: int, context: int, vocab_size: int, seed: int) -> list[list[int]]:
+    """`batch` different prompts of `context` random ids, away from the vocabulary's special ends."""
+    margin = PROMPT_ID_MARGIN if vocab_size > 4 * PROMPT_ID_MARGIN else 0
+    rng = np.random.default_rng(seed)
+    return rng.integers(margin, vocab_size - margin, size=(batch, context)).tolist()
+
+
+def mean_valid_len(context: int, steps: int) -> float:
+    """Mean number of cached positions a decode step attends to (its own new token included).
+
+    The prompt's prefill yields the first token; decode step i (0-based) then writes position
+    context + i and attends to positions 0 .. context + i, so context + i + 1 of them.
+    """
+    return context + (steps + 1) / 2
+
+
+def kv_bytes_per_step(config: ModelConfig, batch: int, context: int, steps: int) -> float:
+    """KV bytes one decode step must read, averaged over the steps (float32 cache)."""
+    return batch * mean_valid_len(context, steps) * config.kv_bytes_per_token(4)
+
+
+def matmul_params(params: Params) -> int:
+    """Weights that take part in a matmul each step: every matrix except the embedding gather."""
+    mats = [w for layer in params["layers"] for w in layer.values() if w.ndim == 2]
+    return sum(int(w.size) for w in mats) + int(lm_head_weight(params).size)
+
+
+def flops_per_step(params: Params, config: ModelConfig, batch: int, context: int, steps: int) -> float:
+    """FLOPs of one decode step: 2 per weight per sequence, plus QK and PV over the valid cache."""
+    attention = 4 * config.n_layers * config.n_heads * config.head_dim * mean_valid_len(context, steps)
+    return batch * (2 * matmul_params(params) + attention)
+
+
+def generator_cache_len(context: int, steps: int) -> int:
+    """Cache length S the generator allocates (and decode attention reads) for this run."""
+    def round_up(n: int, m: int) -> int:
+        return -(-n // m) * m
+
+    return round_up(max(round_up(context, PROMPT_BUCKET), context + steps + 1), CACHE_BUCKET)
+
+
+@dataclasses.dataclass
+class OursResult:
+    tok_per_s: float  # per sequence, median over repeats
+    runs_tok_per_s: list[float]
+    prefill_ms: float  # median time to first token (prefill + first sample)
+    compile_s: float
+    tokens_row0: list[int]
+
+
+def time_ours(decoder, prompts: list[list[int]], steps: int, repeats: int) -> OursResult:
+    """Time greedy decoding of `steps` steps after the first token.
+
+    `decoder` has `generate(prompts, max_new_tokens, stop_on_eos=...) -> GenerationResult`.
+    """
+    # The first call compiles (reported apart) and warms up; the timed calls reuse its code.
+    first = decoder.generate(prompts, steps + 1, stop_on_eos=False)
+    runs = [decoder.generate(prompts, steps + 1, stop_on_eos=False) for _ in range(repeats)]
+    for r in runs:
+        if r.decode_steps != steps:
+            raise AssertionError(f"the decoder ran {r.decode_steps} decode steps, asked for {steps}")
+    return OursResult(
+        tok_per_s=statistics.median(r.tok_per_s for r in runs),
+        runs_tok_per_s=[r.tok_per_s for r in runs],
+        prefill_ms=statistics.median(r.ttft_s for r in runs) * 1e3,
+        compile_s=first.compile_s,
+        tokens_row0=runs[-1].tokens[0],
+    )
+
+
+@dataclasses.dataclass
+class HFResult:
+    tok_per_s: float  # per sequence, median over repeats
+    runs_tok_per_s: list[float]
+    tokens_row0: list[int]
+    torch_version: str
+    torch_threads: int
+
+
+def time_hf(source: str, prompts: list[list[int]], steps: int, repeats: int, match_tokens: int) -> HFResult:
+    import torch
+
+    from bench.hf_peer import hf_decode_seconds, hf_greedy, load_hf_model
+
+    model = load_hf_model(source)
+    hf_decode_seconds(model, prompts, steps)  # warm-up: allocator, thread pool, lazy init
+    runs = [steps / hf_decode_seconds(model, prompts, steps) for _ in range(repeats)]
+    tokens = hf_greedy(model, prompts[:1], match_tokens)[0]
+    return HFResult(statistics.median(runs), runs, tokens, torch.__version__, torch.get_num_threads())
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(hf: HFResult | None, load_start: float | None) -> dict:
+    device = jax.devices()[0]
+    env = {
+        "jax": jax.__version__,
+        "device_kind": device.device_kind,
+        "platform": device.platform,
+        "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "python": platform.python_version(),
+    }
+    if load_start is not None:
+        # Other processes on the machine lower every rate here, the bounds included.
+        env["loadavg_1m_start"] = load_start
+        env["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
+    if hf is not None:
+        env["torch"] = hf.torch_version
+        env["torch_threads"] = hf.torch_threads
+    return env
+
+
+def build_report(config: ModelConfig, args, params: Params, bounds: MachineBounds, ours: OursResult,
+                 hf: HFResult | None, env: dict) -> dict:
+    """The benchmark's figures as one flat-ish dict (the --json object)."""
+    B = args.batch
+    w_bytes = weight_bytes(params)
+    kv_bytes = kv_bytes_per_step(config, B, args.context, args.steps)
+    step_bytes = w_bytes + kv_bytes
+    bw = bounds.bandwidth_bytes_per_s
+    roofline = bw / step_bytes  # steps/s = tok/s per sequence
+    flops = flops_per_step(params, config, B, args.context, args.steps)
+    compute_roof = bounds.matmul_flops_per_s / flops
+    report = {
+        "model": config.name,
+        "batch": B,
+        "context": args.context,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "seed": args.seed,
+        "tok_per_s": round(ours.tok_per_s, 2),
+        "tok_per_s_aggregate": round(ours.tok_per_s * B, 2),
+        "tok_per_s_runs": [round(r, 2) for r in ours.runs_tok_per_s],
+        "step_ms": round(1e3 / ours.tok_per_s, 3),
+        "prefill_ms": round(ours.prefill_ms, 2),
+        "compile_s": round(ours.compile_s, 3),
+        "bandwidth_gbs": round(bw / 1e9, 2),
+        "bandwidth_source": bounds.best_bandwidth.name,
+        "bandwidth_candidates": {r.name: round(r.per_s / 1e9, 2) for r in bounds.bandwidth},
+        "weight_bytes": w_bytes,
+        "kv_bytes_per_step": round(kv_bytes),
+        "bytes_per_step": round(step_bytes),
+        # Positions decode attention reads each step (the roofline counts only the valid ones).
+        "cache_len": generator_cache_len(args.context, args.steps),
+        "effective_gbs": round(ours.tok_per_s * step_bytes / 1e9, 2),
+        "roofline_tok_per_s": round(roofline, 2),
+        "roofline_fraction": round(ours.tok_per_s / roofline, 4),
+        "matmul_gflops": round(bounds.matmul_flops_per_s / 1e9, 1),
+        "flops_per_step": round(flops),
+        "compute_roof_tok_per_s": round(compute_roof, 2),
+        "compute_roof_fraction": round(ours.tok_per_s / compute_roof, 4),
+    }
+    if hf is not None:
+        n = min(len(hf.tokens_row0), len(ours.tokens_row0))
+        report.update({
+            "hf_tok_per_s": round(hf.tok_per_s, 2),
+            "hf_tok_per_s_aggregate": round(hf.tok_per_s * B, 2),
+            "hf_tok_per_s_runs": [round(r, 2) for r in hf.runs_tok_per_s],
+            "vs_hf": round(ours.tok_per_s / hf.tok_per_s, 4),
+            "tokens_match": hf.tokens_row0[:n] == ours.tokens_row0[:n],
+            "tokens_compared": n,
+        })
+    report["env"] = env
+    return report
+
+
+def format_table(r: dict) -> str:
+    """The report as aligned `label  value` lines for a terminal."""
+    rows = [
+        ("model", f"{r['model']}  batch {r['batch']}  context {r['context']}  steps {r['steps']}  "
+                  f"repeats {r['repeats']}"),
+        ("ours", f"{r['tok_per_s']:.1f} tok/s per sequence, {r['tok_per_s_aggregate']:.1f} tok/s in all, "
+                 f"{r['step_ms']:.2f} ms/step (compile {r['compile_s']:.1f} s, prefill {r['prefill_ms']:.0f} ms)"),
+        ("bandwidth", f"{r['bandwidth_gbs']:.1f} GB/s streaming read ({r['bandwidth_source']}; "
+                      + ", ".join(f"{k} {v:.1f}" for k, v in r["bandwidth_candidates"].items()) + ")"),
+        ("bytes/step", f"{r['bytes_per_step'] / 1e6:.1f} MB = weights {r['weight_bytes'] / 1e6:.1f} MB "
+                       f"+ KV {r['kv_bytes_per_step'] / 1e6:.1f} MB"),
+        ("roofline", f"{r['roofline_tok_per_s']:.1f} tok/s per sequence -> ours at "
+                     f"{r['roofline_fraction']:.0%} ({r['effective_gbs']:.1f} GB/s effective)"),
+        ("compute roof", f"{r['compute_roof_tok_per_s']:.1f} tok/s per sequence at {r['matmul_gflops']:.0f} "
+                         f"GFLOP/s -> ours at {r['compute_roof_fraction']:.0%}"),
+    ]
+    if "hf_tok_per_s" in r:
+        rows.append(("HF generate", f"{r['hf_tok_per_s']:.1f} tok/s per sequence -> ours/HF "
+                                    f"{r['vs_hf']:.2f}x (first {r['tokens_compared']} tokens "
+                                    f"{'match' if r['tokens_match'] else 'DIFFER'})"))
+    env = r["env"]
+    rows.append(("env", f"jax {env['jax']} on {env['device_count']} x {env['device_kind']}, "
+                        f"{env['cpu_count']} CPUs ({env['cpu_model']})"
+                        + (f", torch {env['torch']}" if "torch" in env else "")
+                        + (f", load average {env['loadavg_1m_start']} -> {env['loadavg_1m_end']}"
+                           if "loadavg_1m_start" in env else "")))
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _busy_check() -> float | None:
+    """The 1-minute load average, with a warning on stderr when other work competes for the CPUs.
+
+    Every figure here is a rate on shared cores: a busy machine slows our decoder, HF (whose
+    spinning threads suffer most) and the bound measurements by different amounts, so the ratios
+    stop meaning anything.
+    """
+    if not hasattr(os, "getloadavg"):
+        return None
+    load = round(os.getloadavg()[0], 2)
+    cpus = os.cpu_count() or 1
+    if load > BUSY_LOAD_PER_CPU * cpus:
+        _progress(f"warning: load average {load} on {cpus} CPUs: other processes compete for the "
+                  f"cores, so the rates and ratios below are unreliable")
+    return load
+
+
+def run(args) -> int:
+    loaded = load_model(args.model, args.checkpoint)
+    config = loaded.config
+    # max_new_tokens is steps + 1: the prefill yields the first token, each step one more.
+    if args.context + args.steps + 1 > config.max_seq_len:
+        raise WaferError(f"--context {args.context} + --steps {args.steps} + 1 exceeds the model's "
+                         f"context of {config.max_seq_len}")
+    prompts = random_prompts(args.batch, args.context, config.vocab_size, args.seed)
+
+    load_start = _busy_check()
+    _progress("measuring bandwidth and matmul peak...")
+    bounds = measure_machine()
+    _progress(f"decoding (batch {args.batch}, {args.steps} steps, 1 compile run + {args.repeats} timed)...")
+    ours = time_ours(Generator(loaded.params, config), prompts, args.steps, args.repeats)
+    _progress("measuring bandwidth and matmul peak again...")
+    bounds = bounds.best_with(measure_machine())
+    hf = None
+    if args.compare_hf:
+        _progress("loading HF reference and timing its generate...")
+        hf = time_hf(loaded.source, prompts, args.steps, args.repeats,
+                     min(MATCH_TOKENS, args.steps + 1))
+    env = environment(hf, load_start)
+    report = build_report(config, args, loaded.params, bounds, ours, hf, env)
+    print(json.dumps(report) if args.json else format_table(report))
+    return 0
