@@ -25,6 +25,8 @@ import jax
 import numpy as np
 
 from bench.bandwidth import MachineBounds, measure_machine
+from bench.decode_mesh import mesh_report, mesh_rows
+from bench.mesh_args import add_mesh_args, make_decoder, setup_mesh
 from mesh.errors import WaferError
 from model.config import ModelConfig
 from model.generate import CACHE_BUCKET, PROMPT_BUCKET, Generator
@@ -65,6 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare-hf", action="store_true", help="also time HF transformers' generate")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--seed", type=_int_at_least(0, ">= 0"), default=0, help="seed of the random prompts")
+    add_mesh_args(p)
 
 
 def random_prompts(batch: int, context: int, vocab_size: int, seed: int) -> list[list[int]]:
@@ -264,6 +267,8 @@ def format_table(r: dict) -> str:
         rows.append(("HF generate", f"{r['hf_tok_per_s']:.1f} tok/s per sequence -> ours/HF "
                                     f"{r['vs_hf']:.2f}x (first {r['tokens_compared']} tokens "
                                     f"{'match' if r['tokens_match'] else 'DIFFER'})"))
+    if "mesh" in r:
+        rows += mesh_rows(r["mesh"])
     env = r["env"]
     rows.append(("env", f"jax {env['jax']} on {env['device_count']} x {env['device_kind']}, "
                         f"{env['cpu_count']} CPUs ({env['cpu_model']})"
@@ -296,6 +301,7 @@ def _busy_check() -> float | None:
 
 
 def run(args) -> int:
+    mesh_setup = setup_mesh(args)  # before JAX starts: it may emulate CPU devices
     loaded = load_model(args.model, args.checkpoint)
     config = loaded.config
     # max_new_tokens is steps + 1: the prefill yields the first token, each step one more.
@@ -309,6 +315,12 @@ def run(args) -> int:
     bounds = measure_machine()
     _progress(f"decoding (batch {args.batch}, {args.steps} steps, 1 compile run + {args.repeats} timed)...")
     ours = time_ours(Generator(loaded.params, config), prompts, args.steps, args.repeats)
+    mesh = None
+    if mesh_setup is not None:
+        _progress(f"decoding on the {args.mesh} mesh ({args.executor}, {args.schedule})...")
+        decoder = make_decoder(loaded, mesh_setup, args.batch, args.context + args.steps + 1, greedy=True)
+        mesh = mesh_report(decoder, mesh_setup, time_ours(decoder, prompts, args.steps, args.repeats), ours)
+        del decoder  # its tiles and cache leave memory before the bounds and HF run
     _progress("measuring bandwidth and matmul peak again...")
     bounds = bounds.best_with(measure_machine())
     hf = None
@@ -318,5 +330,7 @@ def run(args) -> int:
                      min(MATCH_TOKENS, args.steps + 1))
     env = environment(hf, load_start)
     report = build_report(config, args, loaded.params, bounds, ours, hf, env)
+    if mesh is not None:
+        report["mesh"] = mesh
     print(json.dumps(report) if args.json else format_table(report))
     return 0

@@ -170,3 +170,26 @@ def test_compare_hf_table(capsys, tiny_checkpoint, small_machine):
     # Same weights, same prompt, greedy: the 7 tokens (first + 6 steps) agree with HF's.
     assert "first 7 tokens match" in out
     assert "torch" in out
+
+
+def test_mesh_json(capsys, tiny_checkpoint, small_machine):
+    rc, out, _ = run_cli(capsys, "bench", "decode", "--checkpoint", tiny_checkpoint, "--batch", "2",
+                         "--context", "8", "--steps", "4", "--repeats", "1", "--mesh", "2x2",
+                         "--schedule", "ktree", "--json")
+    assert rc == 0
+    r = json.loads(out)
+    m = r["mesh"]
+    assert (m["grid"], m["cores"], m["executor"], m["schedule"]) == ("2x2", 4, "devices", "ktree")
+    assert m["tokens_match_single"] is True
+    assert m["vs_single_step"] == pytest.approx(m["step_ms"] / m["single_step_ms"], rel=1e-2)
+    assert m["sram_per_core_total"] == sum(m["sram_per_core_bytes"].values())
+    assert m["sram_per_core_bytes"]["weight"] > 0 and m["sram_per_core_bytes"]["kv"] > 0
+
+
+def test_mesh_table_rows(capsys, tiny_checkpoint, small_machine):
+    rc, out, _ = run_cli(capsys, "bench", "decode", "--checkpoint", tiny_checkpoint, "--context", "8",
+                         "--steps", "3", "--repeats", "1", "--mesh", "4x4", "--executor", "vcores")
+    assert rc == 0
+    labels = [line.split("  ")[0] for line in out.strip().splitlines()]
+    assert labels[-3:] == ["mesh", "SRAM/core", "env"]
+    assert "4x4 vcores psum" in out and "match the 1x1 decoder" in out

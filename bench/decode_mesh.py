@@ -1,0 +1,41 @@
+"""The mesh half of `wafer bench decode --mesh RxC`: the wafer decoder timed beside the 1x1 step.
+
+The single-device decoder, timed by bench/decode.py in the same run with the same prompts, steps
+and repeats, is the 1x1 reference: the targets are ratios of step times on one machine.
+"""
+
+from __future__ import annotations
+
+
+def mesh_report(decoder, mesh_setup, result, single) -> dict:
+    """The mesh figures of a report: step time, its ratio to the 1x1 step, per-core SRAM."""
+    grid, executor, schedule, groups, _ = mesh_setup
+    return {
+        "grid": str(grid),
+        "cores": grid.cores,
+        "executor": executor.value,
+        "schedule": schedule.value,
+        "groups": groups,
+        "tok_per_s": round(result.tok_per_s, 2),
+        "tok_per_s_runs": [round(r, 2) for r in result.runs_tok_per_s],
+        "step_ms": round(1e3 / result.tok_per_s, 3),
+        "single_step_ms": round(1e3 / single.tok_per_s, 3),
+        "vs_single_step": round(single.tok_per_s / result.tok_per_s, 3),
+        "compile_s": round(result.compile_s, 3),
+        "tokens_match_single": result.tokens_row0 == single.tokens_row0,
+        "sram_per_core_bytes": decoder.plan.bytes_by_kind(),
+        "sram_per_core_total": decoder.plan.per_core_bytes,
+    }
+
+
+def mesh_rows(m: dict) -> list[tuple[str, str]]:
+    """Table rows for the mesh figures."""
+    sram = m["sram_per_core_bytes"]
+    return [
+        ("mesh", f"{m['grid']} {m['executor']} {m['schedule']}: {m['tok_per_s']:.1f} tok/s per sequence, "
+                 f"{m['step_ms']:.2f} ms/step = {m['vs_single_step']:.2f}x the 1x1 step of "
+                 f"{m['single_step_ms']:.2f} ms (compile {m['compile_s']:.1f} s; tokens "
+                 f"{'match' if m['tokens_match_single'] else 'DIFFER from'} the 1x1 decoder)"),
+        ("SRAM/core", f"{m['sram_per_core_total'] / 1e6:.2f} MB = weights {sram['weight'] / 1e6:.2f} MB + "
+                      f"KV {sram['kv'] / 1e6:.2f} MB + buffers {sram['buffer'] / 1e6:.3f} MB"),
+    ]
