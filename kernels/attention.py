@@ -77,6 +77,7 @@ def decode_attention_mesh(q_BKGH: jax.Array, k_BKsH: jax.Array, v_BKsH: jax.Arra
         m_local, l_local, o_local = decode_attention_partial(q_BKGH, k_BKsH, v_BKsH, visible_Bs)
         m_global = jax.lax.pmax(m_local, seq_axis)
         scale = jnp.where(jnp.isfinite(m_local), jnp.exp(m_local - m_global), 0.0)
-        l = allreduce(l_local * scale, seq_axis, schedule, groups)
-        o = allreduce(o_local * scale[..., None], seq_axis, schedule, groups)
-        return o / l[..., None]
+        # l rides along with o in one all-reduce: one synchronization of the cores, not two.
+        both = allreduce(jnp.concatenate([o_local, l_local[..., None]], axis=-1) * scale[..., None],
+                         seq_axis, schedule, groups)
+        return both[..., :-1] / both[..., -1:]

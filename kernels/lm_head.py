@@ -1,7 +1,7 @@
 """Vocabulary-sharded LM head and token selection on the mesh.
 
 Core (r, c) holds lm[D_row, V_col]. The logits of column c's vocabulary block are a MeshGEMV
-reduced over ROW; selection then works across COL:
+reduced over ROW (fused with the final norm, kernels/rmsnorm.py); selection then works across COL:
 - greedy: each core's local (max, first index), merged with pmax then pmin over COL, which
   reproduces `argmax`'s first-occurrence tie-break over the whole vocabulary;
 - sampling with top-k (k <= TOPK_CANDIDATES): each core offers its local top candidates; the
@@ -18,18 +18,14 @@ distribution does not.
 import jax
 import jax.numpy as jnp
 
-from kernels.mesh_gemv import mesh_gemv
 from kernels.sampling import sample_ref
 
 
-def lm_head_logits_mesh(h_Bd: jax.Array, lm_dv: jax.Array, vocab_size: int, row_axis: str, col_axis: str,
-                        schedule, groups: int | None = None) -> jax.Array:
-    """Per-core logits [B, v] of this column's vocabulary block; padded entries are -inf."""
-    with jax.named_scope("lm_head"):
-        logits = mesh_gemv(h_Bd, lm_dv, row_axis, schedule, groups).astype(jnp.float32)
-        v = lm_dv.shape[-1]
-        global_id = jax.lax.axis_index(col_axis) * v + jnp.arange(v)
-        return jnp.where(global_id < vocab_size, logits, -jnp.inf)
+def mask_padded_vocab(logits_Bv: jax.Array, vocab_size: int, col_axis: str) -> jax.Array:
+    """Per-core: set this column's padded vocabulary entries (global id >= V) to -inf."""
+    v = logits_Bv.shape[-1]
+    global_id = jax.lax.axis_index(col_axis) * v + jnp.arange(v)
+    return jnp.where(global_id < vocab_size, logits_Bv.astype(jnp.float32), -jnp.inf)
 
 
 def argmax_mesh(logits_Bv: jax.Array, col_axis: str) -> jax.Array:

@@ -20,9 +20,9 @@ from jax.experimental import multihost_utils
 
 from kernels.allreduce import Schedule, allreduce
 from kernels.attention import decode_attention_mesh
-from kernels.lm_head import lm_head_logits_mesh, sample_mesh
+from kernels.lm_head import mask_padded_vocab, sample_mesh
 from kernels.mesh_gemv import mesh_gemv
-from kernels.rmsnorm import rmsnorm_mesh
+from kernels.rmsnorm import rmsnorm_gemv_mesh
 from kernels.rope import apply_rope_ref, rope_cos_sin
 from kvcache.cache import write_kv
 from mesh.axes import COL, ROW
@@ -90,8 +90,7 @@ def core_decode_step(tiles, k_cache, v_cache, tokens_B, pos_B, active_B, seed, t
     for i, t in enumerate(tiles["layers"]):
         with jax.named_scope(f"layer{i}"):
             with jax.named_scope("attention"):
-                h = rmsnorm_mesh(x_Bd, t["attn_norm"], cfg.rms_eps, cfg.dim, ROW, sched, groups)
-                qkv = mesh_gemv(h, t["w_qkv"], ROW, sched, groups)
+                qkv = rmsnorm_gemv_mesh(x_Bd, t["attn_norm"], t["w_qkv"], cfg.rms_eps, cfg.dim, ROW, sched, groups)
                 if "b_qkv" in t:
                     qkv = qkv + t["b_qkv"]
                 nq = layout.nc * H
@@ -103,16 +102,18 @@ def core_decode_step(tiles, k_cache, v_cache, tokens_B, pos_B, active_B, seed, t
                 attn = decode_attention_mesh(q, kcache, vcache, visible_Bs, ROW, sched, groups)
                 x_Bd = x_Bd + mesh_gemv(attn.reshape(B, nq), t["w_o"], COL, sched, groups)
             with jax.named_scope("mlp"):
-                h = rmsnorm_mesh(x_Bd, t["mlp_norm"], cfg.rms_eps, cfg.dim, ROW, sched, groups)
-                gate_up = mesh_gemv(h, t["w_gate_up"], ROW, sched, groups)
+                gate_up = rmsnorm_gemv_mesh(x_Bd, t["mlp_norm"], t["w_gate_up"], cfg.rms_eps, cfg.dim, ROW, sched,
+                                            groups)
                 f = layout.f
                 x_Bd = x_Bd + mesh_gemv(jax.nn.silu(gate_up[:, :f]) * gate_up[:, f:], t["w_down"], COL, sched,
                                         groups)
         new_k.append(kcache)
         new_v.append(vcache)
 
-    h = rmsnorm_mesh(x_Bd, tiles["final_norm"], cfg.rms_eps, cfg.dim, ROW, sched, groups)
-    logits_Bv = lm_head_logits_mesh(h, tiles["lm"], cfg.vocab_size, ROW, COL, sched, groups)
+    with jax.named_scope("lm_head"):
+        logits_Bv = rmsnorm_gemv_mesh(x_Bd, tiles["final_norm"], tiles["lm"], cfg.rms_eps, cfg.dim, ROW, sched,
+                                      groups)
+        logits_Bv = mask_padded_vocab(logits_Bv, cfg.vocab_size, COL)
     # The same keys as the single-device decoder: fold the position of the token being chosen.
     keys_B = jax.vmap(lambda p: jax.random.fold_in(jax.random.key(seed), p))(pos_B + 1)
     next_B = sample_mesh(logits_Bv, COL, cfg.vocab_size, keys_B, temperature, top_k, top_p, opts.greedy)

@@ -9,7 +9,7 @@ from kernels.allreduce import Schedule, allreduce, ktree_plan
 from kernels.attention import decode_attention_mesh, gqa_attention_ref
 from kernels.lm_head import argmax_mesh
 from kernels.mesh_gemv import mesh_gemv, mesh_gemv_ref
-from kernels.rmsnorm import rmsnorm_mesh, rmsnorm_ref
+from kernels.rmsnorm import rmsnorm_gemv_mesh, rmsnorm_ref
 from mesh.axes import COL, ROW
 from mesh.executors import Executor, Grid, make_core_mesh
 
@@ -97,20 +97,24 @@ def _x_by_rows(x_BD: np.ndarray, grid: Grid) -> np.ndarray:
 
 
 @pytest.mark.parametrize("executor", EXECUTORS)
-def test_rmsnorm_mesh_with_padding(executor):
+@pytest.mark.parametrize("schedule", list(Schedule))
+def test_rmsnorm_gemv_mesh_with_padding(executor, schedule):
     grid = Grid(3, 2)
     cm = make_core_mesh(grid, executor)
     rng = np.random.default_rng(2)
-    D = 10  # padded to 12 over 3 rows
+    D, O = 10, 4  # D padded to 12 over 3 rows, O over 2 columns
     x = rng.standard_normal((2, D)).astype(np.float32)
     w = rng.standard_normal(D).astype(np.float32)
-    xp, wp = np.pad(x, ((0, 0), (0, 2))), np.pad(w, (0, 2))
-    out = jax.jit(cm.run(lambda xx, ww: rmsnorm_mesh(xx, ww, 1e-5, D, ROW, Schedule.PSUM)))(
-        cm.place(split(xp, grid, row_axis=1)), cm.place(split(wp, grid, row_axis=0)))
-    got = np.concatenate([np.asarray(out)[r, 0] for r in range(3)], axis=-1)
-    want = np.asarray(rmsnorm_ref(jnp.asarray(x), jnp.asarray(w), 1e-5))
-    np.testing.assert_allclose(got[:, :D], want, rtol=1e-5, atol=1e-6)
-    assert (got[:, D:] == 0).all()  # padding stays exactly zero
+    W = rng.standard_normal((D, O)).astype(np.float32)
+    xp, wp, Wp = np.pad(x, ((0, 0), (0, 2))), np.pad(w, (0, 2)), np.pad(W, ((0, 2), (0, 0)))
+    out = jax.jit(cm.run(lambda xx, ww, WW: rmsnorm_gemv_mesh(xx, ww, WW, 1e-5, D, ROW, schedule)))(
+        cm.place(split(xp, grid, row_axis=1)), cm.place(split(wp, grid, row_axis=0)),
+        cm.place(split(Wp, grid, row_axis=0, col_axis=1)))
+    got = np.concatenate([np.asarray(out)[0, c] for c in range(grid.cols)], axis=-1)
+    want = np.asarray(rmsnorm_ref(jnp.asarray(x), jnp.asarray(w), 1e-5)) @ W
+    # The norm's scale applied after the product instead of before: float32 rounding level.
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert (np.asarray(out) == np.asarray(out)[:1]).all()  # every row holds the same result
 
 
 @pytest.mark.parametrize("executor", EXECUTORS)
