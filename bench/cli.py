@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="wafer", description="Wafer-scale transformer decode in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    gen = sub.add_parser("generate", help="generate text with the single-device decoder")
+    gen = sub.add_parser("generate", help="generate text on one device, or on a core mesh with --mesh")
     add_model_args(gen)
     prompt = gen.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
