@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.sampling import sample_ref
-from kvcache.cache import KVCache, empty_cache
+from kvcache.cache import empty_cache
 from mesh.errors import WaferError
 from model.config import ModelConfig
 from model.forward import forward

@@ -16,7 +16,6 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mesh.errors import WaferError
 from model.config import EMBEDDED_MODELS, ModelConfig, RopeScaling, preset

@@ -123,7 +123,7 @@ def core_decode_step(tiles, k_cache, v_cache, tokens_B, pos_B, active_B, seed, t
 
 def cache_to_decode_layout(k_KSH: np.ndarray, layout: WaferLayout) -> np.ndarray:
     """One sequence's cache [K, S', H] (S' <= S) -> per-core slices [R, C, k, s, H]."""
-    cfg, R, C = layout.config, layout.grid.rows, layout.grid.cols
+    R, C = layout.grid.rows, layout.grid.cols
     K, S1, H = k_KSH.shape
     if S1 > layout.s * R:
         raise WaferError(f"cache of {S1} positions does not fit {layout.s * R} decode positions")
