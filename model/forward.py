@@ -10,7 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.attention import decode_attention_partial, gqa_attention_ref
+from kernels.attention import decode_attention_partial
+from kernels.prefill_attention import blocked_causal_attention
 from kernels.rmsnorm import rmsnorm_ref
 from kernels.rope import apply_rope_ref, rope_cos_sin, rope_inv_freq
 from kvcache.cache import KVCache, write_kv
@@ -48,8 +49,8 @@ def decoder_layer(layer: Params, config: ModelConfig, x_BTD: jax.Array, cos_BTH,
             _, l, o = decode_attention_partial(q_BTNH.reshape(B, K, N // K, H), k_cache_BKSH, v_cache_BKSH,
                                                visible_BTS[:, 0])
             attn_BTNH = (o / l[..., None]).reshape(B, 1, N, H)
-        else:
-            attn_BTNH = gqa_attention_ref(q_BTNH, k_cache_BKSH, v_cache_BKSH, visible_BTS)
+        else:  # prefill: blocked, so memory grows linearly with the prompt (no T x S scores)
+            attn_BTNH = blocked_causal_attention(q_BTNH, k_cache_BKSH, v_cache_BKSH, start_B, start_B + T)
         x_BTD = x_BTD + attn_BTNH.reshape(B, T, N * H) @ layer["w_o"]
     with jax.named_scope("mlp"):
         h = rmsnorm_ref(x_BTD, layer["mlp_norm"], config.rms_eps)
