@@ -29,7 +29,7 @@ from bench.decode_mesh import mesh_report, mesh_rows
 from bench.mesh_args import add_mesh_args, make_decoder, setup_mesh
 from mesh.errors import WaferError
 from model.config import ModelConfig
-from model.generate import CACHE_BUCKET, PROMPT_BUCKET, Generator
+from model.generate import Generator, cache_len_for
 from model.load import load_model
 from model.weights import Params, lm_head_weight, weight_bytes
 
@@ -101,14 +101,6 @@ def flops_per_step(params: Params, config: ModelConfig, batch: int, context: int
     """FLOPs of one decode step: 2 per weight per sequence, plus QK and PV over the valid cache."""
     attention = 4 * config.n_layers * config.n_heads * config.head_dim * mean_valid_len(context, steps)
     return batch * (2 * matmul_params(params) + attention)
-
-
-def generator_cache_len(context: int, steps: int) -> int:
-    """Cache length S the generator allocates (and decode attention reads) for this run."""
-    def round_up(n: int, m: int) -> int:
-        return -(-n // m) * m
-
-    return round_up(max(round_up(context, PROMPT_BUCKET), context + steps + 1), CACHE_BUCKET)
 
 
 @dataclasses.dataclass
@@ -224,7 +216,7 @@ def build_report(config: ModelConfig, args, params: Params, bounds: MachineBound
         "kv_bytes_per_step": round(kv_bytes),
         "bytes_per_step": round(step_bytes),
         # Positions decode attention reads each step (the roofline counts only the valid ones).
-        "cache_len": generator_cache_len(args.context, args.steps),
+        "cache_len": cache_len_for(args.context, args.steps + 1),
         "effective_gbs": round(ours.tok_per_s * step_bytes / 1e9, 2),
         "roofline_tok_per_s": round(roofline, 2),
         "roofline_fraction": round(ours.tok_per_s / roofline, 4),

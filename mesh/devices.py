@@ -47,10 +47,3 @@ def ensure_cpu_devices(n: int) -> None:
     configured = jax.config.jax_num_cpu_devices
     jax.config.update("jax_num_cpu_devices", max(n, configured if configured > 0 else 1))
 
-
-def cpu_devices(n: int) -> list:
-    """The first `n` CPU devices, emulating them if the backend has not started yet."""
-    import jax
-
-    ensure_cpu_devices(n)
-    return jax.devices("cpu")[:n]

@@ -54,10 +54,6 @@ class SramPlan:
     def per_core_bytes(self) -> int:
         return sum(t.local_bytes for t in self.tensors)
 
-    def per_core_grid(self) -> np.ndarray:
-        """[R, C] bytes held by each core."""
-        return np.full((self.rows, self.cols), self.per_core_bytes, dtype=np.int64)
-
     @property
     def headroom(self) -> int:
         return self.budget - self.per_core_bytes

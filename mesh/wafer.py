@@ -36,13 +36,6 @@ WSE3 = WaferSpec("wse3", max_rows=750, max_cols=1200, sram_per_core=48 * KIB, cl
 SPECS = {s.name: s for s in (WSE2, WSE3)}
 
 
-def wafer_spec(name: str) -> WaferSpec:
-    try:
-        return SPECS[name]
-    except KeyError:
-        raise WaferError(f"unknown wafer {name!r}; known: {', '.join(SPECS)}") from None
-
-
 def emulated_spec(sram_per_core: int, name: str = "emulated") -> WaferSpec:
     """A spec for an emulated mesh with a chosen per-core budget (bytes) and no grid limit."""
     if sram_per_core <= 0:

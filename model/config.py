@@ -63,15 +63,6 @@ class ModelConfig:
     def q_per_kv(self) -> int:  # G = N / K
         return self.n_heads // self.n_kv_heads
 
-    def param_count(self) -> int:
-        """Number of parameters, counting a tied embedding once."""
-        D, F, N, K, H, V = self.dim, self.ffn_dim, self.n_heads, self.n_kv_heads, self.head_dim, self.vocab_size
-        attn = D * (N + 2 * K) * H + N * H * D + (((N + 2 * K) * H) if self.qkv_bias else 0)
-        mlp = 3 * D * F
-        per_layer = attn + mlp + 2 * D
-        head = 0 if self.tie_embeddings else V * D
-        return V * D + self.n_layers * per_layer + D + head
-
     def kv_bytes_per_token(self, itemsize: int = 4) -> int:
         """Bytes of K and V one token occupies across all layers."""
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * itemsize

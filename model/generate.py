@@ -65,8 +65,13 @@ class GenerationResult:
         return self.decode_steps / self.decode_s if self.decode_steps and self.decode_s > 0 else 0.0
 
 
-def _round_up(n: int, m: int) -> int:
+def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
+
+
+def cache_len_for(longest_prompt: int, max_new_tokens: int) -> int:
+    """Cache positions S the generator allocates (and decode attention reads) for a request."""
+    return round_up(max(round_up(longest_prompt, PROMPT_BUCKET), longest_prompt + max_new_tokens), CACHE_BUCKET)
 
 
 def _select(logits_BV, pos_B, temperature, top_k, top_p, key, greedy):
@@ -113,7 +118,7 @@ class Generator:
         cfg = self.config
         B = len(prompts)
         longest = max(len(p) for p in prompts)
-        T = _round_up(longest, PROMPT_BUCKET)
+        T = round_up(longest, PROMPT_BUCKET)
         S = max(cache_len, T)
         tokens_BT = np.zeros((B, T), np.int32)
         for b, p in enumerate(prompts):
@@ -135,7 +140,7 @@ class Generator:
         cfg = self.config
         check_request(cfg, prompts, max_new_tokens)
         longest = max(len(p) for p in prompts)
-        S = _round_up(max(_round_up(longest, PROMPT_BUCKET), longest + max_new_tokens), CACHE_BUCKET)
+        S = cache_len_for(longest, max_new_tokens)
         tok_B, cache, knobs, prefill_s, c1 = self.prefill(prompts, S, sampling)
         step = jax.jit(functools.partial(_decode_step, config=cfg, greedy=sampling.greedy), donate_argnums=(1,))
         lengths_B = jnp.asarray([len(p) for p in prompts], jnp.int32)

@@ -32,7 +32,7 @@ from mesh.planner import plan_sram
 from mesh.wafer import WaferSpec, emulated_spec
 from model.config import ModelConfig
 from model.forward import inv_freq_for
-from model.generate import (CACHE_BUCKET, PROMPT_BUCKET, GenerationResult, Generator, Sampling, _round_up,
+from model.generate import (CACHE_BUCKET, PROMPT_BUCKET, GenerationResult, Generator, Sampling, round_up,
                             check_request, decode_loop)
 from model.wafer_layout import WaferLayout, tile_params
 from model.weights import Params
@@ -156,7 +156,7 @@ class WaferDecoder:
         if batch < 1:
             raise WaferError(f"decode batch must be at least 1, got {batch}")
         self.config, self.core_mesh, self.batch, self.opts = config, core_mesh, batch, opts
-        self.layout = WaferLayout(config, core_mesh.grid, _round_up(max_len, CACHE_BUCKET))
+        self.layout = WaferLayout(config, core_mesh.grid, round_up(max_len, CACHE_BUCKET))
         grid = core_mesh.grid
         # Planning comes first: a layout that does not fit fails before anything is allocated.
         self.plan = plan_sram(self.layout.tensor_specs(batch), grid.rows, grid.cols,
@@ -264,7 +264,7 @@ class WaferDecoder:
         t0 = time.perf_counter()
         slots, firsts, compile_s = [], [], 0.0
         for p in prompts:
-            first, cache, _, _, c = self._prefiller.prefill([p], _round_up(len(p), PROMPT_BUCKET), sampling)
+            first, cache, _, _, c = self._prefiller.prefill([p], round_up(len(p), PROMPT_BUCKET), sampling)
             compile_s += c
             slot = self.free_slots()[0]
             self.insert(slot, [k[0] for k in cache.k_LBKSH], [v[0] for v in cache.v_LBKSH], len(p),

@@ -72,9 +72,11 @@ def test_flops_by_hand():
 
 
 def test_generator_cache_len():
+    from model.generate import cache_len_for
+
     # The generator pads the prompt to 32 and the cache to 64: 256 + 129 -> 448.
-    assert decode.generator_cache_len(256, 128) == 448
-    assert decode.generator_cache_len(8, 4) == 64
+    assert cache_len_for(256, 128 + 1) == 448
+    assert cache_len_for(8, 4 + 1) == 64
 
 
 def test_random_prompts():
