@@ -62,3 +62,14 @@ def hf_decode_seconds(model, prompts: list[list[int]], steps: int) -> float:
     hf_greedy(model, prompts, steps + 1)
     t2 = time.perf_counter()
     return max((t2 - t1) - (t1 - t0), 1e-9)
+
+
+def hf_prefill(model, prompt: list[int]):
+    """HF's prefill of one prompt: (last-token logits [V], keys and values as L arrays [K, T, H])."""
+    import torch
+
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+    layers = out.past_key_values.layers
+    return (out.logits[0, -1].float().numpy(), [layer.keys[0].float().numpy() for layer in layers],
+            [layer.values[0].float().numpy() for layer in layers])

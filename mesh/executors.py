@@ -84,6 +84,19 @@ class CoreMesh:
             return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
         return jax.tree.map(put, tree)
 
+    def broadcast(self, a) -> jax.Array:
+        """A value every core holds alike, placed as [R, C, *a.shape]."""
+        a = np.asarray(a)
+        return self.place(np.broadcast_to(a, (self.grid.rows, self.grid.cols) + a.shape).copy())
+
+    def zeros(self, local_shape: tuple[int, ...], dtype=np.float32) -> jax.Array:
+        """[R, C, *local_shape] zeros made where they live (no host array of the whole thing)."""
+        shape = (self.grid.rows, self.grid.cols) + tuple(local_shape)
+        if self.executor is Executor.VCORES:
+            return jax.numpy.zeros(shape, dtype)
+        sharding = NamedSharding(self.mesh, P(ROW, COL))
+        return jax.jit(lambda: jax.numpy.zeros(shape, dtype), out_shardings=sharding)()
+
     def run(self, program: Callable) -> Callable:
         """Lift a per-core `program(*local operands) -> local outputs` to [R, C, ...] arrays."""
         if self.executor is Executor.VCORES:

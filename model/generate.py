@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.sampling import sample_ref
-from kvcache.cache import empty_cache
+from kvcache.cache import KVCache, empty_cache
 from mesh.errors import WaferError
 from model.config import ModelConfig
 from model.forward import forward
@@ -141,10 +141,32 @@ class Generator:
         check_request(cfg, prompts, max_new_tokens)
         longest = max(len(p) for p in prompts)
         S = cache_len_for(longest, max_new_tokens)
-        tok_B, cache, knobs, prefill_s, c1 = self.prefill(prompts, S, sampling)
+        tok_B, cache, _, prefill_s, c1 = self.prefill(prompts, S, sampling)
+        return self.continue_from(tok_B, cache, [len(p) for p in prompts], max_new_tokens, sampling, stop_on_eos,
+                                  prefill_s, c1)
+
+    def continue_from(self, first_B, cache: KVCache, lengths: list[int], max_new_tokens: int,
+                      sampling: Sampling = Sampling(), stop_on_eos: bool = True, prefill_s: float = 0.0,
+                      prefill_compile_s: float = 0.0) -> GenerationResult:
+        """Decode after a prefill done elsewhere (e.g. on a prefill mesh).
+
+        Args:
+          first_B: [B] the first generated token of each sequence (sampled by the prefill).
+          cache: the prefilled cache, [B, K, S, H] per layer, S >= length + max_new_tokens.
+          lengths: prompt length of each sequence (the first token's position).
+        """
+        cfg = self.config
+        if max(lengths) + max_new_tokens > cfg.max_seq_len:
+            raise WaferError(f"prompt ({max(lengths)} tokens) + {max_new_tokens} new tokens exceeds the "
+                             f"model's context of {cfg.max_seq_len}")
+        if max(lengths) + max_new_tokens > cache.max_len:
+            raise WaferError(f"prompt ({max(lengths)}) + {max_new_tokens} new tokens exceeds the cache of "
+                             f"{cache.max_len} positions")
+        knobs = sampling_knobs(sampling)
         step = jax.jit(functools.partial(_decode_step, config=cfg, greedy=sampling.greedy), donate_argnums=(1,))
-        lengths_B = jnp.asarray([len(p) for p in prompts], jnp.int32)
-        step_c, c2 = self._compile(("step", len(prompts), S, sampling.greedy), step,
+        lengths_B = jnp.asarray(lengths, jnp.int32)
+        tok_B = jnp.asarray(first_B, jnp.int32)
+        step_c, c2 = self._compile(("step", cache.batch, cache.max_len, sampling.greedy), step,
                                    self.params, cache, lengths_B, lengths_B, *knobs)
         state = {"tok": tok_B, "pos": lengths_B, "cache": cache}
 
@@ -158,7 +180,7 @@ class Generator:
         ttft = prefill_s + time.perf_counter() - t0
         eos = set(cfg.eos_token_ids) if stop_on_eos else set()
         out, steps, decode_s = decode_loop(dispatch_step, first, max_new_tokens, eos)
-        return GenerationResult(out, ttft, decode_s, steps, c1 + c2)
+        return GenerationResult(out, ttft, decode_s, steps, prefill_compile_s + c2)
 
 
 def sampling_knobs(sampling: Sampling) -> tuple:

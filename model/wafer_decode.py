@@ -163,10 +163,9 @@ class WaferDecoder:
                               spec or emulated_spec(UNLIMITED_BUDGET))
         self.params = params  # single-device weights: the prefill runs on them
         self.tiles = core_mesh.place(tile_params(params, self.layout))
-        shape = (core_mesh.grid.rows, core_mesh.grid.cols, batch, self.layout.kc, self.layout.s_slots,
-                 config.head_dim)
-        self.k_cache = core_mesh.place(tuple(np.zeros(shape, np.float32) for _ in range(config.n_layers)))
-        self.v_cache = core_mesh.place(tuple(np.zeros(shape, np.float32) for _ in range(config.n_layers)))
+        shape = (batch, self.layout.kc, self.layout.s_slots, config.head_dim)
+        self.k_cache = tuple(core_mesh.zeros(shape) for _ in range(config.n_layers))
+        self.v_cache = tuple(core_mesh.zeros(shape) for _ in range(config.n_layers))
         self.tokens = np.zeros(batch, np.int32)
         self.pos = np.zeros(batch, np.int32)
         self.active = np.zeros(batch, bool)
@@ -180,9 +179,7 @@ class WaferDecoder:
 
     def _replicate(self, a) -> jax.Array:
         """A per-sequence value as every core's copy: [R, C, ...]."""
-        g = self.core_mesh.grid
-        a = np.asarray(a)
-        return self.core_mesh.place(np.broadcast_to(a, (g.rows, g.cols) + a.shape).copy())
+        return self.core_mesh.broadcast(a)
 
     def free_slots(self) -> list[int]:
         return [b for b in range(self.batch) if not self.active[b]]

@@ -1,0 +1,281 @@
+"""Batched prefill on a prefill mesh: data-parallel over rows, tensor-parallel over columns.
+
+The prefill mesh is an R×C grid run by the same executors as decode (mesh/executors.py), with
+the division of work a dense accelerator cluster uses rather than the wafer's:
+
+- rows split the batch: row r prefills sequences r*b .. r*b + b - 1 of the batch padded to R*b;
+- columns split the model (Megatron-style): column c holds the query heads of its kc KV heads,
+  block c of the feed-forward width F and block c of the vocabulary. Each layer then needs two
+  all-reduces over COL (after the output projection and after the down projection); the
+  residual stream [b, T, D] is replicated over columns.
+
+The column tiles are the decode tiles of a one-row grid (`tile_params` on `Grid(1, C)`):
+KV heads zero-padded to a multiple of C with their query heads, F and V padded to multiples of C.
+Zero heads attend to zero keys and add zero through zero rows of w_o, so padding changes nothing.
+
+Prompts are right-padded to a common length; padding positions are computed (their rows are
+discarded), never seen by a real query (causal mask, `kv_len` = prompt length) and their K and V
+are zeroed before they reach the cache. Prompts longer than `chunk` are prefilled chunk by
+chunk, each chunk extending the cache the previous ones wrote (blocked attention with
+`q_start` = chunk offset). The LM head runs once per sequence, on its last prompt token.
+
+Prefill layout of the KV cache (what the handoff reads), per layer, for K and for V:
+
+    [R, C, b, kc, S, H]   entry [r, c, j, i, p] = sequence r*b + j, KV head c*kc + i, position p
+
+KV heads >= K are zero padding; positions >= the prompt's length are zero; S is the prompt
+length rounded up to whole chunks (or a longer cache length the caller asks for).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels.lm_head import mask_padded_vocab, sample_mesh
+from kernels.prefill_attention import blocked_causal_attention
+from kernels.rmsnorm import rmsnorm_ref
+from kernels.rope import apply_rope_ref, rope_cos_sin
+from kvcache.cache import KVCache
+from mesh.axes import COL
+from mesh.errors import WaferError
+from mesh.executors import CoreMesh, Grid
+from model.config import ModelConfig
+from model.forward import inv_freq_for
+from model.generate import PROMPT_BUCKET, Sampling, check_request, round_up
+from model.wafer_layout import WaferLayout, tile_params
+from model.weights import Params
+
+# Longest chunk prefilled in one program. Longer prompts take several chunks; memory is linear
+# either way (blocked attention), so this bounds activation memory, [b, chunk, F / C] at most.
+PREFILL_CHUNK = 2048
+
+
+def column_layout(config: ModelConfig, cols: int) -> WaferLayout:
+    """Per-column extents (kc, nc, f, v) of the tensor-parallel split over `cols` columns."""
+    return WaferLayout(config, Grid(1, cols), max_len=1)
+
+
+def core_prefill_chunk(tiles, k_cache, v_cache, tokens_bT, lengths_b, start, x_last_bD, *,
+                       layout: WaferLayout):
+    """One chunk of T prompt tokens for this core's b sequences and its column of the model.
+
+    Args (all local to this core):
+      tiles: the column's weight tiles (tile_params on a one-row grid, without the [R, C] axes).
+      k_cache, v_cache: L arrays [b, kc, S, H]; positions < start already hold earlier chunks.
+      tokens_bT: [b, T] token ids of positions start .. start + T - 1 (padding past a length).
+      lengths_b: [b] prompt lengths (0 for batch padding).
+      start: scalar int32, the chunk's first position.
+      x_last_bD: [b, D] residual stream at each prompt's last token, if an earlier chunk held it.
+
+    Returns:
+      The extended caches and x_last_bD (updated for prompts ending in this chunk).
+    """
+    cfg = layout.config
+    b, T = tokens_bT.shape
+    kc, G, H, D = layout.kc, cfg.q_per_kv, cfg.head_dim, cfg.dim
+    nc = kc * G
+    S = k_cache[0].shape[2]
+    assert k_cache[0].shape == (b, kc, S, H), k_cache[0].shape
+    assert x_last_bD.shape == (b, D), x_last_bD.shape
+    c = jax.lax.axis_index(COL)
+
+    with jax.named_scope("embed"):
+        local_tok = tokens_bT - c * layout.v
+        in_block = (local_tok >= 0) & (local_tok < layout.v)
+        safe = jnp.clip(local_tok, 0, layout.v - 1)
+        rows_bTD = tiles["embed"][safe] if "embed" in tiles else jnp.take(tiles["lm"], safe, axis=1).transpose(1, 2, 0)
+        # Exactly one column holds each token's row: the sum over COL is exact.
+        x_bTD = jax.lax.psum(jnp.where(in_block[..., None], rows_bTD, 0.0), COL)
+
+    pos_T = start + jnp.arange(T, dtype=jnp.int32)
+    cos_TH, sin_TH = rope_cos_sin(pos_T, inv_freq_for(cfg))
+    cos, sin = cos_TH[None, :, None], sin_TH[None, :, None]
+    real_bT = pos_T[None, :] < lengths_b[:, None]
+    start_b = jnp.full((b,), start, jnp.int32)
+    new_k, new_v = [], []
+    for i, t in enumerate(tiles["layers"]):
+        with jax.named_scope(f"layer{i}"):
+            with jax.named_scope("attention"):
+                h = rmsnorm_ref(x_bTD, t["attn_norm"], cfg.rms_eps)
+                qkv = h @ t["w_qkv"]
+                if "b_qkv" in t:
+                    qkv = qkv + t["b_qkv"]
+                q = apply_rope_ref(qkv[..., : nc * H].reshape(b, T, nc, H), cos, sin)
+                k = apply_rope_ref(qkv[..., nc * H: (nc + kc) * H].reshape(b, T, kc, H), cos, sin)
+                v = qkv[..., (nc + kc) * H:].reshape(b, T, kc, H)
+                # Padding positions never reach the cache: the handoff ships clean zeros there.
+                k = jnp.where(real_bT[..., None, None], k, 0.0).transpose(0, 2, 1, 3)
+                v = jnp.where(real_bT[..., None, None], v, 0.0).transpose(0, 2, 1, 3)
+                kcache = jax.lax.dynamic_update_slice(k_cache[i], k, (0, 0, start, 0))
+                vcache = jax.lax.dynamic_update_slice(v_cache[i], v, (0, 0, start, 0))
+                attn = blocked_causal_attention(q, kcache, vcache, start_b, lengths_b)
+                x_bTD = x_bTD + jax.lax.psum(attn.reshape(b, T, nc * H) @ t["w_o"], COL)
+            with jax.named_scope("mlp"):
+                h = rmsnorm_ref(x_bTD, t["mlp_norm"], cfg.rms_eps)
+                gate_up = h @ t["w_gate_up"]
+                f = layout.f
+                x_bTD = x_bTD + jax.lax.psum((jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:]) @ t["w_down"], COL)
+        new_k.append(kcache)
+        new_v.append(vcache)
+
+    last_b = lengths_b - 1 - start
+    in_chunk_b = (last_b >= 0) & (last_b < T)
+    x_end_bD = jnp.take_along_axis(x_bTD, jnp.clip(last_b, 0, T - 1)[:, None, None], axis=1)[:, 0]
+    x_last_bD = jnp.where(in_chunk_b[:, None], x_end_bD, x_last_bD)
+    return tuple(new_k), tuple(new_v), x_last_bD
+
+
+def core_prefill_head(tiles, x_last_bD, lengths_b, seed, temperature, top_k, top_p, *, layout: WaferLayout,
+                      greedy: bool):
+    """Final norm, this column's vocabulary block of the logits, and the first token, per sequence.
+
+    Returns the first tokens [b] (identical on every column) and this column's logits [b, v].
+    """
+    cfg = layout.config
+    with jax.named_scope("lm_head"):
+        h = rmsnorm_ref(x_last_bD, tiles["final_norm"], cfg.rms_eps)
+        logits_bv = mask_padded_vocab(h @ tiles["lm"], cfg.vocab_size, COL)
+    # The same keys as the single-device generator: fold the position of the token being chosen.
+    keys_b = jax.vmap(lambda p: jax.random.fold_in(jax.random.key(seed), p))(lengths_b)
+    first_b = sample_mesh(logits_bv, COL, cfg.vocab_size, keys_b, temperature, top_k, top_p, greedy)
+    return first_b, logits_bv
+
+
+@dataclasses.dataclass
+class PrefillResult:
+    """What a prefill produces, on the host except the cache (which stays on the prefill mesh)."""
+
+    first_tokens: np.ndarray  # [B] int32: the first generated token of each prompt
+    logits_BV: np.ndarray  # [B, V] float32 at each prompt's last token
+    lengths: np.ndarray  # [B] prompt lengths
+    k_cache: tuple[jax.Array, ...]  # L arrays [R, C, b, kc, S, H] (prefill layout, module docstring)
+    v_cache: tuple[jax.Array, ...]
+    config: ModelConfig
+    grid: Grid
+    seconds: float  # the compiled programs, from placed prompts to first tokens on the host
+    compile_s: float
+
+    def __post_init__(self):
+        self._host: dict[str, list[np.ndarray]] = {}
+
+    @property
+    def max_len(self) -> int:  # S
+        return self.k_cache[0].shape[4]
+
+    def host_cache(self, which: str) -> list[np.ndarray]:
+        """The whole cache `which` ("k" or "v") on the host as L arrays [B, K, S, H] (cached)."""
+        if which not in self._host:
+            cfg, B = self.config, len(self.lengths)
+            R, C, b, kc, S, H = self.k_cache[0].shape
+            arrays = self.k_cache if which == "k" else self.v_cache
+            # [R, C, b, kc, S, H] -> [R, b, C, kc, S, H] -> [R b, C kc, S, H], then drop the padding.
+            self._host[which] = [np.asarray(a).transpose(0, 2, 1, 3, 4, 5).reshape(R * b, C * kc, S, H)
+                                 [:B, : cfg.n_kv_heads] for a in arrays]
+        return self._host[which]
+
+    def sequence_kv(self, i: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Sequence i's cache as L arrays [K, n, H] for each of K and V, n = its prompt length."""
+        n = int(self.lengths[i])
+        return ([k[i, :, :n] for k in self.host_cache("k")], [v[i, :, :n] for v in self.host_cache("v")])
+
+    def to_kvcache(self, max_len: int) -> KVCache:
+        """The single-device cache [B, K, max_len, H] per layer (for decoding on one device)."""
+        if max_len < int(self.lengths.max()):
+            raise WaferError(f"a cache of {max_len} positions cannot hold a prompt of {int(self.lengths.max())}")
+        S = min(max_len, self.max_len)
+
+        def resize(a):
+            out = np.zeros(a.shape[:2] + (max_len,) + a.shape[3:], np.float32)
+            out[:, :, :S] = a[:, :, :S]
+            return jnp.asarray(out)
+        return KVCache(tuple(map(resize, self.host_cache("k"))), tuple(map(resize, self.host_cache("v"))))
+
+
+class Prefiller:
+    """Prefills batches of prompts on a prefill mesh; compiled programs are cached per shape."""
+
+    def __init__(self, params: Params, config: ModelConfig, core_mesh: CoreMesh, chunk: int = PREFILL_CHUNK):
+        if chunk < 1 or chunk % PROMPT_BUCKET:
+            raise WaferError(f"prefill chunk must be a positive multiple of {PROMPT_BUCKET}, got {chunk}")
+        self.config, self.core_mesh, self.chunk = config, core_mesh, chunk
+        grid = core_mesh.grid
+        self.layout = column_layout(config, grid.cols)
+        # Every row holds the same column tiles: [1, C, ...] -> [R, C, ...].
+        tiles = jax.tree.map(lambda a: np.broadcast_to(a, (grid.rows,) + a.shape[1:]),
+                             tile_params(params, self.layout))
+        self.tiles = core_mesh.place(tiles)
+        self.head_tiles = {k: self.tiles[k] for k in ("final_norm", "lm")}
+        self._chunk_fn = jax.jit(core_mesh.run(functools.partial(core_prefill_chunk, layout=self.layout)),
+                                 donate_argnums=(1, 2, 6))
+        self._compiled: dict[tuple, object] = {}
+
+    def _compiled_fn(self, key: tuple, fn, *args):
+        if key in self._compiled:
+            return self._compiled[key], 0.0
+        t0 = time.perf_counter()
+        self._compiled[key] = fn.lower(*args).compile()
+        return self._compiled[key], time.perf_counter() - t0
+
+    def _rows(self, a: np.ndarray) -> jax.Array:
+        """Per-sequence values [R*b, ...] placed row by row, the same on every column: [R, C, b, ...]."""
+        g = self.core_mesh.grid
+        a = a.reshape((g.rows, -1) + a.shape[1:])
+        return self.core_mesh.place(np.ascontiguousarray(np.broadcast_to(a[:, None], (g.rows, g.cols) + a.shape[1:])))
+
+    def shapes(self, prompts: list[list[int]], cache_len: int | None = None) -> tuple[int, int, int, int]:
+        """(b sequences per row, chunk length T, chunks, cache positions S) for a request."""
+        longest = max(len(p) for p in prompts)
+        total = round_up(longest, PROMPT_BUCKET)
+        T = min(self.chunk, total)
+        n_chunks = -(-total // T)
+        S = max(cache_len or 0, n_chunks * T)
+        return -(-len(prompts) // self.core_mesh.grid.rows), T, n_chunks, S
+
+    def prefill(self, prompts: list[list[int]], sampling: Sampling = Sampling(),
+                cache_len: int | None = None) -> PrefillResult:
+        """Prefill a batch of prompts of any lengths; `cache_len` reserves room for decoding."""
+        cfg, g = self.config, self.core_mesh.grid
+        check_request(cfg, prompts, 1)
+        B = len(prompts)
+        b, T, n_chunks, S = self.shapes(prompts, cache_len)
+        tokens = np.zeros((g.rows * b, n_chunks * T), np.int32)
+        lengths = np.zeros(g.rows * b, np.int32)  # batch padding: length 0, attends to nothing
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = p
+            lengths[i] = len(p)
+        cache_shape = (b, self.layout.kc, S, cfg.head_dim)
+        L = cfg.n_layers
+
+        k_cache = tuple(self.core_mesh.zeros(cache_shape) for _ in range(L))
+        v_cache = tuple(self.core_mesh.zeros(cache_shape) for _ in range(L))
+        x_last = self.core_mesh.zeros((b, cfg.dim))
+        lengths_d = self._rows(lengths)
+        chunk_args = [self._rows(tokens[:, i * T: (i + 1) * T]) for i in range(n_chunks)]
+        starts = [self.core_mesh.broadcast(np.int32(i * T)) for i in range(n_chunks)]
+        knobs = [self.core_mesh.broadcast(np.asarray(v, dt)) for v, dt in (
+            (sampling.seed, np.uint32), (max(sampling.temperature, 1e-6), np.float32),
+            (sampling.top_k, np.int32), (sampling.top_p, np.float32))]
+        chunk_fn, compile_s = self._compiled_fn(("chunk", b, T, S), self._chunk_fn, self.tiles, k_cache, v_cache,
+                                                chunk_args[0], lengths_d, starts[0], x_last)
+        head = jax.jit(self.core_mesh.run(functools.partial(core_prefill_head, layout=self.layout,
+                                                            greedy=sampling.greedy)))
+        head_fn, c = self._compiled_fn(("head", b, sampling.greedy), head, self.head_tiles, x_last, lengths_d,
+                                       *knobs)
+        compile_s += c
+
+        t0 = time.perf_counter()
+        for tokens_d, start_d in zip(chunk_args, starts):
+            k_cache, v_cache, x_last = chunk_fn(self.tiles, k_cache, v_cache, tokens_d, lengths_d, start_d, x_last)
+        first, logits = head_fn(self.head_tiles, x_last, lengths_d, *knobs)
+        first = np.asarray(first)  # [R, C, b]: every column holds the same tokens
+        seconds = time.perf_counter() - t0
+        logits = np.asarray(logits)  # [R, C, b, v]
+        logits_BV = logits.transpose(0, 2, 1, 3).reshape(g.rows * b, -1)[:B, : cfg.vocab_size]
+        return PrefillResult(first[:, 0].reshape(-1)[:B].astype(np.int32), logits_BV, lengths[:B], k_cache, v_cache,
+                             cfg, g, seconds, compile_s)
