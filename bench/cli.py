@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(dec)
     decode_bench.add_arguments(dec)
     dec.set_defaults(run=decode_bench.run)
+    from bench import prefill as prefill_bench
+    pre = bench_sub.add_parser("prefill", help="batched prefill tokens/s and MFU against the matmul peak and HF")
+    add_model_args(pre)
+    prefill_bench.add_arguments(pre)
+    pre.set_defaults(run=prefill_bench.run)
     return parser
 
 

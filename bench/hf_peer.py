@@ -12,7 +12,8 @@ import time
 
 
 def load_hf_model(source: str):
-    """A float32 `AutoModelForCausalLM` in eval mode for a .gguf file or an HF folder."""
+    """A float32 `AutoModelForCausalLM` in eval mode for a .gguf file or an HF folder, on the GPU
+    if PyTorch sees one."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -25,14 +26,16 @@ def load_hf_model(source: str):
     else:
         model = AutoModelForCausalLM.from_pretrained(
             os.path.dirname(source), gguf_file=os.path.basename(source), dtype=torch.float32)
-    return model.eval()
+    # The peer runs where PyTorch runs best: on the GPU when there is one (never on this project's
+    # CPU machines, whose torch is the CPU build).
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
 def hf_greedy(model, prompts: list[list[int]], new_tokens: int, stop_on_eos: bool = False) -> list[list[int]]:
     """Greedy `generate` from equal-length prompts; returns only the new ids per prompt."""
     import torch
 
-    ids = torch.tensor(prompts, dtype=torch.long)
+    ids = torch.tensor(prompts, dtype=torch.long, device=model.device)
     kwargs = dict(max_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None)
     if not stop_on_eos:
         kwargs.update(min_new_tokens=new_tokens, eos_token_id=None)
@@ -47,7 +50,7 @@ def hf_logits(model, prompt: list[int]):
     import torch
 
     with torch.inference_mode():
-        return model(input_ids=torch.tensor([prompt])).logits[0].float().numpy()
+        return model(input_ids=torch.tensor([prompt], device=model.device)).logits[0].float().cpu().numpy()
 
 
 def hf_decode_seconds(model, prompts: list[list[int]], steps: int) -> float:
@@ -57,7 +60,7 @@ def hf_decode_seconds(model, prompts: list[list[int]], steps: int) -> float:
     so the difference is `steps` decode steps, what our decoder's tok/s also counts.
     """
     t0 = time.perf_counter()
-    hf_greedy(model, prompts, 1)
+    hf_greedy(model, prompts, 1)  # returns host lists: the GPU work is finished
     t1 = time.perf_counter()
     hf_greedy(model, prompts, steps + 1)
     t2 = time.perf_counter()
@@ -69,7 +72,7 @@ def hf_prefill(model, prompt: list[int]):
     import torch
 
     with torch.inference_mode():
-        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        out = model(input_ids=torch.tensor([prompt], device=model.device), use_cache=True)
     layers = out.past_key_values.layers
-    return (out.logits[0, -1].float().numpy(), [layer.keys[0].float().numpy() for layer in layers],
-            [layer.values[0].float().numpy() for layer in layers])
+    return (out.logits[0, -1].float().cpu().numpy(), [layer.keys[0].float().cpu().numpy() for layer in layers],
+            [layer.values[0].float().cpu().numpy() for layer in layers])

@@ -94,8 +94,7 @@ class CoreMesh:
         shape = (self.grid.rows, self.grid.cols) + tuple(local_shape)
         if self.executor is Executor.VCORES:
             return jax.numpy.zeros(shape, dtype)
-        sharding = NamedSharding(self.mesh, P(ROW, COL))
-        return jax.jit(lambda: jax.numpy.zeros(shape, dtype), out_shardings=sharding)()
+        return jax.numpy.zeros(shape, dtype, device=NamedSharding(self.mesh, P(ROW, COL)))
 
     def run(self, program: Callable) -> Callable:
         """Lift a per-core `program(*local operands) -> local outputs` to [R, C, ...] arrays."""
