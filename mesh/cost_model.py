@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from mesh.axes import ALLREDUCE_SCOPE
 from mesh.trace import Collective, CoreTrace
@@ -117,7 +117,7 @@ def price_calls(collectives: Iterable[Collective], spec: WaferSpec) -> list[Call
         max_link = max(link_words.values(), default=0.0)
         cycles = stages * spec.stage_cycles + hops * spec.hop_cycles + max_link
         out.append(CallCost(first.scope, first.axis, first.axis_size, first.primitive, first.nbytes, first.count,
-                            stages, hops, int(round(max_link)), messages, cycles * first.count))
+                            stages, hops, round(max_link), messages, cycles * first.count))
     return out
 
 

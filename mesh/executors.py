@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mesh.axes import COL, ROW
 from mesh.errors import WaferError
@@ -52,7 +53,7 @@ class Grid:
         return f"{self.rows}x{self.cols}"
 
     @classmethod
-    def parse(cls, text: str) -> "Grid":
+    def parse(cls, text: str) -> Grid:
         """'RxC' (e.g. '2x4'), or 'N' for a 1×N grid."""
         parts = text.lower().split("x")
         try:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np

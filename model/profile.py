@@ -26,7 +26,12 @@ import numpy as np
 
 from kernels.allreduce import Schedule
 from mesh.axes import COL, ROW
-from mesh.cost_model import KernelTime, kernel_times, price_calls, sent_bytes_per_position
+from mesh.cost_model import (
+    KernelTime,
+    kernel_times,
+    price_calls,
+    sent_bytes_per_position,
+)
 from mesh.errors import WaferError
 from mesh.executors import Grid
 from mesh.planner import Kind, SramPlan, TensorSpec, plan_sram
@@ -194,7 +199,7 @@ class LayoutProfile:
 
 
 def _combine(a: KernelTime, b: KernelTime, wa: float, wb: float) -> KernelTime:
-    f = lambda x, y: wa * x + wb * y  # noqa: E731
+    f = lambda x, y: wa * x + wb * y
     return KernelTime(a.name, round(f(a.flops, b.flops)), round(f(a.read_bytes, b.read_bytes)),
                       round(f(a.fabric_bytes, b.fabric_bytes)), round(f(a.calls, b.calls)),
                       f(a.compute_s, b.compute_s), f(a.memory_s, b.memory_s), f(a.fabric_s, b.fabric_s))
@@ -251,7 +256,7 @@ def sram_map(profile: LayoutProfile) -> tuple[np.ndarray, np.ndarray]:
     layout = WaferLayout(_layers(cfg, profile.staging.layers_per_stage), g, profile.context)
     item = np.dtype(profile.dtype).itemsize
     r, c = np.arange(g.rows)[:, None], np.arange(g.cols)[None, :]
-    real = lambda total, per, idx: np.clip(total - idx * per, 0, per)  # noqa: E731
+    real = lambda total, per, idx: np.clip(total - idx * per, 0, per)
     d = real(cfg.dim, layout.d, r)
     k = real(cfg.n_kv_heads, layout.kc, c)
     f = real(cfg.ffn_dim, layout.f, c)
