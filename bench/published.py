@@ -38,7 +38,7 @@ def _fmt(x: float | None) -> str:
 
 
 def _row(figure, published, predicted, setup, comment, ratio=None):
-    if ratio is None and predicted is not None:
+    if ratio is None and isinstance(predicted, (int, float)):
         ratio = predicted / published
     return {"figure": figure, "published": f"{published:,}" if isinstance(published, (int, float)) else published,
             "predicted": _fmt(predicted) if not isinstance(predicted, str) else predicted,

@@ -246,7 +246,7 @@ def profile_layout(config: ModelConfig, grid: Grid, spec: WaferSpec, schedule: S
 
 
 def sram_map(profile: LayoutProfile) -> tuple[np.ndarray, np.ndarray]:
-    """Per-core bytes of one stage: (allocated [R, C], useful [R, C]: the part that is not padding).
+    """Per-core bytes of a middle stage: (allocated [R, C], useful [R, C]: the part not padding).
 
     Every core allocates the same extents; padding (D over rows, KV heads, F and V over columns,
     cache positions over rows) leaves some cores holding zeros. Useful bytes follow the layout's
@@ -260,12 +260,11 @@ def sram_map(profile: LayoutProfile) -> tuple[np.ndarray, np.ndarray]:
     d = real(cfg.dim, layout.d, r)
     k = real(cfg.n_kv_heads, layout.kc, c)
     f = real(cfg.ffn_dim, layout.f, c)
-    v = real(cfg.vocab_size, layout.v, c)
     s = np.array([sum(1 for j in range(layout.s) if j * g.rows + i < profile.context) for i in range(g.rows)])[:, None]
     G, H, B = cfg.q_per_kv, cfg.head_dim, profile.batch
     per_layer = (2 * d + d * (G + 2) * H * k + G * H * k * d + d * 2 * f + f * d + 2 * B * k * s * H
                  + ((G + 2) * H * k if cfg.qkv_bias else 0))
-    useful = layout.config.n_layers * per_layer + d + d * v * (1 if cfg.tie_embeddings else 2)
+    useful = layout.config.n_layers * per_layer  # a middle stage: its layers (the plan's weights and KV)
     allocated = np.full((g.rows, g.cols), profile.plan.per_core_bytes, dtype=np.int64)
     buffers = profile.plan.bytes_by_kind()["buffer"]
     return allocated, useful * item + buffers
