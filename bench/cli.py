@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(pre)
     prefill_bench.add_arguments(pre)
     pre.set_defaults(run=prefill_bench.run)
+
+    from bench import profile as profile_cmd
+    prof = sub.add_parser("profile", help="what a decode layout costs on a real wafer (traced, nothing run)")
+    profile_cmd.add_arguments(prof)
+    prof.set_defaults(run=profile_cmd.run)
     return parser
 
 

@@ -21,7 +21,6 @@ import json
 import statistics
 import time
 
-import numpy as np
 
 from bench.bandwidth import measure_matmul_peak
 from bench.decode import _busy_check, _int_at_least, _positive_int, _progress, environment, random_prompts

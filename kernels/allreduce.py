@@ -22,6 +22,8 @@ import enum
 import jax
 import jax.numpy as jnp
 
+from mesh.axes import ALLREDUCE_SCOPE, ROUTES_SCOPE_PREFIX
+
 
 class Schedule(enum.Enum):
     PSUM = "psum"
@@ -29,21 +31,35 @@ class Schedule(enum.Enum):
     KTREE = "ktree"
 
 
-def allreduce(x: jax.Array, axis: str, schedule: Schedule, groups: int | None = None) -> jax.Array:
-    """Sum `x` over the cores along mesh axis `axis`; every core gets the total."""
+class ReduceOp(enum.Enum):
+    SUM = "sum"
+    MAX = "max"
+
+
+_COMBINE = {ReduceOp.SUM: jnp.add, ReduceOp.MAX: jnp.maximum}
+
+
+def allreduce(x: jax.Array, axis: str, schedule: Schedule, groups: int | None = None,
+              op: ReduceOp = ReduceOp.SUM) -> jax.Array:
+    """Sum (or max, with `op`) `x` over the cores along mesh axis `axis`; every core gets the result.
+
+    Every call runs in a named scope `ALLREDUCE_SCOPE`: the profiler (mesh/trace.py) reads one
+    call's collectives as one all-reduce.
+    """
     n = jax.lax.axis_size(axis)
     if n == 1:
         return x
-    if schedule is Schedule.PSUM:
-        return jax.lax.psum(x, axis)
-    if schedule is Schedule.RING:
-        return ring_allreduce(x, axis, n)
-    if schedule is Schedule.KTREE:
-        return ktree_allreduce(x, axis, n, groups)
+    with jax.named_scope(ALLREDUCE_SCOPE):
+        if schedule is Schedule.PSUM:
+            return jax.lax.psum(x, axis) if op is ReduceOp.SUM else jax.lax.pmax(x, axis)
+        if schedule is Schedule.RING:
+            return ring_allreduce(x, axis, n, op)
+        if schedule is Schedule.KTREE:
+            return ktree_allreduce(x, axis, n, groups, op)
     raise ValueError(f"unknown schedule {schedule}")
 
 
-def ring_allreduce(x: jax.Array, axis: str, n: int) -> jax.Array:
+def ring_allreduce(x: jax.Array, axis: str, n: int, op: ReduceOp = ReduceOp.SUM) -> jax.Array:
     shift = [(j, (j + 1) % n) for j in range(n)]
     received = [x]  # received[i] on core j is the partial sum of core (j - i) mod n
     for _ in range(n - 1):
@@ -51,7 +67,7 @@ def ring_allreduce(x: jax.Array, axis: str, n: int) -> jax.Array:
     stacked = jnp.stack(received)
     j = jax.lax.axis_index(axis)
     in_core_order = jnp.take(stacked, (j - jnp.arange(n)) % n, axis=0)
-    return jnp.sum(in_core_order, axis=0)
+    return jnp.sum(in_core_order, axis=0) if op is ReduceOp.SUM else jnp.max(in_core_order, axis=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,18 +140,21 @@ def partial_ppermute(x: jax.Array, axis: str, pairs: list[tuple[int, int]], n: i
     sources = {s for s, _ in pairs}
     dests = {d for _, d in pairs}
     filler = zip([s for s in range(n) if s not in sources], [d for d in range(n) if d not in dests])
-    received = jax.lax.ppermute(x, axis, list(pairs) + list(filler))
+    with jax.named_scope(f"{ROUTES_SCOPE_PREFIX}{len(pairs)}"):
+        received = jax.lax.ppermute(x, axis, list(pairs) + list(filler))
     is_dest = jnp.isin(jax.lax.axis_index(axis), jnp.asarray(sorted(dests)))
     return received, is_dest
 
 
-def ktree_allreduce(x: jax.Array, axis: str, n: int, groups: int | None = None) -> jax.Array:
+def ktree_allreduce(x: jax.Array, axis: str, n: int, groups: int | None = None,
+                    op: ReduceOp = ReduceOp.SUM) -> jax.Array:
     plan = ktree_plan(n, groups)
+    combine = _COMBINE[op]
     acc = x
     for step in plan.reduce_steps:
         for batch in step:
             received, is_dest = partial_ppermute(acc, axis, batch, n)
-            acc = jnp.where(is_dest, acc + received, acc)
+            acc = jnp.where(is_dest, combine(acc, received), acc)
     for step in plan.broadcast_steps:
         for batch in step:
             received, is_dest = partial_ppermute(acc, axis, batch, n)

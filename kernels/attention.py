@@ -4,7 +4,7 @@ decode attention over a cache split across the mesh."""
 import jax
 import jax.numpy as jnp
 
-from kernels.allreduce import allreduce
+from kernels.allreduce import ReduceOp, allreduce
 
 
 def gqa_attention_ref(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
@@ -75,7 +75,8 @@ def decode_attention_mesh(q_BKGH: jax.Array, k_BKsH: jax.Array, v_BKsH: jax.Arra
     """
     with jax.named_scope("decode_attention"):
         m_local, l_local, o_local = decode_attention_partial(q_BKGH, k_BKsH, v_BKsH, visible_Bs)
-        m_global = jax.lax.pmax(m_local, seq_axis)
+        # The max travels by the same schedule as the sums (a native pmax would have no wafer route).
+        m_global = allreduce(m_local, seq_axis, schedule, groups, ReduceOp.MAX)
         scale = jnp.where(jnp.isfinite(m_local), jnp.exp(m_local - m_global), 0.0)
         # l rides along with o in one all-reduce: one synchronization of the cores, not two.
         both = allreduce(jnp.concatenate([o_local, l_local[..., None]], axis=-1) * scale[..., None],

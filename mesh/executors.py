@@ -8,17 +8,21 @@ globally as an array [R, C, *local]: entry (r, c) is what core (r, c) holds. The
   device holds exactly its core's tiles (emulated CPU devices, several GPUs, several processes).
 - VCORES: nested `jax.vmap` with axis names over R×C virtual cores on one device: the same
   collectives, resolved as array operations, for grids far larger than the device count.
+- TRACE: `jax.make_jaxpr` of the program with the axes bound (`axis_env`) on abstract operands of
+  one core's tile shapes: nothing is allocated or run, at any grid size. `mesh/trace.py` reads the
+  jaxpr (FLOPs, every collective and its messages) for the profiler.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mesh.axes import COL, ROW
 from mesh.errors import WaferError
@@ -27,6 +31,7 @@ from mesh.errors import WaferError
 class Executor(enum.Enum):
     DEVICES = "devices"
     VCORES = "vcores"
+    TRACE = "trace"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +53,7 @@ class Grid:
         return f"{self.rows}x{self.cols}"
 
     @classmethod
-    def parse(cls, text: str) -> "Grid":
+    def parse(cls, text: str) -> Grid:
         """'RxC' (e.g. '2x4'), or 'N' for a 1×N grid."""
         parts = text.lower().split("x")
         try:
@@ -71,7 +76,10 @@ class CoreMesh:
     mesh: Mesh | None = None  # DEVICES only
 
     def place(self, tree):
-        """Put [R, C, *local] arrays where their cores live (one shard per device for DEVICES)."""
+        """Put [R, C, *local] arrays where their cores live (one shard per device for DEVICES;
+        for TRACE, one core's abstract value: [R, C, *local] -> ShapeDtypeStruct(local))."""
+        if self.executor is Executor.TRACE:
+            return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a)[2:], a.dtype), tree)
         if self.executor is Executor.VCORES:
             return jax.tree.map(jax.numpy.asarray, tree)
         sharding = NamedSharding(self.mesh, P(ROW, COL))
@@ -97,7 +105,13 @@ class CoreMesh:
         return jax.numpy.zeros(shape, dtype, device=NamedSharding(self.mesh, P(ROW, COL)))
 
     def run(self, program: Callable) -> Callable:
-        """Lift a per-core `program(*local operands) -> local outputs` to [R, C, ...] arrays."""
+        """Lift a per-core `program(*local operands) -> local outputs` to [R, C, ...] arrays.
+
+        TRACE is the exception: the lifted function takes one core's operands (arrays or
+        `jax.ShapeDtypeStruct`s of the local shapes) and returns the program's `ClosedJaxpr`.
+        """
+        if self.executor is Executor.TRACE:
+            return jax.make_jaxpr(program, axis_env=[(ROW, self.grid.rows), (COL, self.grid.cols)])
         if self.executor is Executor.VCORES:
             return jax.vmap(jax.vmap(program, axis_name=COL), axis_name=ROW)
 
@@ -113,7 +127,7 @@ class CoreMesh:
 
 def make_core_mesh(grid: Grid, executor: Executor, devices: list | None = None) -> CoreMesh:
     """Bind `grid` to an executor. DEVICES uses the first R×C devices of `devices` (default: all)."""
-    if executor is Executor.VCORES:
+    if executor in (Executor.VCORES, Executor.TRACE):
         return CoreMesh(grid, executor)
     devices = list(jax.devices()) if devices is None else list(devices)
     if len(devices) < grid.cores:

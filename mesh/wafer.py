@@ -15,6 +15,11 @@ KIB = 1024
 
 @dataclasses.dataclass(frozen=True)
 class WaferSpec:
+    """A wafer, and the constants of the cost model (mesh/cost_model.py) that describe it.
+
+    Per-core rates are the vendor's aggregate figures divided by the vendor's core count.
+    """
+
     name: str
     max_rows: int  # largest core grid the wafer offers
     max_cols: int
@@ -23,16 +28,40 @@ class WaferSpec:
     # Fabric: a 32-bit message reaches a neighbouring core in one cycle.
     link_bytes_per_cycle: int = 4
     routes_per_core: int = 24  # "colors"
+    vendor_cores: int = 850_000
+    sram_bandwidth: float = 20e15  # bytes/s, whole wafer
+    peak_flops: float = 7.5e15  # 16-bit FLOP/s, whole wafer
+    hop_cycles: float = 1.0  # one mesh hop per 32-bit wavelet (DESIGN.md reference facts)
+    # A core that receives a message, adds it in and sends it on (one routing stage of a
+    # reduction) pays task activation and a vector-op start-up before its first word leaves. An
+    # assumption of the order of tens of cycles (not a vendor figure), applied to every schedule.
+    stage_cycles: float = 20.0
+    # A hand-off of activations between wafers (Ethernet-class link between systems): an
+    # assumption, used only when a model needs more than one wafer.
+    wafer_hop_s: float = 5e-6
 
     @property
     def cores(self) -> int:
         return self.max_rows * self.max_cols
 
+    @property
+    def core_flops_per_cycle(self) -> float:
+        return self.peak_flops / self.vendor_cores / self.clock_hz
+
+    @property
+    def core_bytes_per_cycle(self) -> float:
+        """SRAM bytes one core reads per cycle."""
+        return self.sram_bandwidth / self.vendor_cores / self.clock_hz
+
 
 # WSE-2: 850,000 cores, 40 GB SRAM (48 KB per core). WSE-3: 900,000 cores, 44 GB, ~48 KB per core.
 # The usable rectangular grids are the ones WaferLLM and Cerebras report (~750 x 994 on WSE-2).
-WSE2 = WaferSpec("wse2", max_rows=750, max_cols=994, sram_per_core=48 * KIB, clock_hz=1.1e9)
-WSE3 = WaferSpec("wse3", max_rows=750, max_cols=1200, sram_per_core=48 * KIB, clock_hz=1.1e9)
+# WSE-2 peak: 4-wide 16-bit FMAC per core per cycle (8 FLOP/cycle), 7.5 PFLOP/s over the wafer;
+# WSE-3 peak: the vendor's 125 PFLOP/s. Decode is bound by memory and fabric, not by these.
+WSE2 = WaferSpec("wse2", max_rows=750, max_cols=994, sram_per_core=48 * KIB, clock_hz=1.1e9,
+                 vendor_cores=850_000, sram_bandwidth=20e15, peak_flops=7.5e15)
+WSE3 = WaferSpec("wse3", max_rows=750, max_cols=1200, sram_per_core=48 * KIB, clock_hz=1.1e9,
+                 vendor_cores=900_000, sram_bandwidth=21e15, peak_flops=125e15)
 SPECS = {s.name: s for s in (WSE2, WSE3)}
 
 

@@ -1,0 +1,216 @@
+"""The layout profiler: hand-checked traces and costs, exact agreement with the compiled kernels,
+full-size presets through make_jaxpr only, and the `wafer profile` command."""
+
+import functools
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bench.cli import main
+from kernels.allreduce import Schedule, allreduce
+from kernels.mesh_gemv import mesh_gemv
+from mesh.axes import COL, ROW
+from mesh.cost_model import chain_steps, kernel_times, price_calls
+from mesh.errors import WaferError
+from mesh.executors import Executor, Grid, make_core_mesh
+from mesh.planner import plan_sram
+from mesh.trace import trace_program
+from mesh.wafer import WSE2, emulated_spec
+from model.config import TINY_LLAMA, preset
+from model.profile import kernel_of, layout_specs, profile_layout, trace_decode_step
+from model.wafer_decode import MeshOptions, WaferDecoder
+from model.wafer_layout import WaferLayout
+from model.weights import init_random_params
+
+BIG = emulated_spec(1 << 40)
+
+
+def _gemv_trace(schedule):
+    """x[1, 3] @ W[3, 5] per core, reduced over ROW."""
+    args = (jax.ShapeDtypeStruct((1, 3), jnp.float32), jax.ShapeDtypeStruct((3, 5), jnp.float32))
+    program = functools.partial(mesh_gemv, reduce_axis=ROW, schedule=schedule)
+    return trace_program(program, Grid(2, 2), args, lambda p: "weight" if p.startswith("[1]") else "input")
+
+
+@pytest.mark.parametrize("schedule", list(Schedule), ids=lambda s: s.value)
+def test_gemv_2x2_by_hand(schedule):
+    """Per core: 3x5 weights (60 B), 3 inputs (12 B), 2*3*5 = 30 FLOPs; the partial [1, 5] (20 B)
+    crosses the 2 rows. K-tree on 2 cores: 0 -> 1 (reduce), then 1 -> 0 (broadcast), one hop each."""
+    t = _gemv_trace(schedule)
+    assert t.bytes_by_kind == {"weight": 60, "input": 12}
+    assert t.flops_by_scope["mesh_gemv"] == 30
+    pairs = [(c.primitive, c.pairs, c.hops, c.nbytes, c.level) for c in t.collectives]
+    assert pairs == {
+        Schedule.PSUM: [("psum", (), (), 20, 1)],
+        Schedule.RING: [("ppermute", ((0, 1), (1, 0)), (1, 1), 20, 1)],
+        Schedule.KTREE: [("ppermute", ((0, 1),), (1,), 20, 1), ("ppermute", ((1, 0),), (1,), 20, 2)],
+    }[schedule]
+    assert all(c.axis == ROW and c.axis_size == 2 for c in t.collectives)
+    (call,) = price_calls(t.collectives, WSE2)
+    # K-tree and the pipeline chain both: 2 stages of 20 cycles, 2 hops, 5 words on each link.
+    # Ring: one stage, one hop, 5 words each way.
+    assert call.cycles == {Schedule.PSUM: 47, Schedule.KTREE: 47, Schedule.RING: 26}[schedule]
+
+
+def test_ktree_routes_and_hops_by_hand():
+    """9 cores, 3 groups {0,1,2} {3,4,5} {6,7,8} with roots 1, 4, 7; the top root is 4."""
+    t = trace_program(lambda x: allreduce(x, COL, Schedule.KTREE), Grid(1, 9),
+                      (jax.ShapeDtypeStruct((2,), jnp.float32),), lambda p: "x")
+    got = [(c.level, c.pairs) for c in t.collectives]
+    assert got == [(1, ((0, 1), (3, 4), (6, 7))), (2, ((2, 1), (5, 4), (8, 7))), (3, ((1, 4),)), (4, ((7, 4),)),
+                   (5, ((4, 1),)), (6, ((4, 7),)), (7, ((1, 0), (4, 3), (7, 6))), (8, ((1, 2), (4, 5), (7, 8)))]
+    (call,) = price_calls(t.collectives, WSE2)
+    # 8 stages; longest hops 1, 1, 3, 3, 3, 3, 1, 1; link 1->4 carries the 2 words once each way
+    # per phase, links 3->4 carry a level-1 and a level-2 message: 2 messages of 2 words.
+    assert (call.stages, call.hops, call.max_link_words, call.messages) == (8, 16, 4, 16)
+    assert call.cycles == 8 * 20 + 16 + 4
+
+
+def test_ring_hops_by_hand():
+    """4 cores in a line: 3 shifts of 0->1->2->3 plus the wrap-around 3->0 (3 hops back)."""
+    t = trace_program(lambda x: allreduce(x, ROW, Schedule.RING), Grid(4, 1),
+                      (jax.ShapeDtypeStruct((1,), jnp.float32),), lambda p: "x")
+    assert [c.hops for c in t.collectives] == [(1, 1, 1, 3)] * 3
+    (call,) = price_calls(t.collectives, WSE2)
+    # Every link carries 3 one-word messages (one per shift), rightward and leftward alike.
+    assert (call.stages, call.hops, call.max_link_words) == (3, 9, 3)
+
+
+def test_pipeline_chain_by_hand():
+    assert chain_steps(5) == [[(0, 1), (4, 3)], [(1, 2), (3, 2)], [(2, 1), (2, 3)], [(1, 0), (3, 4)]]
+    assert chain_steps(2) == [[(0, 1)], [(1, 0)]]
+
+
+def test_tiny_model_sram_by_hand_equals_planner_and_placed():
+    """TINY_LLAMA (D 64, F 160, 4 heads / 2 KV heads of 16, V 512, 2 layers, untied) on 2x2,
+    batch 1, 64 positions: per core d 32, 1 KV head, 2 query heads, f 80, v 256, s 32 + 1 slot."""
+    per_layer = 32 + 32 * 64 + 32 * 32 + 32 + 32 * 160 + 80 * 32  # norms, qkv, o, gate_up, down
+    weights = 4 * (2 * per_layer + 32 + 32 * 256 + 256 * 32)  # + final norm, lm, embed
+    kv = 4 * 2 * 2 * (33 * 16)
+    assert (weights, kv) == (152192, 8448)
+    layout = WaferLayout(TINY_LLAMA, Grid(2, 2), 64)
+    trace = trace_decode_step(layout, 1, MeshOptions(Schedule.KTREE))
+    assert trace.bytes_by_kind["weight"] == weights and trace.bytes_by_kind["kv"] == kv
+    plan = plan_sram(layout_specs(layout, 1, "float32"), 2, 2, BIG).bytes_by_kind()
+    assert (plan["weight"], plan["kv"]) == (weights, kv)
+    dec = WaferDecoder(init_random_params(TINY_LLAMA), TINY_LLAMA, make_core_mesh(Grid(2, 2), Executor.DEVICES), 1, 64)
+    placed = {}
+    for a in jax.tree.leaves((dec.tiles, dec.k_cache, dec.v_cache)):
+        for shard in a.addressable_shards:
+            placed[shard.device] = placed.get(shard.device, 0) + shard.data.nbytes
+    assert set(placed.values()) == {weights + kv}
+
+
+HLO_OPS = {"all-reduce": ("psum", "pmax", "pmin"), "collective-permute": ("ppermute",), "all-gather": ("all_gather",)}
+
+
+def _hlo_collectives(text: str) -> dict[str, tuple[int, int]]:
+    """(count, bytes) per collective op in compiled HLO text. All-reduce and collective-permute
+    results have their operand's size (compiled HLO prints operands without their types); the
+    greedy step has no all-gather."""
+    sizes = {"f32": 4, "s32": 4, "u32": 4, "pred": 1, "bf16": 2, "f16": 2}
+    out = {}
+    for op in HLO_OPS:
+        count = nbytes = 0
+        for m in re.finditer(rf"= (\S+|\([^)]*\)) {op}(?:-start)?\(", text):
+            count += 1
+            for dt, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)):
+                nbytes += sizes[dt] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+        out[op] = (count, nbytes)
+    return out
+
+
+@pytest.mark.parametrize("grid, schedule", [("2x2", Schedule.KTREE), ("2x4", Schedule.PSUM), ("4x2", Schedule.RING)],
+                         ids=lambda v: getattr(v, "value", v))
+def test_collectives_equal_compiled_hlo(grid, schedule):
+    """The trace's collectives, counted and sized, are exactly those of the devices executor's
+    compiled step (XLA CPU keeps every one of them: no combining at these sizes)."""
+    g = Grid.parse(grid)
+    dec = WaferDecoder(init_random_params(TINY_LLAMA), TINY_LLAMA, make_core_mesh(g, Executor.DEVICES), 2, 64,
+                       MeshOptions(schedule))
+    dec.compile()
+    hlo = _hlo_collectives(dec._compiled_step.as_text())
+    trace = trace_decode_step(dec.layout, 2, MeshOptions(schedule))
+    counts, nbytes = trace.collective_counts(), trace.collective_bytes()
+    for op, prims in HLO_OPS.items():
+        assert hlo[op] == (sum(counts.get(p, 0) for p in prims), sum(nbytes.get(p, 0) for p in prims)), op
+    assert hlo["collective-permute"][0] > 0 or schedule is Schedule.PSUM
+
+
+def test_one_layer_scaling_equals_full_trace():
+    """profile_layout traces 1 and 2 layers and scales; a full 3-layer trace gives the same totals."""
+    cfg = dict(TINY_LLAMA.__dict__)
+    cfg.update(name="tiny-3", n_layers=3)
+    three = type(TINY_LLAMA)(**cfg)
+    p = profile_layout(three, Grid(2, 4), BIG, Schedule.KTREE, context=64, dtype="float32")
+    full = kernel_times(trace_decode_step(WaferLayout(three, Grid(2, 4), 64), 1, MeshOptions(Schedule.KTREE)), BIG,
+                        kernel_of)
+    for name, k in full.items():
+        got = p.per_token[name]
+        assert (got.flops, got.read_bytes, got.calls) == (k.flops, k.read_bytes, k.calls), name
+        assert got.fabric_s == pytest.approx(k.fabric_s) and got.time_s == pytest.approx(k.time_s), name
+
+
+def test_llama3_8b_full_wafer_grid():
+    """360x360 (WaferLLM's decode grid): one layer per stage fits 48 KiB; traced, nothing allocated."""
+    p = profile_layout(preset("llama3-8b"), Grid(360, 360), WSE2, Schedule.KTREE)
+    assert p.staging.layers_per_stage == 1 and p.plan.per_core_bytes <= 48 * 1024
+    # d = ceil(4096/360) = 12; one KV head per column: QKV [12, (4+2)*128] and O [4*128, 12] in bf16.
+    assert p.plan.bytes_by_kind()["weight"] == 2 * (12 + 12 * 768 + 512 * 12 + 12 + 12 * 2 * 40 + 40 * 12)
+    assert 100 < p.tokens_per_s < 1e5
+    psum = profile_layout(preset("llama3-8b"), Grid(360, 360), WSE2, Schedule.PSUM)
+    assert psum.layer_s > p.layer_s  # the pipeline chain pays 360 routing stages per reduction
+
+
+@pytest.mark.parametrize("name", ["qwen2-72b", "llama3.1-70b"])
+def test_70b_class_traced_at_750x990_and_refused(name):
+    cfg = preset(name)
+    layout = WaferLayout(dataclass_layers(cfg, 1), Grid(750, 990), 4096)
+    t = trace_decode_step(layout, 1, MeshOptions(Schedule.KTREE), "bfloat16")
+    assert t.bytes_by_kind["weight"] == sum(s.local_bytes for s in layout_specs(layout, 1, "bfloat16")
+                                             if s.kind.value == "weight")
+    assert {c.axis_size for c in t.collectives} == {750, 990}
+    with pytest.raises(WaferError, match=r"does not fit wse2 on a 750x990 grid: a stage needs [\d,]+ B"):
+        profile_layout(cfg, Grid(750, 990), WSE2)
+
+
+def dataclass_layers(cfg, n):
+    import dataclasses
+    return dataclasses.replace(cfg, n_layers=n)
+
+
+def run_cli(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--model", "gpt5"], "unknown model preset"),
+    (["--grid", "3x"], "expected RxC"),
+    (["--wafer", "wse9"], "unknown wafer"),
+    (["--grid", "800x800"], "exceeds wse2"),
+    (["--model", "qwen2-72b", "--grid", "750x990"], "does not fit"),
+    (["--batch", "0"], "--batch must be positive"),
+])
+def test_cli_errors_are_one_line(capsys, argv, fragment):
+    rc, _, err = run_cli(capsys, "profile", *argv)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wafer: error:") and fragment in lines[0], err
+
+
+def test_cli_json_and_table(capsys):
+    rc, out, _ = run_cli(capsys, "profile", "--model", "smollm2-135m", "--grid", "48x64", "--json")
+    assert rc == 0
+    d = json.loads(out)
+    assert d["grid"] == "48x64" and d["schedule"] == "ktree"
+    assert d["tokens_per_s_per_request"] == pytest.approx(1e6 / d["token_us"])
+    assert sum(d["shares"].values()) == pytest.approx(1.0)
+    assert set(d["kernels_per_token"]) >= {"attention", "mlp", "lm_head"}
+    rc, out, _ = run_cli(capsys, "profile", "--model", "smollm2-135m", "--grid", "48x64")
+    assert rc == 0 and "tokens/s per request" in out and "layer1/mlp/mesh_gemv/allreduce" in out
