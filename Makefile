@@ -37,6 +37,7 @@ test-all: setup-test
 bench: setup-test
 	$(BIN)/wafer bench decode --batch 1 --context 256 --steps 128 --compare-hf
 	$(BIN)/wafer bench decode --batch 8 --context 256 --steps 128 --compare-hf
+	$(BIN)/wafer bench prefill --batch 8 --prompt-len 512 --compare-hf
 
 clean:
 	rm -rf $(VENV) .pytest_cache *.egg-info
