@@ -134,27 +134,51 @@ def _pieces(a: np.ndarray) -> Iterator[memoryview]:
             yield from _pieces(a[i])
 
 
+def write_frame(seq: SequenceKV, header: KVHeader, layer: int, sink: Sink) -> int:
+    """Write frame `layer` (tag, payload, checksum) to `sink`; returns its checksum."""
+    prefix = FRAME_PREFIX.pack(FRAME_TAG, layer, header.frame_payload_bytes)
+    h = xxhash.xxh3_64(prefix)
+    sink.write(memoryview(prefix))
+    wire = header.np_dtype
+    for a in (seq.k_LKnH[layer], seq.v_LKnH[layer]):
+        for part in seq.layout.logical_pieces(seq.host_shards(a)):
+            if part.dtype != wire:  # an explicit conversion, asked for in the header
+                part = part.astype(wire)
+            for piece in _pieces(part):
+                for off in range(0, len(piece), CHUNK_BYTES):
+                    chunk = piece[off: off + CHUNK_BYTES]
+                    written = sink.write(chunk)
+                    h.update(chunk if written is None else written)
+    checksum = h.intdigest()
+    sink.write(memoryview(CHECKSUM.pack(checksum)))
+    return checksum
+
+
 def write_stream(seq: SequenceKV, header: KVHeader, sink: Sink) -> int:
     """Write header and frames of `seq` to `sink`; returns bytes written."""
     sink.write(memoryview(header.encode()))
-    total = header.header_bytes
-    wire = header.np_dtype
     for layer in range(seq.n_layers):
-        prefix = FRAME_PREFIX.pack(FRAME_TAG, layer, header.frame_payload_bytes)
-        h = xxhash.xxh3_64(prefix)
-        sink.write(memoryview(prefix))
-        for a in (seq.k_LKnH[layer], seq.v_LKnH[layer]):
-            for part in seq.layout.logical_pieces(seq.host_shards(a)):
-                if part.dtype != wire:  # an explicit conversion, asked for in the header
-                    part = part.astype(wire)
-                for piece in _pieces(part):
-                    for off in range(0, len(piece), CHUNK_BYTES):
-                        chunk = piece[off: off + CHUNK_BYTES]
-                        written = sink.write(chunk)
-                        h.update(chunk if written is None else written)
-        sink.write(memoryview(CHECKSUM.pack(h.intdigest())))
-        total += FRAME_PREFIX.size + header.frame_payload_bytes + CHECKSUM.size
-    return total
+        write_frame(seq, header, layer, sink)
+    return header.stream_bytes
+
+
+class _NullSink:
+    def write(self, data: memoryview) -> None:
+        pass
+
+
+def frame_checksum(seq: SequenceKV, header: KVHeader, layer: int) -> int:
+    """The checksum frame `layer` carries on the wire, computed without writing it."""
+    return write_frame(seq, header, layer, _NullSink())
+
+
+def checksum_of_pieces(header: KVHeader, layer: int, pieces) -> int:
+    """The frame checksum of layer `layer` from its logical payload bytes given as pieces (K, then V)."""
+    h = xxhash.xxh3_64(FRAME_PREFIX.pack(FRAME_TAG, layer, header.frame_payload_bytes))
+    for p in pieces:
+        for piece in _pieces(p):
+            h.update(piece)
+    return h.intdigest()
 
 
 class BufferSink:
