@@ -182,10 +182,12 @@ def checksum_of_pieces(header: KVHeader, layer: int, pieces) -> int:
 
 
 class BufferSink:
-    """Writes into one preallocated buffer of the stream's exact size."""
+    """Writes into one buffer of at least the stream's size (a fresh one, or the caller's own)."""
 
-    def __init__(self, size: int):
-        self.buffer = np.empty(size, np.uint8)
+    def __init__(self, size: int, out: np.ndarray | None = None):
+        if out is not None and (out.dtype != np.uint8 or out.ndim != 1 or len(out) < size):
+            raise WaferError(f"output buffer must be a 1-D uint8 array of at least {size} B")
+        self.buffer = np.empty(size, np.uint8) if out is None else out[:size]
         self._view = memoryview(self.buffer)
         self.offset = 0
 
@@ -197,9 +199,12 @@ class BufferSink:
         return dst
 
 
-def serialize_kv(seq: SequenceKV, header: KVHeader) -> memoryview:
-    """The whole stream in memory (one buffer, no intermediate concatenation)."""
-    sink = BufferSink(header.stream_bytes)
+def serialize_kv(seq: SequenceKV, header: KVHeader, out: np.ndarray | None = None) -> memoryview:
+    """The whole stream in memory: one buffer, no intermediate concatenation.
+
+    out: a uint8 buffer to write into (reused across sends, it spares the page faults a fresh
+    buffer of this size takes on first touch); default a new one."""
+    sink = BufferSink(header.stream_bytes, out)
     write_stream(seq, header, sink)
     assert sink.offset == header.stream_bytes
     return memoryview(sink.buffer)

@@ -24,6 +24,7 @@ import json
 import socket
 import struct
 import time
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -37,8 +38,8 @@ from kvcache.format import (
     MAX_HEADER_BYTES,
     KVHeader,
     KVStreamError,
+    LayerFrame,
     checksum_of_pieces,
-    convert_frame,
     frame_checksum,
     parse_header,
 )
@@ -196,11 +197,11 @@ def destination_sharding(header: KVHeader, devices: list | None = None) -> Named
     return NamedSharding(mesh, P(COL, None, None))
 
 
-def _wait(arrays: list[jax.Array], conn, deadline: float, layer: int) -> None:
+def _wait(arrays: list[jax.Array], conn, deadline: float, layer: int, timeout_s: float) -> None:
     while not all(a.is_ready() for a in arrays):
         if time.monotonic() > deadline:
             conn._poison_connection()  # fails the outstanding pulls instead of leaving them hanging
-            raise KVStreamError(f"JAX transfer: layer {layer} did not arrive within {PULL_TIMEOUT_S:g} s")
+            raise KVStreamError(f"JAX transfer: layer {layer} did not arrive within {timeout_s:g} s")
         time.sleep(0.001)
     try:
         jax.block_until_ready(arrays)
@@ -214,17 +215,56 @@ def _logical_host(a: jax.Array, header: KVHeader) -> list[np.ndarray]:
     return list(header.layout.logical_pieces(shards))
 
 
+class TransferReader:
+    """The receiving side of one offer: header, transfer block and guard at once, then `frames()`
+    pulls every layer (all pulls issued together), verifies it and yields it as a `LayerFrame`."""
+
+    def __init__(self, source: SocketSource, destination: jax.sharding.Sharding | None = None,
+                 pull_timeout_s: float = PULL_TIMEOUT_S):
+        self.header = parse_header(source)
+        self.block = _read_block(source)
+        _check_block(self.block, self.header)
+        self.dest = jax.ShapeDtypeStruct(tuple(self.block["shape"]), np.dtype(self.header.np_dtype),
+                                         sharding=destination or destination_sharding(self.header))
+        check_pull_sharding(self.block["shape"], self.block["dtype"], self.block["shards"], self.dest)
+        self.pull_timeout_s = pull_timeout_s
+
+    def frames(self) -> Iterator[LayerFrame]:
+        header, block = self.header, self.block
+        conn = start_server().connect(block["address"])
+        done = False
+        try:
+            # Every pull is issued at once: layer l is placed while later layers are in flight.
+            pulls = [conn.pull(block["uuid"] + layer, [self.dest, self.dest]) for layer in range(header.layers)]
+            deadline = time.monotonic() + self.pull_timeout_s
+            for layer, pair in enumerate(pulls):
+                _wait(pair, conn, deadline, layer, self.pull_timeout_s)
+                k_parts, v_parts = (_logical_host(a, header) for a in pair)
+                checksum = checksum_of_pieces(header, layer, k_parts + v_parts)
+                if f"{checksum:016x}" != block["checksums"][layer]:
+                    raise KVStreamError(f"layer {layer}: checksum mismatch after the JAX transfer")
+                yield LayerFrame(layer, _join(k_parts), _join(v_parts), checksum)
+            done = True
+        finally:
+            if not done:  # an error, or a consumer that stopped early: fail the outstanding pulls
+                conn._poison_connection()
+
+
+def _join(parts: list[np.ndarray]) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 def receive_kv_transfer(landing, listener: KVListener, slot: int | None = None,
                         destination: jax.sharding.Sharding | None = None, timeout_s: float = CONNECT_TIMEOUT_S,
                         pull_timeout_s: float = PULL_TIMEOUT_S) -> int:
-    """Accept one sender's offer, pull it layer by layer into a slot of `landing`'s decoder.
+    """Accept one sender's offer and pull it, layer by layer, into a slot of `landing`'s decoder.
 
     destination: the sharding to pull into (default: `destination_sharding`); one that differs
     from the source's per shard is refused before any pull. Returns the slot.
     """
     with listener.accept(timeout_s, IO_TIMEOUT_S) as source:
         try:
-            slot = _land_transfer(landing, source, slot, destination, pull_timeout_s)
+            slot = landing.land(TransferReader(source, destination, pull_timeout_s), slot)
         except BaseException:
             try:
                 source.sock.sendall(ACK_REFUSED)
@@ -233,37 +273,3 @@ def receive_kv_transfer(landing, listener: KVListener, slot: int | None = None,
             raise
         source.sock.sendall(ACK_LANDED)
         return slot
-
-
-def _land_transfer(landing, source: SocketSource, slot, destination, pull_timeout_s: float) -> int:
-    header = parse_header(source)
-    block = _read_block(source)
-    _check_block(block, header)
-    landing.check(header)
-    dest = jax.ShapeDtypeStruct(tuple(block["shape"]), np.dtype(header.np_dtype),
-                                sharding=destination or destination_sharding(header))
-    check_pull_sharding(block["shape"], block["dtype"], block["shards"], dest)
-    decoder = landing.decoder
-    slot = decoder.reserve(slot, header.tokens, header.first_token)
-    conn = None
-    try:
-        conn = start_server().connect(block["address"])
-        # Every pull is issued at once; layer l is placed while later layers are still in flight.
-        pulls = [conn.pull(block["uuid"] + layer, [dest, dest]) for layer in range(header.layers)]
-        deadline = time.monotonic() + pull_timeout_s
-        for layer, pair in enumerate(pulls):
-            _wait(pair, conn, deadline, layer)
-            k_parts, v_parts = (_logical_host(a, header) for a in pair)
-            if f"{checksum_of_pieces(header, layer, k_parts + v_parts):016x}" != block["checksums"][layer]:
-                raise KVStreamError(f"layer {layer}: checksum mismatch after the JAX transfer")
-            f32 = np.dtype(np.float32)
-            k = convert_frame(np.concatenate(k_parts), f32, landing.convert_dtype)
-            v = convert_frame(np.concatenate(v_parts), f32, landing.convert_dtype)
-            decoder.place_layer(slot, layer, k, v)
-        decoder.commit(slot)
-    except BaseException:
-        decoder.abort(slot)
-        if conn is not None:
-            conn._poison_connection()
-        raise
-    return slot

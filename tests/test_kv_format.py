@@ -77,7 +77,7 @@ def test_prefill_mesh_layout_gives_the_same_frames(qwen2, stream):
 
 
 @pytest.mark.parametrize("name, prefill, decode", [
-    ("tiny-qwen2", "1x1", "2x2"), ("tiny-llama", "1x2", "3x3"),
+    ("tiny-qwen2", "1x1", "2x2"), pytest.param("tiny-llama", "1x2", "3x3", marks=pytest.mark.slow),
     pytest.param("tiny-qwen2", "1x2", "1x4", marks=pytest.mark.slow),
     pytest.param("tiny-llama", "1x1", "5x2", marks=pytest.mark.slow)])
 def test_file_handoff_decodes_exactly(name, prefill, decode, tmp_path):
@@ -299,3 +299,25 @@ def test_fuzz_corruptions_are_refused_heavy(stream, busy):
         _fuzz(stream, busy))
     check()
     assert_state_unchanged(busy[2], busy[0])
+
+
+@pytest.mark.parametrize("arch, prefill, decode", [
+    ("mistral", "1x2", "2x3"),  # head dim 32 != D / N
+    pytest.param("llama3", "1x2", "3x1", marks=pytest.mark.slow),
+    pytest.param("qwen2", "2x2", "1x4", marks=pytest.mark.slow)])
+def test_random_hf_checkpoints_hand_off_exactly(arch, prefill, decode, tmp_path):
+    from model.load import load_model
+    from tests import hf_checkpoints
+    writer = {"mistral": hf_checkpoints.write_mistral, "llama3": hf_checkpoints.write_llama3,
+              "qwen2": lambda p: hf_checkpoints.write_qwen2(p, tie=True)}[arch]
+    loaded = load_model(checkpoint=writer(str(tmp_path / arch)), use_cache=False)
+    params, config = loaded.params, loaded.config
+    want = solo_tokens(params, config, PROMPT)
+    assert len(set(want)) > 3
+    seq, header = export(params, config, prefill_grid=Grid.parse(prefill))
+    path = str(tmp_path / "seq.kv")
+    write_kv_file(seq, header, path)
+    dec = busy_decoder(params, config, decode)
+    with FileSource(path) as source:
+        slot = KVLanding(dec).land(KVReader(source))
+    assert decode_after_landing(dec, slot, seq.first_token) == want

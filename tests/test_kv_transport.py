@@ -93,7 +93,8 @@ def senders(tmp_path):
         s.reap()
 
 
-@pytest.mark.parametrize("model, prefill, decode", [("tiny-qwen2", "1x1", "2x2"), ("tiny-llama", "1x2", "3x3")])
+@pytest.mark.parametrize("model, prefill, decode", [
+    ("tiny-qwen2", "1x1", "2x2"), pytest.param("tiny-llama", "1x2", "3x3", marks=pytest.mark.slow)])
 def test_tcp_between_processes_decodes_exactly(senders, model, prefill, decode):
     params, config = tiny(model)
     dec = busy_decoder(params, config, decode)
