@@ -2,7 +2,7 @@
 
     python tests/kv_worker.py MODE MODEL SEED PREFILL_GRID PORT
 
-Prefills tests.kv_common.PROMPT on a tiny random-weight model and sends its cache to a receiver
+Prefills tests.kv_common.PROMPT on a tiny random-weight model (or SmolLM2) and sends its cache to a receiver
 on 127.0.0.1:PORT. MODE: tcp (the whole stream), tcp-half (the header and half the stream, then
 a disconnect), tcp-stall (half the stream, then silence until killed), jax (JAX transfer).
 Exits non-zero on any error, so a failure is never silent.
@@ -29,7 +29,12 @@ def main(mode: str, model: str, seed: str, prefill_grid: str, port: str) -> None
     from mesh.executors import Grid
     from tests.kv_common import export, tiny
 
-    params, config = tiny(model, int(seed))
+    if model == "smollm2-135m":
+        from model.load import load_model
+        loaded = load_model(model)
+        params, config = loaded.params, loaded.config
+    else:
+        params, config = tiny(model, int(seed))
     seq, header = export(params, config, prefill_grid=Grid.parse(prefill_grid))
     if mode == "tcp":
         send_kv(seq, header, int(port))

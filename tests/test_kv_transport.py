@@ -105,6 +105,21 @@ def test_tcp_between_processes_decodes_exactly(senders, model, prefill, decode):
     assert decode_after_landing(dec, slot, dec.tokens[slot]) == solo_tokens(params, config, PROMPT)
 
 
+@pytest.mark.slow  # 15-60 s: both processes load SmolLM2, the receiver compiles its 30-layer mesh step
+@pytest.mark.parametrize("mode", ["tcp", "jax"])
+def test_smollm2_between_processes_decodes_exactly(senders, smollm2, mode):
+    params, config = smollm2.params, smollm2.config
+    dec = busy_decoder(params, config, "2x2")
+    receive = receive_kv if mode == "tcp" else receive_kv_transfer
+    with KVListener() as listener:
+        sender = senders(mode, listener.port, "smollm2-135m", prefill_grid="1x2")
+        slot = receive(KVLanding(dec), listener, timeout_s=WORKER_TIMEOUT_S)
+    sender.wait_ok()
+    want = solo_tokens(params, config, PROMPT)
+    assert len(set(want)) > 5
+    assert decode_after_landing(dec, slot, dec.tokens[slot]) == want
+
+
 @pytest.mark.parametrize("mode, message", [("tcp-half", "peer disconnected after"),
                                            ("tcp-stall", "peer sent nothing for 3 s")])
 def test_a_peer_that_stops_halfway_is_refused_cleanly(senders, mode, message):
