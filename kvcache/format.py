@@ -267,8 +267,8 @@ def parse_header(source: Source) -> KVHeader:
         raise KVStreamError("header checksum mismatch: the header is corrupted")
     try:
         d = json.loads(bytes(text).decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise KVStreamError(f"header is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, an integer too long, nesting too deep
+        raise KVStreamError(f"header is not valid JSON: {type(e).__name__}: {str(e)[:100]}") from None
     if not isinstance(d, dict) or set(d) != HEADER_KEYS:
         got = ", ".join(sorted(d)) if isinstance(d, dict) else type(d).__name__
         raise KVStreamError(f"header fields {got}; expected {', '.join(sorted(HEADER_KEYS))}")

@@ -156,8 +156,8 @@ def _read_block(source: SocketSource) -> dict:
         raise KVStreamError("transfer block checksum mismatch: the block is corrupted")
     try:
         d = json.loads(bytes(text).decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise KVStreamError(f"transfer block is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, an integer too long, nesting too deep
+        raise KVStreamError(f"transfer block is not valid JSON: {type(e).__name__}: {str(e)[:100]}") from None
     if not isinstance(d, dict) or set(d) != TRANSFER_KEYS:
         raise KVStreamError(f"transfer block fields {sorted(d) if isinstance(d, dict) else d!r}; "
                             f"expected {sorted(TRANSFER_KEYS)}")

@@ -202,16 +202,20 @@ def bad_streams(data: bytes, header) -> list:
              ("flipped frame tag", data[:frame0] + b"XVLF" + data[frame0 + 4:], "frame tag"),
              ("frames out of order", data[:frame0 + 4] + struct.pack("<I", 1) + data[frame0 + 8:],
               "frame for layer 1 where layer 0 was due"),
-             ("header is not JSON", rewrite_header(data, lambda d: None)[:0] or _not_json(data), "not valid JSON")]
+             ("header is not JSON", _raw_header(data, b"{" * 100), "not valid JSON"),
+             ("header nested too deep", _raw_header(data, b"[" * 60000), "not valid JSON: RecursionError"),
+             ("header with a 5000-digit integer", _raw_header(data, b"1" * 5000), "not valid JSON: ValueError"),
+             ("header is a list", _raw_header(data, b"[1, 2]"), "header fields list")]
     for path, value, message in HEADER_EDITS:
         cases.append((f"edit {'.'.join(path)}={value!r}", rewrite_header(data, _set(path, value)), message))
     return cases
 
 
-def _not_json(data: bytes) -> bytes:
-    _, version, _, length = PREFIX.unpack(data[:PREFIX.size])
-    head = PREFIX.pack(MAGIC, version, 0, length) + b"{" * length
-    return head + CHECKSUM.pack(xxhash.xxh3_64_intdigest(head)) + data[PREFIX.size + length + CHECKSUM.size:]
+def _raw_header(data: bytes, text: bytes) -> bytes:
+    """The stream with its header JSON replaced by `text`, correctly checksummed."""
+    n = PREFIX.unpack(data[:PREFIX.size])[3]
+    head = PREFIX.pack(MAGIC, 1, 0, len(text)) + text
+    return head + CHECKSUM.pack(xxhash.xxh3_64_intdigest(head)) + data[PREFIX.size + n + CHECKSUM.size:]
 
 
 def land_bytes(landing, data) -> None:
