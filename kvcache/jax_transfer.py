@@ -20,6 +20,7 @@ outstanding pulls with an error, and refuses the stream.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import struct
@@ -43,7 +44,7 @@ from kvcache.format import (
     frame_checksum,
     parse_header,
 )
-from kvcache.sequence import SequenceKV
+from kvcache.sequence import SequenceKV, place_on_prefill_mesh
 from kvcache.transport import (
     CONNECT_TIMEOUT_S,
     IO_TIMEOUT_S,
@@ -53,6 +54,7 @@ from kvcache.transport import (
 )
 from mesh.axes import COL, ROW
 from mesh.errors import WaferError
+from mesh.executors import Grid
 
 BLOCK_LEN = struct.Struct("<I")
 TRANSFER_KEYS = {"address", "uuid", "shape", "dtype", "shards", "checksums"}
@@ -99,10 +101,15 @@ def check_pull_sharding(source_shape, source_dtype: str, source_shards, dest: ja
 
 
 def _device_arrays(seq: SequenceKV, layer: int) -> list[jax.Array]:
+    """Layer `layer`'s K and V on devices in the prefill layout (host arrays are placed on this
+    process's devices first), so the shards offered are the layout's columns."""
     out = []
     for a in (seq.k_LKnH[layer], seq.v_LKnH[layer]):
         if not isinstance(a, jax.Array):
-            a = jax.device_put(np.ascontiguousarray(a), jax.devices()[0])
+            grid = seq.layout.grid
+            local = Grid(1, grid.cols)  # one row of the prefill mesh: this sequence's
+            layout = dataclasses.replace(seq.layout, grid=local, row=0)
+            a = place_on_prefill_mesh(np.asarray(a), layout, jax.local_devices())
         out.append(a)
     return out
 

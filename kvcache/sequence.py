@@ -87,17 +87,18 @@ def model_fingerprint(config: ModelConfig, params: Params) -> str:
     return h.hexdigest()
 
 
-def place_on_prefill_mesh(k_KnH: np.ndarray, layout: PrefillKVLayout, devices: list) -> jax.Array:
-    """logical [K, n, H] -> the prefill layout [K_col, n, H] on the C devices of the layout's row."""
+def place_on_prefill_mesh(a_KnH: np.ndarray, layout: PrefillKVLayout, devices: list) -> jax.Array:
+    """[K_col, n, H] in the prefill layout (heads padded) -> a jax array of it, KV heads over the
+    C devices of the layout's row of the prefill mesh laid over `devices`."""
     grid = layout.grid
     if len(devices) < grid.cores:
         raise WaferError(f"prefill mesh {grid} needs {grid.cores} devices, {len(devices)} available")
+    if a_KnH.shape[0] != layout.padded_heads:
+        raise WaferError(f"cache layer of {a_KnH.shape[0]} KV heads; the layout pads to {layout.padded_heads}")
     row = np.array(devices[: grid.cores], dtype=object).reshape(grid.rows, grid.cols)[layout.row]
     mesh = Mesh(row.reshape(1, grid.cols), (ROW, COL))
-    shards = layout.shards(k_KnH)
     sharding = NamedSharding(mesh, P(COL, None, None))  # KV heads over columns; S and H local
-    return jax.make_array_from_callback((layout.padded_heads,) + k_KnH.shape[1:], sharding,
-                                        lambda idx: shards[(idx[0].start or 0) // layout.kc])
+    return jax.make_array_from_callback(a_KnH.shape, sharding, lambda idx: a_KnH[idx])
 
 
 def prefill_sequence(params: Params, config: ModelConfig, prompt: list[int], sampling=None,
@@ -121,6 +122,6 @@ def prefill_sequence(params: Params, config: ModelConfig, prompt: list[int], sam
     layout = PrefillKVLayout(grid, config.n_kv_heads)
     if grid.cores > 1:
         devices = jax.devices()
-        k = [place_on_prefill_mesh(a, layout, devices) for a in k]
-        v = [place_on_prefill_mesh(a, layout, devices) for a in v]
+        k = [place_on_prefill_mesh(np.concatenate(layout.shards(a)), layout, devices) for a in k]
+        v = [place_on_prefill_mesh(np.concatenate(layout.shards(a)), layout, devices) for a in v]
     return SequenceKV(tuple(k), tuple(v), n, first, layout)

@@ -186,9 +186,16 @@ def test_pull_guard_compares_every_shard():
             check_pull_sharding(list(shape), "float32", source, dest)
 
 
-def test_transfer_offer_describes_the_prefill_layout():
+@pytest.mark.parametrize("on_devices", [True, False])
+def test_transfer_offer_describes_the_prefill_layout(on_devices):
+    """Offered shards are the prefill layout's columns, whether the cache is on the prefill mesh's
+    devices already or on the host in the prefill layout."""
+    import dataclasses
     params, config = tiny("tiny-qwen2")
     seq, header = export(params, config, prefill_grid=Grid(1, 2))
+    if not on_devices:
+        seq = dataclasses.replace(seq, k_LKnH=tuple(np.asarray(a) for a in seq.k_LKnH),
+                                  v_LKnH=tuple(np.asarray(a) for a in seq.v_LKnH))
     offer = TransferOffer(seq, header)
     assert offer.block["shards"] == [[[0, 1], [0, len(PROMPT)], [0, 16]], [[1, 2], [0, len(PROMPT)], [0, 16]]]
     assert offer.block["address"].startswith("127.0.0.1:")
