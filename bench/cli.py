@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_mesh_args(gen)
     gen.set_defaults(run=run_generate)
 
+    from bench import kv as kv_cli
+    kv_cli.add_commands(sub, add_model_args, _Parser)
+
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     from bench import decode as decode_bench
@@ -73,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(pre)
     prefill_bench.add_arguments(pre)
     pre.set_defaults(run=prefill_bench.run)
+    kv_bench = bench_sub.add_parser("kv", help="KV-cache serialize/deserialize and transport throughput vs memcpy")
+    kv_cli.add_bench_arguments(kv_bench)
+    kv_bench.set_defaults(run=kv_cli.run_bench)
 
     from bench import profile as profile_cmd
     prof = sub.add_parser("profile", help="what a decode layout costs on a real wafer (traced, nothing run)")

@@ -25,6 +25,7 @@ from kernels.mesh_gemv import mesh_gemv
 from kernels.rmsnorm import rmsnorm_gemv_mesh
 from kernels.rope import apply_rope_ref, rope_cos_sin
 from kvcache.cache import write_kv
+from kvcache.layout import DecodeKVLayout
 from mesh.axes import COL, ROW
 from mesh.errors import WaferError
 from mesh.executors import CoreMesh
@@ -123,15 +124,12 @@ def core_decode_step(tiles, k_cache, v_cache, tokens_B, pos_B, active_B, seed, t
 
 def cache_to_decode_layout(k_KSH: np.ndarray, layout: WaferLayout) -> np.ndarray:
     """One sequence's cache [K, S', H] (S' <= S) -> per-core slices [R, C, k, s, H]."""
-    R, C = layout.grid.rows, layout.grid.cols
-    K, S1, H = k_KSH.shape
-    if S1 > layout.s * R:
-        raise WaferError(f"cache of {S1} positions does not fit {layout.s * R} decode positions")
-    full = np.zeros((layout.kc * C, layout.s_slots * R, H), np.float32)
-    full[:K, :S1] = k_KSH
-    # position p = j * R + r  ->  [r, j]; the last slot of each row is the scratch slot
-    by_row = full.reshape(layout.kc * C, layout.s_slots, R, H).transpose(2, 0, 1, 3)  # [R, Kp, s+1, H]
-    return by_row.reshape(R, C, layout.kc, layout.s_slots, H)
+    return decode_kv_layout(layout).to_cores(np.asarray(k_KSH))
+
+
+def decode_kv_layout(layout: WaferLayout) -> DecodeKVLayout:
+    """The decode layout of one slot's cache under `layout`."""
+    return DecodeKVLayout(layout.grid, layout.config.n_kv_heads, layout.s)
 
 
 def _core_copy(a: jax.Array) -> np.ndarray:
@@ -176,27 +174,86 @@ class WaferDecoder:
         self._logits = None
         self._active_placed = None
         self._knobs_placed: dict[Sampling, list] = {}
+        self._landing: dict[int, _Landing] = {}  # reserved slots, filled layer by layer
 
     def _replicate(self, a) -> jax.Array:
         """A per-sequence value as every core's copy: [R, C, ...]."""
         return self.core_mesh.broadcast(a)
 
     def free_slots(self) -> list[int]:
-        return [b for b in range(self.batch) if not self.active[b]]
+        """Slots neither decoding nor reserved for a sequence being placed."""
+        return [b for b in range(self.batch) if not self.active[b] and b not in self._landing]
 
     def insert(self, slot: int, k_LKSH, v_LKSH, length: int, next_token: int) -> None:
         """Place one prefilled sequence (its cache, length and next token) into a free slot."""
+        self.reserve(slot, length, next_token)
+        try:
+            per_core_k = [cache_to_decode_layout(np.asarray(k)[:, :length], self.layout) for k in k_LKSH]
+            per_core_v = [cache_to_decode_layout(np.asarray(v)[:, :length], self.layout) for v in v_LKSH]
+            self.k_cache, self.v_cache = _insert_slot(self.k_cache, self.v_cache,
+                                                      self.core_mesh.place(tuple(per_core_k)),
+                                                      self.core_mesh.place(tuple(per_core_v)), jnp.int32(slot))
+            self._landing[slot].placed.update(range(self.config.n_layers))
+        except BaseException:
+            self.abort(slot)
+            raise
+        self.commit(slot)
+
+    def reserve(self, slot: int | None, length: int, next_token: int) -> int:
+        """Reserve a free slot (`None`: the first free one) for a sequence placed layer by layer.
+
+        The slot stays inactive until `commit`: decode steps of the other slots never write its
+        positions (an inactive slot writes only the scratch slot), so layers placed while they
+        keep decoding stay as placed. Returns the slot.
+        """
+        if slot is None:
+            free = self.free_slots()
+            if not free:
+                raise WaferError(f"no free slot in the decode batch of {self.batch}")
+            slot = free[0]
         if not 0 <= slot < self.batch:
             raise WaferError(f"slot {slot} is outside the decode batch of {self.batch}")
-        if self.active[slot]:
+        if self.active[slot] or slot in self._landing:
             raise WaferError(f"slot {slot} is occupied")
-        if length >= self.layout.s * self.layout.grid.rows:
+        if not 1 <= length < self.layout.s * self.layout.grid.rows:
             raise WaferError(f"sequence of {length} tokens leaves no room in a cache of {self.layout.max_len}")
-        per_core_k = [cache_to_decode_layout(np.asarray(k)[:, :length], self.layout) for k in k_LKSH]
-        per_core_v = [cache_to_decode_layout(np.asarray(v)[:, :length], self.layout) for v in v_LKSH]
-        self.k_cache, self.v_cache = _insert_slot(self.k_cache, self.v_cache, self.core_mesh.place(tuple(per_core_k)),
-                                                  self.core_mesh.place(tuple(per_core_v)), jnp.int32(slot))
-        self.tokens[slot], self.pos[slot], self.active[slot] = next_token, length, True
+        if not 0 <= next_token < self.config.vocab_size:
+            raise WaferError(f"next token {next_token} is outside the vocabulary [0, {self.config.vocab_size})")
+        self._landing[slot] = _Landing(length, next_token, set())
+        return slot
+
+    def place_layer(self, slot: int, layer: int, k_KnH, v_KnH) -> None:
+        """Place layer `layer` ([K, n, H] keys and values) of the sequence reserved in `slot`."""
+        landing = self._landing.get(slot)
+        if landing is None:
+            raise WaferError(f"slot {slot} is not reserved")
+        if not 0 <= layer < self.config.n_layers:
+            raise WaferError(f"layer {layer} is outside the model's {self.config.n_layers}")
+        want = (self.config.n_kv_heads, landing.length, self.config.head_dim)
+        if tuple(k_KnH.shape) != want or tuple(v_KnH.shape) != want:
+            raise WaferError(f"layer {layer}: K {tuple(k_KnH.shape)} / V {tuple(v_KnH.shape)}, expected {want}")
+        k_new, v_new = self.core_mesh.place((cache_to_decode_layout(k_KnH, self.layout),
+                                             cache_to_decode_layout(v_KnH, self.layout)))
+        k, v = _insert_layer(self.k_cache[layer], self.v_cache[layer], k_new, v_new, jnp.int32(slot))
+        self.k_cache = self.k_cache[:layer] + (k,) + self.k_cache[layer + 1:]
+        self.v_cache = self.v_cache[:layer] + (v,) + self.v_cache[layer + 1:]
+        landing.placed.add(layer)
+
+    def commit(self, slot: int) -> None:
+        """Start decoding the sequence reserved in `slot` (every layer must have been placed)."""
+        landing = self._landing.get(slot)
+        if landing is None:
+            raise WaferError(f"slot {slot} is not reserved")
+        missing = sorted(set(range(self.config.n_layers)) - landing.placed)
+        if missing:
+            raise WaferError(f"slot {slot}: layers {missing[:8]} were never placed")
+        del self._landing[slot]
+        self.tokens[slot], self.pos[slot], self.active[slot] = landing.next_token, landing.length, True
+
+    def abort(self, slot: int) -> None:
+        """Give a reserved slot back. Layers already placed stay in its cache rows unseen: the slot
+        is inactive, and the next insert overwrites every position of it."""
+        self._landing.pop(slot, None)
 
     def evict(self, slot: int) -> None:
         self.active[slot] = False
@@ -283,6 +340,22 @@ class WaferDecoder:
         for s in slots:
             self.evict(s)
         return GenerationResult(out, ttft, decode_s, steps, compile_s)
+
+
+@dataclasses.dataclass
+class _Landing:
+    """A reserved slot being filled: what it will decode from once committed."""
+
+    length: int
+    next_token: int
+    placed: set[int]
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _insert_layer(k_cache, v_cache, k_new, v_new, slot):
+    """Write one layer of one sequence's per-core slices [R, C, k, s, H] into batch slot `slot`."""
+    return (jax.lax.dynamic_update_index_in_dim(k_cache, k_new, slot, axis=2),
+            jax.lax.dynamic_update_index_in_dim(v_cache, v_new, slot, axis=2))
 
 
 @functools.partial(jax.jit, donate_argnums=(0, 1))

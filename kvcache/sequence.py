@@ -1,0 +1,127 @@
+"""What the handoff carries: one prefilled sequence's KV cache, and where it came from.
+
+`prefill_sequence` is the one place a prompt is prefilled for export; today it runs the
+single-device `Generator.prefill` and lays the result out on the prefill mesh, so pointing the
+handoff at the prefill mesh's own output means changing this function only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import xxhash
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from kvcache.layout import PrefillKVLayout
+from mesh.axes import COL, ROW
+from mesh.errors import WaferError
+from mesh.executors import Grid
+from model.config import ModelConfig
+from model.weights import Params, flatten_params
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceKV:
+    """One sequence's cache in the prefill layout, with what decoding it needs next.
+
+    k_LKnH, v_LKnH: L arrays [K_col, n, H] as `layout` says (KV heads padded to a multiple of the
+      prefill mesh's columns): numpy arrays of any strides, or jax arrays sharded over the
+      devices of the sequence's prefill-mesh row.
+    """
+
+    k_LKnH: tuple
+    v_LKnH: tuple
+    length: int  # n: positions 0..n-1 hold the prompt
+    first_token: int  # the token sampled at prefill: the first one decode feeds
+    layout: PrefillKVLayout
+
+    def __post_init__(self):
+        if len(self.k_LKnH) != len(self.v_LKnH) or not self.k_LKnH:
+            raise WaferError(f"a cache needs as many K as V layers (at least one), got "
+                             f"{len(self.k_LKnH)} and {len(self.v_LKnH)}")
+        want = (self.layout.padded_heads, self.length)
+        for a in self.k_LKnH + self.v_LKnH:
+            if a.ndim != 3 or tuple(a.shape[:2]) != want:
+                raise WaferError(f"cache layer of shape {tuple(a.shape)}; the layout needs [{want[0]}, {want[1]}, H]")
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.k_LKnH)
+
+    @property
+    def head_dim(self) -> int:
+        return self.k_LKnH[0].shape[2]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.k_LKnH[0].dtype)
+
+    def host_shards(self, a) -> list[np.ndarray]:
+        """One layer's per-column shards [kc, n, H] on the host, without copies where possible."""
+        kc = self.layout.kc
+        if isinstance(a, jax.Array) and len(a.sharding.device_set) > 1:
+            if not a.is_fully_addressable:
+                raise WaferError("the cache spans processes; serialize it from the process that holds it")
+            by_start = {s.index[0].start or 0: s for s in a.addressable_shards}
+            return [np.asarray(by_start[c * kc].data) for c in range(self.layout.grid.cols)]
+        host = np.asarray(a)
+        return [host[c * kc:(c + 1) * kc] for c in range(self.layout.grid.cols)]
+
+    def logical_layer(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Layer `layer` as logical [K, n, H] arrays (a copy; for tests and references)."""
+        return tuple(self.layout.to_logical(self.host_shards(a[layer])) for a in (self.k_LKnH, self.v_LKnH))
+
+
+def model_fingerprint(config: ModelConfig, params: Params) -> str:
+    """xxh3-128 over the config and every weight's bytes: a cache only decodes on its own model."""
+    from model.load import config_to_json
+
+    h = xxhash.xxh3_128(config_to_json(config).encode())
+    for name, w in sorted(flatten_params(params).items()):
+        w = np.ascontiguousarray(np.asarray(w))
+        h.update(f"{name}|{w.dtype.str}|{w.shape}".encode())
+        h.update(w.reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
+def place_on_prefill_mesh(a_KnH: np.ndarray, layout: PrefillKVLayout, devices: list) -> jax.Array:
+    """[K_col, n, H] in the prefill layout (heads padded) -> a jax array of it, KV heads over the
+    C devices of the layout's row of the prefill mesh laid over `devices`."""
+    grid = layout.grid
+    if len(devices) < grid.cores:
+        raise WaferError(f"prefill mesh {grid} needs {grid.cores} devices, {len(devices)} available")
+    if a_KnH.shape[0] != layout.padded_heads:
+        raise WaferError(f"cache layer of {a_KnH.shape[0]} KV heads; the layout pads to {layout.padded_heads}")
+    row = np.array(devices[: grid.cores], dtype=object).reshape(grid.rows, grid.cols)[layout.row]
+    mesh = Mesh(row.reshape(1, grid.cols), (ROW, COL))
+    sharding = NamedSharding(mesh, P(COL, None, None))  # KV heads over columns; S and H local
+    return jax.make_array_from_callback(a_KnH.shape, sharding, lambda idx: a_KnH[idx])
+
+
+def prefill_sequence(params: Params, config: ModelConfig, prompt: list[int], sampling=None,
+                     prefill_grid: Grid | None = None) -> SequenceKV:
+    """Prefill one prompt and return its cache in the prefill layout.
+
+    The prefill itself runs on one device (`Generator.prefill`); with `prefill_grid` its cache is
+    then laid out over that mesh (row 0) exactly as the prefill mesh lays out its own.
+    """
+    from model.generate import Generator, Sampling, check_request
+
+    sampling = sampling or Sampling()
+    check_request(config, [prompt], 1)
+    n = len(prompt)
+    first_B, cache, *_ = Generator(params, config).prefill([prompt], n, sampling)
+    first = int(np.asarray(first_B)[0])
+    # [B, K, S, H] -> [K, n, H] of sequence 0: views of the host copy, no further copies.
+    k = [np.asarray(a)[0, :, :n] for a in cache.k_LBKSH]
+    v = [np.asarray(a)[0, :, :n] for a in cache.v_LBKSH]
+    grid = prefill_grid or Grid(1, 1)
+    layout = PrefillKVLayout(grid, config.n_kv_heads)
+    if grid.cores > 1:
+        devices = jax.devices()
+        k = [place_on_prefill_mesh(np.concatenate(layout.shards(a)), layout, devices) for a in k]
+        v = [place_on_prefill_mesh(np.concatenate(layout.shards(a)), layout, devices) for a in v]
+    return SequenceKV(tuple(k), tuple(v), n, first, layout)
