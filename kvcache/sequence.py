@@ -1,8 +1,7 @@
 """What the handoff carries: one prefilled sequence's KV cache, and where it came from.
 
-`prefill_sequence` is the one place a prompt is prefilled for export; today it runs the
-single-device `Generator.prefill` and lays the result out on the prefill mesh, so pointing the
-handoff at the prefill mesh's own output means changing this function only.
+`prefill_sequence` is the one place a prompt is prefilled for export: on the prefill mesh
+(`model/prefill.py`), whose cache stays on its devices until the serializer or a transport reads it.
 """
 
 from __future__ import annotations
@@ -101,27 +100,39 @@ def place_on_prefill_mesh(a_KnH: np.ndarray, layout: PrefillKVLayout, devices: l
     return jax.make_array_from_callback(a_KnH.shape, sharding, lambda idx: a_KnH[idx])
 
 
+def sequence_from_prefill(result, i: int) -> SequenceKV:
+    """Sequence i of a prefill-mesh result (`model.prefill.PrefillResult`) as a `SequenceKV`.
+
+    On a `devices` prefill mesh the layers stay where the prefill left them: each is a jax array
+    [K_col, n, H] over the C devices of the sequence's mesh row, built from views of those
+    devices' shards (no host copy; the serializer and JAX transfer read the shards). On `vcores`
+    (one device) they are host arrays.
+    """
+    R, C, b, kc = result.k_cache[0].shape[:4]
+    n, row, j = int(result.lengths[i]), i // b, i % b
+    layout = PrefillKVLayout(result.grid, result.config.n_kv_heads, row=row)
+    H = result.config.head_dim
+
+    def sequence_layer(a: jax.Array):
+        if len(a.sharding.device_set) == 1:
+            return np.asarray(a[row, :, j, :, :n]).reshape(C * kc, n, H)
+        by_core = {(s.index[0].start or 0, s.index[1].start or 0): s for s in a.addressable_shards}
+        pieces = [by_core[(row, c)].data[0, 0, j, :, :n] for c in range(C)]
+        devices = [by_core[(row, c)].device for c in range(C)]
+        mesh = Mesh(np.array(devices, dtype=object).reshape(1, C), (ROW, COL))
+        return jax.make_array_from_single_device_arrays((C * kc, n, H), NamedSharding(mesh, P(COL, None, None)),
+                                                        pieces)
+    return SequenceKV(tuple(map(sequence_layer, result.k_cache)), tuple(map(sequence_layer, result.v_cache)), n,
+                      int(result.first_tokens[i]), layout)
+
+
 def prefill_sequence(params: Params, config: ModelConfig, prompt: list[int], sampling=None,
                      prefill_grid: Grid | None = None) -> SequenceKV:
-    """Prefill one prompt and return its cache in the prefill layout.
+    """Prefill one prompt on a prefill mesh (`model.prefill`; default one device) for export."""
+    from mesh.executors import Executor, make_core_mesh
+    from model.generate import Sampling
+    from model.prefill import Prefiller
 
-    The prefill itself runs on one device (`Generator.prefill`); with `prefill_grid` its cache is
-    then laid out over that mesh (row 0) exactly as the prefill mesh lays out its own.
-    """
-    from model.generate import Generator, Sampling, check_request
-
-    sampling = sampling or Sampling()
-    check_request(config, [prompt], 1)
-    n = len(prompt)
-    first_B, cache, *_ = Generator(params, config).prefill([prompt], n, sampling)
-    first = int(np.asarray(first_B)[0])
-    # [B, K, S, H] -> [K, n, H] of sequence 0: views of the host copy, no further copies.
-    k = [np.asarray(a)[0, :, :n] for a in cache.k_LBKSH]
-    v = [np.asarray(a)[0, :, :n] for a in cache.v_LBKSH]
-    grid = prefill_grid or Grid(1, 1)
-    layout = PrefillKVLayout(grid, config.n_kv_heads)
-    if grid.cores > 1:
-        devices = jax.devices()
-        k = [place_on_prefill_mesh(np.concatenate(layout.shards(a)), layout, devices) for a in k]
-        v = [place_on_prefill_mesh(np.concatenate(layout.shards(a)), layout, devices) for a in v]
-    return SequenceKV(tuple(k), tuple(v), n, first, layout)
+    mesh = make_core_mesh(prefill_grid or Grid(1, 1), Executor.DEVICES)
+    result = Prefiller(params, config, mesh).prefill([prompt], sampling or Sampling())
+    return sequence_from_prefill(result, 0)
