@@ -70,8 +70,8 @@ class MachineBounds:
                              faster(self.matmul, other.matmul))
 
 
-def median_seconds(fn: Callable[[], object], runs: int) -> float:
-    """Median wall time of `runs` calls of `fn` after one warm-up call (which also compiles).
+def run_seconds(fn: Callable[[], object], runs: int) -> list[float]:
+    """Wall times of `runs` calls of `fn` after one warm-up call (which also compiles).
 
     `fn` must block until its result is ready (`jax.block_until_ready` for JAX work).
     """
@@ -81,7 +81,12 @@ def median_seconds(fn: Callable[[], object], runs: int) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn: Callable[[], object], runs: int) -> float:
+    """Median of `run_seconds`."""
+    return statistics.median(run_seconds(fn, runs))
 
 
 def _jax_sum(nbytes: int, runs: int) -> Rate:

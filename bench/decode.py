@@ -261,12 +261,21 @@ def format_table(r: dict) -> str:
                                     f"{'match' if r['tokens_match'] else 'DIFFER'})"))
     if "mesh" in r:
         rows += mesh_rows(r["mesh"])
-    env = r["env"]
-    rows.append(("env", f"jax {env['jax']} on {env['device_count']} x {env['device_kind']}, "
-                        f"{env['cpu_count']} CPUs ({env['cpu_model']})"
-                        + (f", torch {env['torch']}" if "torch" in env else "")
-                        + (f", load average {env['loadavg_1m_start']} -> {env['loadavg_1m_end']}"
-                           if "loadavg_1m_start" in env else "")))
+    rows.append(env_row(r["env"]))
+    return aligned(rows)
+
+
+def env_row(env: dict) -> tuple[str, str]:
+    """The `env` line of a benchmark table: versions, devices, CPUs and the load average."""
+    return ("env", f"jax {env['jax']} on {env['device_count']} x {env['device_kind']}, "
+                   f"{env['cpu_count']} CPUs ({env['cpu_model']})"
+                   + (f", torch {env['torch']}" if "torch" in env else "")
+                   + (f", load average {env['loadavg_1m_start']} -> {env['loadavg_1m_end']}"
+                      if "loadavg_1m_start" in env else ""))
+
+
+def aligned(rows: list[tuple[str, str]]) -> str:
+    """`label  value` lines with the values aligned, for a terminal."""
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
 

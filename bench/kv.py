@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from bench.bandwidth import run_seconds
 from mesh.errors import WaferError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -223,12 +224,7 @@ def random_sequence(config, tokens: int):
 
 def _times(fn, runs: int) -> tuple[float, float]:
     """(median, best) seconds of `runs` calls of `fn` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+    times = run_seconds(fn, runs)
     return statistics.median(times), min(times)
 
 

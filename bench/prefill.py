@@ -23,7 +23,8 @@ import time
 
 
 from bench.bandwidth import measure_matmul_peak
-from bench.decode import _busy_check, _int_at_least, _positive_int, _progress, environment, random_prompts
+from bench.decode import (_busy_check, _int_at_least, _positive_int, _progress, aligned, env_row, environment,
+                          random_prompts)
 from mesh.errors import WaferError
 from model.config import ModelConfig
 
@@ -139,14 +140,8 @@ def format_table(r: dict) -> str:
         rows.append(("HF forward", f"{r['hf_tok_per_s']:.0f} tok/s ({r['hf_gflops']:.0f} GFLOP/s of needed work) "
                                    f"-> ours/HF {r['vs_hf']:.2f}x (first tokens "
                                    f"{'match' if r['first_tokens_match'] else 'DIFFER'})"))
-    env = r["env"]
-    rows.append(("env", f"jax {env['jax']} on {env['device_count']} x {env['device_kind']}, "
-                        f"{env['cpu_count']} CPUs ({env['cpu_model']})"
-                        + (f", torch {env['torch']}" if "torch" in env else "")
-                        + (f", load average {env['loadavg_1m_start']} -> {env['loadavg_1m_end']}"
-                           if "loadavg_1m_start" in env else "")))
-    width = max(len(label) for label, _ in rows)
-    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+    rows.append(env_row(r["env"]))
+    return aligned(rows)
 
 
 def run(args) -> int:

@@ -27,6 +27,16 @@ IO_TIMEOUT_S = 30.0
 # --------------------------------------------------------------------------------------------- file
 
 
+class _ClosesOnExit:
+    """`with` support for anything with a `close()`."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 class _FileSink:
     def __init__(self, f):
         self.f = f
@@ -52,7 +62,7 @@ def write_kv_file(seq: SequenceKV, header: KVHeader, path: str) -> int:
     return n
 
 
-class FileSource:
+class FileSource(_ClosesOnExit):
     """Reads a stream file: each read fills a fresh buffer the caller owns (one copy, bounded)."""
 
     def __init__(self, path: str):
@@ -84,12 +94,6 @@ class FileSource:
     def close(self) -> None:
         self.f.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 # ---------------------------------------------------------------------------------------------- TCP
 
@@ -118,7 +122,7 @@ def send_kv(seq: SequenceKV, header: KVHeader, port: int, timeout_s: float = IO_
     return n
 
 
-class SocketSource:
+class SocketSource(_ClosesOnExit):
     """Reads a stream from a connected socket; each read fills a fresh buffer the caller owns."""
 
     def __init__(self, sock: socket.socket, timeout_s: float = IO_TIMEOUT_S):
@@ -151,14 +155,8 @@ class SocketSource:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
-
-
-class KVListener:
+class KVListener(_ClosesOnExit):
     """A listening socket on 127.0.0.1 that accepts one stream at a time."""
 
     def __init__(self, port: int = 0):
@@ -184,12 +182,6 @@ class KVListener:
 
     def close(self) -> None:
         self.sock.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def receive_kv(landing, listener: KVListener, slot: int | None = None, timeout_s: float = CONNECT_TIMEOUT_S,
