@@ -16,7 +16,7 @@ from tests.test_bench_decode import run_cli, tiny_checkpoint  # noqa: F401 (fixt
 
 @pytest.fixture
 def small_peak(monkeypatch):
-    monkeypatch.setattr(prefill_bench, "measure_matmul_peak",
+    monkeypatch.setattr(prefill_bench, "matmul_peak_in_fresh_process",
                         functools.partial(bandwidth.measure_matmul_peak, sizes=(64, 128), runs=1))
 
 
@@ -35,6 +35,12 @@ def test_matmul_peak_is_the_best_candidate():
     peak = bandwidth.measure_matmul_peak(sizes=(32, 64), runs=1)
     assert peak.name in {"jax_gemm_32", "jax_gemm_64", "numpy_gemm"}
     assert peak.per_s > 0
+
+
+@pytest.mark.slow
+def test_matmul_peak_in_a_fresh_process():
+    peak = bandwidth.matmul_peak_in_fresh_process()
+    assert peak.name in {"jax_gemm_2048", "jax_gemm_4096", "numpy_gemm"} and peak.per_s > 1e9
 
 
 @pytest.mark.parametrize("argv, fragments", [
