@@ -110,15 +110,38 @@ class PrefillKVLayout:
 
 @dataclasses.dataclass(frozen=True)
 class DecodeKVLayout:
-    """One slot of the decode cache: `KV[K_col, S_row(cyclic), H]` as per-core [R, C, kc, s + 1, H]."""
+    """One slot of the decode cache: `KV[K_col, S_row(cyclic), H]` as per-core [R, C, kc, s + 1, H].
+
+    Column c holds the kc KV heads `heads_of(c)` (None: a zero padding head). By default these are
+    contiguous blocks of K; a decode layout with more columns than KV heads replicates each head
+    on several columns (`model/wafer_layout.py`) and passes its map as `column_heads`. Position p
+    lies on row p % R at slot p // R; slot s of every row is the scratch slot, always zero here.
+    """
 
     grid: Grid  # the decode mesh R×C
     kv_heads: int  # K, before padding
     positions_per_row: int  # s: cache positions each row holds (the scratch slot excluded)
+    column_heads: tuple[tuple[int | None, ...], ...] | None = None  # per column its kc KV heads
+
+    def __post_init__(self):
+        if self.column_heads is not None:
+            if len(self.column_heads) != self.grid.cols or len({len(h) for h in self.column_heads}) != 1:
+                raise WaferError(f"decode layout: need the same number of KV heads for each of {self.grid.cols} "
+                                 f"columns, got {self.column_heads}")
+            held = {h for heads in self.column_heads for h in heads if h is not None}
+            if held != set(range(self.kv_heads)):
+                raise WaferError(f"decode layout: columns hold KV heads {sorted(held)}, the model has {self.kv_heads}")
 
     @property
     def kc(self) -> int:
+        if self.column_heads is not None:
+            return len(self.column_heads[0])
         return _ceil_div(self.kv_heads, self.grid.cols)
+
+    def heads_of(self, c: int) -> tuple[int | None, ...]:
+        if self.column_heads is not None:
+            return self.column_heads[c]
+        return tuple(h if h < self.kv_heads else None for h in range(c * self.kc, (c + 1) * self.kc))
 
     @property
     def capacity(self) -> int:  # positions the slot holds
@@ -136,20 +159,26 @@ class DecodeKVLayout:
         for r in range(R):
             rows = k_KnH[:, r::R]  # positions r, r + R, ...: slots 0, 1, ... of row r
             for c in range(C):
-                heads = slice(c * kc, min((c + 1) * kc, K))
-                out[r, c, : heads.stop - heads.start, : rows.shape[1]] = rows[heads]
+                for i, h in enumerate(self.heads_of(c)):
+                    if h is not None:
+                        out[r, c, i, : rows.shape[1]] = rows[h]
         return out
 
     def from_cores(self, cores: np.ndarray, n: int) -> np.ndarray:
-        """The inverse of `to_cores` for the first n positions: [R, C, kc, s + 1, H] -> [K, n, H]."""
-        R, C, kc = self.grid.rows, self.grid.cols, self.kc
+        """The inverse of `to_cores` for the first n positions: [R, C, kc, s + 1, H] -> [K, n, H]
+        (a replicated head is read from the first column that holds it)."""
+        R, C = self.grid.rows, self.grid.cols
         H = cores.shape[-1]
+        first = {}
+        for c in range(C):
+            for i, h in enumerate(self.heads_of(c)):
+                if h is not None:
+                    first.setdefault(h, (c, i))
         out = np.empty((self.kv_heads, n, H), cores.dtype)
         for r in range(R):
             m = len(range(r, n, R))
-            for c in range(C):
-                heads = slice(c * kc, min((c + 1) * kc, self.kv_heads))
-                out[heads, r::R] = cores[r, c, : heads.stop - heads.start, :m]
+            for h, (c, i) in first.items():
+                out[h, r::R] = cores[r, c, i, :m]
         return out
 
 

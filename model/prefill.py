@@ -57,8 +57,11 @@ PREFILL_CHUNK = 2048
 
 
 def column_layout(config: ModelConfig, cols: int) -> WaferLayout:
-    """Per-column extents (kc, nc, f, v) of the tensor-parallel split over `cols` columns."""
-    return WaferLayout(config, Grid(1, cols), max_len=1)
+    """Per-column extents (kc, nc, f, v) of the tensor-parallel split over `cols` columns.
+
+    Whole KV groups per column at any C (no replicated KV heads): the prefill cache layout and
+    its handoff read KV head c*kc + i on column c."""
+    return WaferLayout(config, Grid(1, cols), max_len=1, split_groups=False)
 
 
 def core_prefill_chunk(tiles, k_cache, v_cache, tokens_bT, lengths_b, start, x_last_bD, *,

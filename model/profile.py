@@ -248,9 +248,10 @@ def profile_layout(config: ModelConfig, grid: Grid, spec: WaferSpec, schedule: S
 def sram_map(profile: LayoutProfile) -> tuple[np.ndarray, np.ndarray]:
     """Per-core bytes of a middle stage: (allocated [R, C], useful [R, C]: the part not padding).
 
-    Every core allocates the same extents; padding (D over rows, KV heads, F and V over columns,
-    cache positions over rows) leaves some cores holding zeros. Useful bytes follow the layout's
-    rules in model/wafer_layout.py.
+    Every core allocates the same extents; padding (D over rows, KV and query heads, F and V over
+    columns, cache positions over rows) leaves some cores holding zeros. Useful bytes follow the
+    layout's rules in model/wafer_layout.py; a replicated KV head counts as useful on each of its
+    columns (each needs its copy).
     """
     cfg, g = profile.config, profile.grid
     layout = WaferLayout(_layers(cfg, profile.staging.layers_per_stage), g, profile.context)
@@ -258,12 +259,14 @@ def sram_map(profile: LayoutProfile) -> tuple[np.ndarray, np.ndarray]:
     r, c = np.arange(g.rows)[:, None], np.arange(g.cols)[None, :]
     real = lambda total, per, idx: np.clip(total - idx * per, 0, per)
     d = real(cfg.dim, layout.d, r)
-    k = real(cfg.n_kv_heads, layout.kc, c)
+    heads = [layout.column_heads(i) for i in range(g.cols)]
+    k = np.array([sum(h is not None for h in kv) for kv, _ in heads])[None, :]
+    q = np.array([sum(h is not None for h in qs) for _, qs in heads])[None, :]
     f = real(cfg.ffn_dim, layout.f, c)
     s = np.array([sum(1 for j in range(layout.s) if j * g.rows + i < profile.context) for i in range(g.rows)])[:, None]
-    G, H, B = cfg.q_per_kv, cfg.head_dim, profile.batch
-    per_layer = (2 * d + d * (G + 2) * H * k + G * H * k * d + d * 2 * f + f * d + 2 * B * k * s * H
-                 + ((G + 2) * H * k if cfg.qkv_bias else 0))
+    H, B = cfg.head_dim, profile.batch
+    per_layer = (2 * d + d * (q + 2 * k) * H + q * H * d + d * 2 * f + f * d + 2 * B * k * s * H
+                 + ((q + 2 * k) * H if cfg.qkv_bias else 0))
     useful = layout.config.n_layers * per_layer  # a middle stage: its layers (the plan's weights and KV)
     allocated = np.full((g.rows, g.cols), profile.plan.per_core_bytes, dtype=np.int64)
     buffers = profile.plan.bytes_by_kind()["buffer"]

@@ -54,7 +54,7 @@ def core_decode_step(tiles, k_cache, v_cache, tokens_B, pos_B, active_B, seed, t
 
     Args (all local to this core):
       tiles: this core's weight tiles (wafer_layout.tile_params, without the [R, C] axes).
-      k_cache, v_cache: L arrays [B, k, s, H]: this core's KV heads and cache positions.
+      k_cache, v_cache: L arrays [B, kc, s+1, H]: this core's KV heads and cache positions.
       tokens_B: [B] the tokens to feed (the same on every core).
       pos_B: [B] their positions; active_B: [B] bool, which slots hold a live sequence.
       seed, temperature, top_k, top_p: sampling knobs (scalars, the same on every core).
@@ -66,7 +66,7 @@ def core_decode_step(tiles, k_cache, v_cache, tokens_B, pos_B, active_B, seed, t
     cfg: ModelConfig = layout.config
     R = layout.grid.rows
     B = tokens_B.shape[0]
-    kc, G, H, d = layout.kc, cfg.q_per_kv, cfg.head_dim, layout.d
+    kc, gc, H, d = layout.kc, layout.gc, cfg.head_dim, layout.d
     sched, groups = opts.schedule, opts.groups
     r = jax.lax.axis_index(ROW)
     c = jax.lax.axis_index(COL)
@@ -95,7 +95,7 @@ def core_decode_step(tiles, k_cache, v_cache, tokens_B, pos_B, active_B, seed, t
                 if "b_qkv" in t:
                     qkv = qkv + t["b_qkv"]
                 nq = layout.nc * H
-                q = apply_rope_ref(qkv[:, :nq].reshape(B, kc, G, H), cos_BH[:, None, None], sin_BH[:, None, None])
+                q = apply_rope_ref(qkv[:, :nq].reshape(B, kc, gc, H), cos_BH[:, None, None], sin_BH[:, None, None])
                 k = apply_rope_ref(qkv[:, nq: nq + kc * H].reshape(B, kc, H), cos_BH[:, None], sin_BH[:, None])
                 v = qkv[:, nq + kc * H:].reshape(B, kc, H)
                 kcache = write_kv(k_cache[i], k[:, :, None], slot_B)
@@ -123,13 +123,20 @@ def core_decode_step(tiles, k_cache, v_cache, tokens_B, pos_B, active_B, seed, t
 
 
 def cache_to_decode_layout(k_KSH: np.ndarray, layout: WaferLayout) -> np.ndarray:
-    """One sequence's cache [K, S', H] (S' <= S) -> per-core slices [R, C, k, s, H]."""
+    """One sequence's cache [K, S', H] (S' <= S) -> per-core slices [R, C, kc, s+1, H].
+
+    Entry [r, c, i, j] is KV head layout.column_heads(c)[0][i] (KV heads along COL) at position
+    p = j * R + r (positions dealt cyclically along ROW). With more columns than KV heads a head
+    lies on each of its rep columns (replicated); padded heads (None), positions >= S' and the
+    last slot j = s of each row (the scratch slot) are zero.
+    """
     return decode_kv_layout(layout).to_cores(np.asarray(k_KSH))
 
 
 def decode_kv_layout(layout: WaferLayout) -> DecodeKVLayout:
-    """The decode layout of one slot's cache under `layout`."""
-    return DecodeKVLayout(layout.grid, layout.config.n_kv_heads, layout.s)
+    """The decode layout of one slot's cache under `layout` (which KV heads each column holds)."""
+    column_heads = tuple(tuple(layout.column_heads(c)[0]) for c in range(layout.grid.cols))
+    return DecodeKVLayout(layout.grid, layout.config.n_kv_heads, layout.s, column_heads)
 
 
 def _core_copy(a: jax.Array) -> np.ndarray:

@@ -12,10 +12,31 @@ GEMV wants its input:
   w_down   [F_col, D_row]          reduce over COL -> [D_row]
   lm       [D_row, V_col]          reduce over ROW -> logits [V_col]; also the embedding table
 
-Dimensions that do not divide the grid are zero-padded: D to a multiple of R, KV heads to a
-multiple of C (with their G query heads), F and V to multiples of C, S to a multiple of R.
-Zero rows and columns contribute exact zeros to every sum, norms divide by the true D, and padded
-vocabulary entries are masked out of the argmax, so padding never changes a result.
+How heads lie over the C columns (K KV heads, G = N/K query heads each):
+
+- C <= K (rep = 1): column c holds kc = ceil(K/C) whole KV groups, KV heads c*kc .. c*kc+kc-1,
+  each with all G of its query heads (gc = G); KV heads >= K are zero padding.
+- C > K (replicated KV): column c holds one KV head (kc = 1) and gc = ceil(G / min(G, C // K))
+  of its query heads. KV head h lies on rep = ceil(G / gc) neighbouring columns h*rep ..
+  h*rep+rep-1; column h*rep + j holds query heads h*G + j*gc .. h*G + j*gc + gc - 1, those past
+  the group's G being zero padding; columns >= K*rep hold no head at all (zero padding for
+  attention, their blocks of F and V as usual). Each of the rep columns holds the KV head's k and
+  v projection weights and its KV-cache slice, and computes its k and v itself: the price of
+  replication is rep-fold work on k and v, and rep-fold KV-cache bytes over the wafer; no
+  collective is added (each column attends its own query heads against its own copy, and the
+  reduction over COL after w_o sums the columns' contributions as before).
+  rep = ceil(G / gc) rather than min(G, C // K): same per-core shapes, fewer padded query heads.
+
+The split is automatic: a core's w_qkv, w_o, KV cache, attention FLOPs and messages are never
+larger than with whole groups (gc <= G, kc = 1 either way once C >= K), so it never loses on a
+wafer, where one core's time is the grid's. `split_groups=False` keeps whole groups for any C
+(the prefill mesh, whose cache layout and handoff read KV head c*kc + i on column c).
+
+Dimensions that do not divide the grid are zero-padded: D to a multiple of R, KV heads and query
+heads as above, F and V to multiples of C, S to a multiple of R. Zero rows and columns contribute
+exact zeros to every sum (a zero query head's attention output meets zero rows of w_o), norms
+divide by the true D, and padded vocabulary entries are masked out of the argmax, so padding
+never changes a result.
 """
 
 from __future__ import annotations
@@ -41,18 +62,44 @@ class WaferLayout:
     config: ModelConfig
     grid: Grid
     max_len: int  # S: cache positions per sequence (before padding to the grid)
+    split_groups: bool = True  # with more columns than KV heads, split groups and replicate KV (above)
 
     @property
     def d(self) -> int:  # local D per row
         return _ceil_div(self.config.dim, self.grid.rows)
 
     @property
+    def _split(self) -> bool:
+        return self.split_groups and self.grid.cols > self.config.n_kv_heads
+
+    @property
     def kc(self) -> int:  # KV heads per column
-        return _ceil_div(self.config.n_kv_heads, self.grid.cols)
+        return 1 if self._split else _ceil_div(self.config.n_kv_heads, self.grid.cols)
+
+    @property
+    def gc(self) -> int:  # query heads per column of each of its KV heads
+        G = self.config.q_per_kv
+        return _ceil_div(G, min(G, self.grid.cols // self.config.n_kv_heads)) if self._split else G
+
+    @property
+    def rep(self) -> int:  # columns per KV head (1: whole groups)
+        return _ceil_div(self.config.q_per_kv, self.gc) if self._split else 1
 
     @property
     def nc(self) -> int:  # query heads per column
-        return self.kc * self.config.q_per_kv
+        return self.kc * self.gc
+
+    def column_heads(self, c: int) -> tuple[list[int | None], list[int | None]]:
+        """Column c's KV heads (kc of them) and query heads (nc, grouped by KV head); None: padding."""
+        K, G = self.config.n_kv_heads, self.config.q_per_kv
+        kv, q = [], []
+        for a in range(self.kc):
+            h = (c // self.rep) * self.kc + a
+            first = (c % self.rep) * self.gc
+            real = h < K
+            kv.append(h if real else None)
+            q += [h * G + first + i if real and first + i < G else None for i in range(self.gc)]
+        return kv, q
 
     @property
     def f(self) -> int:  # local F per column
@@ -126,21 +173,23 @@ def _tile(a: np.ndarray, row_axis: int | None, col_axis: int | None, grid: Grid)
     return np.stack([np.stack(list(row)) for row in out])
 
 
+def _take_heads(w: np.ndarray, heads: list[int | None], H: int) -> np.ndarray:
+    """Heads (blocks of H along the last axis) of `w` in the order given; None: a zero head."""
+    zero = np.zeros(w.shape[:-1] + (H,), w.dtype)
+    return np.concatenate([zero if h is None else w[..., h * H: (h + 1) * H] for h in heads], axis=-1)
+
+
 def _head_major(w: np.ndarray, layout: WaferLayout) -> np.ndarray:
-    """Reorder a fused QKV output axis (last) from q|k|v into column-major groups:
-    for each column c, [q heads of its KV heads | its k heads | its v heads], KV heads padded."""
+    """Reorder a fused QKV output axis (last) from q|k|v into column-major groups: for each
+    column c, [its query heads | its k heads | its v heads] (layout.column_heads, padding zero;
+    a replicated KV head's k and v appear on each of its columns)."""
     cfg = layout.config
-    N, K, G, H = cfg.n_heads, cfg.n_kv_heads, cfg.q_per_kv, cfg.head_dim
-    Kp = layout.kc * layout.grid.cols
-    q = w[..., : N * H].reshape(*w.shape[:-1], K, G * H)
-    k = w[..., N * H: (N + K) * H].reshape(*w.shape[:-1], K, H)
-    v = w[..., (N + K) * H:].reshape(*w.shape[:-1], K, H)
-    q, k, v = (_pad_to(t, t.ndim - 2, Kp) for t in (q, k, v))
+    N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    q, k, v = w[..., : N * H], w[..., N * H: (N + K) * H], w[..., (N + K) * H:]
     cols = []
     for c in range(layout.grid.cols):
-        heads = slice(c * layout.kc, (c + 1) * layout.kc)
-        cols += [q[..., heads, :].reshape(*w.shape[:-1], -1), k[..., heads, :].reshape(*w.shape[:-1], -1),
-                 v[..., heads, :].reshape(*w.shape[:-1], -1)]
+        kv_heads, q_heads = layout.column_heads(c)
+        cols += [_take_heads(q, q_heads, H), _take_heads(k, kv_heads, H), _take_heads(v, kv_heads, H)]
     return np.concatenate(cols, axis=-1)
 
 
@@ -148,8 +197,7 @@ def tile_params(params: Params, layout: WaferLayout) -> dict:
     """Per-core tiles [R, C, *local] of every weight, from single-device params."""
     cfg, grid = layout.config, layout.grid
     Dp, Fp, Vp = layout.d * grid.rows, layout.f * grid.cols, layout.v * grid.cols
-    H, G = cfg.head_dim, cfg.q_per_kv
-    Kp = layout.kc * grid.cols
+    H = cfg.head_dim
 
     def vec_d(w):  # [D] -> rows
         return _tile(_pad_to(np.asarray(w, np.float32), 0, Dp), 0, None, grid)
@@ -162,9 +210,10 @@ def tile_params(params: Params, layout: WaferLayout) -> dict:
         gate = _pad_to(_pad_to(gate_up[:, :F], 1, Fp), 0, Dp)
         up = _pad_to(_pad_to(gate_up[:, F:], 1, Fp), 0, Dp)
         gate_t, up_t = _tile(gate, 0, 1, grid), _tile(up, 0, 1, grid)
-        # w_o rows are query heads (N H); pad per KV group so they line up with the QKV columns.
-        w_o = np.asarray(lp["w_o"], np.float32).reshape(cfg.n_kv_heads, G * H, cfg.dim)
-        w_o = _pad_to(_pad_to(w_o, 0, Kp), 2, Dp).reshape(Kp * G * H, Dp)
+        # w_o rows are query heads (N H): each column's rows in the order of its QKV query heads,
+        # zero rows for padded heads.
+        w_o_DNH = _pad_to(np.asarray(lp["w_o"], np.float32), 1, Dp).T
+        w_o = np.concatenate([_take_heads(w_o_DNH, layout.column_heads(c)[1], H) for c in range(grid.cols)], -1).T
         tiles = {
             "attn_norm": vec_d(lp["attn_norm"]),
             "w_qkv": _tile(w_qkv, 0, 1, grid),

@@ -88,11 +88,12 @@ def write_llama3(path: str, seed: int = 0, legacy_config_keys: bool = False) -> 
     return str(path)
 
 
-def write_qwen2(path: str, tie: bool, seed: int = 1) -> str:
-    """Qwen2ForCausalLM (QKV bias, rope theta 1e6), with or without a tied LM head; returns `path`."""
+def write_qwen2(path: str, tie: bool, seed: int = 1, **shapes) -> str:
+    """Qwen2ForCausalLM (QKV bias, rope theta 1e6), with or without a tied LM head; returns `path`.
+    `shapes` override TINY_SHAPES (e.g. more query heads per KV head)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(**TINY_SHAPES, rope_parameters=dict(rope_type="default", rope_theta=1e6),
+    config = Qwen2Config(**{**TINY_SHAPES, **shapes}, rope_parameters=dict(rope_type="default", rope_theta=1e6),
                          rms_norm_eps=1e-6, tie_word_embeddings=tie)
     return _save(Qwen2ForCausalLM(config), path, seed)
 

@@ -15,10 +15,11 @@ from kvcache.cache import empty_cache
 from mesh.errors import WaferError
 from mesh.executors import Executor, Grid, make_core_mesh
 from mesh.wafer import emulated_spec
-from model.config import TINY_QWEN2
+from model.config import SMOLLM2_135M, TINY_QWEN2
 from model.forward import forward
 from model.generate import Generator
-from model.wafer_decode import MeshOptions, WaferDecoder
+from model.wafer_decode import MeshOptions, WaferDecoder, cache_to_decode_layout
+from model.wafer_layout import WaferLayout
 from model.weights import init_random_params
 
 NEW_TOKENS = 32
@@ -67,6 +68,47 @@ def test_smollm2_every_mesh_matches_hf(smollm2, chat_prompt, hf_tokens, grid, ex
     _check_mesh(smollm2, chat_prompt, hf_tokens, grid, executor, schedule)
 
 
+# More columns than KV heads: SmolLM2 (K 3, G 3) splits each group's query heads over rep columns,
+# each holding a copy of the KV head. (grid, executor, schedule, rep, gc): 6 columns -> rep 2, gc 2
+# (one zero query head per group); 9 columns -> rep 3, gc 1.
+SPLIT_CASES = [("1x6", Executor.DEVICES, Schedule.PSUM, 2, 2), ("2x6", Executor.DEVICES, Schedule.KTREE, 2, 2),
+               ("2x9", Executor.VCORES, Schedule.RING, 3, 1)]
+
+
+@pytest.mark.parametrize("grid, executor, schedule, rep, gc", SPLIT_CASES, ids=lambda v: getattr(v, "value", v))
+def test_smollm2_split_kv_groups_matches_hf(smollm2, chat_prompt, hf_tokens, grid, executor, schedule, rep, gc):
+    layout = WaferLayout(smollm2.config, Grid.parse(grid), 64)
+    assert (layout.kc, layout.gc, layout.rep) == (1, gc, rep)
+    _check_mesh(smollm2, chat_prompt, hf_tokens, grid, executor, schedule)
+
+
+def test_column_heads_by_hand():
+    """SmolLM2: 9 query heads in 3 groups of 3 (heads 0-2 share KV head 0, 3-5 KV head 1, ...)."""
+    heads = lambda g: [WaferLayout(SMOLLM2_135M, Grid.parse(g), 64).column_heads(c) for c in range(Grid.parse(g).cols)]
+    # 2 columns: whole groups, KV heads padded to 4 (old layout, kc 2).
+    assert heads("1x2") == [([0, 1], [0, 1, 2, 3, 4, 5]), ([2, None], [6, 7, 8, None, None, None])]
+    # 6 columns: rep 2, gc 2, the second column of each group holds one real and one zero head.
+    assert heads("1x6") == [([0], [0, 1]), ([0], [2, None]), ([1], [3, 4]), ([1], [5, None]), ([2], [6, 7]),
+                            ([2], [8, None])]
+    # 7 columns: the same split, column 6 holds no head.
+    assert heads("1x7")[6] == ([None], [None, None])
+    # 9 columns: rep 3, gc 1, no padding; 4 columns: 4 // 3 = 1 column per group, whole groups.
+    assert heads("2x9") == [([h // 3], [h]) for h in range(9)]
+    assert heads("1x4") == [([0], [0, 1, 2]), ([1], [3, 4, 5]), ([2], [6, 7, 8]), ([None], [None] * 3)]
+
+
+def test_cache_to_decode_layout_replicates_kv_heads():
+    """KV head h (filled with h + 1) lands on both of its columns; positions p -> row p % 2, slot p // 2."""
+    layout = WaferLayout(SMOLLM2_135M, Grid(2, 6), 8)  # s = 4 slots per row + scratch
+    H = SMOLLM2_135M.head_dim
+    k = np.broadcast_to((np.arange(3) + 1.0)[:, None, None] * (1 + np.arange(5))[None, :, None], (3, 5, H))
+    out = cache_to_decode_layout(k, layout)
+    assert out.shape == (2, 6, 1, 5, H)
+    for c, h in enumerate([0, 0, 1, 1, 2, 2]):
+        np.testing.assert_array_equal(out[0, c, 0, :, 0], (h + 1) * np.array([1, 3, 5, 0, 0]))
+        np.testing.assert_array_equal(out[1, c, 0, :, 0], (h + 1) * np.array([2, 4, 0, 0, 0]))
+
+
 def test_padding_never_changes_tokens(smollm2, chat_prompt, hf_tokens):
     """576 wide over 5 rows (pads to 580), 3 KV heads / 9 query heads over 2 columns (pad to 4 / 12),
     vocabulary 49152 over 7 columns would not divide either: all padded, same tokens."""
@@ -74,10 +116,12 @@ def test_padding_never_changes_tokens(smollm2, chat_prompt, hf_tokens):
     assert wafer_tokens(smollm2, chat_prompt, "1x7", Executor.VCORES, Schedule.RING, new_tokens=16) == hf_tokens[:16]
 
 
-def test_logits_match_single_device(smollm2, chat_prompt):
-    """The wafer step's logits against the single-device forward at the same position."""
+@pytest.mark.parametrize("grid", ["2x2", "2x6"])
+def test_logits_match_single_device(smollm2, chat_prompt, grid):
+    """The wafer step's logits against the single-device forward at the same position
+    (2x6: query heads split over columns, KV heads replicated)."""
     cfg, params = smollm2.config, smollm2.params
-    dec = WaferDecoder(params, cfg, make_core_mesh(Grid(2, 2), Executor.DEVICES), 1, len(chat_prompt) + 8,
+    dec = WaferDecoder(params, cfg, make_core_mesh(Grid.parse(grid), Executor.DEVICES), 1, len(chat_prompt) + 8,
                        MeshOptions(Schedule.KTREE))
     tokens = dec.generate([chat_prompt], 2, stop_on_eos=False).tokens[0]
     wafer = dec.last_logits()[0]
@@ -107,16 +151,53 @@ def test_qwen2_checkpoint_on_non_square_mesh(tmp_path):
         assert wafer_tokens(loaded, prompt, "2x3", executor, Schedule.KTREE) == want
 
 
-def test_planner_equals_placed_bytes():
+def test_qwen2_checkpoint_split_groups_pad_query_heads(tmp_path):
+    """Random-weight Qwen2 with 6 query heads over 2 KV heads (G 3, QKV bias): on 2x4 each group
+    splits over 2 columns of 2 query heads (one zero head each); on 1x7 over 3 columns of one,
+    column 6 holding no head."""
+    from bench.hf_peer import hf_greedy, load_hf_model
+    from model.load import load_model
+    from tests.hf_checkpoints import write_qwen2
+
+    path = write_qwen2(str(tmp_path / "qwen2"), tie=False, num_attention_heads=6, hidden_size=96)
+    loaded = load_model(checkpoint=path, use_cache=False)
+    assert (loaded.config.n_heads, loaded.config.n_kv_heads, loaded.config.head_dim) == (6, 2, 16)
+    prompt = [int(t) for t in np.random.default_rng(1).integers(0, loaded.config.vocab_size, 9)]
+    want = hf_greedy(load_hf_model(path), [prompt], NEW_TOKENS)[0]
+    assert len(set(want)) > 5
+    for grid, executor, rep, gc in (("2x4", Executor.DEVICES, 2, 2), ("1x7", Executor.VCORES, 3, 1)):
+        layout = WaferLayout(loaded.config, Grid.parse(grid), 64)
+        assert (layout.rep, layout.gc) == (rep, gc)
+        assert wafer_tokens(loaded, prompt, grid, executor, Schedule.KTREE) == want
+
+
+@pytest.mark.parametrize("grid", ["2x3", "2x6"])
+def test_planner_equals_placed_bytes(grid):
+    """2x6: 2 KV heads over 6 columns, each replicated on 2 columns, 2 columns of padding."""
     cfg = TINY_QWEN2
-    dec = WaferDecoder(init_random_params(cfg), cfg, make_core_mesh(Grid(2, 3), Executor.DEVICES), 3, 100)
+    g = Grid.parse(grid)
+    dec = WaferDecoder(init_random_params(cfg), cfg, make_core_mesh(g, Executor.DEVICES), 3, 100)
     placed = {}
     for a in jax.tree.leaves((dec.tiles, dec.k_cache, dec.v_cache)):
         for shard in a.addressable_shards:
             placed[shard.device] = placed.get(shard.device, 0) + shard.data.nbytes
     by_kind = dec.plan.bytes_by_kind()
-    assert len(placed) == 6
+    assert len(placed) == g.rows * g.cols
     assert set(placed.values()) == {by_kind["weight"] + by_kind["kv"]}
+
+
+def test_planner_by_hand_split_groups():
+    """TINY_QWEN2 on 2x4 (4 columns > 2 KV heads): per core d 32, one KV head (replicated on 2
+    columns), one query head, f 40, v 128, s 32."""
+    cfg = TINY_QWEN2
+    dec = WaferDecoder(init_random_params(cfg), cfg, make_core_mesh(Grid(2, 4), Executor.VCORES), 1, 64)
+    assert (dec.layout.kc, dec.layout.gc, dec.layout.rep) == (1, 1, 2)
+    qkv = (1 + 2 * 1) * 16  # 48 columns: 1 q head + k + v of one KV head
+    per_layer = 4 * (32 + 32 * qkv + qkv + 1 * 16 * 32 + 32 + 32 * 80 + 40 * 32)
+    weights = 2 * per_layer + 4 * (32 + 32 * 128)
+    kv = 2 * 2 * 4 * (1 * 1 * (32 + 1) * 16)
+    assert dec.plan.bytes_by_kind()["weight"] == weights == 4 * (2 * 6000 + 4128)
+    assert dec.plan.bytes_by_kind()["kv"] == kv == 8448
 
 
 def test_planner_by_hand():
