@@ -86,7 +86,7 @@ def test_prefill_mesh_layout_gives_the_same_frames(qwen2, stream):
 
 @pytest.mark.parametrize("name, prefill, decode", [
     ("tiny-qwen2", "1x1", "2x2"), pytest.param("tiny-llama", "1x2", "3x3", marks=pytest.mark.slow),
-    pytest.param("tiny-qwen2", "1x2", "1x4", marks=pytest.mark.slow),
+    ("tiny-qwen2", "1x2", "1x4"),  # decode columns outnumber KV heads: each head on two columns
     pytest.param("tiny-llama", "1x1", "5x2", marks=pytest.mark.slow)])
 def test_file_handoff_decodes_exactly(name, prefill, decode, tmp_path):
     params, config = tiny(name)

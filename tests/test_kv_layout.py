@@ -7,7 +7,7 @@ from kvcache.layout import DecodeKVLayout, PrefillKVLayout
 from mesh.errors import WaferError
 from mesh.executors import Grid
 from model.config import TINY_LLAMA
-from model.wafer_decode import cache_to_decode_layout
+from model.wafer_decode import cache_to_decode_layout, decode_kv_layout
 from model.wafer_layout import WaferLayout
 
 PREFILL_GRIDS = ["1x1", "1x2", "2x2", "1x3", "3x4"]
@@ -45,6 +45,21 @@ def test_decoder_uses_the_decode_layout():
     k = np.random.default_rng(1).standard_normal((2, 20, 16)).astype(np.float32)
     want = DecodeKVLayout(Grid(3, 3), 2, layout.s).to_cores(k)
     assert np.array_equal(cache_to_decode_layout(k, layout), want)
+
+
+def test_replicated_kv_heads_land_on_every_column_that_holds_them():
+    """tiny-llama (K 2, G 2) on 2x4: each KV head lies on two columns (one query head each)."""
+    layout = WaferLayout(TINY_LLAMA, Grid(2, 4), 64)
+    dl = decode_kv_layout(layout)
+    assert dl.column_heads == ((0,), (0,), (1,), (1,))  # by hand: rep 2, gc 1
+    k = np.random.default_rng(2).standard_normal((2, 9, 16)).astype(np.float32)
+    cores = cache_to_decode_layout(k, layout)
+    assert cores.shape == (2, 4, 1, layout.s + 1, 16)
+    for c, h in enumerate([0, 0, 1, 1]):
+        assert np.array_equal(cores[0, c, 0, :5], k[h, 0::2]) and np.array_equal(cores[1, c, 0, :4], k[h, 1::2])
+    assert np.array_equal(dl.from_cores(cores, 9), k)
+    with pytest.raises(WaferError, match="columns hold KV heads"):
+        DecodeKVLayout(Grid(1, 2), 2, 4, column_heads=((0,), (0,)))
 
 
 def test_prefill_layout_json_round_trip_and_refusals():
