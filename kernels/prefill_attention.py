@@ -25,7 +25,8 @@ def blocked_causal_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.A
 
     Memory is linear in T and S: queries are walked block by block (`lax.map`) and, inside each,
     keys block by block (`fori_loop`), so the largest score temporary is
-    [B, K, G, q_block, kv_block]. 128 × 128 blocks were the fastest of 64 to 512 on this CPU for SmolLM2 at 8 × 512 (bench/RESULTS.md).
+    [B, K, G, q_block, kv_block]. 128 x 128 blocks were the fastest of 64 to 512 on this CPU
+    for SmolLM2 at 8 x 512 (bench/RESULTS.md).
 
     Args:
       q_BTNH: [B, T, N, H] queries (already rotated), N = K * G.
