@@ -120,6 +120,11 @@ LLAMA31_70B = ModelConfig(
     n_kv_heads=8, head_dim=128, max_seq_len=131072, rope_theta=500000.0,
     rope_scaling=RopeScaling.LLAMA3,
 )
+LLAMA31_405B = ModelConfig(
+    name="llama3.1-405b", vocab_size=128256, dim=16384, ffn_dim=53248, n_layers=126, n_heads=128,
+    n_kv_heads=8, head_dim=128, max_seq_len=131072, rope_theta=500000.0,
+    rope_scaling=RopeScaling.LLAMA3,
+)
 QWEN2_72B = ModelConfig(
     name="qwen2-72b", vocab_size=152064, dim=8192, ffn_dim=29568, n_layers=80, n_heads=64,
     n_kv_heads=8, head_dim=128, max_seq_len=32768, rope_theta=1000000.0, rms_eps=1e-6,
@@ -128,7 +133,8 @@ QWEN2_72B = ModelConfig(
 
 PRESETS: dict[str, ModelConfig] = {
     c.name: c
-    for c in (SMOLLM2_135M, TINY_LLAMA, TINY_QWEN2, LLAMA3_8B, LLAMA2_13B, LLAMA31_70B, QWEN2_72B)
+    for c in (SMOLLM2_135M, TINY_LLAMA, TINY_QWEN2, LLAMA3_8B, LLAMA2_13B, LLAMA31_70B, LLAMA31_405B,
+              QWEN2_72B)
 }
 # Presets whose weights ship with the project (everything else is shapes only).
 EMBEDDED_MODELS = ("smollm2-135m",)

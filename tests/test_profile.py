@@ -18,7 +18,8 @@ from mesh.cost_model import chain_steps, kernel_times, price_calls
 from mesh.executors import Executor, Grid, make_core_mesh
 from mesh.planner import plan_sram
 from mesh.trace import trace_program
-from mesh.wafer import WSE2, emulated_spec
+from mesh.errors import WaferError
+from mesh.wafer import WSE2, WSE3, emulated_spec
 from model.config import TINY_LLAMA, preset
 from model.profile import kernel_of, layout_specs, profile_layout, trace_decode_step
 from model.wafer_decode import MeshOptions, WaferDecoder
@@ -186,6 +187,20 @@ def test_70b_class_traced_at_750x990_fits_with_split_groups(name, f, bias):
     weights = 2 * (11 + 11 * 384 + (384 if bias else 0) + 128 * 11 + 11 + 11 * 2 * f + f * 11)
     assert p.layer_bytes == weights + 2 * 2 * 7 * 128
     assert p.staging.layers_per_stage == 2 and p.plan.per_core_bytes <= 48 * 1024
+
+
+def test_405b_fits_only_the_full_wse3_wafer():
+    """Llama-3.1-405B (D 16384, F 53248, N 128, K 8): a layer needs the whole 750x1200 wafer."""
+    cfg = preset("llama3.1-405b")
+    with pytest.raises(WaferError, match="does not fit"):
+        profile_layout(cfg, Grid(360, 360), WSE3)
+    p = profile_layout(cfg, Grid(750, 1200), WSE3)
+    layout = WaferLayout(dataclass_layers(cfg, 1), Grid(750, 1200), 4096)
+    # 1200 columns over 8 KV heads: rep = G = 16, one query head each; d = ceil(16384/750) = 22,
+    # f = ceil(53248/1200) = 45.
+    assert (layout.kc, layout.gc, layout.rep, layout.d, layout.f) == (1, 1, 16, 22, 45)
+    assert p.staging.layers_per_stage == 1 and p.staging.wafers == 126
+    assert p.plan.per_core_bytes <= 48 * 1024 and p.tokens_per_s > 0
 
 
 def dataclass_layers(cfg, n):
