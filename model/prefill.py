@@ -51,6 +51,12 @@ from model.generate import PROMPT_BUCKET, Sampling, check_request, round_up
 from model.wafer_layout import WaferLayout, tile_params
 from model.weights import Params
 
+# Query and key block of the blocked attention, by platform, measured on SmolLM2 at 8 x 512 and
+# 16 x 2048 (bench/RESULTS.md). CPU: 128 (64: 74 ms, 128: 71, 256: 133 per layer's attention);
+# a GPU pays a host round trip per loop iteration, so fewer, larger blocks win there (H100, whole
+# prefill: 128: 80 / 314 ms, 256: 45 / 227, 512: 52 / 207).
+ATTENTION_BLOCK = {"cpu": 128, "gpu": 256}
+
 # Longest chunk prefilled in one program. Longer prompts take several chunks; memory is linear
 # either way (blocked attention), so this bounds activation memory, [b, chunk, F / C] at most.
 PREFILL_CHUNK = 2048
@@ -65,7 +71,7 @@ def column_layout(config: ModelConfig, cols: int) -> WaferLayout:
 
 
 def core_prefill_chunk(tiles, k_cache, v_cache, tokens_bT, lengths_b, start, x_last_bD, *,
-                       layout: WaferLayout):
+                       layout: WaferLayout, block: int = 128):
     """One chunk of T prompt tokens for this core's b sequences and its column of the model.
 
     Args (all local to this core):
@@ -75,6 +81,7 @@ def core_prefill_chunk(tiles, k_cache, v_cache, tokens_bT, lengths_b, start, x_l
       lengths_b: [b] prompt lengths (0 for batch padding).
       start: scalar int32, the chunk's first position.
       x_last_bD: [b, D] residual stream at each prompt's last token, if an earlier chunk held it.
+      block: query and key block of the blocked attention (static).
 
     Returns:
       The extended caches and x_last_bD (updated for prompts ending in this chunk).
@@ -117,7 +124,7 @@ def core_prefill_chunk(tiles, k_cache, v_cache, tokens_bT, lengths_b, start, x_l
                 v = jnp.where(real_bT[..., None, None], v, 0.0).transpose(0, 2, 1, 3)
                 kcache = jax.lax.dynamic_update_slice(k_cache[i], k, (0, 0, start, 0))
                 vcache = jax.lax.dynamic_update_slice(v_cache[i], v, (0, 0, start, 0))
-                attn = blocked_causal_attention(q, kcache, vcache, start_b, lengths_b)
+                attn = blocked_causal_attention(q, kcache, vcache, start_b, lengths_b, q_block=block, kv_block=block)
                 x_bTD = x_bTD + jax.lax.psum(attn.reshape(b, T, nc * H) @ t["w_o"], COL)
             with jax.named_scope("mlp"):
                 h = rmsnorm_ref(x_bTD, t["mlp_norm"], cfg.rms_eps)
@@ -203,9 +210,16 @@ class PrefillResult:
 class Prefiller:
     """Prefills batches of prompts on a prefill mesh; compiled programs are cached per shape."""
 
-    def __init__(self, params: Params, config: ModelConfig, core_mesh: CoreMesh, chunk: int = PREFILL_CHUNK):
+    def __init__(self, params: Params, config: ModelConfig, core_mesh: CoreMesh, chunk: int = PREFILL_CHUNK,
+                 attention_block: int | None = None):
+        """`attention_block` defaults to the measured best for the platform (ATTENTION_BLOCK)."""
         if chunk < 1 or chunk % PROMPT_BUCKET:
             raise WaferError(f"prefill chunk must be a positive multiple of {PROMPT_BUCKET}, got {chunk}")
+        if attention_block is None:
+            attention_block = ATTENTION_BLOCK.get(jax.default_backend(), 128)
+        if attention_block < 1:
+            raise WaferError(f"attention block must be positive, got {attention_block}")
+        self.attention_block = attention_block
         self.config, self.core_mesh, self.chunk = config, core_mesh, chunk
         grid = core_mesh.grid
         self.layout = column_layout(config, grid.cols)
@@ -214,7 +228,8 @@ class Prefiller:
                              tile_params(params, self.layout))
         self.tiles = core_mesh.place(tiles)
         self.head_tiles = {k: self.tiles[k] for k in ("final_norm", "lm")}
-        self._chunk_fn = jax.jit(core_mesh.run(functools.partial(core_prefill_chunk, layout=self.layout)),
+        self._chunk_fn = jax.jit(core_mesh.run(functools.partial(core_prefill_chunk, layout=self.layout,
+                                                                 block=attention_block)),
                                  donate_argnums=(1, 2, 6))
         self._compiled: dict[tuple, object] = {}
 
