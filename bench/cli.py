@@ -41,16 +41,35 @@ def parse_prompt_ids(text: str) -> list[int]:
     return ids
 
 
+def add_prompt_args(p: argparse.ArgumentParser) -> None:
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text")
+    prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+
+
+def check_prompt_args(args) -> None:
+    """The prompt flags' own consistency, before anything is loaded."""
+    if args.chat and args.prompt is None:
+        raise WaferError("--chat needs --prompt text (token ids are used as they are)")
+
+
+def prompt_ids_from_args(args, loaded) -> list[int]:
+    """The prompt's token ids: --prompt encoded (chat-wrapped with --chat) or --prompt-ids."""
+    if args.prompt is None:
+        return parse_prompt_ids(args.prompt_ids)
+    if loaded.tokenizer is None:
+        raise WaferError(f"{loaded.source} ships no tokenizer; pass --prompt-ids")
+    return loaded.tokenizer.encode_chat(args.prompt) if args.chat else loaded.tokenizer.encode(args.prompt)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="wafer", description="Wafer-scale transformer decode in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     gen = sub.add_parser("generate", help="generate text on one device, or on a core mesh with --mesh")
     add_model_args(gen)
-    prompt = gen.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="prompt text")
-    prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    add_prompt_args(gen)
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -91,18 +110,12 @@ def run_generate(args) -> int:
     from model.generate import Sampling
     from model.load import load_model
 
-    if args.chat and args.prompt is None:
-        raise WaferError("--chat needs --prompt text (token ids are used as they are)")
+    check_prompt_args(args)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     mesh_setup = setup_mesh(args)
     loaded = load_model(args.model, args.checkpoint)
     tokenizer = loaded.tokenizer
-    if args.prompt is not None:
-        if tokenizer is None:
-            raise WaferError(f"{loaded.source} ships no tokenizer; pass --prompt-ids")
-        prompt_ids = tokenizer.encode_chat(args.prompt) if args.chat else tokenizer.encode(args.prompt)
-    else:
-        prompt_ids = parse_prompt_ids(args.prompt_ids)
+    prompt_ids = prompt_ids_from_args(args, loaded)
     from model.generate import check_request
     check_request(loaded.config, [prompt_ids], args.max_new_tokens)
     decoder = make_decoder(loaded, mesh_setup, 1, len(prompt_ids) + args.max_new_tokens, sampling.greedy)

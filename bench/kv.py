@@ -40,16 +40,14 @@ def _positive_int(text: str) -> int:
 
 def add_commands(sub, add_model_args, parser_class) -> None:
     """The `wafer kv` command group."""
+    from bench.cli import add_prompt_args
     from bench.mesh_args import add_mesh_args
 
     kv = sub.add_parser("kv", help="KV-cache handoff: export a prefilled cache, inspect it, decode from it")
     kv_sub = kv.add_subparsers(dest="kv", required=True, parser_class=parser_class)
     exp = kv_sub.add_parser("export", help="prefill a prompt and write its KV cache to a file")
     add_model_args(exp)
-    prompt = exp.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="prompt text")
-    prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
-    exp.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    add_prompt_args(exp)
     exp.add_argument("--out", required=True, help="the file to write")
     exp.add_argument("--prefill-mesh", default=None,
                      help="lay the cache out on a prefill mesh of N devices (1xN) or RxC (default: one device)")
@@ -91,22 +89,15 @@ def run_export(args) -> int:
     if grid.cores > 1:
         from mesh.devices import ensure_cpu_devices
         ensure_cpu_devices(grid.cores)
-    from bench.cli import parse_prompt_ids
+    from bench.cli import check_prompt_args, prompt_ids_from_args
     from kvcache.format import header_for
     from kvcache.sequence import model_fingerprint, prefill_sequence
     from kvcache.transport import write_kv_file
     from model.load import load_model
 
-    if args.chat and args.prompt is None:
-        raise WaferError("--chat needs --prompt text (token ids are used as they are)")
+    check_prompt_args(args)
     loaded = load_model(args.model, args.checkpoint)
-    if args.prompt is not None:
-        if loaded.tokenizer is None:
-            raise WaferError(f"{loaded.source} ships no tokenizer; pass --prompt-ids")
-        tok = loaded.tokenizer
-        prompt_ids = tok.encode_chat(args.prompt) if args.chat else tok.encode(args.prompt)
-    else:
-        prompt_ids = parse_prompt_ids(args.prompt_ids)
+    prompt_ids = prompt_ids_from_args(args, loaded)
     seq = prefill_sequence(loaded.params, loaded.config, prompt_ids, prefill_grid=grid)
     header = header_for(seq, loaded.config.name, model_fingerprint(loaded.config, loaded.params), args.dtype)
     t0 = time.perf_counter()

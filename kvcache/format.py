@@ -247,6 +247,26 @@ def _check_int(d: dict, key: str, lo: int, hi: int) -> int:
     return v
 
 
+def read_json_block(source: Source, prefix: bytes, length: int, what: str, keys: set[str]) -> dict:
+    """Read `length` bytes of JSON and their xxh3-64 (which covers `prefix` + the JSON) from
+    `source`; a bad checksum, bad JSON or other fields than `keys` is a KVStreamError naming `what`.
+    The caller has bounded `length`."""
+    text = source.read(length)
+    (want,) = CHECKSUM.unpack(source.read(CHECKSUM.size))
+    h = xxhash.xxh3_64(prefix)
+    h.update(text)
+    if h.intdigest() != want:
+        raise KVStreamError(f"{what} checksum mismatch: the {what} is corrupted")
+    try:
+        d = json.loads(bytes(text).decode())
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, an integer too long, nesting too deep
+        raise KVStreamError(f"{what} is not valid JSON: {type(e).__name__}: {str(e)[:100]}") from None
+    if not isinstance(d, dict) or set(d) != keys:
+        got = ", ".join(sorted(d)) if isinstance(d, dict) else type(d).__name__
+        raise KVStreamError(f"{what} fields {got}; expected {', '.join(sorted(keys))}")
+    return d
+
+
 def parse_header(source: Source) -> KVHeader:
     """Read and validate the header (magic, version, bounded length, checksum, schema)."""
     prefix = bytes(source.read(PREFIX.size))
@@ -259,19 +279,7 @@ def parse_header(source: Source) -> KVHeader:
         raise KVStreamError(f"reserved header field is {reserved}, expected 0")
     if not 2 <= length <= MAX_HEADER_BYTES:
         raise KVStreamError(f"header size {length} B is outside [2, {MAX_HEADER_BYTES}]")
-    text = source.read(length)
-    (want,) = CHECKSUM.unpack(source.read(CHECKSUM.size))
-    h = xxhash.xxh3_64(prefix)
-    h.update(text)
-    if h.intdigest() != want:
-        raise KVStreamError("header checksum mismatch: the header is corrupted")
-    try:
-        d = json.loads(bytes(text).decode())
-    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, an integer too long, nesting too deep
-        raise KVStreamError(f"header is not valid JSON: {type(e).__name__}: {str(e)[:100]}") from None
-    if not isinstance(d, dict) or set(d) != HEADER_KEYS:
-        got = ", ".join(sorted(d)) if isinstance(d, dict) else type(d).__name__
-        raise KVStreamError(f"header fields {got}; expected {', '.join(sorted(HEADER_KEYS))}")
+    d = read_json_block(source, bytes(prefix), length, "header", HEADER_KEYS)
     model = d["model"]
     if (not isinstance(model, dict) or set(model) != {"name", "fingerprint"}
             or not all(isinstance(v, str) and len(v) <= 256 for v in model.values())):

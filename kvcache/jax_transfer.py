@@ -43,6 +43,7 @@ from kvcache.format import (
     checksum_of_pieces,
     frame_checksum,
     parse_header,
+    read_json_block,
 )
 from kvcache.sequence import SequenceKV, place_on_prefill_mesh
 from kvcache.transport import (
@@ -157,18 +158,7 @@ def _read_block(source: SocketSource) -> dict:
     (length,) = BLOCK_LEN.unpack(bytes(source.read(BLOCK_LEN.size)))
     if not 2 <= length <= MAX_HEADER_BYTES:
         raise KVStreamError(f"transfer block size {length} B is outside [2, {MAX_HEADER_BYTES}]")
-    text = source.read(length)
-    (want,) = CHECKSUM.unpack(source.read(CHECKSUM.size))
-    if xxhash.xxh3_64_intdigest(BLOCK_LEN.pack(length) + bytes(text)) != want:
-        raise KVStreamError("transfer block checksum mismatch: the block is corrupted")
-    try:
-        d = json.loads(bytes(text).decode())
-    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, an integer too long, nesting too deep
-        raise KVStreamError(f"transfer block is not valid JSON: {type(e).__name__}: {str(e)[:100]}") from None
-    if not isinstance(d, dict) or set(d) != TRANSFER_KEYS:
-        raise KVStreamError(f"transfer block fields {sorted(d) if isinstance(d, dict) else d!r}; "
-                            f"expected {sorted(TRANSFER_KEYS)}")
-    return d
+    return read_json_block(source, BLOCK_LEN.pack(length), length, "transfer block", TRANSFER_KEYS)
 
 
 def _check_block(d: dict, header: KVHeader) -> None:
