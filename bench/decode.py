@@ -13,61 +13,44 @@ is printed beside it: with few cores, batching moves decode from one roof to the
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
 import platform
 import statistics
-import sys
+from typing import Callable
 
 import jax
 import numpy as np
 
 from bench.bandwidth import MachineBounds, measure_machine
 from bench.decode_mesh import mesh_report, mesh_rows
-from bench.mesh_args import add_mesh_args, make_decoder, setup_mesh
+from bench.mesh_setup import MeshSetup, make_decoder
+from bench.table import Row, aligned, env_row
 from mesh.errors import WaferError
 from model.config import ModelConfig
 from model.generate import Generator, cache_len_for
-from model.load import load_model
+from model.load import LoadedModel
 from model.weights import Params, lm_head_weight, weight_bytes
 
 # HF's greedy tokens are compared with ours over this many leading tokens of row 0: a sanity
 # check that both decoded the same thing (greedy paths may legitimately part later, on near-ties).
 MATCH_TOKENS = 16
-# A 1-minute load average above this many runnable processes per CPU (before we start) means
-# other work shares the cores.
-BUSY_LOAD_PER_CPU = 0.75
 # Prompt ids stay this far from both ends of the vocabulary, where the special tokens live.
 PROMPT_ID_MARGIN = 100
 
 
-def _int_at_least(minimum: int, what: str):
-    """An argparse `type` for integers >= minimum (its message becomes the one-line CLI error)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
-        return value
-    return parse
+@dataclasses.dataclass(frozen=True)
+class DecodeBench:
+    """What one run measures: `batch` random prompts (from `seed`) of `context` tokens each, decoded
+    for `steps` steps after the first token in each of `repeats` timed runs; HF's generate beside
+    ours with `compare_hf`."""
 
-
-_positive_int = _int_at_least(1, "a positive integer")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch", type=_positive_int, default=1, help="sequences decoded in lockstep")
-    p.add_argument("--context", type=_positive_int, default=256, help="prompt length in tokens")
-    p.add_argument("--steps", type=_positive_int, default=128, help="decode steps timed per run")
-    p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs; the median is reported")
-    p.add_argument("--compare-hf", action="store_true", help="also time HF transformers' generate")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--seed", type=_int_at_least(0, ">= 0"), default=0, help="seed of the random prompts")
-    add_mesh_args(p)
+    batch: int
+    context: int
+    steps: int
+    repeats: int
+    seed: int
+    compare_hf: bool
 
 
 def random_prompts(batch: int, context: int, vocab_size: int, seed: int) -> list[list[int]]:
@@ -185,24 +168,24 @@ def environment(hf: HFResult | None, load_start: float | None) -> dict:
     return env
 
 
-def build_report(config: ModelConfig, args, params: Params, bounds: MachineBounds, ours: OursResult,
+def build_report(config: ModelConfig, bench: DecodeBench, params: Params, bounds: MachineBounds, ours: OursResult,
                  hf: HFResult | None, env: dict) -> dict:
     """The benchmark's figures as one flat-ish dict (the --json object)."""
-    B = args.batch
+    B = bench.batch
     w_bytes = weight_bytes(params)
-    kv_bytes = kv_bytes_per_step(config, B, args.context, args.steps)
+    kv_bytes = kv_bytes_per_step(config, B, bench.context, bench.steps)
     step_bytes = w_bytes + kv_bytes
     bw = bounds.bandwidth_bytes_per_s
     roofline = bw / step_bytes  # steps/s = tok/s per sequence
-    flops = flops_per_step(params, config, B, args.context, args.steps)
+    flops = flops_per_step(params, config, B, bench.context, bench.steps)
     compute_roof = bounds.matmul_flops_per_s / flops
     report = {
         "model": config.name,
         "batch": B,
-        "context": args.context,
-        "steps": args.steps,
-        "repeats": args.repeats,
-        "seed": args.seed,
+        "context": bench.context,
+        "steps": bench.steps,
+        "repeats": bench.repeats,
+        "seed": bench.seed,
         "tok_per_s": round(ours.tok_per_s, 2),
         "tok_per_s_aggregate": round(ours.tok_per_s * B, 2),
         "tok_per_s_runs": [round(r, 2) for r in ours.runs_tok_per_s],
@@ -216,7 +199,7 @@ def build_report(config: ModelConfig, args, params: Params, bounds: MachineBound
         "kv_bytes_per_step": round(kv_bytes),
         "bytes_per_step": round(step_bytes),
         # Positions decode attention reads each step (the roofline counts only the valid ones).
-        "cache_len": cache_len_for(args.context, args.steps + 1),
+        "cache_len": cache_len_for(bench.context, bench.steps + 1),
         "effective_gbs": round(ours.tok_per_s * step_bytes / 1e9, 2),
         "roofline_tok_per_s": round(roofline, 2),
         "roofline_fraction": round(ours.tok_per_s / roofline, 4),
@@ -242,96 +225,65 @@ def build_report(config: ModelConfig, args, params: Params, bounds: MachineBound
 def format_table(r: dict) -> str:
     """The report as aligned `label  value` lines for a terminal."""
     rows = [
-        ("model", f"{r['model']}  batch {r['batch']}  context {r['context']}  steps {r['steps']}  "
-                  f"repeats {r['repeats']}"),
-        ("ours", f"{r['tok_per_s']:.1f} tok/s per sequence, {r['tok_per_s_aggregate']:.1f} tok/s in all, "
-                 f"{r['step_ms']:.2f} ms/step (compile {r['compile_s']:.1f} s, prefill {r['prefill_ms']:.0f} ms)"),
-        ("bandwidth", f"{r['bandwidth_gbs']:.1f} GB/s streaming read ({r['bandwidth_source']}; "
-                      + ", ".join(f"{k} {v:.1f}" for k, v in r["bandwidth_candidates"].items()) + ")"),
-        ("bytes/step", f"{r['bytes_per_step'] / 1e6:.1f} MB = weights {r['weight_bytes'] / 1e6:.1f} MB "
-                       f"+ KV {r['kv_bytes_per_step'] / 1e6:.1f} MB"),
-        ("roofline", f"{r['roofline_tok_per_s']:.1f} tok/s per sequence -> ours at "
-                     f"{r['roofline_fraction']:.0%} ({r['effective_gbs']:.1f} GB/s effective)"),
-        ("compute roof", f"{r['compute_roof_tok_per_s']:.1f} tok/s per sequence at {r['matmul_gflops']:.0f} "
-                         f"GFLOP/s -> ours at {r['compute_roof_fraction']:.0%}"),
+        Row("model", f"{r['model']}  batch {r['batch']}  context {r['context']}  steps {r['steps']}  "
+                     f"repeats {r['repeats']}"),
+        Row("ours", f"{r['tok_per_s']:.1f} tok/s per sequence, {r['tok_per_s_aggregate']:.1f} tok/s in all, "
+                    f"{r['step_ms']:.2f} ms/step (compile {r['compile_s']:.1f} s, prefill {r['prefill_ms']:.0f} ms)"),
+        Row("bandwidth", f"{r['bandwidth_gbs']:.1f} GB/s streaming read ({r['bandwidth_source']}; "
+                         + ", ".join(f"{k} {v:.1f}" for k, v in r["bandwidth_candidates"].items()) + ")"),
+        Row("bytes/step", f"{r['bytes_per_step'] / 1e6:.1f} MB = weights {r['weight_bytes'] / 1e6:.1f} MB "
+                          f"+ KV {r['kv_bytes_per_step'] / 1e6:.1f} MB"),
+        Row("roofline", f"{r['roofline_tok_per_s']:.1f} tok/s per sequence -> ours at "
+                        f"{r['roofline_fraction']:.0%} ({r['effective_gbs']:.1f} GB/s effective)"),
+        Row("compute roof", f"{r['compute_roof_tok_per_s']:.1f} tok/s per sequence at {r['matmul_gflops']:.0f} "
+                            f"GFLOP/s -> ours at {r['compute_roof_fraction']:.0%}"),
     ]
     if "hf_tok_per_s" in r:
-        rows.append(("HF generate", f"{r['hf_tok_per_s']:.1f} tok/s per sequence -> ours/HF "
-                                    f"{r['vs_hf']:.2f}x (first {r['tokens_compared']} tokens "
-                                    f"{'match' if r['tokens_match'] else 'DIFFER'})"))
+        rows.append(Row("HF generate", f"{r['hf_tok_per_s']:.1f} tok/s per sequence -> ours/HF "
+                                       f"{r['vs_hf']:.2f}x (first {r['tokens_compared']} tokens "
+                                       f"{'match' if r['tokens_match'] else 'DIFFER'})"))
     if "mesh" in r:
         rows += mesh_rows(r["mesh"])
     rows.append(env_row(r["env"]))
     return aligned(rows)
 
 
-def env_row(env: dict) -> tuple[str, str]:
-    """The `env` line of a benchmark table: versions, devices, CPUs and the load average."""
-    return ("env", f"jax {env['jax']} on {env['device_count']} x {env['device_kind']}, "
-                   f"{env['cpu_count']} CPUs ({env['cpu_model']})"
-                   + (f", torch {env['torch']}" if "torch" in env else "")
-                   + (f", load average {env['loadavg_1m_start']} -> {env['loadavg_1m_end']}"
-                      if "loadavg_1m_start" in env else ""))
-
-
-def aligned(rows: list[tuple[str, str]]) -> str:
-    """`label  value` lines with the values aligned, for a terminal."""
-    width = max(len(label) for label, _ in rows)
-    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
-
-
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _busy_check() -> float | None:
-    """The 1-minute load average, with a warning on stderr when other work competes for the CPUs.
-
-    Every figure here is a rate on shared cores: a busy machine slows our decoder, HF (whose
-    spinning threads suffer most) and the bound measurements by different amounts, so the ratios
-    stop meaning anything.
-    """
-    if not hasattr(os, "getloadavg"):
-        return None
-    load = round(os.getloadavg()[0], 2)
-    cpus = os.cpu_count() or 1
-    if load > BUSY_LOAD_PER_CPU * cpus:
-        _progress(f"warning: load average {load} on {cpus} CPUs: other processes compete for the "
-                  f"cores, so the rates and ratios below are unreliable")
-    return load
-
-
-def run(args) -> int:
-    mesh_setup = setup_mesh(args)  # before JAX starts: it may emulate CPU devices
-    loaded = load_model(args.model, args.checkpoint)
-    config = loaded.config
+def check_fits(config: ModelConfig, bench: DecodeBench) -> None:
+    """The prompts and the decoded tokens must fit the model's context."""
     # max_new_tokens is steps + 1: the prefill yields the first token, each step one more.
-    if args.context + args.steps + 1 > config.max_seq_len:
-        raise WaferError(f"--context {args.context} + --steps {args.steps} + 1 exceeds the model's "
+    if bench.context + bench.steps + 1 > config.max_seq_len:
+        raise WaferError(f"--context {bench.context} + --steps {bench.steps} + 1 exceeds the model's "
                          f"context of {config.max_seq_len}")
-    prompts = random_prompts(args.batch, args.context, config.vocab_size, args.seed)
 
-    load_start = _busy_check()
-    _progress("measuring bandwidth and matmul peak...")
+
+def run_decode_bench(loaded: LoadedModel, bench: DecodeBench, mesh_setup: MeshSetup | None,
+                     load_start: float | None, progress: Callable[[str], None]) -> dict:
+    """Measure the bounds, our single-device decoder (and the wafer decoder on `mesh_setup`), the
+    bounds again and optionally HF, in that order; return the report (the --json object).
+
+    `bench` must fit the model (`check_fits`); `load_start` is the load average before the run;
+    `progress` receives a line before each stage.
+    """
+    config = loaded.config
+    prompts = random_prompts(bench.batch, bench.context, config.vocab_size, bench.seed)
+    progress("measuring bandwidth and matmul peak...")
     bounds = measure_machine()
-    _progress(f"decoding (batch {args.batch}, {args.steps} steps, 1 compile run + {args.repeats} timed)...")
-    ours = time_ours(Generator(loaded.params, config), prompts, args.steps, args.repeats)
+    progress(f"decoding (batch {bench.batch}, {bench.steps} steps, 1 compile run + {bench.repeats} timed)...")
+    ours = time_ours(Generator(loaded.params, config), prompts, bench.steps, bench.repeats)
     mesh = None
     if mesh_setup is not None:
-        _progress(f"decoding on the {args.mesh} mesh ({args.executor}, {args.schedule})...")
-        decoder = make_decoder(loaded, mesh_setup, args.batch, args.context + args.steps + 1, greedy=True)
-        mesh = mesh_report(decoder, mesh_setup, time_ours(decoder, prompts, args.steps, args.repeats), ours)
+        progress(f"decoding on the {mesh_setup.grid} mesh ({mesh_setup.executor.value}, "
+                 f"{mesh_setup.schedule.value})...")
+        decoder = make_decoder(loaded, mesh_setup, bench.batch, bench.context + bench.steps + 1, greedy=True)
+        mesh = mesh_report(decoder, mesh_setup, time_ours(decoder, prompts, bench.steps, bench.repeats), ours)
         del decoder  # its tiles and cache leave memory before the bounds and HF run
-    _progress("measuring bandwidth and matmul peak again...")
+    progress("measuring bandwidth and matmul peak again...")
     bounds = bounds.best_with(measure_machine())
     hf = None
-    if args.compare_hf:
-        _progress("loading HF reference and timing its generate...")
-        hf = time_hf(loaded.source, prompts, args.steps, args.repeats,
-                     min(MATCH_TOKENS, args.steps + 1))
-    env = environment(hf, load_start)
-    report = build_report(config, args, loaded.params, bounds, ours, hf, env)
+    if bench.compare_hf:
+        progress("loading HF reference and timing its generate...")
+        hf = time_hf(loaded.source, prompts, bench.steps, bench.repeats, min(MATCH_TOKENS, bench.steps + 1))
+    report = build_report(config, bench, loaded.params, bounds, ours, hf, environment(hf, load_start))
     if mesh is not None:
         report["mesh"] = mesh
-    print(json.dumps(report) if args.json else format_table(report))
-    return 0
+    return report

@@ -6,16 +6,18 @@ and repeats, is the 1x1 reference: the targets are ratios of step times on one m
 
 from __future__ import annotations
 
+from bench.mesh_setup import MeshSetup
+from bench.table import Row
 
-def mesh_report(decoder, mesh_setup, result, single) -> dict:
+
+def mesh_report(decoder, mesh_setup: MeshSetup, result, single) -> dict:
     """The mesh figures of a report: step time, its ratio to the 1x1 step, per-core SRAM."""
-    grid, executor, schedule, groups, _ = mesh_setup
     return {
-        "grid": str(grid),
-        "cores": grid.cores,
-        "executor": executor.value,
-        "schedule": schedule.value,
-        "groups": groups,
+        "grid": str(mesh_setup.grid),
+        "cores": mesh_setup.grid.cores,
+        "executor": mesh_setup.executor.value,
+        "schedule": mesh_setup.schedule.value,
+        "groups": mesh_setup.groups,
         "tok_per_s": round(result.tok_per_s, 2),
         "tok_per_s_runs": [round(r, 2) for r in result.runs_tok_per_s],
         "step_ms": round(1e3 / result.tok_per_s, 3),
@@ -28,14 +30,14 @@ def mesh_report(decoder, mesh_setup, result, single) -> dict:
     }
 
 
-def mesh_rows(m: dict) -> list[tuple[str, str]]:
+def mesh_rows(m: dict) -> list[Row]:
     """Table rows for the mesh figures."""
     sram = m["sram_per_core_bytes"]
     return [
-        ("mesh", f"{m['grid']} {m['executor']} {m['schedule']}: {m['tok_per_s']:.1f} tok/s per sequence, "
-                 f"{m['step_ms']:.2f} ms/step = {m['vs_single_step']:.2f}x the 1x1 step of "
-                 f"{m['single_step_ms']:.2f} ms (compile {m['compile_s']:.1f} s; tokens "
-                 f"{'match' if m['tokens_match_single'] else 'DIFFER from'} the 1x1 decoder)"),
-        ("SRAM/core", f"{m['sram_per_core_total'] / 1e6:.2f} MB = weights {sram['weight'] / 1e6:.2f} MB + "
-                      f"KV {sram['kv'] / 1e6:.2f} MB + buffers {sram['buffer'] / 1e6:.3f} MB"),
+        Row("mesh", f"{m['grid']} {m['executor']} {m['schedule']}: {m['tok_per_s']:.1f} tok/s per sequence, "
+                    f"{m['step_ms']:.2f} ms/step = {m['vs_single_step']:.2f}x the 1x1 step of "
+                    f"{m['single_step_ms']:.2f} ms (compile {m['compile_s']:.1f} s; tokens "
+                    f"{'match' if m['tokens_match_single'] else 'DIFFER from'} the 1x1 decoder)"),
+        Row("SRAM/core", f"{m['sram_per_core_total'] / 1e6:.2f} MB = weights {sram['weight'] / 1e6:.2f} MB + "
+                         f"KV {sram['kv'] / 1e6:.2f} MB + buffers {sram['buffer'] / 1e6:.3f} MB"),
     ]

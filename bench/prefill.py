@@ -17,32 +17,34 @@ padding, the LM head at other positions, and zero heads of a padded tensor-paral
 
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import statistics
 import time
+from typing import TYPE_CHECKING, Callable
 
-
-from bench.bandwidth import matmul_peak_in_fresh_process
-from bench.decode import (_busy_check, _int_at_least, _positive_int, _progress, aligned, env_row, environment,
-                          random_prompts)
+from bench.bandwidth import Rate, matmul_peak_in_fresh_process
+from bench.decode import environment, random_prompts
+from bench.table import Row, aligned, env_row
 from mesh.errors import WaferError
 from model.config import ModelConfig
 
+if TYPE_CHECKING:
+    from mesh.executors import Executor, Grid
+    from model.load import LoadedModel
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch", type=_positive_int, default=8, help="prompts prefilled together")
-    p.add_argument("--prompt-len", type=_positive_int, default=512, help="tokens per prompt")
-    p.add_argument("--mesh", default="1x1",
-                   help="prefill mesh RxC: R data-parallel rows (batch split), C tensor-parallel columns "
-                        "(heads and F split); N means 1xN (default 1x1: one device)")
-    p.add_argument("--executor", choices=["devices", "vcores"], default="devices",
-                   help="devices: one JAX device per mesh core; vcores: virtual cores on one device")
-    p.add_argument("--chunk", type=_positive_int, default=None, help="tokens per prefill chunk (default 2048)")
-    p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs; the median is reported")
-    p.add_argument("--compare-hf", action="store_true", help="also time HF transformers' forward on the batch")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--seed", type=_int_at_least(0, ">= 0"), default=0, help="seed of the random prompts")
+
+@dataclasses.dataclass(frozen=True)
+class PrefillBench:
+    """What one run measures: `batch` random prompts (from `seed`) of `prompt_len` tokens each,
+    prefilled together in chunks of `chunk` tokens (None: the prefiller's default) in each of
+    `repeats` timed runs; HF's forward over the same batch beside ours with `compare_hf`."""
+
+    batch: int
+    prompt_len: int
+    chunk: int | None
+    repeats: int
+    seed: int
+    compare_hf: bool
 
 
 def prefill_flops(config: ModelConfig, lengths: list[int]) -> int:
@@ -93,19 +95,21 @@ def time_hf(source: str, prompts: list[list[int]], repeats: int) -> dict:
             "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
-def build_report(config: ModelConfig, args, grid, peak, ours: dict, hf: dict | None, env: dict) -> dict:
-    tokens = args.batch * args.prompt_len
-    flops = prefill_flops(config, [args.prompt_len] * args.batch)
+def build_report(config: ModelConfig, bench: PrefillBench, grid: Grid, executor: Executor, peak: Rate, ours: dict,
+                 hf: dict | None, env: dict) -> dict:
+    """The benchmark's figures as one dict (the --json object)."""
+    tokens = bench.batch * bench.prompt_len
+    flops = prefill_flops(config, [bench.prompt_len] * bench.batch)
     achieved = flops / ours["seconds"]
     report = {
         "model": config.name,
-        "batch": args.batch,
-        "prompt_len": args.prompt_len,
+        "batch": bench.batch,
+        "prompt_len": bench.prompt_len,
         "mesh": str(grid),
-        "executor": args.executor,
+        "executor": executor.value,
         "data_parallel": grid.rows,
         "tensor_parallel": grid.cols,
-        "repeats": args.repeats,
+        "repeats": bench.repeats,
         "tok_per_s": round(tokens / ours["seconds"], 1),
         "tok_per_s_runs": [round(tokens / s, 1) for s in ours["runs"]],
         "prefill_s": round(ours["seconds"], 4),
@@ -130,53 +134,55 @@ def build_report(config: ModelConfig, args, grid, peak, ours: dict, hf: dict | N
 
 
 def format_table(r: dict) -> str:
+    """The report as aligned `label  value` lines for a terminal."""
     rows = [
-        ("model", f"{r['model']}  batch {r['batch']} x {r['prompt_len']} tokens  mesh {r['mesh']} "
-                  f"({r['data_parallel']} data x {r['tensor_parallel']} tensor parallel, {r['executor']})"),
-        ("ours", f"{r['tok_per_s']:.0f} tok/s ({r['prefill_s'] * 1e3:.0f} ms per batch, compile {r['compile_s']:.1f} s)"),
-        ("FLOPs", f"{r['flops'] / 1e9:.1f} GFLOP needed -> {r['achieved_gflops']:.0f} GFLOP/s"),
-        ("matmul peak", f"{r['matmul_peak_gflops']:.0f} GFLOP/s ({r['matmul_peak_source']}) -> MFU {r['mfu']:.0%}"),
+        Row("model", f"{r['model']}  batch {r['batch']} x {r['prompt_len']} tokens  mesh {r['mesh']} "
+                     f"({r['data_parallel']} data x {r['tensor_parallel']} tensor parallel, {r['executor']})"),
+        Row("ours", f"{r['tok_per_s']:.0f} tok/s ({r['prefill_s'] * 1e3:.0f} ms per batch, "
+                    f"compile {r['compile_s']:.1f} s)"),
+        Row("FLOPs", f"{r['flops'] / 1e9:.1f} GFLOP needed -> {r['achieved_gflops']:.0f} GFLOP/s"),
+        Row("matmul peak", f"{r['matmul_peak_gflops']:.0f} GFLOP/s ({r['matmul_peak_source']}) -> MFU {r['mfu']:.0%}"),
     ]
     if "hf_tok_per_s" in r:
-        rows.append(("HF forward", f"{r['hf_tok_per_s']:.0f} tok/s ({r['hf_gflops']:.0f} GFLOP/s of needed work) "
-                                   f"-> ours/HF {r['vs_hf']:.2f}x (first tokens "
-                                   f"{'match' if r['first_tokens_match'] else 'DIFFER'})"))
+        rows.append(Row("HF forward", f"{r['hf_tok_per_s']:.0f} tok/s ({r['hf_gflops']:.0f} GFLOP/s of needed work) "
+                                      f"-> ours/HF {r['vs_hf']:.2f}x (first tokens "
+                                      f"{'match' if r['first_tokens_match'] else 'DIFFER'})"))
     rows.append(env_row(r["env"]))
     return aligned(rows)
 
 
-def run(args) -> int:
-    from mesh.devices import ensure_cpu_devices
-    from mesh.executors import Executor, Grid
+def check_fits(config: ModelConfig, bench: PrefillBench) -> None:
+    """A prompt must leave room for a decoded token in the model's context."""
+    if bench.prompt_len >= config.max_seq_len:
+        raise WaferError(f"--prompt-len {bench.prompt_len} leaves no room in the model's context of "
+                         f"{config.max_seq_len}")
 
-    grid = Grid.parse(args.mesh)
-    executor = Executor(args.executor)
-    if executor is Executor.DEVICES:
-        ensure_cpu_devices(grid.cores)  # before JAX starts
+
+def run_prefill_bench(loaded: LoadedModel, bench: PrefillBench, grid: Grid, executor: Executor,
+                      load_start: float | None, progress: Callable[[str], None]) -> dict:
+    """Measure the matmul peak, our prefill on the `grid` mesh, the peak again and optionally HF, in
+    that order; return the report (the --json object).
+
+    The CPU devices of `executor` must already be set up and `bench` must fit the model
+    (`check_fits`); `load_start` is the load average before the run; `progress` receives a line
+    before each stage.
+    """
     from mesh.executors import make_core_mesh
-    from model.load import load_model
     from model.prefill import PREFILL_CHUNK, Prefiller
 
-    loaded = load_model(args.model, args.checkpoint)
     config = loaded.config
-    if args.prompt_len >= config.max_seq_len:
-        raise WaferError(f"--prompt-len {args.prompt_len} leaves no room in the model's context of "
-                         f"{config.max_seq_len}")
-    prompts = random_prompts(args.batch, args.prompt_len, config.vocab_size, args.seed)
-    load_start = _busy_check()
-    _progress("measuring the matmul peak...")
+    prompts = random_prompts(bench.batch, bench.prompt_len, config.vocab_size, bench.seed)
+    progress("measuring the matmul peak...")
     peak = matmul_peak_in_fresh_process()
-    _progress(f"prefilling {args.batch} x {args.prompt_len} tokens on the {grid} mesh "
-              f"(1 compile run + {args.repeats} timed)...")
-    prefiller = Prefiller(loaded.params, config, make_core_mesh(grid, executor), chunk=args.chunk or PREFILL_CHUNK)
-    ours = time_ours(prefiller, prompts, args.repeats)
+    progress(f"prefilling {bench.batch} x {bench.prompt_len} tokens on the {grid} mesh "
+             f"(1 compile run + {bench.repeats} timed)...")
+    prefiller = Prefiller(loaded.params, config, make_core_mesh(grid, executor), chunk=bench.chunk or PREFILL_CHUNK)
+    ours = time_ours(prefiller, prompts, bench.repeats)
     del prefiller
-    _progress("measuring the matmul peak again...")
+    progress("measuring the matmul peak again...")
     peak = max(peak, matmul_peak_in_fresh_process(), key=lambda r: r.per_s)
     hf = None
-    if args.compare_hf:
-        _progress("loading HF reference and timing its forward...")
-        hf = time_hf(loaded.source, prompts, args.repeats)
-    report = build_report(config, args, grid, peak, ours, hf, environment(None, load_start))
-    print(json.dumps(report) if args.json else format_table(report))
-    return 0
+    if bench.compare_hf:
+        progress("loading HF reference and timing its forward...")
+        hf = time_hf(loaded.source, prompts, bench.repeats)
+    return build_report(config, bench, grid, executor, peak, ours, hf, environment(None, load_start))

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from bench import bandwidth, decode
-from bench.cli import main
+from cli.main import main
 from model.config import TINY_LLAMA, TINY_QWEN2
 from model.weights import init_random_params, weight_bytes
 

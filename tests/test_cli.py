@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from bench.cli import main
+from cli.main import main
 
 
 def run_cli(capsys, *argv):

@@ -22,7 +22,7 @@ def smollm2_tokens(smollm2):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, smollm2):
     path = str(tmp_path_factory.mktemp("kv") / "smollm2.kv")
-    from bench.cli import main
+    from cli.main import main
     assert main(["kv", "export", "--prompt-ids", ",".join(map(str, PROMPT_IDS)), "--out", path,
                  "--prefill-mesh", "2", "--json"]) == 0
     return path

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bench.cli import main
+from cli.main import main
 from kernels.allreduce import Schedule, allreduce
 from kernels.mesh_gemv import mesh_gemv
 from mesh.axes import COL, ROW

@@ -1,0 +1,39 @@
+"""The decode mesh a command asked for, and the decoder built on it (`wafer generate --mesh`,
+`wafer kv import`, `wafer bench decode --mesh`); the flags themselves live in `cli.flags`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kernels.allreduce import Schedule
+    from mesh.executors import Executor, Grid
+    from mesh.wafer import WaferSpec
+    from model.load import LoadedModel
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSetup:
+    """A decode mesh: its grid, how its cores run, the all-reduce schedule, the K-tree groups per
+    mesh axis (None: ~sqrt) and the spec whose per-core budget the SRAM planner checks (None: no
+    limit)."""
+
+    grid: Grid
+    executor: Executor
+    schedule: Schedule
+    groups: int | None
+    spec: WaferSpec | None
+
+
+def make_decoder(loaded: LoadedModel, mesh_setup: MeshSetup | None, batch: int, max_len: int, greedy: bool):
+    """A `WaferDecoder` on `mesh_setup`, or the single-device `Generator` when it is None."""
+    from model.generate import Generator
+
+    if mesh_setup is None:
+        return Generator(loaded.params, loaded.config)
+    from mesh.executors import make_core_mesh
+    from model.wafer_decode import MeshOptions, WaferDecoder
+
+    return WaferDecoder(loaded.params, loaded.config, make_core_mesh(mesh_setup.grid, mesh_setup.executor), batch,
+                        max_len, MeshOptions(mesh_setup.schedule, mesh_setup.groups, greedy), mesh_setup.spec)

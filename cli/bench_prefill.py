@@ -1,0 +1,42 @@
+"""`wafer bench prefill`: its flags, and the report of `bench.prefill` on stdout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from bench.prefill import PrefillBench, check_fits, format_table, run_prefill_bench
+from cli.flags import add_model_args, busy_check, int_at_least, positive_int, progress
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--batch", type=positive_int, default=8, help="prompts prefilled together")
+    p.add_argument("--prompt-len", type=positive_int, default=512, help="tokens per prompt")
+    p.add_argument("--mesh", default="1x1",
+                   help="prefill mesh RxC: R data-parallel rows (batch split), C tensor-parallel columns "
+                        "(heads and F split); N means 1xN (default 1x1: one device)")
+    p.add_argument("--executor", choices=["devices", "vcores"], default="devices",
+                   help="devices: one JAX device per mesh core; vcores: virtual cores on one device")
+    p.add_argument("--chunk", type=positive_int, default=None, help="tokens per prefill chunk (default 2048)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs; the median is reported")
+    p.add_argument("--compare-hf", action="store_true", help="also time HF transformers' forward on the batch")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--seed", type=int_at_least(0, ">= 0"), default=0, help="seed of the random prompts")
+
+
+def run(args) -> int:
+    from mesh.devices import ensure_cpu_devices
+    from mesh.executors import Executor, Grid
+    from model.load import load_model
+
+    grid = Grid.parse(args.mesh)
+    executor = Executor(args.executor)
+    if executor is Executor.DEVICES:
+        ensure_cpu_devices(grid.cores)  # before JAX starts
+    loaded = load_model(args.model, args.checkpoint)
+    bench = PrefillBench(args.batch, args.prompt_len, args.chunk, args.repeats, args.seed, args.compare_hf)
+    check_fits(loaded.config, bench)  # before the busy check's warning: a bad request is one line
+    report = run_prefill_bench(loaded, bench, grid, executor, busy_check(), progress)
+    print(json.dumps(report) if args.json else format_table(report))
+    return 0

@@ -1,0 +1,132 @@
+"""The flags several `wafer` commands share, their validators, and progress lines on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from bench.mesh_setup import MeshSetup
+from mesh.errors import WaferError
+
+# A 1-minute load average above this many runnable processes per CPU (before we start) means
+# other work shares the cores.
+BUSY_LOAD_PER_CPU = 0.75
+
+
+def int_at_least(minimum: int, what: str):
+    """An argparse `type` for integers >= minimum (its message becomes the one-line CLI error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+    return parse
+
+
+positive_int = int_at_least(1, "a positive integer")
+
+
+# ------------------------------------------------------------------------------- model and prompt
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="preset name (default: smollm2-135m, the embedded model)")
+    src.add_argument("--checkpoint", default=None, help="a .gguf file or an HF checkpoint folder")
+
+
+def add_prompt_args(p: argparse.ArgumentParser) -> None:
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text")
+    prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+
+
+def parse_prompt_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise WaferError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise WaferError("--prompt-ids is empty")
+    return ids
+
+
+def check_prompt_args(args) -> None:
+    """The prompt flags' own consistency, before anything is loaded."""
+    if args.chat and args.prompt is None:
+        raise WaferError("--chat needs --prompt text (token ids are used as they are)")
+
+
+def prompt_ids_from_args(args, loaded) -> list[int]:
+    """The prompt's token ids: --prompt encoded (chat-wrapped with --chat) or --prompt-ids."""
+    if args.prompt is None:
+        return parse_prompt_ids(args.prompt_ids)
+    if loaded.tokenizer is None:
+        raise WaferError(f"{loaded.source} ships no tokenizer; pass --prompt-ids")
+    return loaded.tokenizer.encode_chat(args.prompt) if args.chat else loaded.tokenizer.encode(args.prompt)
+
+
+# ------------------------------------------------------------------------------------------ mesh
+
+
+def add_mesh_args(p: argparse.ArgumentParser) -> None:
+    """The decode mesh flags of `wafer generate`, `wafer kv import` and `wafer bench decode`."""
+    p.add_argument("--mesh", default=None, help="decode on an RxC core mesh (e.g. 2x2); default: one device")
+    p.add_argument("--executor", choices=["devices", "vcores"], default="devices",
+                   help="devices: one JAX device per core; vcores: virtual cores on one device")
+    p.add_argument("--schedule", choices=["psum", "ring", "ktree"], default="psum", help="all-reduce schedule")
+    p.add_argument("--groups", type=int, default=None, help="K-tree groups per mesh axis (default ~sqrt)")
+    p.add_argument("--sram-budget", default=None,
+                   help="per-core budget for the SRAM planner, e.g. 48KiB or 64MiB (default: no limit)")
+
+
+def setup_mesh(args) -> MeshSetup | None:
+    """Parse the mesh flags and emulate CPU devices before JAX starts; None without --mesh."""
+    if args.mesh is None:
+        for flag in ("groups", "sram_budget"):
+            if getattr(args, flag) is not None:
+                raise WaferError(f"--{flag.replace('_', '-')} needs --mesh")
+        return None
+    from kernels.allreduce import Schedule
+    from mesh.devices import ensure_cpu_devices
+    from mesh.executors import Executor, Grid
+    from mesh.wafer import emulated_spec, parse_bytes
+
+    grid = Grid.parse(args.mesh)
+    executor = Executor(args.executor)
+    if executor is Executor.DEVICES:
+        ensure_cpu_devices(grid.cores)
+    if args.groups is not None and args.groups < 1:
+        raise WaferError(f"--groups must be positive, got {args.groups}")
+    spec = emulated_spec(parse_bytes(args.sram_budget)) if args.sram_budget else None
+    return MeshSetup(grid, executor, Schedule(args.schedule), args.groups, spec)
+
+
+# ------------------------------------------------------------------------------ benchmark harness
+
+
+def progress(message: str) -> None:
+    """A progress line on stderr, so that stdout holds the report alone."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def busy_check() -> float | None:
+    """The 1-minute load average, with a warning on stderr when other work competes for the CPUs.
+
+    Every figure of a benchmark is a rate on shared cores: a busy machine slows our decoder, HF
+    (whose spinning threads suffer most) and the bound measurements by different amounts, so the
+    ratios stop meaning anything.
+    """
+    if not hasattr(os, "getloadavg"):
+        return None
+    load = round(os.getloadavg()[0], 2)
+    cpus = os.cpu_count() or 1
+    if load > BUSY_LOAD_PER_CPU * cpus:
+        progress(f"warning: load average {load} on {cpus} CPUs: other processes compete for the "
+                 f"cores, so the rates and ratios below are unreliable")
+    return load
