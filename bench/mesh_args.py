@@ -46,7 +46,8 @@ def make_decoder(loaded, mesh_setup, batch: int, max_len: int, greedy: bool):
     if mesh_setup is None:
         return Generator(loaded.params, loaded.config)
     from mesh.executors import make_core_mesh
-    from model.wafer_decode import MeshOptions, WaferDecoder
+    from model.wafer_decode import MeshOptions
+    from model.wafer_generate import WaferDecoder
 
     grid, executor, schedule, groups, spec = mesh_setup
     return WaferDecoder(loaded.params, loaded.config, make_core_mesh(grid, executor), batch, max_len,
