@@ -152,8 +152,8 @@ class Generator:
         first = np.asarray(tok_B)
         ttft = prefill_s + time.perf_counter() - t0
         eos = set(cfg.eos_token_ids) if stop_on_eos else set()
-        out, steps, decode_s = decode_loop(dispatch_step, first, max_new_tokens, eos)
-        return GenerationResult(out, ttft, decode_s, steps, prefill_compile_s + c2)
+        run = decode_loop(dispatch_step, first, max_new_tokens, eos)
+        return GenerationResult(run.tokens, ttft, run.seconds, run.steps, prefill_compile_s + c2)
 
 
 def check_request(config: ModelConfig, prompts: list[list[int]], max_new_tokens: int) -> None:
@@ -172,8 +172,18 @@ def check_request(config: ModelConfig, prompts: list[list[int]], max_new_tokens:
                          f"model's context of {config.max_seq_len}")
 
 
-def decode_loop(dispatch_step, first: np.ndarray, max_new_tokens: int, eos: set[int], read_tokens=np.asarray):
-    """Host loop shared by every decoder: returns (tokens per sequence, steps run, seconds).
+@dataclasses.dataclass
+class DecodeRun:
+    """What the host decode loop did."""
+
+    tokens: list[list[int]]  # generated ids per sequence, the first (prefilled) token included
+    steps: int  # decode steps dispatched
+    seconds: float  # wall time of the loop
+
+
+def decode_loop(dispatch_step, first: np.ndarray, max_new_tokens: int, eos: set[int],
+                read_tokens=np.asarray) -> DecodeRun:
+    """Host loop shared by every decoder.
 
     `dispatch_step()` launches one decode step and returns its tokens (on device);
     `read_tokens` turns them into a host array [B]. The next
@@ -199,4 +209,4 @@ def decode_loop(dispatch_step, first: np.ndarray, max_new_tokens: int, eos: set[
         pending = tokens_B
     if pending is not None:
         consume(pending)
-    return out, steps, time.perf_counter() - t0
+    return DecodeRun(out, steps, time.perf_counter() - t0)

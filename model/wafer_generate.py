@@ -69,9 +69,9 @@ class WaferDecoder(SlotBatch):
             return state["tok"]
 
         eos = set(self.config.eos_token_ids) if stop_on_eos else set()
-        out, steps, decode_s = decode_loop(dispatch_step, np.asarray(prefilled.first_tokens), max_new_tokens, eos,
-                                           read_tokens=lambda t: core_copy(t)[slots])
+        run = decode_loop(dispatch_step, np.asarray(prefilled.first_tokens), max_new_tokens, eos,
+                          read_tokens=lambda t: core_copy(t)[slots])
         self.tokens, self.pos = np.array(core_copy(state["tok"])), np.array(core_copy(state["pos"]))
         for s in slots:
             self.evict(s)
-        return GenerationResult(out, ttft, decode_s, steps, compile_s)
+        return GenerationResult(run.tokens, ttft, run.seconds, run.steps, compile_s)
