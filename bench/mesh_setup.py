@@ -33,7 +33,8 @@ def make_decoder(loaded: LoadedModel, mesh_setup: MeshSetup | None, batch: int, 
     if mesh_setup is None:
         return Generator(loaded.params, loaded.config)
     from mesh.executors import make_core_mesh
-    from model.wafer_decode import MeshOptions, WaferDecoder
+    from model.wafer_decode import MeshOptions
+    from model.wafer_generate import WaferDecoder
 
     return WaferDecoder(loaded.params, loaded.config, make_core_mesh(mesh_setup.grid, mesh_setup.executor), batch,
                         max_len, MeshOptions(mesh_setup.schedule, mesh_setup.groups, greedy), mesh_setup.spec)

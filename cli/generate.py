@@ -28,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from model.generate import Sampling, check_request
+    from model.generate import check_request
+    from model.sampling import Sampling
     from model.load import load_model
 
     check_prompt_args(args)

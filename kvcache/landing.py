@@ -15,7 +15,8 @@ from kvcache.sequence import model_fingerprint
 
 
 class KVLanding:
-    """Receives streams into a `WaferDecoder` (the model's fingerprint is computed once)."""
+    """Receives streams into a decode slot batch (`model.slot_batch.SlotBatch`; the model's fingerprint
+    is computed once)."""
 
     def __init__(self, decoder, convert_dtype: bool = False):
         """convert_dtype: accept a stream whose dtype differs from the decode cache's (float32)."""
@@ -25,7 +26,7 @@ class KVLanding:
 
     def check(self, header: KVHeader) -> None:
         """Refuse a stream this decoder cannot continue, before anything is reserved."""
-        cfg, layout = self.decoder.config, self.decoder.layout
+        cfg = self.decoder.config
         if header.fingerprint != self.fingerprint:
             raise KVStreamError(f"model mismatch: the stream was made by {header.model_name!r} "
                                 f"(fingerprint {header.fingerprint[:16]}...), this decoder runs {cfg.name!r} "
@@ -37,9 +38,9 @@ class KVLanding:
         if header.np_dtype != np.float32 and not self.convert_dtype:
             raise KVStreamError(f"stream dtype {header.dtype} differs from the decode cache's float32; "
                                 f"conversion was not requested")
-        if header.tokens >= layout.s * layout.grid.rows:
+        if header.tokens >= self.decoder.capacity:
             raise KVStreamError(f"sequence of {header.tokens} tokens leaves no room in this decoder's cache of "
-                                f"{layout.s * layout.grid.rows}")
+                                f"{self.decoder.capacity}")
         if header.first_token >= cfg.vocab_size:
             raise KVStreamError(f"first token {header.first_token} is outside the vocabulary [0, {cfg.vocab_size})")
 

@@ -1,4 +1,4 @@
-"""Where one sequence's KV cache lies on each mesh, and the exact conversions between them.
+"""Where one sequence's KV cache lies on the prefill mesh, and how the wire describes it.
 
 Three layouts of one layer's keys (values alike), for one sequence of n positions:
 
@@ -11,6 +11,7 @@ Three layouts of one layer's keys (values alike), for one sequence of n position
                                       positions cyclic over rows: p lives on row p % R at slot
                                       p // R; the last slot of each row is the scratch slot the
                                       decode step writes when it does not own a position
+                                      (model/cache_layout.py: the layout the decode step writes)
 
 Converting prefill -> logical drops the padding heads (their rows are exact zeros, never data);
 logical -> decode scatters positions to rows and zero-fills the rest, so a conversion only ever
@@ -28,10 +29,7 @@ import numpy as np
 from mesh.axes import COL, ROW
 from mesh.errors import WaferError
 from mesh.executors import Grid
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
+from mesh.extent import ceil_div
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +51,7 @@ class PrefillKVLayout:
 
     @property
     def kc(self) -> int:  # KV heads per column
-        return _ceil_div(self.kv_heads, self.grid.cols)
+        return ceil_div(self.kv_heads, self.grid.cols)
 
     @property
     def padded_heads(self) -> int:
@@ -106,80 +104,6 @@ class PrefillKVLayout:
 
     def to_logical(self, shards: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(list(self.logical_pieces(shards)), axis=0)
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeKVLayout:
-    """One slot of the decode cache: `KV[K_col, S_row(cyclic), H]` as per-core [R, C, kc, s + 1, H].
-
-    Column c holds the kc KV heads `heads_of(c)` (None: a zero padding head). By default these are
-    contiguous blocks of K; a decode layout with more columns than KV heads replicates each head
-    on several columns (`model/wafer_layout.py`) and passes its map as `column_heads`. Position p
-    lies on row p % R at slot p // R; slot s of every row is the scratch slot, always zero here.
-    """
-
-    grid: Grid  # the decode mesh R×C
-    kv_heads: int  # K, before padding
-    positions_per_row: int  # s: cache positions each row holds (the scratch slot excluded)
-    column_heads: tuple[tuple[int | None, ...], ...] | None = None  # per column its kc KV heads
-
-    def __post_init__(self):
-        if self.column_heads is not None:
-            if len(self.column_heads) != self.grid.cols or len({len(h) for h in self.column_heads}) != 1:
-                raise WaferError(f"decode layout: need the same number of KV heads for each of {self.grid.cols} "
-                                 f"columns, got {self.column_heads}")
-            held = {h for heads in self.column_heads for h in heads if h is not None}
-            if held != set(range(self.kv_heads)):
-                raise WaferError(f"decode layout: columns hold KV heads {sorted(held)}, the model has {self.kv_heads}")
-
-    @property
-    def kc(self) -> int:
-        if self.column_heads is not None:
-            return len(self.column_heads[0])
-        return _ceil_div(self.kv_heads, self.grid.cols)
-
-    def heads_of(self, c: int) -> tuple[int | None, ...]:
-        if self.column_heads is not None:
-            return self.column_heads[c]
-        return tuple(h if h < self.kv_heads else None for h in range(c * self.kc, (c + 1) * self.kc))
-
-    @property
-    def capacity(self) -> int:  # positions the slot holds
-        return self.positions_per_row * self.grid.rows
-
-    def to_cores(self, k_KnH: np.ndarray) -> np.ndarray:
-        """logical [K, n, H] (n <= capacity) -> per-core [R, C, kc, s + 1, H], zeros elsewhere."""
-        R, C, kc = self.grid.rows, self.grid.cols, self.kc
-        K, n, H = k_KnH.shape
-        if K != self.kv_heads:
-            raise WaferError(f"cache has {K} KV heads, the decode layout {self.kv_heads}")
-        if n > self.capacity:
-            raise WaferError(f"cache of {n} positions does not fit {self.capacity} decode positions")
-        out = np.zeros((R, C, kc, self.positions_per_row + 1, H), np.float32)
-        for r in range(R):
-            rows = k_KnH[:, r::R]  # positions r, r + R, ...: slots 0, 1, ... of row r
-            for c in range(C):
-                for i, h in enumerate(self.heads_of(c)):
-                    if h is not None:
-                        out[r, c, i, : rows.shape[1]] = rows[h]
-        return out
-
-    def from_cores(self, cores: np.ndarray, n: int) -> np.ndarray:
-        """The inverse of `to_cores` for the first n positions: [R, C, kc, s + 1, H] -> [K, n, H]
-        (a replicated head is read from the first column that holds it)."""
-        R, C = self.grid.rows, self.grid.cols
-        H = cores.shape[-1]
-        first = {}
-        for c in range(C):
-            for i, h in enumerate(self.heads_of(c)):
-                if h is not None:
-                    first.setdefault(h, (c, i))
-        out = np.empty((self.kv_heads, n, H), cores.dtype)
-        for r in range(R):
-            m = len(range(r, n, R))
-            for h, (c, i) in first.items():
-                out[h, r::R] = cores[r, c, i, :m]
-        return out
 
 
 def _is_int(v) -> bool:

@@ -17,8 +17,11 @@ from jax.sharding import PartitionSpec as P
 from kvcache.layout import PrefillKVLayout
 from mesh.axes import COL, ROW
 from mesh.errors import WaferError
-from mesh.executors import Grid
+from mesh.executors import Executor, Grid, make_core_mesh
 from model.config import ModelConfig
+from model.load import config_to_json
+from model.prefill import PrefillResult, Prefiller
+from model.sampling import Sampling
 from model.weights import Params, flatten_params
 
 
@@ -76,8 +79,6 @@ class SequenceKV:
 
 def model_fingerprint(config: ModelConfig, params: Params) -> str:
     """xxh3-128 over the config and every weight's bytes: a cache only decodes on its own model."""
-    from model.load import config_to_json
-
     h = xxhash.xxh3_128(config_to_json(config).encode())
     for name, w in sorted(flatten_params(params).items()):
         w = np.ascontiguousarray(np.asarray(w))
@@ -100,7 +101,7 @@ def place_on_prefill_mesh(a_KnH: np.ndarray, layout: PrefillKVLayout, devices: l
     return jax.make_array_from_callback(a_KnH.shape, sharding, lambda idx: a_KnH[idx])
 
 
-def sequence_from_prefill(result, i: int) -> SequenceKV:
+def sequence_from_prefill(result: PrefillResult, i: int) -> SequenceKV:
     """Sequence i of a prefill-mesh result (`model.prefill.PrefillResult`) as a `SequenceKV`.
 
     On a `devices` prefill mesh the layers stay where the prefill left them: each is a jax array
@@ -126,13 +127,9 @@ def sequence_from_prefill(result, i: int) -> SequenceKV:
                       int(result.first_tokens[i]), layout)
 
 
-def prefill_sequence(params: Params, config: ModelConfig, prompt: list[int], sampling=None,
+def prefill_sequence(params: Params, config: ModelConfig, prompt: list[int], sampling: Sampling | None = None,
                      prefill_grid: Grid | None = None) -> SequenceKV:
     """Prefill one prompt on a prefill mesh (`model.prefill`; default one device) for export."""
-    from mesh.executors import Executor, make_core_mesh
-    from model.generate import Sampling
-    from model.prefill import Prefiller
-
     mesh = make_core_mesh(prefill_grid or Grid(1, 1), Executor.DEVICES)
     result = Prefiller(params, config, mesh).prefill([prompt], sampling or Sampling())
     return sequence_from_prefill(result, 0)

@@ -13,36 +13,19 @@ import jax.numpy as jnp
 from kernels.attention import decode_attention_partial
 from kernels.prefill_attention import blocked_causal_attention
 from kernels.rmsnorm import rmsnorm_ref
-from kernels.rope import apply_rope_ref, rope_cos_sin, rope_inv_freq
-from kvcache.cache import KVCache, write_kv
-from model.config import ModelConfig, RopeScaling
+from kernels.rope import rope_cos_sin
+from model.block import BlockShape, dense_ops, inv_freq_for, transformer_block
+from model.cache import KVCache, write_kv
+from model.config import ModelConfig
 from model.weights import Params, lm_head_weight
 
 
-def inv_freq_for(config: ModelConfig):
-    scaling = None
-    if config.rope_scaling is RopeScaling.LLAMA3:
-        scaling = dict(factor=config.rope_factor, low_freq_factor=config.rope_low_freq_factor,
-                       high_freq_factor=config.rope_high_freq_factor,
-                       original_max_pos=config.rope_original_max_pos)
-    return rope_inv_freq(config.head_dim, config.rope_theta, scaling)
+def _cache_attention(start_B, visible_BTS):
+    """The single-device cache [B, K, S, H]: T new positions per sequence written at start_B."""
 
-
-def decoder_layer(layer: Params, config: ModelConfig, x_BTD: jax.Array, cos_BTH, sin_BTH,
-                  k_cache_BKSH, v_cache_BKSH, start_B, visible_BTS):
-    """One transformer block; returns the new residual stream and this layer's updated cache."""
-    B, T, D = x_BTD.shape
-    N, K, H = config.n_heads, config.n_kv_heads, config.head_dim
-    with jax.named_scope("attention"):
-        h = rmsnorm_ref(x_BTD, layer["attn_norm"], config.rms_eps)
-        qkv = h @ layer["w_qkv"]
-        if "b_qkv" in layer:
-            qkv = qkv + layer["b_qkv"]
-        q_BTNH = qkv[..., : N * H].reshape(B, T, N, H)
-        k_BTKH = qkv[..., N * H: (N + K) * H].reshape(B, T, K, H)
-        v_BTKH = qkv[..., (N + K) * H:].reshape(B, T, K, H)
-        q_BTNH = apply_rope_ref(q_BTNH, cos_BTH[:, :, None], sin_BTH[:, :, None])
-        k_BTKH = apply_rope_ref(k_BTKH, cos_BTH[:, :, None], sin_BTH[:, :, None])
+    def attend(q_BTNH, k_BTKH, v_BTKH, k_cache_BKSH, v_cache_BKSH):
+        B, T, N, H = q_BTNH.shape
+        K = k_BTKH.shape[2]
         k_cache_BKSH = write_kv(k_cache_BKSH, k_BTKH.transpose(0, 2, 1, 3), start_B)
         v_cache_BKSH = write_kv(v_cache_BKSH, v_BTKH.transpose(0, 2, 1, 3), start_B)
         if T == 1:  # decode: the copy-free elementwise form (see decode_attention_partial)
@@ -51,13 +34,8 @@ def decoder_layer(layer: Params, config: ModelConfig, x_BTD: jax.Array, cos_BTH,
             attn_BTNH = (o / l[..., None]).reshape(B, 1, N, H)
         else:  # prefill: blocked, so memory grows linearly with the prompt (no T x S scores)
             attn_BTNH = blocked_causal_attention(q_BTNH, k_cache_BKSH, v_cache_BKSH, start_B, start_B + T)
-        x_BTD = x_BTD + attn_BTNH.reshape(B, T, N * H) @ layer["w_o"]
-    with jax.named_scope("mlp"):
-        h = rmsnorm_ref(x_BTD, layer["mlp_norm"], config.rms_eps)
-        gate_up = h @ layer["w_gate_up"]
-        F = config.ffn_dim
-        x_BTD = x_BTD + (jax.nn.silu(gate_up[..., :F]) * gate_up[..., F:]) @ layer["w_down"]
-    return x_BTD, k_cache_BKSH, v_cache_BKSH
+        return attn_BTNH, k_cache_BKSH, v_cache_BKSH
+    return attend
 
 
 def forward(params: Params, config: ModelConfig, tokens_BT: jax.Array, start_B: jax.Array,
@@ -82,11 +60,13 @@ def forward(params: Params, config: ModelConfig, tokens_BT: jax.Array, start_B: 
     pos_BT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     cos_BTH, sin_BTH = rope_cos_sin(pos_BT, inv_freq_for(config))
     visible_BTS = jnp.arange(S, dtype=jnp.int32)[None, None, :] <= pos_BT[:, :, None]
+    shape = BlockShape((config.n_heads,), config.n_kv_heads, config.head_dim, config.ffn_dim)
+    ops = dense_ops(config.rms_eps, _cache_attention(start_B, visible_BTS))
     new_k, new_v = [], []
     for i, layer in enumerate(params["layers"]):
         with jax.named_scope(f"layer{i}"):
-            x_BTD, k, v = decoder_layer(layer, config, x_BTD, cos_BTH, sin_BTH,
-                                        cache.k_LBKSH[i], cache.v_LBKSH[i], start_B, visible_BTS)
+            x_BTD, k, v = transformer_block(layer, x_BTD, cos_BTH, sin_BTH, cache.k_LBKSH[i], cache.v_LBKSH[i],
+                                            shape=shape, ops=ops)
         new_k.append(k)
         new_v.append(v)
     with jax.named_scope("lm_head"):

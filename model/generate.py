@@ -17,38 +17,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.sampling import sample_ref
-from kvcache.cache import KVCache, empty_cache
 from mesh.errors import WaferError
+from mesh.extent import round_up
+from model.cache import KVCache, empty_cache
+from model.compile_cache import CompileCache
 from model.config import ModelConfig
 from model.forward import forward
+from model.sampling import Sampling, sampling_keys, sampling_knobs
 from model.weights import Params
 
 # Prompt and cache lengths are rounded up to these multiples: fewer distinct compiled shapes,
 # and a cache only slightly longer than needed (decode attention reads the whole cache).
 PROMPT_BUCKET = 32
 CACHE_BUCKET = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """How to choose tokens. temperature 0 means greedy."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise WaferError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise WaferError(f"top-k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise WaferError(f"top-p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
 
 @dataclasses.dataclass
@@ -65,18 +46,13 @@ class GenerationResult:
         return self.decode_steps / self.decode_s if self.decode_steps and self.decode_s > 0 else 0.0
 
 
-def round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
 def cache_len_for(longest_prompt: int, max_new_tokens: int) -> int:
     """Cache positions S the generator allocates (and decode attention reads) for a request."""
     return round_up(max(round_up(longest_prompt, PROMPT_BUCKET), longest_prompt + max_new_tokens), CACHE_BUCKET)
 
 
 def _select(logits_BV, pos_B, temperature, top_k, top_p, key, greedy):
-    keys_B = jax.vmap(lambda p: jax.random.fold_in(key, p))(pos_B)
-    return sample_ref(logits_BV, keys_B, temperature, top_k, top_p, greedy)
+    return sample_ref(logits_BV, sampling_keys(key, pos_B), temperature, top_k, top_p, greedy)
 
 
 def _prefill(params, tokens_BT, lengths_B, cache, temperature, top_k, top_p, key, *, config, greedy):
@@ -92,29 +68,26 @@ def _decode_step(params, cache, tokens_B, pos_B, temperature, top_k, top_p, key,
     return next_B, pos_B + 1, cache
 
 
+@dataclasses.dataclass
+class DevicePrefill:
+    """A prefill on one device: the first tokens and the cache, both still on the device."""
+
+    first_B: jax.Array  # [B] int32: the first generated token of each prompt
+    cache: KVCache  # L layers of [B, K, S, H]
+    seconds: float  # the compiled prefill, from dispatch to first tokens ready
+    compile_s: float  # compilation done by this call
+
+
 class Generator:
     """Generates from one model on the default device, caching compiled code per shape."""
 
     def __init__(self, params: Params, config: ModelConfig):
         self.params = params
         self.config = config
-        self._compiled: dict[tuple, object] = {}
+        self._compiled = CompileCache()
 
-    def _compile(self, key: tuple, fn, *args):
-        """AOT-compile `fn` for `args`' shapes once; returns (compiled, seconds spent now)."""
-        if key in self._compiled:
-            return self._compiled[key], 0.0
-        t0 = time.perf_counter()
-        compiled = fn.lower(*args).compile()
-        self._compiled[key] = compiled
-        return compiled, time.perf_counter() - t0
-
-    def prefill(self, prompts: list[list[int]], cache_len: int, sampling: Sampling):
-        """Prefill `prompts` into a fresh cache of `cache_len` positions.
-
-        Returns (first tokens [B] on device, cache, knobs, seconds of compiled prefill,
-        seconds spent compiling). `knobs` are the sampling arrays the decode step takes.
-        """
+    def prefill(self, prompts: list[list[int]], cache_len: int, sampling: Sampling) -> DevicePrefill:
+        """Prefill `prompts` into a fresh cache of `cache_len` positions."""
         cfg = self.config
         B = len(prompts)
         longest = max(len(p) for p in prompts)
@@ -127,12 +100,12 @@ class Generator:
         knobs = sampling_knobs(sampling)
         cache = empty_cache(cfg.n_layers, B, cfg.n_kv_heads, S, cfg.head_dim)
         prefill = jax.jit(functools.partial(_prefill, config=cfg, greedy=sampling.greedy), donate_argnums=(3,))
-        prefill_c, compile_s = self._compile(("prefill", B, T, S, sampling.greedy), prefill,
+        prefill_c, compile_s = self._compiled.get(("prefill", B, T, S, sampling.greedy), prefill,
                                              self.params, tokens_BT, lengths_B, cache, *knobs)
         t0 = time.perf_counter()
         tok_B, _, cache = prefill_c(self.params, jnp.asarray(tokens_BT), lengths_B, cache, *knobs)
         tok_B.block_until_ready()
-        return tok_B, cache, knobs, time.perf_counter() - t0, compile_s
+        return DevicePrefill(tok_B, cache, time.perf_counter() - t0, compile_s)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
                  stop_on_eos: bool = True) -> GenerationResult:
@@ -141,9 +114,9 @@ class Generator:
         check_request(cfg, prompts, max_new_tokens)
         longest = max(len(p) for p in prompts)
         S = cache_len_for(longest, max_new_tokens)
-        tok_B, cache, _, prefill_s, c1 = self.prefill(prompts, S, sampling)
-        return self.continue_from(tok_B, cache, [len(p) for p in prompts], max_new_tokens, sampling, stop_on_eos,
-                                  prefill_s, c1)
+        pre = self.prefill(prompts, S, sampling)
+        return self.continue_from(pre.first_B, pre.cache, [len(p) for p in prompts], max_new_tokens, sampling,
+                                  stop_on_eos, pre.seconds, pre.compile_s)
 
     def continue_from(self, first_B, cache: KVCache, lengths: list[int], max_new_tokens: int,
                       sampling: Sampling = Sampling(), stop_on_eos: bool = True, prefill_s: float = 0.0,
@@ -166,7 +139,7 @@ class Generator:
         step = jax.jit(functools.partial(_decode_step, config=cfg, greedy=sampling.greedy), donate_argnums=(1,))
         lengths_B = jnp.asarray(lengths, jnp.int32)
         tok_B = jnp.asarray(first_B, jnp.int32)
-        step_c, c2 = self._compile(("step", cache.batch, cache.max_len, sampling.greedy), step,
+        step_c, c2 = self._compiled.get(("step", cache.batch, cache.max_len, sampling.greedy), step,
                                    self.params, cache, lengths_B, lengths_B, *knobs)
         state = {"tok": tok_B, "pos": lengths_B, "cache": cache}
 
@@ -179,14 +152,8 @@ class Generator:
         first = np.asarray(tok_B)
         ttft = prefill_s + time.perf_counter() - t0
         eos = set(cfg.eos_token_ids) if stop_on_eos else set()
-        out, steps, decode_s = decode_loop(dispatch_step, first, max_new_tokens, eos)
-        return GenerationResult(out, ttft, decode_s, steps, prefill_compile_s + c2)
-
-
-def sampling_knobs(sampling: Sampling) -> tuple:
-    """The traced sampling arguments (temperature, top_k, top_p, key) of prefill and decode."""
-    return (jnp.float32(max(sampling.temperature, 1e-6)), jnp.int32(sampling.top_k),
-            jnp.float32(sampling.top_p), jax.random.key(sampling.seed))
+        run = decode_loop(dispatch_step, first, max_new_tokens, eos)
+        return GenerationResult(run.tokens, ttft, run.seconds, run.steps, prefill_compile_s + c2)
 
 
 def check_request(config: ModelConfig, prompts: list[list[int]], max_new_tokens: int) -> None:
@@ -205,8 +172,18 @@ def check_request(config: ModelConfig, prompts: list[list[int]], max_new_tokens:
                          f"model's context of {config.max_seq_len}")
 
 
-def decode_loop(dispatch_step, first: np.ndarray, max_new_tokens: int, eos: set[int], read_tokens=np.asarray):
-    """Host loop shared by every decoder: returns (tokens per sequence, steps run, seconds).
+@dataclasses.dataclass
+class DecodeRun:
+    """What the host decode loop did."""
+
+    tokens: list[list[int]]  # generated ids per sequence, the first (prefilled) token included
+    steps: int  # decode steps dispatched
+    seconds: float  # wall time of the loop
+
+
+def decode_loop(dispatch_step, first: np.ndarray, max_new_tokens: int, eos: set[int],
+                read_tokens=np.asarray) -> DecodeRun:
+    """Host loop shared by every decoder.
 
     `dispatch_step()` launches one decode step and returns its tokens (on device);
     `read_tokens` turns them into a host array [B]. The next
@@ -232,4 +209,4 @@ def decode_loop(dispatch_step, first: np.ndarray, max_new_tokens: int, eos: set[
         pending = tokens_B
     if pending is not None:
         consume(pending)
-    return out, steps, time.perf_counter() - t0
+    return DecodeRun(out, steps, time.perf_counter() - t0)

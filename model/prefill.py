@@ -37,17 +37,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.lm_head import mask_padded_vocab, sample_mesh
+from kernels.lm_head import mask_padded_vocab
 from kernels.prefill_attention import blocked_causal_attention
 from kernels.rmsnorm import rmsnorm_ref
-from kernels.rope import apply_rope_ref, rope_cos_sin
-from kvcache.cache import KVCache
+from kernels.rope import rope_cos_sin
 from mesh.axes import COL
 from mesh.errors import WaferError
 from mesh.executors import CoreMesh, Grid
+from mesh.extent import ceil_div, round_up
+from model.block import BlockShape, dense_ops, embed_from_vocab_shard, inv_freq_for, transformer_block
+from model.cache import KVCache
+from model.compile_cache import CompileCache
 from model.config import ModelConfig
-from model.forward import inv_freq_for
-from model.generate import PROMPT_BUCKET, Sampling, check_request, round_up
+from model.generate import PROMPT_BUCKET, check_request
+from model.sampling import Sampling, place_knobs, sample_vocab_shards
 from model.wafer_layout import WaferLayout, tile_params
 from model.weights import Params
 
@@ -93,44 +96,33 @@ def core_prefill_chunk(tiles, k_cache, v_cache, tokens_bT, lengths_b, start, x_l
     S = k_cache[0].shape[2]
     assert k_cache[0].shape == (b, kc, S, H), k_cache[0].shape
     assert x_last_bD.shape == (b, D), x_last_bD.shape
-    c = jax.lax.axis_index(COL)
 
     with jax.named_scope("embed"):
-        local_tok = tokens_bT - c * layout.v
-        in_block = (local_tok >= 0) & (local_tok < layout.v)
-        safe = jnp.clip(local_tok, 0, layout.v - 1)
-        rows_bTD = tiles["embed"][safe] if "embed" in tiles else jnp.take(tiles["lm"], safe, axis=1).transpose(1, 2, 0)
-        # Exactly one column holds each token's row: the sum over COL is exact.
-        x_bTD = jax.lax.psum(jnp.where(in_block[..., None], rows_bTD, 0.0), COL)
+        x_bTD = embed_from_vocab_shard(tiles, tokens_bT, layout.v, lambda a: jax.lax.psum(a, COL))
 
     pos_T = start + jnp.arange(T, dtype=jnp.int32)
     cos_TH, sin_TH = rope_cos_sin(pos_T, inv_freq_for(cfg))
-    cos, sin = cos_TH[None, :, None], sin_TH[None, :, None]
     real_bT = pos_T[None, :] < lengths_b[:, None]
     start_b = jnp.full((b,), start, jnp.int32)
+
+    def attend(q, k, v, k_cache_i, v_cache_i):
+        # Padding positions never reach the cache: the handoff ships clean zeros there.
+        k = jnp.where(real_bT[..., None, None], k, 0.0).transpose(0, 2, 1, 3)
+        v = jnp.where(real_bT[..., None, None], v, 0.0).transpose(0, 2, 1, 3)
+        kcache = jax.lax.dynamic_update_slice(k_cache_i, k, (0, 0, start, 0))
+        vcache = jax.lax.dynamic_update_slice(v_cache_i, v, (0, 0, start, 0))
+        attn = blocked_causal_attention(q, kcache, vcache, start_b, lengths_b, q_block=block, kv_block=block)
+        return attn, kcache, vcache
+
+    # Columns hold whole heads and a block of F: QKV and gate|up are local, the output and down
+    # projections are partial sums over the columns.
+    shape = BlockShape((nc,), kc, H, layout.f)
+    ops = dense_ops(cfg.rms_eps, attend, reduce_out=lambda y: jax.lax.psum(y, COL))
     new_k, new_v = [], []
     for i, t in enumerate(tiles["layers"]):
         with jax.named_scope(f"layer{i}"):
-            with jax.named_scope("attention"):
-                h = rmsnorm_ref(x_bTD, t["attn_norm"], cfg.rms_eps)
-                qkv = h @ t["w_qkv"]
-                if "b_qkv" in t:
-                    qkv = qkv + t["b_qkv"]
-                q = apply_rope_ref(qkv[..., : nc * H].reshape(b, T, nc, H), cos, sin)
-                k = apply_rope_ref(qkv[..., nc * H: (nc + kc) * H].reshape(b, T, kc, H), cos, sin)
-                v = qkv[..., (nc + kc) * H:].reshape(b, T, kc, H)
-                # Padding positions never reach the cache: the handoff ships clean zeros there.
-                k = jnp.where(real_bT[..., None, None], k, 0.0).transpose(0, 2, 1, 3)
-                v = jnp.where(real_bT[..., None, None], v, 0.0).transpose(0, 2, 1, 3)
-                kcache = jax.lax.dynamic_update_slice(k_cache[i], k, (0, 0, start, 0))
-                vcache = jax.lax.dynamic_update_slice(v_cache[i], v, (0, 0, start, 0))
-                attn = blocked_causal_attention(q, kcache, vcache, start_b, lengths_b, q_block=block, kv_block=block)
-                x_bTD = x_bTD + jax.lax.psum(attn.reshape(b, T, nc * H) @ t["w_o"], COL)
-            with jax.named_scope("mlp"):
-                h = rmsnorm_ref(x_bTD, t["mlp_norm"], cfg.rms_eps)
-                gate_up = h @ t["w_gate_up"]
-                f = layout.f
-                x_bTD = x_bTD + jax.lax.psum((jax.nn.silu(gate_up[..., :f]) * gate_up[..., f:]) @ t["w_down"], COL)
+            x_bTD, kcache, vcache = transformer_block(t, x_bTD, cos_TH[None], sin_TH[None], k_cache[i], v_cache[i],
+                                                      shape=shape, ops=ops)
         new_k.append(kcache)
         new_v.append(vcache)
 
@@ -152,8 +144,7 @@ def core_prefill_head(tiles, x_last_bD, lengths_b, seed, temperature, top_k, top
         h = rmsnorm_ref(x_last_bD, tiles["final_norm"], cfg.rms_eps)
         logits_bv = mask_padded_vocab(h @ tiles["lm"], cfg.vocab_size, COL)
     # The same keys as the single-device generator: fold the position of the token being chosen.
-    keys_b = jax.vmap(lambda p: jax.random.fold_in(jax.random.key(seed), p))(lengths_b)
-    first_b = sample_mesh(logits_bv, COL, cfg.vocab_size, keys_b, temperature, top_k, top_p, greedy)
+    first_b = sample_vocab_shards(logits_bv, cfg.vocab_size, lengths_b, seed, temperature, top_k, top_p, greedy)
     return first_b, logits_bv
 
 
@@ -231,14 +222,7 @@ class Prefiller:
         self._chunk_fn = jax.jit(core_mesh.run(functools.partial(core_prefill_chunk, layout=self.layout,
                                                                  block=attention_block)),
                                  donate_argnums=(1, 2, 6))
-        self._compiled: dict[tuple, object] = {}
-
-    def _compiled_fn(self, key: tuple, fn, *args):
-        if key in self._compiled:
-            return self._compiled[key], 0.0
-        t0 = time.perf_counter()
-        self._compiled[key] = fn.lower(*args).compile()
-        return self._compiled[key], time.perf_counter() - t0
+        self._compiled = CompileCache()
 
     def _rows(self, a: np.ndarray) -> jax.Array:
         """Per-sequence values [R*b, ...] placed row by row, the same on every column: [R, C, b, ...]."""
@@ -251,9 +235,9 @@ class Prefiller:
         longest = max(len(p) for p in prompts)
         total = round_up(longest, PROMPT_BUCKET)
         T = min(self.chunk, total)
-        n_chunks = -(-total // T)
+        n_chunks = ceil_div(total, T)
         S = max(cache_len or 0, n_chunks * T)
-        return -(-len(prompts) // self.core_mesh.grid.rows), T, n_chunks, S
+        return ceil_div(len(prompts), self.core_mesh.grid.rows), T, n_chunks, S
 
     def prefill(self, prompts: list[list[int]], sampling: Sampling = Sampling(),
                 cache_len: int | None = None) -> PrefillResult:
@@ -276,14 +260,12 @@ class Prefiller:
         lengths_d = self._rows(lengths)
         chunk_args = [self._rows(tokens[:, i * T: (i + 1) * T]) for i in range(n_chunks)]
         starts = [self.core_mesh.broadcast(np.int32(i * T)) for i in range(n_chunks)]
-        knobs = [self.core_mesh.broadcast(np.asarray(v, dt)) for v, dt in (
-            (sampling.seed, np.uint32), (max(sampling.temperature, 1e-6), np.float32),
-            (sampling.top_k, np.int32), (sampling.top_p, np.float32))]
-        chunk_fn, compile_s = self._compiled_fn(("chunk", b, T, S), self._chunk_fn, self.tiles, k_cache, v_cache,
+        knobs = place_knobs(self.core_mesh, sampling)
+        chunk_fn, compile_s = self._compiled.get(("chunk", b, T, S), self._chunk_fn, self.tiles, k_cache, v_cache,
                                                 chunk_args[0], lengths_d, starts[0], x_last)
         head = jax.jit(self.core_mesh.run(functools.partial(core_prefill_head, layout=self.layout,
                                                             greedy=sampling.greedy)))
-        head_fn, c = self._compiled_fn(("head", b, sampling.greedy), head, self.head_tiles, x_last, lengths_d,
+        head_fn, c = self._compiled.get(("head", b, sampling.greedy), head, self.head_tiles, x_last, lengths_d,
                                        *knobs)
         compile_s += c
 

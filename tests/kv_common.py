@@ -9,7 +9,7 @@ from kvcache.sequence import model_fingerprint, prefill_sequence
 from mesh.executors import Executor, Grid, make_core_mesh
 from model.config import preset
 from model.generate import Generator
-from model.wafer_decode import WaferDecoder
+from model.wafer_generate import WaferDecoder
 from model.weights import init_random_params
 
 PROMPT = [5, 9, 100, 7, 300, 11, 12, 40, 41]

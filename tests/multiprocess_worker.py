@@ -43,7 +43,7 @@ def main(argv: list[str]) -> None:
     import jax
 
     from mesh.executors import Executor, Grid, make_core_mesh
-    from model.wafer_decode import WaferDecoder
+    from model.wafer_generate import WaferDecoder
 
     grid = Grid.parse(grid_text)
     core_mesh = make_core_mesh(grid, Executor.DEVICES)

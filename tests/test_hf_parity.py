@@ -27,10 +27,12 @@ from bench import hf_peer
 from bench.hf_peer import load_hf_model
 from kernels.rope import rope_inv_freq
 from kernels.sampling import sample_ref
-from kvcache.cache import empty_cache
+from model.block import inv_freq_for
+from model.cache import empty_cache
 from model.config import SMOLLM2_135M, RopeScaling
-from model.forward import forward, inv_freq_for
-from model.generate import Generator, Sampling
+from model.forward import forward
+from model.generate import Generator
+from model.sampling import Sampling
 from model.hf_checkpoint import read_hf_config
 from model.load import LoadedModel, load_model
 from tests import hf_checkpoints

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from kernels.attention import gqa_attention_ref
 from kernels.rmsnorm import rmsnorm_ref
 from kernels.rope import apply_rope_ref, rope_cos_sin, rope_inv_freq
-from kvcache.cache import write_kv
+from model.cache import write_kv
 
 
 def test_rmsnorm_matches_formula():

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from kvcache.layout import DecodeKVLayout, PrefillKVLayout
+from kvcache.layout import PrefillKVLayout
 from mesh.errors import WaferError
 from mesh.executors import Grid
 from model.config import TINY_LLAMA
-from model.wafer_decode import cache_to_decode_layout, decode_kv_layout
+from model.cache_layout import DecodeKVLayout, cache_to_decode_layout, decode_kv_layout
 from model.wafer_layout import WaferLayout
 
 PREFILL_GRIDS = ["1x1", "1x2", "2x2", "1x3", "3x4"]

@@ -16,9 +16,10 @@ from bench.hf_peer import hf_prefill, load_hf_model
 from mesh.errors import WaferError
 from mesh.executors import Executor, Grid, make_core_mesh
 from model.config import preset
-from model.generate import Generator, Sampling, cache_len_for
+from model.generate import Generator, cache_len_for
 from model.load import load_model
 from model.prefill import Prefiller
+from model.sampling import Sampling
 from model.weights import init_random_params
 from tests import hf_checkpoints
 from tests.test_hf_parity import (NEW_TOKENS, SMOLLM2_LOGIT_RTOL, TINY_LOGIT_RTOL, _torch_one_thread,
@@ -175,7 +176,7 @@ def test_prefill_layout_is_documented_one(tiny_llama):
     raw = np.asarray(result.k_cache[1])  # [R, C, b, kc, S, H]
     R, C, b, kc = raw.shape[:4]
     assert (R, C, b, kc) == (2, 2, 2, cfg.n_kv_heads // 2)
-    k_single = [np.asarray(k) for k in Generator(params, cfg).prefill(prompts, raw.shape[4], Sampling())[1].k_LBKSH]
+    k_single = [np.asarray(k) for k in Generator(params, cfg).prefill(prompts, raw.shape[4], Sampling()).cache.k_LBKSH]
     for r in range(R):
         for c in range(C):
             for j in range(b):

@@ -22,7 +22,8 @@ from mesh.errors import WaferError
 from mesh.wafer import WSE2, WSE3, emulated_spec
 from model.config import TINY_LLAMA, preset
 from model.profile import kernel_of, layout_specs, profile_layout, trace_decode_step
-from model.wafer_decode import MeshOptions, WaferDecoder
+from model.wafer_decode import MeshOptions
+from model.wafer_generate import WaferDecoder
 from model.wafer_layout import WaferLayout
 from model.weights import init_random_params
 

@@ -11,14 +11,17 @@ import numpy as np
 import pytest
 
 from kernels.allreduce import Schedule
-from kvcache.cache import empty_cache
 from mesh.errors import WaferError
 from mesh.executors import Executor, Grid, make_core_mesh
 from mesh.wafer import emulated_spec
+from model.cache import empty_cache
+from model.cache_layout import cache_to_decode_layout
 from model.config import SMOLLM2_135M, TINY_QWEN2
 from model.forward import forward
 from model.generate import Generator
-from model.wafer_decode import MeshOptions, WaferDecoder, cache_to_decode_layout
+from model.sampling import Sampling
+from model.wafer_decode import MeshOptions
+from model.wafer_generate import WaferDecoder
 from model.wafer_layout import WaferLayout
 from model.weights import init_random_params
 
@@ -233,7 +236,8 @@ def test_slots_insert_evict_and_keep_decoding():
     pre = Generator(params, cfg)
 
     def insert(i):
-        first, cache, *_ = pre.prefill([prompts[i]], 32, __import__("model.generate").generate.Sampling())
+        prefilled = pre.prefill([prompts[i]], 32, Sampling())
+        first, cache = prefilled.first_B, prefilled.cache
         slot = dec.free_slots()[0]
         dec.insert(slot, [k[0] for k in cache.k_LBKSH], [v[0] for v in cache.v_LBKSH], len(prompts[i]),
                    int(np.asarray(first)[0]))
@@ -275,7 +279,8 @@ from kernels.allreduce import Schedule
 from mesh.executors import Executor, Grid, make_core_mesh
 from model.config import TINY_LLAMA
 from model.generate import Generator
-from model.wafer_decode import MeshOptions, WaferDecoder
+from model.wafer_decode import MeshOptions
+from model.wafer_generate import WaferDecoder
 from model.weights import init_random_params
 params = init_random_params(TINY_LLAMA, seed=5, scale=0.2)
 prompt = list(range(3, 10))

@@ -1,4 +1,4 @@
-"""The single-device KV cache: one [B, K, S, H] array per layer for keys and for values.
+"""The KV cache the model writes: one [B, K, S, H] array per layer for keys and for values.
 
 Per-layer arrays (not one stacked [L, ...] array) for the same reason as the weights: XLA on
 CPU streams separate arrays faster than slices of a stacked one. Positions and lengths are not

@@ -1,0 +1,230 @@
+"""A decode batch of slots on a core mesh: the model planned, tiled and placed, and the protocol a
+serving loop drives (reserve, place_layer, commit, abort, evict, insert, step).
+
+A prefilled sequence is placed into a free slot (its cache moved into the decode layout,
+cache_layout.py), decodes alongside the others in the per-core step (wafer_decode.py), and is
+evicted when finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from mesh.errors import WaferError
+from mesh.executors import CoreMesh
+from mesh.extent import round_up
+from mesh.planner import plan_sram
+from mesh.wafer import WaferSpec, emulated_spec
+from model.cache_layout import decode_kv_layout
+from model.config import ModelConfig
+from model.generate import CACHE_BUCKET
+from model.sampling import Sampling, place_knobs
+from model.wafer_decode import MeshOptions, core_decode_step
+from model.wafer_layout import WaferLayout, tile_params
+from model.weights import Params
+
+# Budget of an unconstrained plan (the accounting still happens).
+UNLIMITED_BUDGET = 1 << 62
+
+
+def core_copy(a: jax.Array) -> np.ndarray:
+    """One core's copy of a value that every core holds alike, on the host: [R, C, ...] -> [...].
+
+    Reads the first shard local to this process (one device-to-host copy, no dispatch), never the
+    whole array, which on a mesh spanning processes lies partly on devices this process cannot read.
+    """
+    return np.asarray(a.addressable_data(0))[0, 0]
+
+
+class SlotBatch:
+    """A decode batch of `batch` slots on a core mesh."""
+
+    def __init__(self, params: Params, config: ModelConfig, core_mesh: CoreMesh, batch: int, max_len: int,
+                 opts: MeshOptions = MeshOptions(), spec: WaferSpec | None = None):
+        """Plan, tile and place the model; `spec` sets the per-core budget (default: no limit)."""
+        if batch < 1:
+            raise WaferError(f"decode batch must be at least 1, got {batch}")
+        self.config, self.core_mesh, self.batch, self.opts = config, core_mesh, batch, opts
+        self.layout = WaferLayout(config, core_mesh.grid, round_up(max_len, CACHE_BUCKET))
+        self.kv_layout = decode_kv_layout(self.layout)  # one slot's cache on the cores
+        grid = core_mesh.grid
+        # Planning comes first: a layout that does not fit fails before anything is allocated.
+        self.plan = plan_sram(self.layout.tensor_specs(batch), grid.rows, grid.cols,
+                              spec or emulated_spec(UNLIMITED_BUDGET))
+        self.params = params  # single-device weights: the model's fingerprint, the prefill
+        self.tiles = core_mesh.place(tile_params(params, self.layout))
+        shape = (batch, self.layout.kc, self.layout.s_slots, config.head_dim)
+        self.k_cache = tuple(core_mesh.zeros(shape) for _ in range(config.n_layers))
+        self.v_cache = tuple(core_mesh.zeros(shape) for _ in range(config.n_layers))
+        self.tokens = np.zeros(batch, np.int32)
+        self.pos = np.zeros(batch, np.int32)
+        self.active = np.zeros(batch, bool)
+        self._step = jax.jit(core_mesh.run(functools.partial(core_decode_step, layout=self.layout, opts=opts)),
+                             donate_argnums=(1, 2))
+        self._compiled_step = None
+        self._logits = None
+        self._active_placed = None
+        self._knobs_placed: dict[Sampling, list] = {}
+        self._landing: dict[int, _Landing] = {}  # reserved slots, filled layer by layer
+
+    @property
+    def capacity(self) -> int:
+        """Cache positions each slot holds (prompt and generated tokens together)."""
+        return self.kv_layout.capacity
+
+    def _replicate(self, a) -> jax.Array:
+        """A per-sequence value as every core's copy: [R, C, ...]."""
+        return self.core_mesh.broadcast(a)
+
+    def free_slots(self) -> list[int]:
+        """Slots neither decoding nor reserved for a sequence being placed."""
+        return [b for b in range(self.batch) if not self.active[b] and b not in self._landing]
+
+    def insert(self, slot: int, k_LKSH, v_LKSH, length: int, next_token: int) -> None:
+        """Place one prefilled sequence (its cache, length and next token) into a free slot."""
+        self.reserve(slot, length, next_token)
+        try:
+            per_core_k = [self.kv_layout.to_cores(np.asarray(k)[:, :length]) for k in k_LKSH]
+            per_core_v = [self.kv_layout.to_cores(np.asarray(v)[:, :length]) for v in v_LKSH]
+            self.k_cache, self.v_cache = _insert_slot(self.k_cache, self.v_cache,
+                                                      self.core_mesh.place(tuple(per_core_k)),
+                                                      self.core_mesh.place(tuple(per_core_v)), jnp.int32(slot))
+            self._landing[slot].placed.update(range(self.config.n_layers))
+        except BaseException:
+            self.abort(slot)
+            raise
+        self.commit(slot)
+
+    def reserve(self, slot: int | None, length: int, next_token: int) -> int:
+        """Reserve a free slot (`None`: the first free one) for a sequence placed layer by layer.
+
+        The slot stays inactive until `commit`: decode steps of the other slots never write its
+        positions (an inactive slot writes only the scratch slot), so layers placed while they
+        keep decoding stay as placed. Returns the slot.
+        """
+        if slot is None:
+            free = self.free_slots()
+            if not free:
+                raise WaferError(f"no free slot in the decode batch of {self.batch}")
+            slot = free[0]
+        if not 0 <= slot < self.batch:
+            raise WaferError(f"slot {slot} is outside the decode batch of {self.batch}")
+        if self.active[slot] or slot in self._landing:
+            raise WaferError(f"slot {slot} is occupied")
+        if not 1 <= length < self.capacity:
+            raise WaferError(f"sequence of {length} tokens leaves no room in a cache of {self.layout.max_len}")
+        if not 0 <= next_token < self.config.vocab_size:
+            raise WaferError(f"next token {next_token} is outside the vocabulary [0, {self.config.vocab_size})")
+        self._landing[slot] = _Landing(length, next_token, set())
+        return slot
+
+    def place_layer(self, slot: int, layer: int, k_KnH, v_KnH) -> None:
+        """Place layer `layer` ([K, n, H] keys and values) of the sequence reserved in `slot`."""
+        landing = self._landing.get(slot)
+        if landing is None:
+            raise WaferError(f"slot {slot} is not reserved")
+        if not 0 <= layer < self.config.n_layers:
+            raise WaferError(f"layer {layer} is outside the model's {self.config.n_layers}")
+        want = (self.config.n_kv_heads, landing.length, self.config.head_dim)
+        if tuple(k_KnH.shape) != want or tuple(v_KnH.shape) != want:
+            raise WaferError(f"layer {layer}: K {tuple(k_KnH.shape)} / V {tuple(v_KnH.shape)}, expected {want}")
+        k_new, v_new = self.core_mesh.place((self.kv_layout.to_cores(np.asarray(k_KnH)),
+                                             self.kv_layout.to_cores(np.asarray(v_KnH))))
+        k, v = _insert_layer(self.k_cache[layer], self.v_cache[layer], k_new, v_new, jnp.int32(slot))
+        self.k_cache = self.k_cache[:layer] + (k,) + self.k_cache[layer + 1:]
+        self.v_cache = self.v_cache[:layer] + (v,) + self.v_cache[layer + 1:]
+        landing.placed.add(layer)
+
+    def commit(self, slot: int) -> None:
+        """Start decoding the sequence reserved in `slot` (every layer must have been placed)."""
+        landing = self._landing.get(slot)
+        if landing is None:
+            raise WaferError(f"slot {slot} is not reserved")
+        missing = sorted(set(range(self.config.n_layers)) - landing.placed)
+        if missing:
+            raise WaferError(f"slot {slot}: layers {missing[:8]} were never placed")
+        del self._landing[slot]
+        self.tokens[slot], self.pos[slot], self.active[slot] = landing.next_token, landing.length, True
+
+    def abort(self, slot: int) -> None:
+        """Give a reserved slot back. Layers already placed stay in its cache rows unseen: the slot
+        is inactive, and the next insert overwrites every position of it."""
+        self._landing.pop(slot, None)
+
+    def evict(self, slot: int) -> None:
+        self.active[slot] = False
+
+    def step(self, sampling: Sampling = Sampling()) -> np.ndarray:
+        """Decode one token for every active slot; returns the tokens [B] (inactive: unchanged)."""
+        tok, pos = self.step_device(sampling)
+        self.tokens, self.pos = np.array(core_copy(tok)), np.array(core_copy(pos))
+        return self.tokens.copy()
+
+    def step_device(self, sampling: Sampling, tokens=None, pos=None):
+        """Dispatch one step without reading back; returns device (tokens, positions) [R, C, B]."""
+        if sampling.greedy != self.opts.greedy:
+            raise WaferError("this decoder was compiled for " + ("greedy" if self.opts.greedy else "sampled")
+                             + " decoding")
+        tokens = self._replicate(self.tokens) if tokens is None else tokens
+        pos = self._replicate(self.pos) if pos is None else pos
+        args = (self.tiles, self.k_cache, self.v_cache, tokens, pos, self._device_active(), *self._knobs(sampling))
+        self.compile()
+        tok, new_pos, self.k_cache, self.v_cache, self._logits = self._compiled_step(*args)
+        return tok, new_pos
+
+    def last_logits(self) -> np.ndarray:
+        """Logits [B, V] of the last step, gathered from the column shards of row 0."""
+        # On a mesh spanning processes, other processes' cores hold shards this one cannot read.
+        shards = multihost_utils.process_allgather(self._logits, tiled=True)[0]  # [C, B, v]
+        return np.concatenate(list(shards), axis=-1)[:, : self.config.vocab_size]
+
+    def _device_active(self) -> jax.Array:
+        """The slot mask on the cores, placed again only when a slot changes (not every step)."""
+        if self._active_placed is None or not np.array_equal(self._active_placed[0], self.active):
+            self._active_placed = (self.active.copy(), self._replicate(self.active))
+        return self._active_placed[1]
+
+    def _knobs(self, sampling: Sampling) -> list:
+        if sampling not in self._knobs_placed:
+            self._knobs_placed[sampling] = place_knobs(self.core_mesh, sampling)
+        return self._knobs_placed[sampling]
+
+    def compile(self) -> float:
+        """Compile the decode step once (shapes are fixed per batch); returns seconds spent now."""
+        if self._compiled_step is not None:
+            return 0.0
+        t0 = time.perf_counter()
+        r = self._replicate
+        self._compiled_step = self._step.lower(self.tiles, self.k_cache, self.v_cache, r(self.tokens), r(self.pos),
+                                               self._device_active(), *self._knobs(Sampling())).compile()
+        return time.perf_counter() - t0
+
+
+@dataclasses.dataclass
+class _Landing:
+    """A reserved slot being filled: what it will decode from once committed."""
+
+    length: int
+    next_token: int
+    placed: set[int]
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _insert_layer(k_cache, v_cache, k_new, v_new, slot):
+    """Write one layer of one sequence's per-core slices [R, C, k, s, H] into batch slot `slot`."""
+    return (jax.lax.dynamic_update_index_in_dim(k_cache, k_new, slot, axis=2),
+            jax.lax.dynamic_update_index_in_dim(v_cache, v_new, slot, axis=2))
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _insert_slot(k_cache, v_cache, k_new, v_new, slot):
+    """Write one sequence's per-core cache slices [R, C, k, s, H] into batch slot `slot`."""
+    put = lambda c, n: jax.lax.dynamic_update_index_in_dim(c, n, slot, axis=2)
+    return tuple(map(put, k_cache, k_new)), tuple(map(put, v_cache, v_new))
