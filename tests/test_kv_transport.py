@@ -1,10 +1,10 @@
 """The KV handoff between two processes on 127.0.0.1: a TCP stream and JAX's own transfer.
 
-A worker process (tests/helpers/workers/kv_sender.py) prefills and sends; this process lands the cache in a slot
-of a decode batch whose slot 0 is already decoding, and must then produce exactly the tokens of a
-single-process run. A peer that disconnects or goes silent halfway, and a JAX-transfer pull whose
-destination sharding differs from the source's, are refused cleanly: the slot stays free, the other
-slot's state is bit-for-bit unchanged, and no socket is left open.
+A worker process (tests/helpers/workers/kv_sender.py) prefills and sends; this process lands the
+cache in a slot of a decode batch whose slot 0 is already decoding, and must then produce exactly
+the tokens of a single-process run. A peer that disconnects or goes silent halfway, and a
+JAX-transfer pull whose destination sharding differs from the source's, are refused cleanly: the
+slot stays free, the other slot's state is bit-for-bit unchanged, and no socket is left open.
 """
 
 from __future__ import annotations

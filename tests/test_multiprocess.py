@@ -1,9 +1,9 @@
 """The wafer decode on a mesh spanning two processes (`jax.distributed`, CPU, gloo over 127.0.0.1).
 
-Two worker processes (tests/helpers/workers/multiprocess_decode.py) with two CPU devices each form one 2x2 decode
-mesh: mesh row 0 lies on process 0 and row 1 on process 1, so every reduction along ROW crosses
-processes. Each decodes the same prompt greedily; the tokens both read back must be exactly those
-of the single-process, single-device decoder run here.
+Two worker processes (tests/helpers/workers/multiprocess_decode.py) with two CPU devices each
+form one 2x2 decode mesh: mesh row 0 lies on process 0 and row 1 on process 1, so every reduction
+along ROW crosses processes. Each decodes the same prompt greedily; the tokens both read back must
+be exactly those of the single-process, single-device decoder run here.
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
     python tests/helpers/workers/kv_sender.py MODE MODEL SEED PREFILL_GRID PORT
 
-Prefills tests.helpers.kv_fixtures.PROMPT on a tiny random-weight model (or SmolLM2) and sends its cache to a receiver
-on 127.0.0.1:PORT. MODE: tcp (the whole stream), tcp-half (the header and half the stream, then
-a disconnect), tcp-stall (half the stream, then silence until killed), jax (JAX transfer).
-Exits non-zero on any error, so a failure is never silent.
+Prefills tests.helpers.kv_fixtures.PROMPT on a tiny random-weight model (or SmolLM2) and sends its
+cache to a receiver on 127.0.0.1:PORT. MODE: tcp (the whole stream), tcp-half (the header and half
+the stream, then a disconnect), tcp-stall (half the stream, then silence until killed), jax (JAX
+transfer). Exits non-zero on any error, so a failure is never silent.
 """
 
 from __future__ import annotations

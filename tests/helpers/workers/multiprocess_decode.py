@@ -1,6 +1,7 @@
 """One process of a two-process wafer decode, launched by tests/test_multiprocess.py.
 
-    python tests/helpers/workers/multiprocess_decode.py COORDINATOR NUM_PROCESSES PROCESS_ID LOCAL_DEVICES GRID MODEL OUT_DIR
+    python tests/helpers/workers/multiprocess_decode.py \
+        COORDINATOR NUM_PROCESSES PROCESS_ID LOCAL_DEVICES GRID MODEL OUT_DIR
 
 Joins the multi-process CPU mesh, lays a GRID (e.g. 2x2) of cores over the devices of all
 processes, and decodes a fixed prompt greedily on it. Every process writes the tokens it read
