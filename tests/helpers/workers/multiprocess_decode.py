@@ -1,4 +1,4 @@
-"""One process of a two-process wafer decode, launched by tests/test_multiprocess.py.
+r"""One process of a two-process wafer decode, launched by tests/test_multiprocess.py.
 
     python tests/helpers/workers/multiprocess_decode.py \
         COORDINATOR NUM_PROCESSES PROCESS_ID LOCAL_DEVICES GRID MODEL OUT_DIR
