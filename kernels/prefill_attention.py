@@ -26,7 +26,8 @@ def blocked_causal_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.A
     Memory is linear in T and S: queries are walked block by block (`lax.map`) and, inside each,
     keys block by block (`fori_loop`), so the largest score temporary is
     [B, K, G, q_block, kv_block]. 128 x 128 blocks were the fastest of 64 to 512 on this CPU
-    for SmolLM2 at 8 x 512 (bench/RESULTS.md).
+    for SmolLM2 at 8 x 512 (bench/RESULTS.md). Block letters in the names below: Q query blocks
+    of q queries each, J KV blocks of s keys each (s is one block's slice of S).
 
     Args:
       q_BTNH: [B, T, N, H] queries (already rotated), N = K * G.
@@ -53,8 +54,8 @@ def blocked_causal_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.A
         kv_pad = ((0, 0), (0, 0), (0, nk * kb - S), (0, 0))
         # Block index leading so each loop step reads one contiguous block by dynamic index.
         q_QBKGqH = q_pad.reshape(B, nq, qb, K, G, H).transpose(1, 0, 3, 4, 2, 5)
-        k_CBKcH = jnp.pad(k_BKSH, kv_pad).reshape(B, K, nk, kb, H).transpose(2, 0, 1, 3, 4)
-        v_CBKcH = jnp.pad(v_BKSH, kv_pad).reshape(B, K, nk, kb, H).transpose(2, 0, 1, 3, 4)
+        k_JBKsH = jnp.pad(k_BKSH, kv_pad).reshape(B, K, nk, kb, H).transpose(2, 0, 1, 3, 4)
+        v_JBKsH = jnp.pad(v_BKSH, kv_pad).reshape(B, K, nk, kb, H).transpose(2, 0, 1, 3, 4)
         q_start_B = q_start_B.astype(jnp.int32)
         kv_len_B = jnp.minimum(kv_len_B.astype(jnp.int32), S)
         scale = H ** -0.5
@@ -70,20 +71,20 @@ def blocked_causal_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.A
 
             def kv_step(j, carry):
                 m_BKGq, l_BKGq, acc_BKGqH = carry
-                k_BKcH, v_BKcH = k_CBKcH[j], v_CBKcH[j]
-                s = jnp.einsum("BKGqH,BKcH->BKGqc", q_BKGqH, k_BKcH,
-                               preferred_element_type=jnp.float32) * scale
-                kv_pos_c = j * kb + jnp.arange(kb, dtype=jnp.int32)
-                visible_Bqc = kv_pos_c[None, None, :] < limit_Bq[:, :, None]
-                s = jnp.where(visible_Bqc[:, None, None], s, -jnp.inf)
-                m_new = jnp.maximum(m_BKGq, jnp.max(s, axis=-1))
+                k_BKsH, v_BKsH = k_JBKsH[j], v_JBKsH[j]
+                scores_BKGqs = jnp.einsum("BKGqH,BKsH->BKGqs", q_BKGqH, k_BKsH,
+                                          preferred_element_type=jnp.float32) * scale
+                kv_pos_s = j * kb + jnp.arange(kb, dtype=jnp.int32)
+                visible_Bqs = kv_pos_s[None, None, :] < limit_Bq[:, :, None]
+                scores_BKGqs = jnp.where(visible_Bqs[:, None, None], scores_BKGqs, -jnp.inf)
+                m_new = jnp.maximum(m_BKGq, jnp.max(scores_BKGqs, axis=-1))
                 # A row with nothing visible yet keeps m = -inf; shifting by 0 instead makes
                 # exp(-inf - 0) = 0 rather than exp(-inf + inf) = NaN.
                 m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
                 alpha = jnp.exp(m_BKGq - m_safe)
-                p = jnp.exp(s - m_safe[..., None])
+                p = jnp.exp(scores_BKGqs - m_safe[..., None])
                 l_new = alpha * l_BKGq + jnp.sum(p, axis=-1)
-                pv = jnp.einsum("BKGqc,BKcH->BKGqH", p.astype(v_BKcH.dtype), v_BKcH,
+                pv = jnp.einsum("BKGqs,BKsH->BKGqH", p.astype(v_BKsH.dtype), v_BKsH,
                                 preferred_element_type=jnp.float32)
                 return m_new, l_new, alpha[..., None] * acc_BKGqH + pv
 

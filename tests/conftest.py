@@ -1,4 +1,5 @@
-"""Shared fixtures: the embedded model and its HF reference, loaded once per session."""
+"""Shared fixtures: the embedded model and its HF reference (loaded once per session), and a tiny
+HF checkpoint folder. Helpers that tests import by name live in `tests.helpers`."""
 
 import os
 
@@ -27,6 +28,21 @@ def hf_smollm2(smollm2):
     """HF transformers' own load of the same GGUF file (float32, eval mode)."""
     from bench.hf_peer import load_hf_model
     return load_hf_model(smollm2.source)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A random Llama written by transformers: TINY_LLAMA's shapes, untied head, 256 positions."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=160, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return str(folder)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,38 +10,17 @@ import json
 import pytest
 
 from bench import bandwidth, decode
-from cli.main import main
 from model.config import TINY_LLAMA, TINY_QWEN2
 from model.weights import init_random_params, weight_bytes
+from tests.helpers.cli_runner import run_cli
 
 # Bound measurements small enough for a test; the real sizes defeat the caches.
 SMALL_MACHINE = functools.partial(bandwidth.measure_machine, sum_bytes=1 << 20, gemv_rows=256, gemm_n=64, runs=1)
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A random Llama written by transformers: TINY_LLAMA's shapes, untied head, 256 positions."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=160, max_position_embeddings=256,
-                         tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return str(folder)
-
-
 @pytest.fixture
 def small_machine(monkeypatch):
     monkeypatch.setattr(decode, "measure_machine", SMALL_MACHINE)
-
-
-def run_cli(capsys, *argv):
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_weight_bytes_by_hand():

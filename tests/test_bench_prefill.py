@@ -11,7 +11,7 @@ import pytest
 from bench import bandwidth
 from bench import prefill as prefill_bench
 from model.config import SMOLLM2_135M, TINY_LLAMA
-from tests.test_bench_decode import run_cli, tiny_checkpoint  # noqa: F401 (fixture)
+from tests.helpers.cli_runner import run_cli
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def test_matmul_peak_in_a_fresh_process():
     (["--chunk", "48", "--prompt-len", "40"], ["multiple of 32"]),
     (["--model", "llama3-8b"], ["no embedded weights"]),
 ])
-def test_bad_arguments_are_one_line(capsys, argv, fragments, tiny_checkpoint, small_peak):  # noqa: F811
+def test_bad_arguments_are_one_line(capsys, argv, fragments, tiny_checkpoint, small_peak):
     if "--model" not in argv:
         argv = ["--checkpoint", tiny_checkpoint, *argv]
     rc, out, err = run_cli(capsys, "bench", "prefill", *argv)
@@ -62,14 +62,14 @@ def test_bad_arguments_are_one_line(capsys, argv, fragments, tiny_checkpoint, sm
         assert f in lines[0], (f, lines[0])
 
 
-def test_prompt_must_fit(capsys, tiny_checkpoint, small_peak):  # noqa: F811
+def test_prompt_must_fit(capsys, tiny_checkpoint, small_peak):
     rc, _, err = run_cli(capsys, "bench", "prefill", "--checkpoint", tiny_checkpoint, "--prompt-len", "256")
     assert rc == 2
     assert err.strip().splitlines()[-1] == ("wafer: error: --prompt-len 256 leaves no room in the model's "
                                             "context of 256")
 
 
-def test_json_smoke_on_a_mesh_with_hf(capsys, tiny_checkpoint, small_peak):  # noqa: F811
+def test_json_smoke_on_a_mesh_with_hf(capsys, tiny_checkpoint, small_peak):
     rc, out, err = run_cli(capsys, "bench", "prefill", "--checkpoint", tiny_checkpoint, "--batch", "4",
                            "--prompt-len", "40", "--mesh", "2x2", "--chunk", "32", "--repeats", "2",
                            "--compare-hf", "--json")
@@ -86,7 +86,7 @@ def test_json_smoke_on_a_mesh_with_hf(capsys, tiny_checkpoint, small_peak):  # n
     assert r["env"]["torch"] and r["env"]["jax"]
 
 
-def test_table(capsys, tiny_checkpoint, small_peak):  # noqa: F811
+def test_table(capsys, tiny_checkpoint, small_peak):
     rc, out, err = run_cli(capsys, "bench", "prefill", "--checkpoint", tiny_checkpoint, "--batch", "2",
                            "--prompt-len", "16", "--repeats", "1")
     assert rc == 0

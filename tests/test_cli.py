@@ -8,23 +8,7 @@ import sys
 
 import pytest
 
-from cli.main import main
-
-
-def run_cli(capsys, *argv):
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_one_line_error(rc, err, *fragments):
-    assert rc == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("wafer: error:"), err
-    assert "Traceback" not in err
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
+from tests.helpers.cli_runner import assert_one_line_error, run_cli
 
 
 def test_generate_json_fields(capsys, smollm2):

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from model.generate import Generator
-from tests.test_cli import assert_one_line_error, run_cli
+from tests.helpers.cli_runner import assert_one_line_error, run_cli
 
 PROMPT_IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28]
 NEW_TOKENS = 16
@@ -69,7 +69,7 @@ def test_bad_files_are_one_line_errors(capsys, exported, tmp_path):
 
 
 def test_import_refuses_another_model(capsys, exported, tmp_path):
-    from tests.hf_checkpoints import write_llama3
+    from tests.helpers.hf_checkpoints import write_llama3
     path = write_llama3(str(tmp_path / "llama"))
     capsys.readouterr()  # transformers' progress bar
     rc, _, err = run_cli(capsys, "kv", "import", exported, "--checkpoint", path, "--mesh", "1x2")

@@ -28,7 +28,7 @@ from kvcache.landing import KVLanding
 from kvcache.transport import FileSource, write_kv_file
 from mesh.errors import WaferError
 from mesh.executors import Executor, Grid
-from tests.kv_common import (
+from tests.helpers.kv_fixtures import (
     NEW_TOKENS,
     PROMPT,
     assert_state_unchanged,
@@ -104,7 +104,7 @@ def test_file_handoff_decodes_exactly(name, prefill, decode, tmp_path):
 
 def test_landing_while_other_slots_decode(qwen2):
     """Slot 0 keeps decoding between the layers of slot 1's stream; both get their solo tokens."""
-    from tests.kv_common import OTHER_PROMPT
+    from tests.helpers.kv_fixtures import OTHER_PROMPT
     params, config = qwen2
     other = solo_tokens(params, config, OTHER_PROMPT, NEW_TOKENS + 8)
     want = solo_tokens(params, config, PROMPT)
@@ -319,7 +319,7 @@ def test_fuzz_corruptions_are_refused_heavy(stream, busy):
     pytest.param("qwen2", "2x2", "1x4", marks=pytest.mark.slow)])
 def test_random_hf_checkpoints_hand_off_exactly(arch, prefill, decode, tmp_path):
     from model.load import load_model
-    from tests import hf_checkpoints
+    from tests.helpers import hf_checkpoints
     writer = {"mistral": hf_checkpoints.write_mistral, "llama3": hf_checkpoints.write_llama3,
               "qwen2": lambda p: hf_checkpoints.write_qwen2(p, tie=True)}[arch]
     loaded = load_model(checkpoint=writer(str(tmp_path / arch)), use_cache=False)

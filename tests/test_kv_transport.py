@@ -1,10 +1,10 @@
 """The KV handoff between two processes on 127.0.0.1: a TCP stream and JAX's own transfer.
 
-A worker process (tests/kv_worker.py) prefills and sends; this process lands the cache in a slot
-of a decode batch whose slot 0 is already decoding, and must then produce exactly the tokens of a
-single-process run. A peer that disconnects or goes silent halfway, and a JAX-transfer pull whose
-destination sharding differs from the source's, are refused cleanly: the slot stays free, the other
-slot's state is bit-for-bit unchanged, and no socket is left open.
+A worker process (tests/helpers/workers/kv_sender.py) prefills and sends; this process lands the
+cache in a slot of a decode batch whose slot 0 is already decoding, and must then produce exactly
+the tokens of a single-process run. A peer that disconnects or goes silent halfway, and a
+JAX-transfer pull whose destination sharding differs from the source's, are refused cleanly: the
+slot stays free, the other slot's state is bit-for-bit unchanged, and no socket is left open.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from kvcache.landing import KVLanding
 from kvcache.transport import KVListener, receive_kv
 from mesh.axes import COL, ROW
 from mesh.executors import Grid
-from tests.kv_common import (
+from tests.helpers.kv_fixtures import (
     PROMPT,
     assert_state_unchanged,
     busy_decoder,
@@ -41,10 +41,9 @@ from tests.kv_common import (
     solo_tokens,
     tiny,
 )
-from tests.test_multiprocess import _worker_env
+from tests.helpers.workers import KV_SENDER as WORKER
+from tests.helpers.workers import REPO, worker_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(REPO, "tests", "kv_worker.py")
 # Whole-run limit of one worker (start JAX, prefill, send). Typically 4-10 s on 2 shared cores.
 WORKER_TIMEOUT_S = 120
 
@@ -60,7 +59,7 @@ class Sender:
         self.log = os.path.join(log_dir, f"sender-{mode}.log")
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen([sys.executable, WORKER, mode, model, str(seed), prefill_grid, str(port)],
-                                         cwd=REPO, env=_worker_env(), stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=REPO, env=worker_env(), stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL)
 
     def wait_ok(self):

@@ -1,9 +1,9 @@
 """The wafer decode on a mesh spanning two processes (`jax.distributed`, CPU, gloo over 127.0.0.1).
 
-Two worker processes (tests/multiprocess_worker.py) with two CPU devices each form one 2x2 decode
-mesh: mesh row 0 lies on process 0 and row 1 on process 1, so every reduction along ROW crosses
-processes. Each decodes the same prompt greedily; the tokens both read back must be exactly those
-of the single-process, single-device decoder run here.
+Two worker processes (tests/helpers/workers/multiprocess_decode.py) with two CPU devices each
+form one 2x2 decode mesh: mesh row 0 lies on process 0 and row 1 on process 1, so every reduction
+along ROW crosses processes. Each decodes the same prompt greedily; the tokens both read back must
+be exactly those of the single-process, single-device decoder run here.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import pytest
 
 from mesh.distributed import init_cpu_process
 from mesh.errors import WaferError
-from tests.multiprocess_worker import NEW_TOKENS, PROMPT
+from tests.helpers.workers import MULTIPROCESS_DECODE as WORKER
+from tests.helpers.workers import REPO, worker_env
+from tests.helpers.workers.multiprocess_decode import NEW_TOKENS, PROMPT
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(REPO, "tests", "multiprocess_worker.py")
 PROCESSES = 2
 LOCAL_DEVICES = 2
 GRID = "2x2"
@@ -42,20 +42,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker_env() -> dict[str, str]:
-    """This environment, minus settings that would fight the workers' own device setup."""
-    env = dict(os.environ)
-    # Each worker sets its device count itself (mesh.distributed); an inherited count, or a
-    # coordinator picked up from the environment, would build a different mesh.
-    for name in ("JAX_NUM_CPU_DEVICES", "JAX_COORDINATOR_ADDRESS", "JAX_COORDINATOR_BIND_ADDRESS",
-                 "JAX_LOCAL_DEVICE_IDS", "JAX_PROCESS_ID", "JAX_NUM_PROCESSES"):
-        env.pop(name, None)
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if not f.startswith("--xla_force_host_platform_device_count"))
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
-
-
 def _tail(path: str, n: int = 3000) -> str:
     with open(path, errors="replace") as f:
         return f.read()[-n:]
@@ -68,7 +54,7 @@ def _exit_report(pid: int, proc: subprocess.Popen, log_path: str) -> str:
 def run_workers(model: str, out_dir) -> list[dict]:
     """Launch the workers, wait for all of them, return each process's report."""
     coordinator = f"127.0.0.1:{_free_port()}"
-    env = _worker_env()
+    env = worker_env()
     procs, logs = [], []
     try:
         for pid in range(PROCESSES):

@@ -21,9 +21,9 @@ from model.load import load_model
 from model.prefill import Prefiller
 from model.sampling import Sampling
 from model.weights import init_random_params
-from tests import hf_checkpoints
-from tests.test_hf_parity import (NEW_TOKENS, SMOLLM2_LOGIT_RTOL, TINY_LOGIT_RTOL, _torch_one_thread,
-                                  assert_logits_close, assert_same_tokens, hf_greedy)
+from tests.helpers import hf_checkpoints
+from tests.helpers.hf_reference import (NEW_TOKENS, SMOLLM2_LOGIT_RTOL, TINY_LOGIT_RTOL, assert_logits_close,
+                                        assert_same_tokens, hf_greedy, torch_one_thread)
 
 # K and V tolerance, as a fraction of the layer's largest |HF value|. Measured: SmolLM2 up to
 # 4.3e-5 abs on values up to 19 (2.3e-6 of the scale) on every mesh, the tiny models below 1e-6.
@@ -32,7 +32,7 @@ KV_RTOL = 2e-5
 
 
 def _hf_reference(model, prompts):
-    with _torch_one_thread():
+    with torch_one_thread():
         return [hf_prefill(model, p) for p in prompts]
 
 

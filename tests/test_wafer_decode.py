@@ -143,7 +143,7 @@ def test_qwen2_checkpoint_on_non_square_mesh(tmp_path):
     """Random-weight Qwen2 (QKV bias, tied head) from a transformers checkpoint on a 2x3 mesh."""
     from bench.hf_peer import hf_greedy, load_hf_model
     from model.load import load_model
-    from tests.hf_checkpoints import write_qwen2
+    from tests.helpers.hf_checkpoints import write_qwen2
 
     path = write_qwen2(str(tmp_path / "qwen2"), tie=True)
     loaded = load_model(checkpoint=path, use_cache=False)
@@ -160,7 +160,7 @@ def test_qwen2_checkpoint_split_groups_pad_query_heads(tmp_path):
     column 6 holding no head."""
     from bench.hf_peer import hf_greedy, load_hf_model
     from model.load import load_model
-    from tests.hf_checkpoints import write_qwen2
+    from tests.helpers.hf_checkpoints import write_qwen2
 
     path = write_qwen2(str(tmp_path / "qwen2"), tie=False, num_attention_heads=6, hidden_size=96)
     loaded = load_model(checkpoint=path, use_cache=False)

@@ -1,11 +1,11 @@
 """The sending side of a KV handoff between processes, launched by tests/test_kv_transport.py.
 
-    python tests/kv_worker.py MODE MODEL SEED PREFILL_GRID PORT
+    python tests/helpers/workers/kv_sender.py MODE MODEL SEED PREFILL_GRID PORT
 
-Prefills tests.kv_common.PROMPT on a tiny random-weight model (or SmolLM2) and sends its cache to a receiver
-on 127.0.0.1:PORT. MODE: tcp (the whole stream), tcp-half (the header and half the stream, then
-a disconnect), tcp-stall (half the stream, then silence until killed), jax (JAX transfer).
-Exits non-zero on any error, so a failure is never silent.
+Prefills tests.helpers.kv_fixtures.PROMPT on a tiny random-weight model (or SmolLM2) and sends its
+cache to a receiver on 127.0.0.1:PORT. MODE: tcp (the whole stream), tcp-half (the header and half
+the stream, then a disconnect), tcp-stall (half the stream, then silence until killed), jax (JAX
+transfer). Exits non-zero on any error, so a failure is never silent.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import socket
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The repository root (tests/helpers/workers/ is three folders below it) first on the path:
+# this tree's modules and tests.helpers, not an installed copy.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
 
 from mesh.devices import ensure_cpu_devices
 
@@ -27,7 +29,7 @@ def main(mode: str, model: str, seed: str, prefill_grid: str, port: str) -> None
     from kvcache.jax_transfer import send_kv_transfer
     from kvcache.transport import LOOPBACK, send_kv
     from mesh.executors import Grid
-    from tests.kv_common import export, tiny
+    from tests.helpers.kv_fixtures import export, tiny
 
     if model == "smollm2-135m":
         from model.load import load_model

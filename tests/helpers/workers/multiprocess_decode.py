@@ -1,6 +1,7 @@
-"""One process of a two-process wafer decode, launched by tests/test_multiprocess.py.
+r"""One process of a two-process wafer decode, launched by tests/test_multiprocess.py.
 
-    python tests/multiprocess_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID LOCAL_DEVICES GRID MODEL OUT_DIR
+    python tests/helpers/workers/multiprocess_decode.py \
+        COORDINATOR NUM_PROCESSES PROCESS_ID LOCAL_DEVICES GRID MODEL OUT_DIR
 
 Joins the multi-process CPU mesh, lays a GRID (e.g. 2x2) of cores over the devices of all
 processes, and decodes a fixed prompt greedily on it. Every process writes the tokens it read
@@ -14,7 +15,9 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The repository root (tests/helpers/workers/ is three folders below it) first on the path:
+# this tree's modules, not an installed copy.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
 
 from mesh.distributed import init_cpu_process  # noqa: E402  (must run before JAX starts)
 
