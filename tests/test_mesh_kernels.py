@@ -17,6 +17,14 @@ from mesh.tensor_spec import tile_to_cores
 EXECUTORS = [Executor.DEVICES, Executor.VCORES]
 
 
+def test_tile_to_cores_by_hand():
+    a = np.arange(12).reshape(4, 3)  # [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    t = tile_to_cores(a, Grid(2, 3), row_axis=0, col_axis=1)
+    assert t.shape == (2, 3, 2, 1) and t[1, 2].tolist() == [[8], [11]] and t[0, 1].tolist() == [[1], [4]]
+    t = tile_to_cores(a, Grid(2, 3), col_axis=1)  # replicated over the rows
+    assert t.shape == (2, 3, 4, 1) and t[1, 0].tolist() == t[0, 0].tolist() == [[0], [3], [6], [9]]
+
+
 @pytest.mark.parametrize("executor", EXECUTORS)
 @pytest.mark.parametrize("schedule", list(Schedule))
 @pytest.mark.parametrize("rows, cols", [(1, 4), (2, 2), (4, 4), (3, 5)])
