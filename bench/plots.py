@@ -19,9 +19,10 @@ def _pyplot():
 
 def write_plots(profile, out_dir: str, progress) -> list[str]:
     """Write the four plots of one profile into `out_dir`; returns their paths."""
+    from bench.profile_report import fabric_map, sram_map
     from kernels.allreduce import Schedule
     from mesh.executors import Grid
-    from model.profile import fabric_map, profile_layout, sram_map
+    from model.trace_decode import profile_layout
 
     try:
         os.makedirs(out_dir, exist_ok=True)

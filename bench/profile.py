@@ -1,24 +1,20 @@
 """`wafer profile`: what a decode layout costs on a real wafer, from a trace of its per-core program.
 
-Nothing is allocated or run: the decode step is traced at real tile sizes (the trace executor)
-and priced by the cost model in mesh/cost_model.py. Reports are tables, or one JSON object with
-`--json`; `--plot DIR` writes the PNGs of bench/plots.py.
+Nothing is allocated or run: the decode step is traced at real tile sizes (the trace executor,
+model/trace_decode.py) and priced by the cost model in mesh/cost_model.py. Reports
+(bench/profile_report.py) are tables, or one JSON object with `--json`; `--plot DIR` writes the
+PNGs of bench/plots.py; `--grid auto` runs the autotuner (bench/autotune.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 
 from mesh.errors import WaferError
 
 PROFILE_SCHEDULES = ("psum", "ring", "ktree")
-# Grids the autotuner tries (rows x columns, clipped to the wafer): a few per side, chosen so a
-# whole search stays under a minute; rows split D, columns split heads, F and V.
-AUTOTUNE_ROWS = (360, 480, 750)
-AUTOTUNE_COLS = (96, 128, 240, 360)
 COMPARE_GRIDS = ("360x360", "480x96", "360x240", "750x128")
 
 
@@ -58,15 +54,8 @@ def _setup(args):
     return config, SPECS[args.wafer], Schedule(args.schedule)
 
 
-def autotune_candidates(spec):
-    from mesh.executors import Grid
-    rows = sorted({min(r, spec.max_rows) for r in AUTOTUNE_ROWS})
-    cols = sorted({min(c, spec.max_cols) for c in AUTOTUNE_COLS})
-    return [Grid(r, c) for r in rows for c in cols]
-
-
 def _autotune(config, spec, schedule, args):
-    from model.profile import autotune_grid
+    from bench.autotune import autotune_candidates, autotune_grid
     candidates = autotune_candidates(spec)
     _progress(f"autotuning {config.name} on {spec.name}: {len(candidates)} grids ...")
     return autotune_grid(config, spec, schedule, args.batch, args.context, args.dtype, candidates, args.groups)
@@ -74,8 +63,9 @@ def _autotune(config, spec, schedule, args):
 
 def run(args) -> int:
     config, spec, schedule = _setup(args)
+    from bench.profile_report import format_report, profile_report
     from mesh.executors import Grid
-    from model.profile import profile_layout
+    from model.trace_decode import profile_layout
 
     if args.published:
         return _run_published(args)
@@ -97,65 +87,11 @@ def run(args) -> int:
     return 0
 
 
-def profile_report(p) -> dict:
-    """One profile as plain data (the --json object)."""
-    kernels = {name: {"flops": k.flops, "read_bytes": k.read_bytes, "fabric_bytes": k.fabric_bytes, "calls": k.calls,
-                          "compute_us": k.compute_s * 1e6, "memory_us": k.memory_s * 1e6, "fabric_us": k.fabric_s * 1e6,
-                          "time_us": k.time_s * 1e6}
-               for name, k in p.per_token.items()}
-    calls = [{"scope": c.scope, "axis": c.axis, "axis_size": c.axis_size, "primitive": c.primitive, "bytes": c.nbytes,
-                  "stages": c.stages, "hops": c.hops, "max_link_words": c.max_link_words, "messages": c.messages,
-                  "time_us": c.cycles / p.spec.clock_hz * 1e6}
-             for c in p.collectives_per_layer]
-    return {
-        "model": p.config.name, "wafer": p.spec.name, "grid": str(p.grid), "schedule": p.schedule.value,
-        "groups": p.groups, "batch": p.batch, "context": p.context, "dtype": p.dtype,
-        "sram_per_core_bytes": p.plan.bytes_by_kind(), "sram_budget_bytes": p.spec.sram_per_core,
-        "layer_bytes_per_core": p.layer_bytes, "staging": dataclasses.asdict(p.staging),
-        "layer_us": p.layer_s * 1e6, "token_us": p.token_s * 1e6, "tokens_per_s_per_request": p.tokens_per_s,
-        "shares": p.shares(), "kernels_per_token": kernels, "collectives_per_layer": calls,
-        "constants": {"clock_hz": p.spec.clock_hz, "core_flops_per_cycle": p.spec.core_flops_per_cycle,
-                      "core_sram_bytes_per_cycle": p.spec.core_bytes_per_cycle, "hop_cycles": p.spec.hop_cycles,
-                      "stage_cycles": p.spec.stage_cycles, "link_bytes_per_cycle": p.spec.link_bytes_per_cycle,
-                      "wafer_hop_us": p.spec.wafer_hop_s * 1e6},
-    }
-
-
-def _table(header: list[str], rows: list[list]) -> str:
-    cells = [header] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
-
-
-def format_report(r: dict) -> str:
-    st, sh = r["staging"], r["shares"]
-    by_kind = r["sram_per_core_bytes"]
-    head = (f"{r['model']} on {r['wafer']}, {r['grid']} cores per stage, {r['schedule']} all-reduce, "
-            f"batch {r['batch']}, context {r['context']}, {r['dtype']} weights and KV\n"
-            f"SRAM per core (middle stage): weights {by_kind['weight']:,} B, KV {by_kind['kv']:,} B, buffers "
-            f"{by_kind['buffer']:,} B of {r['sram_budget_bytes']:,} B; one layer {r['layer_bytes_per_core']:,} B\n"
-            f"stages: {st['stages']} ({st['layers_per_stage']} layer(s) each), {st['stages_per_wafer']} per wafer, "
-            f"{st['wafers']} wafer(s)\n"
-            f"per layer {r['layer_us']:.2f} us, per token {r['token_us']:.1f} us -> "
-            f"{r['tokens_per_s_per_request']:,.0f} tokens/s per request; time bound by compute {sh['compute']:.0%}, "
-            f"SRAM {sh['memory']:.0%}, fabric {sh['fabric']:.0%}")
-    kern = _table(["kernel (per token)", "FLOPs/core", "read B/core", "sent B/core", "calls", "compute us",
-                   "memory us", "fabric us", "time us"],
-                  [[n, f"{k['flops']:,}", f"{k['read_bytes']:,}", f"{k['fabric_bytes']:,}", k["calls"],
-                    f"{k['compute_us']:.2f}", f"{k['memory_us']:.2f}", f"{k['fabric_us']:.2f}", f"{k['time_us']:.2f}"]
-                   for n, k in r["kernels_per_token"].items()])
-    calls = _table(["collective (one layer)", "axis", "n", "prim", "bytes", "stages", "hops", "link words",
-                    "messages", "us"],
-                   [[c["scope"], c["axis"], c["axis_size"], c["primitive"], c["bytes"], c["stages"], c["hops"],
-                     c["max_link_words"], c["messages"], f"{c['time_us']:.2f}"] for c in r["collectives_per_layer"]])
-    return f"{head}\n\n{kern}\n\n{calls}"
-
-
 def _run_compare(config, spec, args) -> int:
+    from bench.profile_report import table
     from kernels.allreduce import Schedule
     from mesh.executors import Grid
-    from model.profile import profile_layout
+    from model.trace_decode import profile_layout
 
     grids = [Grid.parse(g) for g in COMPARE_GRIDS]
     if args.grid != "auto" and Grid.parse(args.grid) not in grids:
@@ -178,7 +114,7 @@ def _run_compare(config, spec, args) -> int:
     if args.json:
         print(json.dumps({"model": config.name, "wafer": spec.name, "ranked": ranked, "not_fitting": skipped}))
         return 0
-    print(_table(["rank", "grid", "schedule", "tok/s/req", "layer us", "stages", "wafers", "fabric share"],
+    print(table(["rank", "grid", "schedule", "tok/s/req", "layer us", "stages", "wafers", "fabric share"],
                  [[r["rank"], r["grid"], r["schedule"], f"{r['tokens_per_s_per_request']:,.0f}",
                    f"{r['layer_us']:.2f}", r["stages"], r["wafers"], f"{r['shares']['fabric']:.0%}"] for r in ranked]))
     for s in skipped:
@@ -187,12 +123,13 @@ def _run_compare(config, spec, args) -> int:
 
 
 def _run_published(args) -> int:
+    from bench.profile_report import table
     from bench.published import published_table
     rows = published_table(args, _progress)
     if args.json:
         print(json.dumps({"rows": rows}))
         return 0
-    print(_table(["figure", "published", "predicted", "ratio", "setup"],
+    print(table(["figure", "published", "predicted", "ratio", "setup"],
                  [[r["figure"], r["published"], r["predicted"], r["ratio"], r["setup"]] for r in rows]))
     print()
     for r in rows:

@@ -1,6 +1,6 @@
 """Predicted vs published decode figures (DESIGN.md, "Reference facts"), produced by the profiler.
 
-Every prediction is a profile of the project's own decode program (model/profile.py); nothing is
+Every prediction is a profile of the project's own decode program (model/trace_decode.py); nothing is
 fitted to the published numbers. Comments say how many wafers our layout needs and where its
 padding lies, which is what most limits comparability.
 """
@@ -8,29 +8,30 @@ padding lies, which is what most limits comparability.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 
+from bench.autotune import autotune_grid
 from kernels.allreduce import Schedule
 from kernels.mesh_gemv import mesh_gemv
 from mesh.axes import ROW
 from mesh.cost_model import kernel_times
 from mesh.executors import Grid
+from mesh.extent import ceil_div
 from mesh.trace import trace_program
 from mesh.wafer import WSE2, WSE3
 from model.config import preset
-from model.profile import autotune_grid, profile_layout
+from model.trace_decode import profile_layout
 from model.wafer_layout import WaferLayout
 
 
 def gemv_time_s(spec, grid: Grid, dim_in: int, dim_out: int, schedule: Schedule, dtype: str = "bfloat16") -> float:
     """One MeshGEMV y = x @ W, W[in_row, out_col], reduced over ROW: per-core time on `spec`."""
-    i, o = -(-dim_in // grid.rows), -(-dim_out // grid.cols)
+    i, o = ceil_div(dim_in, grid.rows), ceil_div(dim_out, grid.cols)
     program = functools.partial(mesh_gemv, reduce_axis=ROW, schedule=schedule)
     args = (jax.ShapeDtypeStruct((1, i), jnp.float32), jax.ShapeDtypeStruct((i, o), dtype))
-    trace = trace_program(program, grid, args, lambda path: "weight" if path.startswith("[1]") else "input")
+    trace = trace_program(program, grid, args, ("input", "weight"))
     return sum(k.time_s for k in kernel_times(trace, spec, lambda scope: "gemv").values())
 
 
@@ -46,8 +47,9 @@ def _row(figure, published, predicted, setup, comment, ratio=None):
             "ratio": "-" if ratio is None else f"{ratio:.2f}", "setup": setup, "comment": comment}
 
 
-def weight_bytes(config, itemsize: int = 2) -> int:
-    """Bytes of the model's weights (no padding): embedding and head, every layer's matrices and norms."""
+def stored_weight_bytes(config, itemsize: int = 2) -> int:
+    """Bytes the model's weights occupy (no padding): embedding and head, every layer's matrices
+    and norms. Not model.weights.weight_bytes, the bytes one decode step streams."""
     D, F, N, K, H, L, V = (config.dim, config.ffn_dim, config.n_heads, config.n_kv_heads, config.head_dim,
                            config.n_layers, config.vocab_size)
     layer = D * (N + 2 * K) * H + N * H * D + 3 * D * F + 2 * D + ((N + 2 * K) * H if config.qkv_bias else 0)
@@ -67,16 +69,14 @@ def _heads_note(p) -> str:
 
 def _wafer_note(p, spec) -> str:
     capacity = spec.max_rows * spec.max_cols * spec.sram_per_core
-    w = weight_bytes(p.config)
+    w = stored_weight_bytes(p.config)
     return (f"{p.config.name} has {w / 1e9:.0f} GB of 16-bit weights vs {capacity / 1e9:.1f} GB of SRAM on a full "
-            f"{spec.max_rows}x{spec.max_cols} {spec.name} grid: at least {math.ceil(w / capacity)} wafer(s) for weights "
+            f"{spec.max_rows}x{spec.max_cols} {spec.name} grid: at least {ceil_div(w, capacity)} wafer(s) for weights "
             f"alone; with padding our model needs {p.staging.wafers} wafers of {p.staging.stages} stages, whose "
             f"hand-offs add {p.staging.handoff_s * 1e6:.0f} us of the {p.token_s * 1e6:.0f} us per token")
 
 
 def published_table(args, progress) -> list[dict]:
-    from bench.profile import autotune_candidates
-
     batch, context, dtype = args.batch, args.context, args.dtype
     rows = []
     l8 = preset("llama3-8b")
@@ -87,7 +87,7 @@ def published_table(args, progress) -> list[dict]:
                      f"Same grid as WaferLLM: {_heads_note(p)}. {_wafer_note(p, WSE2)}; WaferLLM's per-request "
                      "figure has no inter-wafer hops."))
     for spec, published, who in ((WSE2, 2700, "WaferLLM WSE-2"), (WSE3, 1800, "Cerebras CS-3 (Llama 3.1 8B)")):
-        best = autotune_grid(l8, spec, Schedule.KTREE, batch, context, dtype, autotune_candidates(spec))[0]
+        best = autotune_grid(l8, spec, Schedule.KTREE, batch, context, dtype)[0]
         progress(f"autotuned llama3-8b on {spec.name}: {best.grid}")
         rows.append(_row(f"{who} 8B decode tok/s/req", published, best.tokens_per_s,
                          f"{spec.name} autotuned {best.grid} ktree, {best.staging.wafers} wafer(s)",
@@ -99,7 +99,7 @@ def published_table(args, progress) -> list[dict]:
     for name, spec, published, who in (("qwen2-72b", WSE2, 840, "WaferLLM WSE-2 Qwen2-72B"),
                                        ("llama3.1-70b", WSE3, 450, "Cerebras 4x CS-3 Llama 3.1 70B")):
         progress(f"autotuning {name} on {spec.name} ...")
-        best = autotune_grid(preset(name), spec, Schedule.KTREE, batch, context, dtype, autotune_candidates(spec))[0]
+        best = autotune_grid(preset(name), spec, Schedule.KTREE, batch, context, dtype)[0]
         rows.append(_row(f"{who} decode tok/s/req", published, best.tokens_per_s,
                          f"{spec.name} autotuned {best.grid} ktree, {best.staging.wafers} wafer(s)",
                          f"{_wafer_note(best, spec)}. Time shares: compute {best.shares()['compute']:.0%}, fabric "

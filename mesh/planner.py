@@ -1,39 +1,16 @@
 """The SRAM planner: every byte a core holds, checked against its budget before anything runs.
 
-The planner knows nothing of models: it reads a list of `TensorSpec`s (what each core holds,
-described once by the layout that places it) and sums them per core and per kind.
+The planner knows nothing of models: it reads a list of `TensorSpec`s (mesh/tensor_spec.py: what
+each core holds, described once by the layout that places it) and sums them per core and per kind.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
-import math
-
-import numpy as np
 
 from mesh.errors import WaferError
+from mesh.tensor_spec import Kind, TensorSpec
 from mesh.wafer import WaferSpec
-
-
-class Kind(enum.Enum):
-    WEIGHT = "weight"
-    KV = "kv"
-    BUFFER = "buffer"  # activations and scratch that live during a step
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    """One tensor every core holds a slice of: its name, kind, per-core shape and dtype."""
-
-    name: str
-    kind: Kind
-    local_shape: tuple[int, ...]
-    dtype: str = "float32"
-
-    @property
-    def local_bytes(self) -> int:
-        return math.prod(self.local_shape) * np.dtype(self.dtype).itemsize
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,7 @@
 `axis_env`, operands abstract at real tile sizes, nothing allocated or run) and walks the jaxpr,
 sub-jaxprs included (jit, custom_jvp/vjp, scan, cond, while), collecting:
 
-- the bytes of the core's operands, by kind (weights, KV cache, ...);
+- the bytes of the core's operands, by the kind the caller gives each (weights, KV cache, ...);
 - FLOPs per named scope: 2·M·N·K per `dot_general`, one per output element of elementwise
   arithmetic, one per input element of reductions;
 - every collective: primitive, axis, axis length, bytes per core, and for `ppermute` the real
@@ -220,20 +220,22 @@ def _flops(eqn) -> int:
     return 0
 
 
-def trace_program(program: Callable, grid: Grid, args: tuple, kind_of: Callable[[str], str]) -> CoreTrace:
+def trace_program(program: Callable, grid: Grid, args: tuple, kinds: tuple) -> CoreTrace:
     """Trace `program(*args)` as the program of one core of `grid` and account it.
 
     Args:
       program: a per-core program (sees local tiles, calls collectives along ROW and COL).
       grid: the R×C grid whose axes the collectives name.
       args: the operands of one core: arrays or `jax.ShapeDtypeStruct`s of the local shapes.
-      kind_of: maps an operand's pytree path (`jax.tree_util.keystr`) to the kind its bytes are
-        counted under (e.g. "weight", "kv", "input").
+      kinds: the same pytree as `args`, each leaf the kind its operand's bytes are counted under
+        (e.g. "weight", "kv", "input").
     """
     closed = make_core_mesh(grid, Executor.TRACE).run(program)(*args)
+    leaves, structure = jax.tree_util.tree_flatten(args)
+    kind_leaves = structure.flatten_up_to(kinds)
     by_kind: dict[str, int] = collections.Counter()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(args)[0]:
-        by_kind[kind_of(jax.tree_util.keystr(path))] += _aval_bytes(leaf)
+    for kind, leaf in zip(kind_leaves, leaves):
+        by_kind[kind] += _aval_bytes(leaf)
     w = _Walk({ROW: grid.rows, COL: grid.cols})
     w.unread = {v: _aval_bytes(v.aval) for v in closed.jaxpr.invars}
     w.walk(closed.jaxpr, "", 1, [None] * len(closed.jaxpr.invars))

@@ -1,16 +1,24 @@
 """How a model's weights and KV cache are cut into per-core tiles on an R×C grid.
 
-Every tensor a core holds is stored globally as [R, C, *local] (see mesh/executors.py). The
-layout alternates which axis a GEMV reduces over, so each output already lies where the next
+Every tensor a core holds is stored globally as [R, C, *local] (see mesh/executors.py) and
+described once, by a `TensorSpec` of `WaferLayout.tensor_specs` (mesh/tensor_spec.py): its
+logical axes and which of them lie along ROW and COL. The tiling (`tile_params`), the SRAM plan,
+the profiler's abstract operands and its padding map all read those specs. The layout
+alternates which axis a GEMV reduces over, so each output already lies where the next
 GEMV wants its input:
 
-  x        [D_row]                 residual stream: D split over rows, replicated over columns
-  w_qkv    [D_row, heads_col]      reduce over ROW -> q, k, v of column c's heads on every row
-  KV cache [heads_col, S_row]      KV heads over columns, positions over rows (cyclic: p % R)
-  w_o      [heads_col, D_row]      reduce over COL -> residual update [D_row]
-  w_gate_up[D_row, F_col]          reduce over ROW -> [F_col]
+  x        [B, D_row]             residual stream: D split over rows, replicated over columns
+  w_qkv    [D_row, QKV_col]        reduce over ROW -> q, k, v of column c's heads on every row
+  KV cache [B, K_col, S_row, H]    KV heads over columns, positions over rows (cyclic: p % R)
+  w_o      [NH_col, D_row]         reduce over COL -> residual update [D_row]
+  w_gate_up[D_row, 2F_col]         reduce over ROW -> [2F_col]
   w_down   [F_col, D_row]          reduce over COL -> [D_row]
-  lm       [D_row, V_col]          reduce over ROW -> logits [V_col]; also the embedding table
+  lm       [D_row, V_col]          reduce over ROW -> logits [V_col]; a tied model's embedding too
+  embed    [V_col, D_row]          an untied model's embedding table (one column holds each token)
+
+QKV is column c's q | k | v (its nc query heads, then its kc KV heads' k and v, H wide each), NH
+its nc query heads, 2F its block of the gate projection followed by the same block of the up
+projection. These are the logical axes of the specs (`TensorSpec.axes`).
 
 How heads lie over the C columns (K KV heads, G = N/K query heads each):
 
@@ -30,7 +38,8 @@ How heads lie over the C columns (K KV heads, G = N/K query heads each):
 The split is automatic: a core's w_qkv, w_o, KV cache, attention FLOPs and messages are never
 larger than with whole groups (gc <= G, kc = 1 either way once C >= K), so it never loses on a
 wafer, where one core's time is the grid's. `split_groups=False` keeps whole groups for any C
-(the prefill mesh, whose cache layout and handoff read KV head c*kc + i on column c).
+(the prefill mesh's `tensor_parallel_layout`, whose cache layout and handoff read KV head
+c*kc + i on column c).
 
 Dimensions that do not divide the grid are zero-padded: D to a multiple of R, KV heads and query
 heads as above, F and V to multiples of C, S to a multiple of R. Zero rows and columns contribute
@@ -42,17 +51,24 @@ never changes a result.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
+import einops
 import numpy as np
 
+from mesh.axes import COL, ROW
 from mesh.executors import Grid
-from mesh.planner import Kind, TensorSpec
+from mesh.extent import ceil_div
+from mesh.tensor_spec import Kind, TensorSpec
 from model.config import ModelConfig
-from model.weights import Params
+from model.weights import Params, lm_head_weight
 
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
+# Keys of the vocabulary tiles in `tile_params`' dict. The LM head tile is the output projection
+# and, when the embedding is tied, the embedding table too (token t is its column t); an untied
+# model has an embedding tile of its own.
+LM_HEAD_TILE = "lm"
+EMBED_TILE = "embed"
+LAYERS = "layers"  # key of the per-layer tiles; a layer tensor's spec is named f"layers.{i}.{key}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +82,7 @@ class WaferLayout:
 
     @property
     def d(self) -> int:  # local D per row
-        return _ceil_div(self.config.dim, self.grid.rows)
+        return ceil_div(self.config.dim, self.grid.rows)
 
     @property
     def _split(self) -> bool:
@@ -74,23 +90,26 @@ class WaferLayout:
 
     @property
     def kc(self) -> int:  # KV heads per column
-        return 1 if self._split else _ceil_div(self.config.n_kv_heads, self.grid.cols)
+        return 1 if self._split else ceil_div(self.config.n_kv_heads, self.grid.cols)
 
     @property
     def gc(self) -> int:  # query heads per column of each of its KV heads
         G = self.config.q_per_kv
-        return _ceil_div(G, min(G, self.grid.cols // self.config.n_kv_heads)) if self._split else G
+        return ceil_div(G, min(G, self.grid.cols // self.config.n_kv_heads)) if self._split else G
 
     @property
     def rep(self) -> int:  # columns per KV head (1: whole groups)
-        return _ceil_div(self.config.q_per_kv, self.gc) if self._split else 1
+        return ceil_div(self.config.q_per_kv, self.gc) if self._split else 1
 
     @property
     def nc(self) -> int:  # query heads per column
         return self.kc * self.gc
 
     def column_heads(self, c: int) -> tuple[list[int | None], list[int | None]]:
-        """Column c's KV heads (kc of them) and query heads (nc, grouped by KV head); None: padding."""
+        """Column c's KV heads (kc of them) and query heads (nc, grouped by KV head); None: padding.
+
+        The one head-to-column map: the tiling, the decode cache layout (`kv_heads_by_column`)
+        and the padding map all read it."""
         K, G = self.config.n_kv_heads, self.config.q_per_kv
         kv, q = [], []
         for a in range(self.kc):
@@ -102,16 +121,26 @@ class WaferLayout:
         return kv, q
 
     @property
+    def kv_heads_by_column(self) -> tuple[tuple[int | None, ...], ...]:
+        """Per column, its kc KV heads (None: padding): the map a decode cache layout needs."""
+        return tuple(tuple(self.column_heads(c)[0]) for c in range(self.grid.cols))
+
+    @property
+    def q_heads_by_column(self) -> tuple[tuple[int | None, ...], ...]:
+        """Per column, its nc query heads grouped by KV head (None: padding)."""
+        return tuple(tuple(self.column_heads(c)[1]) for c in range(self.grid.cols))
+
+    @property
     def f(self) -> int:  # local F per column
-        return _ceil_div(self.config.ffn_dim, self.grid.cols)
+        return ceil_div(self.config.ffn_dim, self.grid.cols)
 
     @property
     def v(self) -> int:  # local V per column
-        return _ceil_div(self.config.vocab_size, self.grid.cols)
+        return ceil_div(self.config.vocab_size, self.grid.cols)
 
     @property
     def s(self) -> int:  # cache positions per row
-        return _ceil_div(self.max_len, self.grid.rows)
+        return ceil_div(self.max_len, self.grid.rows)
 
     @property
     def s_slots(self) -> int:
@@ -125,28 +154,75 @@ class WaferLayout:
     def qkv_width(self) -> int:  # local width of the fused QKV output: q | k | v of column c
         return (self.nc + 2 * self.kc) * self.config.head_dim
 
+    @property
+    def embedding_tile(self) -> str:
+        """The tile the embedding rows are read from: EMBED_TILE [V_col, D_row], or for a tied
+        model LM_HEAD_TILE [D_row, V_col] (token t is its column t)."""
+        return LM_HEAD_TILE if self.config.tie_embeddings else EMBED_TILE
+
+    def weight_specs(self) -> list[TensorSpec]:
+        """Every weight tile a core holds (`tile_params` tiles exactly these)."""
+        return [s for s in self.tensor_specs(batch=1) if s.kind is Kind.WEIGHT]
+
     def tensor_specs(self, batch: int) -> list[TensorSpec]:
         """Every tensor a core holds during decode: the single description that placement, the
         SRAM planner and the profiler all read."""
         cfg, H, W, KV, BUF = self.config, self.config.head_dim, Kind.WEIGHT, Kind.KV, Kind.BUFFER
+        d_row, qkv_col = ("D", ROW), ("QKV", COL)
         specs = []
         for i in range(cfg.n_layers):
-            p = f"layers.{i}."
-            specs += [TensorSpec(p + "attn_norm", W, (self.d,)), TensorSpec(p + "w_qkv", W, (self.d, self.qkv_width))]
+            p = f"{LAYERS}.{i}."
+            specs += [TensorSpec(p + "attn_norm", W, (self.d,), (d_row,)),
+                      TensorSpec(p + "w_qkv", W, (self.d, self.qkv_width), (d_row, qkv_col))]
             if cfg.qkv_bias:
-                specs.append(TensorSpec(p + "b_qkv", W, (self.qkv_width,)))
-            specs += [TensorSpec(p + "w_o", W, (self.nc * H, self.d)), TensorSpec(p + "mlp_norm", W, (self.d,)),
-                      TensorSpec(p + "w_gate_up", W, (self.d, 2 * self.f)), TensorSpec(p + "w_down", W, (self.f, self.d)),
-                      TensorSpec(p + "k_cache", KV, (batch, self.kc, self.s_slots, H)),
-                      TensorSpec(p + "v_cache", KV, (batch, self.kc, self.s_slots, H))]
-        specs += [TensorSpec("final_norm", W, (self.d,)), TensorSpec("lm", W, (self.d, self.v))]
+                specs.append(TensorSpec(p + "b_qkv", W, (self.qkv_width,), (qkv_col,)))
+            cache = ((batch, self.kc, self.s_slots, H), (("B", None), ("K", COL), ("S", ROW), ("H", None)))
+            specs += [TensorSpec(p + "w_o", W, (self.nc * H, self.d), (("NH", COL), d_row)),
+                      TensorSpec(p + "mlp_norm", W, (self.d,), (d_row,)),
+                      TensorSpec(p + "w_gate_up", W, (self.d, 2 * self.f), (d_row, ("2F", COL))),
+                      TensorSpec(p + "w_down", W, (self.f, self.d), (("F", COL), d_row)),
+                      # S over rows cyclically (position p on row p % R), plus the scratch slot.
+                      TensorSpec(p + "k_cache", KV, *cache), TensorSpec(p + "v_cache", KV, *cache)]
+        specs += [TensorSpec("final_norm", W, (self.d,), (d_row,)),
+                  TensorSpec(LM_HEAD_TILE, W, (self.d, self.v), (d_row, ("V", COL)))]
         if not cfg.tie_embeddings:
-            specs.append(TensorSpec("embed", W, (self.v, self.d)))
+            specs.append(TensorSpec(EMBED_TILE, W, (self.v, self.d), (("V", COL), d_row)))
         # Live activations of one step (the largest set alive at once, reused layer to layer).
-        specs += [TensorSpec("x", BUF, (batch, self.d)), TensorSpec("qkv", BUF, (batch, self.qkv_width)),
-                  TensorSpec("scores", BUF, (batch, self.nc, self.s_slots)), TensorSpec("gate_up", BUF, (batch, 2 * self.f)),
-                  TensorSpec("logits", BUF, (batch, self.v))]
+        b = ("B", None)
+        specs += [TensorSpec("x", BUF, (batch, self.d), (b, d_row)),
+                  TensorSpec("qkv", BUF, (batch, self.qkv_width), (b, qkv_col)),
+                  TensorSpec("scores", BUF, (batch, self.nc, self.s_slots), (b, ("N", COL), ("S", ROW))),
+                  TensorSpec("gate_up", BUF, (batch, 2 * self.f), (b, ("2F", COL))),
+                  TensorSpec("logits", BUF, (batch, self.v), (b, ("V", COL)))]
         return specs
+
+    def real_elements(self, spec: TensorSpec) -> np.ndarray:
+        """[R, C]: elements of the spec's tile on each core that are not padding (a replicated KV
+        head counts on each of its columns; every core's cache positions < max_len count, the
+        scratch slot does not)."""
+        cfg, R, C = self.config, self.grid.rows, self.grid.cols
+        r, c = np.arange(R)[:, None], np.arange(C)[None, :]
+        real = lambda total, per, idx: np.clip(total - idx * per, 0, per)
+        q = np.array([sum(h is not None for h in heads) for heads in self.q_heads_by_column])[None, :]
+        k = np.array([sum(h is not None for h in heads) for heads in self.kv_heads_by_column])[None, :]
+        positions = np.array([sum(1 for j in range(self.s) if j * R + i < self.max_len) for i in range(R)])[:, None]
+        extents = {"D": real(cfg.dim, self.d, r), "F": real(cfg.ffn_dim, self.f, c),
+                   "2F": 2 * real(cfg.ffn_dim, self.f, c), "V": real(cfg.vocab_size, self.v, c),
+                   "QKV": (q + 2 * k) * cfg.head_dim, "NH": q * cfg.head_dim, "N": q, "K": k, "S": positions}
+        out = np.ones((R, C), dtype=np.int64)
+        for n, (dim, mesh_axis) in zip(spec.local_shape, spec.axes):
+            out = out * (extents[dim] if mesh_axis is not None else n)
+        return out
+
+
+def tensor_parallel_layout(config: ModelConfig, cols: int) -> WaferLayout:
+    """The prefill mesh's tensor-parallel split over `cols` columns (the weight tiles of a one-row
+    grid; extents kc, nc, f, v).
+
+    Whole KV groups per column at any C (no replicated KV heads): the prefill cache layout and
+    its handoff read KV head c*kc + i on column c. The prefill cache is not this layout's: its one
+    cache position is a placeholder."""
+    return WaferLayout(config, Grid(1, cols), max_len=1, split_groups=False)
 
 
 def _pad_to(a: np.ndarray, axis: int, size: int) -> np.ndarray:
@@ -155,25 +231,7 @@ def _pad_to(a: np.ndarray, axis: int, size: int) -> np.ndarray:
     return np.pad(a, pad)
 
 
-def _tile(a: np.ndarray, row_axis: int | None, col_axis: int | None, grid: Grid) -> np.ndarray:
-    """[..] -> [R, C, ..local]: split `row_axis` over rows and `col_axis` over columns
-    (each already padded to a multiple); an axis of None is replicated."""
-    R, C = grid.rows, grid.cols
-    out = np.empty((R, C), dtype=object)
-    for r in range(R):
-        for c in range(C):
-            idx = [slice(None)] * a.ndim
-            if row_axis is not None:
-                n = a.shape[row_axis] // R
-                idx[row_axis] = slice(r * n, (r + 1) * n)
-            if col_axis is not None:
-                n = a.shape[col_axis] // C
-                idx[col_axis] = slice(c * n, (c + 1) * n)
-            out[r, c] = a[tuple(idx)]
-    return np.stack([np.stack(list(row)) for row in out])
-
-
-def _take_heads(w: np.ndarray, heads: list[int | None], H: int) -> np.ndarray:
+def _take_heads(w: np.ndarray, heads: tuple[int | None, ...], H: int) -> np.ndarray:
     """Heads (blocks of H along the last axis) of `w` in the order given; None: a zero head."""
     zero = np.zeros(w.shape[:-1] + (H,), w.dtype)
     return np.concatenate([zero if h is None else w[..., h * H: (h + 1) * H] for h in heads], axis=-1)
@@ -187,50 +245,61 @@ def _head_major(w: np.ndarray, layout: WaferLayout) -> np.ndarray:
     N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     q, k, v = w[..., : N * H], w[..., N * H: (N + K) * H], w[..., (N + K) * H:]
     cols = []
-    for c in range(layout.grid.cols):
-        kv_heads, q_heads = layout.column_heads(c)
+    for kv_heads, q_heads in zip(layout.kv_heads_by_column, layout.q_heads_by_column):
         cols += [_take_heads(q, q_heads, H), _take_heads(k, kv_heads, H), _take_heads(v, kv_heads, H)]
     return np.concatenate(cols, axis=-1)
 
 
-def tile_params(params: Params, layout: WaferLayout) -> dict:
-    """Per-core tiles [R, C, *local] of every weight, from single-device params."""
+def _padded_weights(params: Params, layout: WaferLayout) -> Iterator[tuple[str, np.ndarray]]:
+    """(spec name, padded global array) of every weight, arranged so that the spec's blocks are
+    the tiles: heads in column-major groups, each column's gate block beside its up block."""
     cfg, grid = layout.config, layout.grid
     Dp, Fp, Vp = layout.d * grid.rows, layout.f * grid.cols, layout.v * grid.cols
-    H = cfg.head_dim
-
-    def vec_d(w):  # [D] -> rows
-        return _tile(_pad_to(np.asarray(w, np.float32), 0, Dp), 0, None, grid)
-
-    layers = []
-    for lp in params["layers"]:
-        w_qkv = _head_major(_pad_to(np.asarray(lp["w_qkv"], np.float32), 0, Dp), layout)
-        F = cfg.ffn_dim
-        gate_up = np.asarray(lp["w_gate_up"], np.float32)
-        gate = _pad_to(_pad_to(gate_up[:, :F], 1, Fp), 0, Dp)
-        up = _pad_to(_pad_to(gate_up[:, F:], 1, Fp), 0, Dp)
-        gate_t, up_t = _tile(gate, 0, 1, grid), _tile(up, 0, 1, grid)
+    f32 = lambda w: np.asarray(w, np.float32)
+    for i, lp in enumerate(params["layers"]):
+        p = f"{LAYERS}.{i}."
+        yield p + "attn_norm", _pad_to(f32(lp["attn_norm"]), 0, Dp)
+        yield p + "w_qkv", _head_major(_pad_to(f32(lp["w_qkv"]), 0, Dp), layout)
+        if cfg.qkv_bias:
+            yield p + "b_qkv", _head_major(f32(lp["b_qkv"]), layout)
         # w_o rows are query heads (N H): each column's rows in the order of its QKV query heads,
         # zero rows for padded heads.
-        w_o_DNH = _pad_to(np.asarray(lp["w_o"], np.float32), 1, Dp).T
-        w_o = np.concatenate([_take_heads(w_o_DNH, layout.column_heads(c)[1], H) for c in range(grid.cols)], -1).T
-        tiles = {
-            "attn_norm": vec_d(lp["attn_norm"]),
-            "w_qkv": _tile(w_qkv, 0, 1, grid),
-            "w_o": _tile(w_o, 1, 0, grid),
-            "mlp_norm": vec_d(lp["mlp_norm"]),
-            "w_gate_up": np.concatenate([gate_t, up_t], axis=-1),
-            "w_down": _tile(_pad_to(_pad_to(np.asarray(lp["w_down"], np.float32), 0, Fp), 1, Dp), 1, 0, grid),
-        }
-        if cfg.qkv_bias:
-            b = _head_major(np.asarray(lp["b_qkv"], np.float32), layout)
-            tiles["b_qkv"] = _tile(b, None, 0, grid)
-        layers.append(tiles)
-    def padded_vd(w):  # [V, D] -> [Vp, Dp]
-        return _pad_to(_pad_to(np.asarray(w, np.float32), 0, Vp), 1, Dp)
+        w_o_DNH = _pad_to(f32(lp["w_o"]), 1, Dp).T
+        yield p + "w_o", np.concatenate([_take_heads(w_o_DNH, q, cfg.head_dim) for q in layout.q_heads_by_column],
+                                        -1).T
+        yield p + "mlp_norm", _pad_to(f32(lp["mlp_norm"]), 0, Dp)
+        gate_up = f32(lp["w_gate_up"])
+        F = cfg.ffn_dim
+        gate, up = (_pad_to(_pad_to(a, 1, Fp), 0, Dp) for a in (gate_up[:, :F], gate_up[:, F:]))
+        yield p + "w_gate_up", einops.rearrange(np.stack([gate, up]), "two D (C f) -> D (C two f)", C=grid.cols)
+        yield p + "w_down", _pad_to(_pad_to(f32(lp["w_down"]), 0, Fp), 1, Dp)
+    yield "final_norm", _pad_to(f32(params["final_norm"]), 0, Dp)
+    padded_VD = lambda w: _pad_to(_pad_to(f32(w), 0, Vp), 1, Dp)
+    yield LM_HEAD_TILE, padded_VD(lm_head_weight(params)).T
+    if not cfg.tie_embeddings:  # a tied model reads its embedding rows out of the LM head tile
+        yield EMBED_TILE, padded_VD(params["embed"])
 
-    head = params.get("lm_head", params["embed"])
-    out = {"layers": layers, "final_norm": vec_d(params["final_norm"]), "lm": _tile(padded_vd(head).T, 0, 1, grid)}
-    if not cfg.tie_embeddings:  # a tied model reads its embedding rows out of the lm tile
-        out["embed"] = _tile(padded_vd(params["embed"]), 1, 0, grid)
+
+def nest_by_name(flat: dict, n_layers: int) -> dict:
+    """{spec name: value} -> the tiles pytree `core_decode_step` reads: layer tensors under
+    LAYERS (a list of L dicts keyed by "attn_norm", ...), the others by their names."""
+    out: dict = {LAYERS: [{} for _ in range(n_layers)]}
+    for name, value in flat.items():
+        parts = name.split(".")
+        if parts[0] == LAYERS:
+            out[LAYERS][int(parts[1])][parts[2]] = value
+        else:
+            out[name] = value
     return out
+
+
+def tile_params(params: Params, layout: WaferLayout) -> dict:
+    """Per-core tiles [R, C, *local] of every weight, from single-device params: the padded
+    global arrays cut by their specs (`WaferLayout.weight_specs`)."""
+    specs = {s.name: s for s in layout.weight_specs()}
+    tiles = {}
+    for name, a in _padded_weights(params, layout):
+        tiles[name] = specs[name].tile(a, layout.grid)
+    if set(tiles) != set(specs):
+        raise ValueError(f"tile_params: tiles {sorted(set(tiles) ^ set(specs))} differ from the layout's specs")
+    return nest_by_name(tiles, layout.config.n_layers)

@@ -12,26 +12,17 @@ from kernels.mesh_gemv import mesh_gemv, mesh_gemv_ref
 from kernels.rmsnorm import rmsnorm_gemv_mesh, rmsnorm_ref
 from mesh.axes import COL, ROW
 from mesh.executors import Executor, Grid, make_core_mesh
+from mesh.tensor_spec import tile_to_cores
 
 EXECUTORS = [Executor.DEVICES, Executor.VCORES]
 
 
-def split(a: np.ndarray, grid: Grid, row_axis=None, col_axis=None) -> np.ndarray:
-    """[..] -> [R, C, ..local] (the executors' operand convention), axes split evenly."""
-    out = []
-    for r in range(grid.rows):
-        row = []
-        for c in range(grid.cols):
-            idx = [slice(None)] * a.ndim
-            if row_axis is not None:
-                n = a.shape[row_axis] // grid.rows
-                idx[row_axis] = slice(r * n, (r + 1) * n)
-            if col_axis is not None:
-                n = a.shape[col_axis] // grid.cols
-                idx[col_axis] = slice(c * n, (c + 1) * n)
-            row.append(a[tuple(idx)])
-        out.append(np.stack(row))
-    return np.stack(out)
+def test_tile_to_cores_by_hand():
+    a = np.arange(12).reshape(4, 3)  # [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    t = tile_to_cores(a, Grid(2, 3), row_axis=0, col_axis=1)
+    assert t.shape == (2, 3, 2, 1) and t[1, 2].tolist() == [[8], [11]] and t[0, 1].tolist() == [[1], [4]]
+    t = tile_to_cores(a, Grid(2, 3), col_axis=1)  # replicated over the rows
+    assert t.shape == (2, 3, 4, 1) and t[1, 0].tolist() == t[0, 0].tolist() == [[0], [3], [6], [9]]
 
 
 @pytest.mark.parametrize("executor", EXECUTORS)
@@ -83,8 +74,8 @@ def test_mesh_gemv_chain_matches_reference(executor, schedule):
         y_Bf = mesh_gemv(x_Bd, w1_df, ROW, schedule)  # reduce over rows -> y[F_col]
         return mesh_gemv(y_Bf, w2_fd, COL, schedule)  # reduce over columns -> z[D_row]
 
-    z = jax.jit(cm.run(core))(cm.place(_x_by_rows(x, grid)), cm.place(split(w1, grid, 0, 1)),
-                              cm.place(split(w2, grid, 1, 0)))
+    z = jax.jit(cm.run(core))(cm.place(_x_by_rows(x, grid)), cm.place(tile_to_cores(w1, grid, 0, 1)),
+                              cm.place(tile_to_cores(w2, grid, 1, 0)))
     want = mesh_gemv_ref(mesh_gemv_ref(x, w1), w2)
     got = np.concatenate([np.asarray(z)[r, 0] for r in range(grid.rows)], axis=-1)
     # Two chained float32 GEMVs of width <= 9: relative-norm error at float32 rounding level.
@@ -93,7 +84,7 @@ def test_mesh_gemv_chain_matches_reference(executor, schedule):
 
 def _x_by_rows(x_BD: np.ndarray, grid: Grid) -> np.ndarray:
     """x[D_row]: each row's slice of D, replicated over columns -> [R, C, B, D/R]."""
-    return split(x_BD, grid, row_axis=1)
+    return tile_to_cores(x_BD, grid, row_axis=1)
 
 
 @pytest.mark.parametrize("executor", EXECUTORS)
@@ -108,8 +99,8 @@ def test_rmsnorm_gemv_mesh_with_padding(executor, schedule):
     W = rng.standard_normal((D, O)).astype(np.float32)
     xp, wp, Wp = np.pad(x, ((0, 0), (0, 2))), np.pad(w, (0, 2)), np.pad(W, ((0, 2), (0, 0)))
     out = jax.jit(cm.run(lambda xx, ww, WW: rmsnorm_gemv_mesh(xx, ww, WW, 1e-5, D, ROW, schedule)))(
-        cm.place(split(xp, grid, row_axis=1)), cm.place(split(wp, grid, row_axis=0)),
-        cm.place(split(Wp, grid, row_axis=0, col_axis=1)))
+        cm.place(tile_to_cores(xp, grid, row_axis=1)), cm.place(tile_to_cores(wp, grid, row_axis=0)),
+        cm.place(tile_to_cores(Wp, grid, row_axis=0, col_axis=1)))
     got = np.concatenate([np.asarray(out)[0, c] for c in range(grid.cols)], axis=-1)
     want = np.asarray(rmsnorm_ref(jnp.asarray(x), jnp.asarray(w), 1e-5)) @ W
     # The norm's scale applied after the product instead of before: float32 rounding level.
@@ -133,12 +124,12 @@ def test_decode_attention_mesh_matches_reference(executor, schedule):
     def by_core(a):  # [B, K, S, H] -> [R, C, B, K/C, S/R, H], position p on row p % R
         s = S // grid.rows
         a = a.reshape(B, K, s, grid.rows, H).transpose(3, 0, 1, 2, 4)  # [R, B, K, s, H]
-        return np.stack([split(a[r], Grid(1, grid.cols), col_axis=1)[0] for r in range(grid.rows)])
+        return np.stack([tile_to_cores(a[r], Grid(1, grid.cols), col_axis=1)[0] for r in range(grid.rows)])
 
     vis = visible.reshape(B, S // grid.rows, grid.rows).transpose(2, 0, 1)  # [R, B, s]
     vis = np.broadcast_to(vis[:, None], (grid.rows, grid.cols) + vis.shape[1:])
     out = jax.jit(cm.run(lambda qq, kk, vv, mm: decode_attention_mesh(qq, kk, vv, mm, ROW, schedule)))(
-        cm.place(split(q, grid, col_axis=1)), cm.place(by_core(k)), cm.place(by_core(v)), cm.place(vis))
+        cm.place(tile_to_cores(q, grid, col_axis=1)), cm.place(by_core(k)), cm.place(by_core(v)), cm.place(vis))
     got = np.concatenate([np.asarray(out)[0, c] for c in range(grid.cols)], axis=1)  # [B, K, G, H]
     want = np.asarray(gqa_attention_ref(jnp.asarray(q.reshape(B, 1, K * G, H)), jnp.asarray(k), jnp.asarray(v),
                                         jnp.asarray(visible[:, None])))[:, 0].reshape(B, K, G, H)
@@ -154,7 +145,7 @@ def test_argmax_mesh_first_occurrence(executor):
     logits[0, 7] = 5.0  # a single maximum in shard 2
     logits[1, [2, 9]] = 4.0  # a tie across shards 0 and 3: the first index wins
     logits[2, [4, 5]] = 3.0  # a tie inside shard 1
-    out = jax.jit(cm.run(lambda l: argmax_mesh(l, COL)))(cm.place(split(logits, grid, col_axis=1)))
+    out = jax.jit(cm.run(lambda l: argmax_mesh(l, COL)))(cm.place(tile_to_cores(logits, grid, col_axis=1)))
     assert np.asarray(out)[0, 0].tolist() == [7, 2, 4] == np.argmax(logits, axis=-1).tolist()
     assert (np.asarray(out) == np.asarray(out)[0, 0]).all()
 
@@ -195,8 +186,9 @@ def test_sample_mesh_keeps_to_the_filtered_set(executor, top_k, top_p):
 
     f = jax.jit(cm.run(core))
     seen = [set(), set()]
+    placed = cm.place(tile_to_cores(padded, grid, col_axis=1))
     for seed in range(60):
-        out = np.asarray(f(cm.place(split(padded, grid, col_axis=1)), cm.place(np.full((1, 4), seed, np.uint32))))
+        out = np.asarray(f(placed, cm.place(np.full((1, 4), seed, np.uint32))))
         assert (out == out[0, 0]).all()
         for b in range(2):
             seen[b].add(int(out[0, 0, b]))

@@ -21,7 +21,7 @@ from mesh.trace import trace_program
 from mesh.errors import WaferError
 from mesh.wafer import WSE2, WSE3, emulated_spec
 from model.config import TINY_LLAMA, preset
-from model.profile import kernel_of, layout_specs, profile_layout, trace_decode_step
+from model.trace_decode import kernel_of, layout_specs, profile_layout, trace_decode_step
 from model.wafer_decode import MeshOptions
 from model.wafer_generate import WaferDecoder
 from model.wafer_layout import WaferLayout
@@ -34,7 +34,7 @@ def _gemv_trace(schedule):
     """x[1, 3] @ W[3, 5] per core, reduced over ROW."""
     args = (jax.ShapeDtypeStruct((1, 3), jnp.float32), jax.ShapeDtypeStruct((3, 5), jnp.float32))
     program = functools.partial(mesh_gemv, reduce_axis=ROW, schedule=schedule)
-    return trace_program(program, Grid(2, 2), args, lambda p: "weight" if p.startswith("[1]") else "input")
+    return trace_program(program, Grid(2, 2), args, ("input", "weight"))
 
 
 @pytest.mark.parametrize("schedule", list(Schedule), ids=lambda s: s.value)
@@ -60,7 +60,7 @@ def test_gemv_2x2_by_hand(schedule):
 def test_ktree_routes_and_hops_by_hand():
     """9 cores, 3 groups {0,1,2} {3,4,5} {6,7,8} with roots 1, 4, 7; the top root is 4."""
     t = trace_program(lambda x: allreduce(x, COL, Schedule.KTREE), Grid(1, 9),
-                      (jax.ShapeDtypeStruct((2,), jnp.float32),), lambda p: "x")
+                      (jax.ShapeDtypeStruct((2,), jnp.float32),), ("x",))
     got = [(c.level, c.pairs) for c in t.collectives]
     assert got == [(1, ((0, 1), (3, 4), (6, 7))), (2, ((2, 1), (5, 4), (8, 7))), (3, ((1, 4),)), (4, ((7, 4),)),
                    (5, ((4, 1),)), (6, ((4, 7),)), (7, ((1, 0), (4, 3), (7, 6))), (8, ((1, 2), (4, 5), (7, 8)))]
@@ -74,7 +74,7 @@ def test_ktree_routes_and_hops_by_hand():
 def test_ring_hops_by_hand():
     """4 cores in a line: 3 shifts of 0->1->2->3 plus the wrap-around 3->0 (3 hops back)."""
     t = trace_program(lambda x: allreduce(x, ROW, Schedule.RING), Grid(4, 1),
-                      (jax.ShapeDtypeStruct((1,), jnp.float32),), lambda p: "x")
+                      (jax.ShapeDtypeStruct((1,), jnp.float32),), ("x",))
     assert [c.hops for c in t.collectives] == [(1, 1, 1, 3)] * 3
     (call,) = price_calls(t.collectives, WSE2)
     # Every link carries 3 one-word messages (one per shift), rightward and leftward alike.
