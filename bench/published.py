@@ -76,8 +76,7 @@ def _wafer_note(p, spec) -> str:
             f"hand-offs add {p.staging.handoff_s * 1e6:.0f} us of the {p.token_s * 1e6:.0f} us per token")
 
 
-def published_table(args, progress) -> list[dict]:
-    batch, context, dtype = args.batch, args.context, args.dtype
+def published_table(batch: int, context: int, dtype: str, progress) -> list[dict]:
     rows = []
     l8 = preset("llama3-8b")
     progress("profiling llama3-8b on wse2 360x360 ...")

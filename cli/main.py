@@ -12,6 +12,7 @@ from typing import Callable
 
 from cli import bench_decode, bench_kv, bench_prefill, generate
 from cli import kv as kv_cmd
+from cli import profile as profile_cmd
 from mesh.errors import WaferError
 
 EXIT_USAGE = 2
@@ -59,10 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_command(bench_sub, "kv", "KV-cache serialize/deserialize and transport throughput vs memcpy",
                 bench_kv.add_arguments, bench_kv.run)
 
-    from bench import profile as profile_cmd
-    prof = sub.add_parser("profile", help="what a decode layout costs on a real wafer (traced, nothing run)")
-    profile_cmd.add_arguments(prof)
-    prof.set_defaults(run=profile_cmd.run)
+    add_command(sub, "profile", "what a decode layout costs on a real wafer (traced, nothing run)",
+                profile_cmd.add_arguments, profile_cmd.run)
     return parser
 
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels.sampling import sample_ref
+from mesh.axes import SAMPLE_SCOPE
 
 
 def mask_padded_vocab(logits_Bv: jax.Array, vocab_size: int, col_axis: str) -> jax.Array:
@@ -53,7 +54,7 @@ def sample_mesh(logits_Bv: jax.Array, col_axis: str, vocab_size: int, keys_B, te
       temperature, top_k, top_p: as `sample_ref`.
       greedy: static; distributed argmax when True.
     """
-    with jax.named_scope("sample"):
+    with jax.named_scope(SAMPLE_SCOPE):
         if greedy:
             return argmax_mesh(logits_Bv, col_axis)
         v = logits_Bv.shape[-1]

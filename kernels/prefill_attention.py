@@ -8,9 +8,7 @@ kernel never does.
 import jax
 import jax.numpy as jnp
 
-
-def _cdiv(a, b):
-    return (a + b - 1) // b
+from mesh.extent import ceil_div
 
 
 def blocked_causal_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
@@ -47,7 +45,7 @@ def blocked_causal_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.A
         G = N // K
         # Clamping keeps T = 1 (or a short prompt) from padding up to a whole 128 block.
         qb, kb = min(q_block, T), min(kv_block, S)
-        nq, nk = _cdiv(T, qb), _cdiv(S, kb)
+        nq, nk = ceil_div(T, qb), ceil_div(S, kb)
         # Padded keys sit at positions >= S >= the clamped kv_len, so the mask hides them;
         # padded query rows are computed and sliced off.
         q_pad = jnp.pad(q_BTNH, ((0, 0), (0, nq * qb - T), (0, 0), (0, 0)))
@@ -67,7 +65,7 @@ def blocked_causal_attention(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.A
             limit_Bq = jnp.minimum(q_pos_Bq + 1, kv_len_B[:, None])
             # KV blocks wholly beyond every row's limit hold no visible key: skip them, which
             # halves causal prefill work. A dynamic trip count is fine for inference (no grad).
-            n_kv = jnp.clip(_cdiv(jnp.max(limit_Bq), kb), 0, nk)
+            n_kv = jnp.clip(ceil_div(jnp.max(limit_Bq), kb), 0, nk)
 
             def kv_step(j, carry):
                 m_BKGq, l_BKGq, acc_BKGqH = carry

@@ -19,7 +19,7 @@ from mesh.errors import WaferError
 THREADS_PER_DEVICE = 2
 
 
-def _backend_started() -> bool:
+def backend_started() -> bool:
     from jax._src import xla_bridge
     return xla_bridge.backends_are_initialized()
 
@@ -34,7 +34,7 @@ def ensure_cpu_devices(n: int) -> None:
 
     if n < 1:
         raise WaferError(f"device count must be positive, got {n}")
-    if _backend_started():
+    if backend_started():
         have = len(jax.devices("cpu"))
         if have < n:
             raise WaferError(

@@ -10,7 +10,7 @@ collectives implementation and the distributed client are all read when the back
 
 from __future__ import annotations
 
-from mesh.devices import _backend_started, ensure_cpu_devices
+from mesh.devices import backend_started, ensure_cpu_devices
 from mesh.errors import WaferError
 
 # Seconds a process waits for the others to join; a peer silent this long is declared dead.
@@ -63,7 +63,7 @@ def init_cpu_process(coordinator: str, num_processes: int, process_id: int, loca
         raise WaferError(f"timeout must be at least 1 second, got {timeout_s}")
     if jax.distributed.is_initialized():
         raise WaferError("jax.distributed is already initialized in this process")
-    if _backend_started():
+    if backend_started():
         raise WaferError("JAX already started in this process; join the mesh before any JAX computation, "
                          "or run in a new process")
     ensure_cpu_devices(local_devices)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from kernels.rmsnorm import rmsnorm_ref
 from kernels.rope import apply_rope_ref, rope_inv_freq
-from mesh.axes import COL
+from mesh.axes import ATTENTION_SCOPE, COL, MLP_SCOPE
 from model.config import ModelConfig, RopeScaling
 
 
@@ -103,14 +103,14 @@ def transformer_block(t, x, cos, sin, k_cache, v_cache, *, shape: BlockShape, op
 
     Returns the new residual stream and this layer's updated k_cache, v_cache.
     """
-    with jax.named_scope("attention"):
+    with jax.named_scope(ATTENTION_SCOPE):
         qkv = ops.norm_project(x, t["attn_norm"], t["w_qkv"])
         if "b_qkv" in t:
             qkv = qkv + t["b_qkv"]
         q, k, v = qkv_rope(qkv, shape.q_heads, shape.kv_heads, shape.head_dim, cos, sin)
         attn, k_cache, v_cache = ops.attend(q, k, v, k_cache, v_cache)
         x = x + ops.project_out(attn.reshape(x.shape[:-1] + (-1,)), t["w_o"])
-    with jax.named_scope("mlp"):
+    with jax.named_scope(MLP_SCOPE):
         gate_up = ops.norm_project(x, t["mlp_norm"], t["w_gate_up"])
         x = x + ops.project_out(swiglu(gate_up, shape.ffn), t["w_down"])
     return x, k_cache, v_cache

@@ -95,8 +95,7 @@ class DecodeKVLayout:
 
 def decode_kv_layout(layout: WaferLayout) -> DecodeKVLayout:
     """The decode layout of one slot's cache under `layout` (which KV heads each column holds)."""
-    column_heads = tuple(tuple(layout.column_heads(c)[0]) for c in range(layout.grid.cols))
-    return DecodeKVLayout(layout.grid, layout.config.n_kv_heads, layout.s, column_heads)
+    return DecodeKVLayout(layout.grid, layout.config.n_kv_heads, layout.s, layout.kv_heads_by_column)
 
 
 def cache_to_decode_layout(k_KSH: np.ndarray, layout: WaferLayout) -> np.ndarray:

@@ -14,6 +14,7 @@ from kernels.attention import decode_attention_partial
 from kernels.prefill_attention import blocked_causal_attention
 from kernels.rmsnorm import rmsnorm_ref
 from kernels.rope import rope_cos_sin
+from mesh.axes import EMBED_SCOPE, LM_HEAD_SCOPE, layer_scope
 from model.block import BlockShape, dense_ops, inv_freq_for, transformer_block
 from model.cache import KVCache, write_kv
 from model.config import ModelConfig
@@ -55,7 +56,7 @@ def forward(params: Params, config: ModelConfig, tokens_BT: jax.Array, start_B: 
     """
     B, T = tokens_BT.shape
     S = cache.max_len
-    with jax.named_scope("embed"):
+    with jax.named_scope(EMBED_SCOPE):
         x_BTD = jnp.take(params["embed"], tokens_BT, axis=0)
     pos_BT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     cos_BTH, sin_BTH = rope_cos_sin(pos_BT, inv_freq_for(config))
@@ -64,12 +65,12 @@ def forward(params: Params, config: ModelConfig, tokens_BT: jax.Array, start_B: 
     ops = dense_ops(config.rms_eps, _cache_attention(start_B, visible_BTS))
     new_k, new_v = [], []
     for i, layer in enumerate(params["layers"]):
-        with jax.named_scope(f"layer{i}"):
+        with jax.named_scope(layer_scope(i)):
             x_BTD, k, v = transformer_block(layer, x_BTD, cos_BTH, sin_BTH, cache.k_LBKSH[i], cache.v_LBKSH[i],
                                             shape=shape, ops=ops)
         new_k.append(k)
         new_v.append(v)
-    with jax.named_scope("lm_head"):
+    with jax.named_scope(LM_HEAD_SCOPE):
         x_BD = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)[:, 0]
         x_BD = rmsnorm_ref(x_BD, params["final_norm"], config.rms_eps)
         logits_BV = (x_BD @ lm_head_weight(params).T).astype(jnp.float32)

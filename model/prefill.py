@@ -41,7 +41,7 @@ from kernels.lm_head import mask_padded_vocab
 from kernels.prefill_attention import blocked_causal_attention
 from kernels.rmsnorm import rmsnorm_ref
 from kernels.rope import rope_cos_sin
-from mesh.axes import COL
+from mesh.axes import COL, EMBED_SCOPE, LM_HEAD_SCOPE, layer_scope
 from mesh.errors import WaferError
 from mesh.executors import CoreMesh, Grid
 from mesh.extent import ceil_div, round_up
@@ -51,7 +51,7 @@ from model.compile_cache import CompileCache
 from model.config import ModelConfig
 from model.generate import PROMPT_BUCKET, check_request
 from model.sampling import Sampling, place_knobs, sample_vocab_shards
-from model.wafer_layout import WaferLayout, tile_params
+from model.wafer_layout import WaferLayout, tensor_parallel_layout, tile_params
 from model.weights import Params
 
 # Query and key block of the blocked attention, by platform, measured on SmolLM2 at 8 x 512 and
@@ -63,14 +63,6 @@ ATTENTION_BLOCK = {"cpu": 128, "gpu": 256}
 # Longest chunk prefilled in one program. Longer prompts take several chunks; memory is linear
 # either way (blocked attention), so this bounds activation memory, [b, chunk, F / C] at most.
 PREFILL_CHUNK = 2048
-
-
-def column_layout(config: ModelConfig, cols: int) -> WaferLayout:
-    """Per-column extents (kc, nc, f, v) of the tensor-parallel split over `cols` columns.
-
-    Whole KV groups per column at any C (no replicated KV heads): the prefill cache layout and
-    its handoff read KV head c*kc + i on column c."""
-    return WaferLayout(config, Grid(1, cols), max_len=1, split_groups=False)
 
 
 def core_prefill_chunk(tiles, k_cache, v_cache, tokens_bT, lengths_b, start, x_last_bD, *,
@@ -97,7 +89,7 @@ def core_prefill_chunk(tiles, k_cache, v_cache, tokens_bT, lengths_b, start, x_l
     assert k_cache[0].shape == (b, kc, S, H), k_cache[0].shape
     assert x_last_bD.shape == (b, D), x_last_bD.shape
 
-    with jax.named_scope("embed"):
+    with jax.named_scope(EMBED_SCOPE):
         x_bTD = embed_from_vocab_shard(tiles, tokens_bT, layout.v, lambda a: jax.lax.psum(a, COL))
 
     pos_T = start + jnp.arange(T, dtype=jnp.int32)
@@ -120,7 +112,7 @@ def core_prefill_chunk(tiles, k_cache, v_cache, tokens_bT, lengths_b, start, x_l
     ops = dense_ops(cfg.rms_eps, attend, reduce_out=lambda y: jax.lax.psum(y, COL))
     new_k, new_v = [], []
     for i, t in enumerate(tiles["layers"]):
-        with jax.named_scope(f"layer{i}"):
+        with jax.named_scope(layer_scope(i)):
             x_bTD, kcache, vcache = transformer_block(t, x_bTD, cos_TH[None], sin_TH[None], k_cache[i], v_cache[i],
                                                       shape=shape, ops=ops)
         new_k.append(kcache)
@@ -140,7 +132,7 @@ def core_prefill_head(tiles, x_last_bD, lengths_b, seed, temperature, top_k, top
     Returns the first tokens [b] (identical on every column) and this column's logits [b, v].
     """
     cfg = layout.config
-    with jax.named_scope("lm_head"):
+    with jax.named_scope(LM_HEAD_SCOPE):
         h = rmsnorm_ref(x_last_bD, tiles["final_norm"], cfg.rms_eps)
         logits_bv = mask_padded_vocab(h @ tiles["lm"], cfg.vocab_size, COL)
     # The same keys as the single-device generator: fold the position of the token being chosen.
@@ -213,7 +205,7 @@ class Prefiller:
         self.attention_block = attention_block
         self.config, self.core_mesh, self.chunk = config, core_mesh, chunk
         grid = core_mesh.grid
-        self.layout = column_layout(config, grid.cols)
+        self.layout = tensor_parallel_layout(config, grid.cols)
         # Every row holds the same column tiles: [1, C, ...] -> [R, C, ...].
         tiles = jax.tree.map(lambda a: np.broadcast_to(a, (grid.rows,) + a.shape[1:]),
                              tile_params(params, self.layout))

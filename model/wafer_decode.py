@@ -19,7 +19,7 @@ from kernels.lm_head import mask_padded_vocab
 from kernels.mesh_gemv import mesh_gemv
 from kernels.rmsnorm import rmsnorm_gemv_mesh
 from kernels.rope import rope_cos_sin
-from mesh.axes import COL, ROW
+from mesh.axes import COL, EMBED_SCOPE, LM_HEAD_SCOPE, ROW, layer_scope
 from model.block import BlockOps, BlockShape, embed_from_vocab_shard, inv_freq_for, transformer_block
 from model.cache import write_kv
 from model.config import ModelConfig
@@ -71,7 +71,7 @@ def core_decode_step(tiles, k_cache, v_cache, tokens_B, pos_B, active_B, seed, t
     assert tiles["lm"].shape == (d, layout.v), tiles["lm"].shape
     assert k_cache[0].shape == (B, kc, layout.s_slots, H), k_cache[0].shape
 
-    with jax.named_scope("embed"):
+    with jax.named_scope(EMBED_SCOPE):
         x_Bd = embed_from_vocab_shard(tiles, tokens_B, layout.v, lambda a: allreduce(a, COL, sched, groups))
 
     cos_BH, sin_BH = rope_cos_sin(pos_B, inv_freq_for(cfg))
@@ -90,13 +90,13 @@ def core_decode_step(tiles, k_cache, v_cache, tokens_B, pos_B, active_B, seed, t
     ops = mesh_ops(cfg, opts, attend)
     new_k, new_v = [], []
     for i, t in enumerate(tiles["layers"]):
-        with jax.named_scope(f"layer{i}"):
+        with jax.named_scope(layer_scope(i)):
             x_Bd, kcache, vcache = transformer_block(t, x_Bd, cos_BH, sin_BH, k_cache[i], v_cache[i], shape=shape,
                                                      ops=ops)
         new_k.append(kcache)
         new_v.append(vcache)
 
-    with jax.named_scope("lm_head"):
+    with jax.named_scope(LM_HEAD_SCOPE):
         logits_Bv = ops.norm_project(x_Bd, tiles["final_norm"], tiles["lm"])
         logits_Bv = mask_padded_vocab(logits_Bv, cfg.vocab_size, COL)
     # The same keys as the single-device decoder: fold the position of the token being chosen.

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-
+from cli.flags import progress
 from mesh.errors import WaferError
 
 PROFILE_SCHEDULES = ("psum", "ring", "ktree")
@@ -34,10 +33,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots to DIR")
 
 
-def _progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
 def _setup(args):
     from kernels.allreduce import Schedule
     from mesh.wafer import SPECS
@@ -57,7 +52,7 @@ def _setup(args):
 def _autotune(config, spec, schedule, args):
     from bench.autotune import autotune_candidates, autotune_grid
     candidates = autotune_candidates(spec)
-    _progress(f"autotuning {config.name} on {spec.name}: {len(candidates)} grids ...")
+    progress(f"autotuning {config.name} on {spec.name}: {len(candidates)} grids ...")
     return autotune_grid(config, spec, schedule, args.batch, args.context, args.dtype, candidates, args.groups)
 
 
@@ -79,7 +74,7 @@ def run(args) -> int:
     report = profile_report(profile)
     if args.plot:
         from bench.plots import write_plots
-        report["plots"] = write_plots(profile, args.plot, _progress)
+        report["plots"] = write_plots(profile, args.plot, progress)
     if args.json:
         print(json.dumps(report))
     else:
@@ -97,7 +92,7 @@ def _run_compare(config, spec, args) -> int:
     if args.grid != "auto" and Grid.parse(args.grid) not in grids:
         grids.insert(0, Grid.parse(args.grid))
     grids = [g for g in grids if g.rows <= spec.max_rows and g.cols <= spec.max_cols]
-    _progress(f"comparing {len(grids)} grids x {len(Schedule)} schedules for {config.name} on {spec.name} ...")
+    progress(f"comparing {len(grids)} grids x {len(Schedule)} schedules for {config.name} on {spec.name} ...")
     rows, skipped = [], []
     for g in grids:
         for s in Schedule:
@@ -125,7 +120,7 @@ def _run_compare(config, spec, args) -> int:
 def _run_published(args) -> int:
     from bench.profile_report import table
     from bench.published import published_table
-    rows = published_table(args, _progress)
+    rows = published_table(args.batch, args.context, args.dtype, progress)
     if args.json:
         print(json.dumps({"rows": rows}))
         return 0
