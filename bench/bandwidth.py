@@ -104,11 +104,11 @@ def _jax_sum(nbytes: int, runs: int) -> Rate:
 
 
 def _jax_gemv(rows: int, runs: int) -> Rate:
-    w_RC = jnp.ones((rows, rows), jnp.float32)
-    x_C = jnp.ones((rows,), jnp.float32)
+    w_OI = jnp.ones((rows, rows), jnp.float32)
+    x_I = jnp.ones((rows,), jnp.float32)
     gemv = jax.jit(jnp.matmul)
-    seconds = median_seconds(lambda: gemv(w_RC, x_C).block_until_ready(), runs)
-    w_RC.delete()
+    seconds = median_seconds(lambda: gemv(w_OI, x_I).block_until_ready(), runs)
+    w_OI.delete()
     return Rate("jax_gemv", rows * rows * 4, seconds)
 
 
@@ -119,10 +119,10 @@ def _numpy_sum(nbytes: int, runs: int) -> Rate:
 
 
 def _numpy_gemv(rows: int, runs: int) -> Rate:
-    w_RC = np.ones((rows, rows), np.float32)
-    x_C = np.ones(rows, np.float32)
-    seconds = median_seconds(lambda: w_RC @ x_C, runs)
-    return Rate("numpy_gemv", w_RC.nbytes, seconds)
+    w_OI = np.ones((rows, rows), np.float32)
+    x_I = np.ones(rows, np.float32)
+    seconds = median_seconds(lambda: w_OI @ x_I, runs)
+    return Rate("numpy_gemv", w_OI.nbytes, seconds)
 
 
 def _jax_gemm(n: int, runs: int) -> Rate:
