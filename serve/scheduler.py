@@ -15,19 +15,23 @@ decode steps and lands the cache in place) -> DECODING.
 Every request ends exactly once, as a `Finished` or a `Failure`, and whatever it held (a queue
 place, a slot, a cache on the prefill side) is released in the same decision. Work is tracked per
 request id, so events that arrive after their request ended (a token from a step dispatched
-before a disconnect, a handoff that completed after its deadline) are ignored. An event costs
-O(slots) plus O(1) per request it moves (a worker's loss scans the live requests once), so the
-simulator can drive millions of requests.
+before a disconnect, a handoff that completed after its deadline) are ignored.
+
+Each stage keeps its requests in the order they entered it, which is also the order of their
+deadlines, so deadlines are checked at the heads and an event costs O(1) per request it touches
+(plus O(log slots) per slot): a simulation costs what its events and tokens cost, whatever the
+length of the queues.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import heapq
 
-from serve.events import (Arrival, Decision, Disconnect, Event, FailReason, Failure, Finished, FinishReason, HandoffDone,
-                          HandoffFailed, Mode, Placement, PrefillDone, RequestId, SchedulerConfig, Stage, StepDone,
-                          Tick, Token, Worker, WorkerDied, WorkerReady)
+from serve.events import (Arrival, Decision, Disconnect, Event, FailReason, Failure, Finished, FinishReason,
+                          HandoffDone, HandoffFailed, Mode, Placement, PrefillDone, RequestId, SchedulerConfig, Stage,
+                          StepDone, Tick, Token, Worker, WorkerDied, WorkerReady)
 from serve.timings import RequestTimes
 
 
@@ -38,12 +42,15 @@ class _Request:
     max_new_tokens: int
     arrival: float
     stage: Stage = Stage.WAITING
-    since: float = 0.0  # start of the current stage; while decoding, the last token's time
+    since: float = 0.0  # when it entered its stage; while decoding, its last token's time
     slot: int | None = None
     token_times: list[float] = dataclasses.field(default_factory=list)
 
     def times(self, finish: float) -> RequestTimes:
         return RequestTimes(self.arrival, tuple(self.token_times), finish)
+
+
+_DECISION_FIELDS = tuple(f.name for f in dataclasses.fields(Decision))
 
 
 @dataclasses.dataclass
@@ -61,7 +68,7 @@ class _Out:
     failed: list = dataclasses.field(default_factory=list)
 
     def freeze(self) -> Decision:
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields = {name: getattr(self, name) for name in _DECISION_FIELDS}
         return Decision(**{k: v if isinstance(v, bool) else tuple(v) for k, v in fields.items()})
 
 
@@ -72,12 +79,13 @@ class Scheduler:
         self.config = config
         self.now = float("-inf")
         self._requests: dict[RequestId, _Request] = {}  # live requests only
-        self._waiting: collections.OrderedDict[RequestId, None] = collections.OrderedDict()
-        self._prefilled: collections.OrderedDict[RequestId, None] = collections.OrderedDict()
+        # The live requests of each stage, in the order they entered it (so by deadline). The
+        # PREFILLING ones are the members of the one prefill batch in flight.
+        self._in: dict[Stage, collections.OrderedDict[RequestId, None]] = {
+            stage: collections.OrderedDict() for stage in Stage}
         self._slots: list[RequestId | None] = [None] * config.slots
-        # The prefill batch in flight: its live members, and when it started (None: no batch).
-        self._batch: dict[RequestId, None] = {}  # in batch order
-        self._batch_start: float | None = None
+        self._free = list(range(config.slots))  # a heap: the lowest free slot is taken first
+        self._batch_start: float | None = None  # the prefill batch in flight, even if all its requests ended
         self._step_start: float | None = None  # the decode step in flight
         self._up = {Worker.PREFILL: True, Worker.DECODE: True}
 
@@ -93,11 +101,11 @@ class Scheduler:
         return r.stage if r else None
 
     def waiting_ids(self) -> tuple[RequestId, ...]:
-        return tuple(self._waiting)
+        return tuple(self._in[Stage.WAITING])
 
     def handoff_ids(self) -> tuple[RequestId, ...]:
         """Prefilled requests waiting for a slot, oldest first."""
-        return tuple(self._prefilled)
+        return tuple(self._in[Stage.PREFILLED])
 
     def slot_holders(self) -> dict[int, RequestId]:
         """Held slots (reserved or committed) and their requests."""
@@ -109,22 +117,17 @@ class Scheduler:
     def next_deadline(self) -> float | None:
         """The earliest time at which a deadline fails something, if nothing else happens first."""
         d = self.config.deadlines
-        times = []
-        if self._batch_start is not None:
-            times.append(self._batch_start + d.prefill_s)
-        if self._step_start is not None:
-            times.append(self._step_start + d.token_s)
-        # The FCFS queues are ordered by the start of their stage: their heads expire first.
-        if self._waiting:
-            times.append(self._requests[next(iter(self._waiting))].since + d.queue_s)
-        if self._prefilled:
-            times.append(self._requests[next(iter(self._prefilled))].since + d.handoff_s)
-        for r in self._held():
-            if r.stage is Stage.TRANSFERRING:
-                times.append(r.since + d.handoff_s)
-            elif r.stage is Stage.DECODING:
-                times.append(r.since + d.token_s)
+        times = [start + limit for start, limit in ((self._batch_start, d.prefill_s), (self._step_start, d.token_s))
+                 if start is not None]
+        times += [self._requests[next(iter(self._in[stage]))].since + limit
+                  for stage, limit in self._stage_limits() if self._in[stage]]
         return min(times, default=None)
+
+    def _stage_limits(self) -> tuple[tuple[Stage, float], ...]:
+        """Each stage's deadline but PREFILLING's, which is its batch's (a hung prefill worker)."""
+        d = self.config.deadlines
+        return ((Stage.WAITING, d.queue_s), (Stage.PREFILLED, d.handoff_s), (Stage.TRANSFERRING, d.handoff_s),
+                (Stage.DECODING, d.token_s))
 
     # Events.
 
@@ -143,7 +146,7 @@ class Scheduler:
             case HandoffDone():
                 r = self._requests.get(event.request_id)
                 if r and r.stage is Stage.TRANSFERRING and r.slot == event.slot:
-                    r.stage, r.since = Stage.DECODING, self.now
+                    self._move(r, Stage.DECODING)
             case HandoffFailed():
                 r = self._requests.get(event.request_id)
                 if r and r.stage is Stage.TRANSFERRING:
@@ -172,37 +175,33 @@ class Scheduler:
         if e.prompt_len < 1 or e.max_new_tokens < 1:
             raise ValueError(f"request {e.request_id!r}: prompt of {e.prompt_len} tokens, "
                              f"{e.max_new_tokens} new tokens; each must be at least 1")
-        if len(self._waiting) >= self.config.max_waiting:
+        if len(self._in[Stage.WAITING]) >= self.config.max_waiting:
             out.failed.append(Failure(e.request_id, FailReason.QUEUE_FULL, None, RequestTimes(e.time, (), e.time),
                                       retry_after_s=self.config.retry_after_s))
             return
         self._requests[e.request_id] = _Request(e.request_id, e.prompt_len, e.max_new_tokens, e.time, since=e.time)
-        self._waiting[e.request_id] = None
+        self._in[Stage.WAITING][e.request_id] = None
 
     def _prefill_done(self, e: PrefillDone, out: _Out) -> None:
         if self._batch_start is None:
             return  # from a worker already declared dead or hung
-        members, self._batch, self._batch_start = self._batch, {}, None
+        self._batch_start = None
+        members = self._in[Stage.PREFILLING]
         for o in e.outcomes:
             if o.request_id not in members:
                 # Its request ended while it was prefilled: the cache it made is not wanted.
                 if o.request_id not in self._requests and not self.integrated and o.token is not None:
                     out.discard.append(o.request_id)
                 continue
-            del members[o.request_id]
             r = self._requests[o.request_id]
             if o.token is None:
                 self._fail(r, FailReason.PREFILL_FAILED, out)
-                continue
-            if self._emit(r, o.token, o.finish, out):
+            elif self._emit(r, o.token, o.finish, out):
                 if not self.integrated:
                     out.discard.append(r.id)
-            elif self.integrated:
-                r.stage, r.since = Stage.DECODING, self.now
             else:
-                r.stage, r.since = Stage.PREFILLED, self.now
-                self._prefilled[r.id] = None
-        for rid in members:  # the worker reported nothing for these
+                self._move(r, Stage.DECODING if self.integrated else Stage.PREFILLED)
+        for rid in list(members):  # the worker reported nothing for these
             self._fail(self._requests[rid], FailReason.PREFILL_FAILED, out, detail="no result from the prefill batch")
             if not self.integrated:
                 out.discard.append(rid)
@@ -219,15 +218,22 @@ class Scheduler:
     def _emit(self, r: _Request, token: int, finish: FinishReason | None, out: _Out) -> bool:
         """Record an output token; ends the request if it finishes it. Returns whether it did."""
         r.token_times.append(self.now)
-        r.since = self.now
         out.tokens.append(Token(r.id, token))
         if finish is None and len(r.token_times) >= r.max_new_tokens:
             finish = FinishReason.LENGTH
-        if finish is None:
-            return False
-        out.finished.append(Finished(r.id, finish, r.times(self.now)))
-        self._release(r, out)
-        return True
+        if finish is not None:
+            out.finished.append(Finished(r.id, finish, r.times(self.now)))
+            self._release(r, out)
+            return True
+        if r.stage is Stage.DECODING:  # its token deadline restarts: it goes to the back
+            r.since = self.now
+            self._in[Stage.DECODING].move_to_end(r.id)
+        return False
+
+    def _move(self, r: _Request, stage: Stage) -> None:
+        del self._in[r.stage][r.id]
+        r.stage, r.since = stage, self.now
+        self._in[stage][r.id] = None
 
     # Ending requests.
 
@@ -237,20 +243,17 @@ class Scheduler:
         self._release(r, out, prefill_alive, decode_alive)
 
     def _release(self, r: _Request, out: _Out, prefill_alive: bool = True, decode_alive: bool = True) -> None:
-        """Forget a request that ended, giving back what it holds to the workers still alive."""
+        """Forget a request that ended, giving back what it holds to the workers still alive.
+
+        A disaggregated PREFILLING request holds no cache yet: it is discarded when it arrives.
+        """
         del self._requests[r.id]
-        match r.stage:
-            case Stage.WAITING:
-                del self._waiting[r.id]
-            case Stage.PREFILLING:
-                # A disaggregated prefill's cache does not exist yet: it is discarded when it arrives.
-                self._batch.pop(r.id, None)
-            case Stage.PREFILLED:
-                del self._prefilled[r.id]
+        del self._in[r.stage][r.id]
         if r.stage in (Stage.PREFILLED, Stage.TRANSFERRING) and prefill_alive:
             out.discard.append(r.id)
         if r.slot is not None:
             self._slots[r.slot] = None
+            heapq.heappush(self._free, r.slot)
             if decode_alive:
                 out.evict.append(r.slot)
 
@@ -262,16 +265,17 @@ class Scheduler:
         lost = self._same_process(worker)
         # Disaggregated: the prefill worker holds the caches until they are committed on the decode
         # side; the decode worker holds its slots (reserved or committed).
-        stages = {Worker.PREFILL: (Stage.PREFILLING, Stage.PREFILLED, Stage.TRANSFERRING),
-                  Worker.DECODE: (Stage.TRANSFERRING, Stage.DECODING)}
-        doomed = {s for w in lost for s in stages[w]}
-        for r in [r for r in self._requests.values() if r.stage in doomed]:
-            self._fail(r, reason, out, prefill_alive=Worker.PREFILL not in lost,
-                       decode_alive=Worker.DECODE not in lost)
+        held = {Worker.PREFILL: (Stage.PREFILLING, Stage.PREFILLED, Stage.TRANSFERRING),
+                Worker.DECODE: (Stage.TRANSFERRING, Stage.DECODING)}
+        doomed = {stage for w in lost for stage in held[w]}
+        for stage in [stage for stage in Stage if stage in doomed]:
+            for rid in list(self._in[stage]):
+                self._fail(self._requests[rid], reason, out, prefill_alive=Worker.PREFILL not in lost,
+                           decode_alive=Worker.DECODE not in lost)
         for w in lost:
             self._up[w] = False
         if Worker.PREFILL in lost:
-            self._batch, self._batch_start = {}, None
+            self._batch_start = None
         if Worker.DECODE in lost:
             self._step_start = None
 
@@ -285,16 +289,10 @@ class Scheduler:
         if self._step_start is not None and self._step_start + d.token_s <= now:
             out.restart.append(Worker.DECODE)
             self._lose_worker(Worker.DECODE, FailReason.DEADLINE, out)
-        for queue, limit in ((self._waiting, d.queue_s), (self._prefilled, d.handoff_s)):
+        for stage, limit in self._stage_limits():
+            queue = self._in[stage]
             while queue and self._requests[next(iter(queue))].since + limit <= now:
                 self._fail(self._requests[next(iter(queue))], FailReason.DEADLINE, out)
-        for r in list(self._held()):
-            limit = {Stage.TRANSFERRING: d.handoff_s, Stage.DECODING: d.token_s}.get(r.stage)
-            if limit is not None and r.since + limit <= now:
-                self._fail(r, FailReason.DEADLINE, out)
-
-    def _held(self):
-        return (self._requests[rid] for rid in self._slots if rid is not None)
 
     # Scheduling new work.
 
@@ -306,18 +304,14 @@ class Scheduler:
 
     def _schedule_disaggregated(self, out: _Out) -> None:
         # Prefilled caches take free slots first come, first served.
-        if self._up[Worker.DECODE]:
-            free = self._free_slots()
-            while self._prefilled and free:
-                r = self._requests[self._prefilled.popitem(last=False)[0]]
-                r.stage, r.since, r.slot = Stage.TRANSFERRING, self.now, free.pop(0)
-                self._slots[r.slot] = r.id
-                out.placements.append(Placement(r.id, r.slot))
+        prefilled = self._in[Stage.PREFILLED]
+        while self._up[Worker.DECODE] and prefilled and self._free:
+            self._place(self._requests[next(iter(prefilled))], Stage.TRANSFERRING, out)
         # A batch only starts if the prefill side has room to hold all its caches until slots free up.
-        room = self.config.max_prefilled - len(self._prefilled)
+        room = self.config.max_prefilled - len(prefilled)
         if self._up[Worker.PREFILL] and self._batch_start is None and room > 0:
             self._start_prefill(room, out)
-        if self._up[Worker.DECODE] and self._step_start is None and self._any_decoding():
+        if self._up[Worker.DECODE] and self._step_start is None and self._in[Stage.DECODING]:
             out.decode_step, self._step_start = True, self.now
 
     def _schedule_integrated(self, out: _Out) -> None:
@@ -325,39 +319,35 @@ class Scheduler:
         # join the batch as soon as possible (the interference disaggregation is meant to remove).
         if not self._up[Worker.DECODE] or self._batch_start is not None or self._step_start is not None:
             return
-        free = self._free_slots()
-        if free and self._waiting:
-            for rid in self._start_prefill(len(free), out):
-                r = self._requests[rid]
-                r.slot = free.pop(0)
-                self._slots[r.slot] = rid
-                out.placements.append(Placement(rid, r.slot))
-        elif self._any_decoding():
+        if self._free and self._in[Stage.WAITING]:
+            for rid in self._start_prefill(len(self._free), out):
+                self._place(self._requests[rid], Stage.PREFILLING, out)
+        elif self._in[Stage.DECODING]:
             out.decode_step, self._step_start = True, self.now
+
+    def _place(self, r: _Request, stage: Stage, out: _Out) -> None:
+        """Give `r` the lowest free slot as it enters `stage`."""
+        r.slot = heapq.heappop(self._free)
+        self._slots[r.slot] = r.id
+        if r.stage is not stage:
+            self._move(r, stage)
+        out.placements.append(Placement(r.id, r.slot))
 
     def _start_prefill(self, most: int, out: _Out) -> list[RequestId]:
         """Take the head of the waiting queue, in order, as one batch of at most `most` prompts."""
         batch, tokens = [], 0
         most = min(most, self.config.max_prefill_batch)
-        for rid in self._waiting:
-            r = self._requests[rid]
+        for rid in self._in[Stage.WAITING]:
+            prompt_len = self._requests[rid].prompt_len
             # Strict FCFS: stop at the first prompt that does not fit rather than skip it; a prompt
             # longer than the token budget runs alone, since the prefill chunks it anyway.
-            if len(batch) == most or (batch and tokens + r.prompt_len > self.config.max_prefill_tokens):
+            if len(batch) == most or (batch and tokens + prompt_len > self.config.max_prefill_tokens):
                 break
             batch.append(rid)
-            tokens += r.prompt_len
+            tokens += prompt_len
         for rid in batch:
-            del self._waiting[rid]
-            r = self._requests[rid]
-            r.stage, r.since = Stage.PREFILLING, self.now
+            self._move(self._requests[rid], Stage.PREFILLING)
         if batch:
-            self._batch, self._batch_start = dict.fromkeys(batch), self.now
+            self._batch_start = self.now
             out.prefill.extend(batch)
         return batch
-
-    def _free_slots(self) -> list[int]:
-        return [s for s, rid in enumerate(self._slots) if rid is None]
-
-    def _any_decoding(self) -> bool:
-        return any(r.stage is Stage.DECODING for r in self._held())

@@ -2,7 +2,8 @@
 
 The definitions (vLLM's benchmarks/serve): TTFT is arrival to first token; end-to-end latency is
 arrival to finish; TPOT = (latency - TTFT) / (output tokens - 1), defined only for requests with
-at least two output tokens; ITL is the list of gaps between consecutive tokens. Times are floats
+at least two output tokens (vLLM leaves the others out of TPOT statistics, and counts their TPOT
+as 0 when it checks goodput); ITL is the list of gaps between consecutive tokens. Times are floats
 in seconds on whatever clock the driver uses (wall or simulated).
 """
 

@@ -50,7 +50,7 @@ def failure(rid, reason, stage, arrival, tokens, finish, **kw):
 
 def test_the_scheduler_is_pure():
     """No clock, socket, thread, JAX or worker code: the same scheduler runs on any clock."""
-    allowed = {"__future__", "collections", "dataclasses", "enum", "math", "serve.events", "serve.timings"}
+    allowed = {"__future__", "collections", "dataclasses", "enum", "heapq", "math", "serve.events", "serve.timings"}
     for name in ("scheduler", "events", "timings"):
         tree = ast.parse((pathlib.Path(__file__).parent.parent / "serve" / f"{name}.py").read_text())
         imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
@@ -208,9 +208,9 @@ def test_failed_and_missing_prefill_results_fail_their_requests():
 def test_prefill_worker_death_fails_exactly_the_caches_it_held():
     s = every_stage()
     assert s.handle(WorkerDied(5.0, Worker.PREFILL)) == Decision(evict=(1,), failed=(
-        failure("t", FailReason.WORKER_DIED, Stage.TRANSFERRING, 0.0, (3.0,), 5.0),
+        failure("f", FailReason.WORKER_DIED, Stage.PREFILLING, 0.0, (), 5.0),
         failure("p", FailReason.WORKER_DIED, Stage.PREFILLED, 0.0, (4.0,), 5.0),
-        failure("f", FailReason.WORKER_DIED, Stage.PREFILLING, 0.0, (), 5.0)))
+        failure("t", FailReason.WORKER_DIED, Stage.TRANSFERRING, 0.0, (3.0,), 5.0)))
     assert s.handle(prefilled(6.0, ("f", 6))) == Decision()  # the dead worker's last words
     assert s.handle(Arrival(6.5, "x", 4, 2)) == Decision()  # waits for the restart
     assert s.handle(WorkerReady(7.0, Worker.PREFILL)) == Decision(prefill=("w",))
@@ -220,8 +220,8 @@ def test_prefill_worker_death_fails_exactly_the_caches_it_held():
 def test_decode_worker_death_fails_exactly_the_slots_it_held():
     s = every_stage()
     assert s.handle(WorkerDied(5.0, Worker.DECODE)) == Decision(discard=("t",), failed=(
-        failure("d", FailReason.WORKER_DIED, Stage.DECODING, 0.0, (1.0,), 5.0),
-        failure("t", FailReason.WORKER_DIED, Stage.TRANSFERRING, 0.0, (3.0,), 5.0)))
+        failure("t", FailReason.WORKER_DIED, Stage.TRANSFERRING, 0.0, (3.0,), 5.0),
+        failure("d", FailReason.WORKER_DIED, Stage.DECODING, 0.0, (1.0,), 5.0)))
     assert s.slot_holders() == {}
     assert s.handle(stepped(5.5, ("d", 0, 9))) == Decision()
     # Prefill carries on while the decode worker restarts; then its fresh batch takes p.
@@ -276,6 +276,19 @@ def test_a_decoding_request_left_out_of_steps_fails_at_its_token_deadline():
                                                                            0.0, (1.0,), 3.0),))
 
 
+def test_the_token_deadline_follows_each_requests_last_token():
+    s = Scheduler(SchedulerConfig(deadlines=SHORT))
+    queue_then_prefill(s, 0.0, "ab", 9)
+    s.handle(prefilled(1.0, ("a", 1), ("b", 2)))
+    s.handle(HandoffDone(1.0, "a", 0))  # a step is dispatched at once
+    s.handle(HandoffDone(1.5, "b", 1))  # b joins after that step, and then the worker skips it
+    s.handle(stepped(2.0, ("a", 0, 5)))
+    s.handle(stepped(3.0, ("a", 0, 6)))
+    assert s.next_deadline() == 3.5  # b's commit at 1.5 + 2, though a decoded first and since
+    assert s.handle(Tick(3.5)) == Decision(evict=(1,), failed=(
+        failure("b", FailReason.DEADLINE, Stage.DECODING, 0.0, (1.0,), 3.5),))
+
+
 def test_a_hung_decode_step_restarts_the_decode_worker():
     s = Scheduler(SchedulerConfig(deadlines=SHORT))
     s.handle(Arrival(0.0, "a", 4, 9))
@@ -326,8 +339,8 @@ def test_integrated_worker_death_fails_everything_but_the_queue():
         s.handle(Arrival(0.0, rid, 4, 5))
     s.handle(prefilled(1.0, ("a", 1)))  # b prefills into slot 1 before a decodes
     assert s.handle(WorkerDied(2.0, Worker.DECODE)) == Decision(failed=(
-        failure("a", FailReason.WORKER_DIED, Stage.DECODING, 0.0, (1.0,), 2.0),
-        failure("b", FailReason.WORKER_DIED, Stage.PREFILLING, 0.0, (), 2.0)))
+        failure("b", FailReason.WORKER_DIED, Stage.PREFILLING, 0.0, (), 2.0),
+        failure("a", FailReason.WORKER_DIED, Stage.DECODING, 0.0, (1.0,), 2.0)))
     assert s.slot_holders() == {} and s.waiting_ids() == ("c",)
     assert s.handle(WorkerReady(3.0, Worker.PREFILL)) == Decision(placements=(Placement("c", 0),), prefill=("c",))
 
