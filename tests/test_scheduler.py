@@ -516,11 +516,11 @@ class World:
         for w in Worker:
             self.send(WorkerDied(self.now, w))
         self.send(Tick(self.now + 100.0))
-        assert s_empty(self.s)
+        assert is_idle(self.s)
         assert set(self.ended) == set(self.arrived)
 
 
-def s_empty(s: Scheduler) -> bool:
+def is_idle(s: Scheduler) -> bool:
     return s.live_ids() == () and s.slot_holders() == {} and s.next_deadline() is None
 
 
