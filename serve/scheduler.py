@@ -1,0 +1,353 @@
+"""The serving scheduler: pure policy over events, one object for the live server and the simulator.
+
+`Scheduler.handle(event)` updates the state and returns a `Decision` (serve/events.py). It never
+sleeps, reads a clock or touches a socket: time arrives in each event. Each event is handled in
+three steps: deadlines that `event.time` has reached fail their requests; the event itself is
+applied; then new work is scheduled.
+
+Life of a request (disaggregated): WAITING (FCFS queue, bounded) -> PREFILLING (one batch in
+flight on the prefill worker) -> PREFILLED (handoff queue: the cache waits on the prefill side for
+a free slot) -> TRANSFERRING (streaming into its reserved slot while the other slots decode) ->
+DECODING (continuous batching: it joins at a step boundary and leaves on EOS, a stop string or its
+token limit). Integrated: WAITING -> PREFILLING (its slot reserved; the one worker prefills between
+decode steps and lands the cache in place) -> DECODING.
+
+Every request ends exactly once, as a `Finished` or a `Failure`, and whatever it held (a queue
+place, a slot, a cache on the prefill side) is released in the same decision. Work is tracked per
+request id, so events that arrive after their request ended (a token from a step dispatched
+before a disconnect, a handoff that completed after its deadline) are ignored.
+
+Each stage keeps its requests in the order they entered it, which is also the order of their
+deadlines, so deadlines are checked at the heads and an event costs O(1) per request it touches
+(plus O(log slots) per slot): a simulation costs what its events and tokens cost, whatever the
+length of the queues.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import heapq
+
+from serve.events import (Arrival, Decision, Disconnect, Event, FailReason, Failure, Finished, FinishReason,
+                          HandoffDone, HandoffFailed, Mode, Placement, PrefillDone, RequestId, SchedulerConfig, Stage,
+                          StepDone, Tick, Token, Worker, WorkerDied, WorkerReady)
+from serve.timings import RequestTimes
+
+
+@dataclasses.dataclass
+class _Request:
+    id: RequestId
+    prompt_len: int
+    max_new_tokens: int
+    arrival: float
+    stage: Stage = Stage.WAITING
+    since: float = 0.0  # when it entered its stage; while decoding, its last token's time
+    slot: int | None = None
+    token_times: list[float] = dataclasses.field(default_factory=list)
+
+    def times(self, finish: float) -> RequestTimes:
+        return RequestTimes(self.arrival, tuple(self.token_times), finish)
+
+
+_DECISION_FIELDS = tuple(f.name for f in dataclasses.fields(Decision))
+
+
+@dataclasses.dataclass
+class _Out:
+    """A decision being built."""
+
+    restart: list = dataclasses.field(default_factory=list)
+    evict: list = dataclasses.field(default_factory=list)
+    discard: list = dataclasses.field(default_factory=list)
+    placements: list = dataclasses.field(default_factory=list)
+    prefill: list = dataclasses.field(default_factory=list)
+    decode_step: bool = False
+    tokens: list = dataclasses.field(default_factory=list)
+    finished: list = dataclasses.field(default_factory=list)
+    failed: list = dataclasses.field(default_factory=list)
+
+    def freeze(self) -> Decision:
+        fields = {name: getattr(self, name) for name in _DECISION_FIELDS}
+        return Decision(**{k: v if isinstance(v, bool) else tuple(v) for k, v in fields.items()})
+
+
+class Scheduler:
+    """Admission, prefill batching, slot assignment, the handoff queue and continuous batching."""
+
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self.now = float("-inf")
+        self._requests: dict[RequestId, _Request] = {}  # live requests only
+        # The live requests of each stage, in the order they entered it (so by deadline). The
+        # PREFILLING ones are the members of the one prefill batch in flight.
+        self._in: dict[Stage, collections.OrderedDict[RequestId, None]] = {
+            stage: collections.OrderedDict() for stage in Stage}
+        self._slots: list[RequestId | None] = [None] * config.slots
+        self._free = list(range(config.slots))  # a heap: the lowest free slot is taken first
+        self._batch_start: float | None = None  # the prefill batch in flight, even if all its requests ended
+        self._step_start: float | None = None  # the decode step in flight
+        self._up = {Worker.PREFILL: True, Worker.DECODE: True}
+
+    @property
+    def integrated(self) -> bool:
+        return self.config.mode is Mode.INTEGRATED
+
+    # Views for drivers (metrics) and tests.
+
+    def stage_of(self, request_id: RequestId) -> Stage | None:
+        """The stage of a live request; None once it has ended (or if it never arrived)."""
+        r = self._requests.get(request_id)
+        return r.stage if r else None
+
+    def waiting_ids(self) -> tuple[RequestId, ...]:
+        return tuple(self._in[Stage.WAITING])
+
+    def handoff_ids(self) -> tuple[RequestId, ...]:
+        """Prefilled requests waiting for a slot, oldest first."""
+        return tuple(self._in[Stage.PREFILLED])
+
+    def slot_holders(self) -> dict[int, RequestId]:
+        """Held slots (reserved or committed) and their requests."""
+        return {s: rid for s, rid in enumerate(self._slots) if rid is not None}
+
+    def live_ids(self) -> tuple[RequestId, ...]:
+        return tuple(self._requests)
+
+    def next_deadline(self) -> float | None:
+        """The earliest time at which a deadline fails something, if nothing else happens first."""
+        d = self.config.deadlines
+        times = [start + limit for start, limit in ((self._batch_start, d.prefill_s), (self._step_start, d.token_s))
+                 if start is not None]
+        times += [self._requests[next(iter(self._in[stage]))].since + limit
+                  for stage, limit in self._stage_limits() if self._in[stage]]
+        return min(times, default=None)
+
+    def _stage_limits(self) -> tuple[tuple[Stage, float], ...]:
+        """Each stage's deadline but PREFILLING's, which is its batch's (a hung prefill worker)."""
+        d = self.config.deadlines
+        return ((Stage.WAITING, d.queue_s), (Stage.PREFILLED, d.handoff_s), (Stage.TRANSFERRING, d.handoff_s),
+                (Stage.DECODING, d.token_s))
+
+    # Events.
+
+    def handle(self, event: Event) -> Decision:
+        """Apply one event; returns what to do now."""
+        if event.time < self.now:
+            raise ValueError(f"event at {event.time} is earlier than the last one, at {self.now}")
+        self.now = event.time
+        out = _Out()
+        self._expire(out)
+        match event:
+            case Arrival():
+                self._arrive(event, out)
+            case PrefillDone():
+                self._prefill_done(event, out)
+            case HandoffDone():
+                r = self._requests.get(event.request_id)
+                if r and r.stage is Stage.TRANSFERRING and r.slot == event.slot:
+                    self._move(r, Stage.DECODING)
+            case HandoffFailed():
+                r = self._requests.get(event.request_id)
+                if r and r.stage is Stage.TRANSFERRING:
+                    self._fail(r, FailReason.HANDOFF_REFUSED, out, detail=event.detail)
+            case StepDone():
+                self._step_done(event, out)
+            case Disconnect():
+                r = self._requests.get(event.request_id)
+                if r:
+                    self._fail(r, FailReason.DISCONNECTED, out)
+            case WorkerDied():
+                self._lose_worker(event.worker, FailReason.WORKER_DIED, out)
+            case WorkerReady():
+                for w in self._same_process(event.worker):
+                    self._up[w] = True
+            case Tick():
+                pass
+            case _:
+                raise TypeError(f"not a scheduler event: {event!r}")
+        self._schedule(out)
+        return out.freeze()
+
+    def _arrive(self, e: Arrival, out: _Out) -> None:
+        if e.request_id in self._requests:
+            raise ValueError(f"request {e.request_id!r} is already live")
+        if e.prompt_len < 1 or e.max_new_tokens < 1:
+            raise ValueError(f"request {e.request_id!r}: prompt of {e.prompt_len} tokens, "
+                             f"{e.max_new_tokens} new tokens; each must be at least 1")
+        if len(self._in[Stage.WAITING]) >= self.config.max_waiting:
+            out.failed.append(Failure(e.request_id, FailReason.QUEUE_FULL, None, RequestTimes(e.time, (), e.time),
+                                      retry_after_s=self.config.retry_after_s))
+            return
+        self._requests[e.request_id] = _Request(e.request_id, e.prompt_len, e.max_new_tokens, e.time, since=e.time)
+        self._in[Stage.WAITING][e.request_id] = None
+
+    def _prefill_done(self, e: PrefillDone, out: _Out) -> None:
+        if self._batch_start is None:
+            return  # from a worker already declared dead or hung
+        self._batch_start = None
+        members = self._in[Stage.PREFILLING]
+        for o in e.outcomes:
+            if o.request_id not in members:
+                # Its request ended while it was prefilled: the cache it made is not wanted.
+                if o.request_id not in self._requests and not self.integrated and o.token is not None:
+                    out.discard.append(o.request_id)
+                continue
+            r = self._requests[o.request_id]
+            if o.token is None:
+                self._fail(r, FailReason.PREFILL_FAILED, out)
+            elif self._emit(r, o.token, o.finish, out):
+                if not self.integrated:
+                    out.discard.append(r.id)
+            else:
+                self._move(r, Stage.DECODING if self.integrated else Stage.PREFILLED)
+        for rid in list(members):  # the worker reported nothing for these
+            self._fail(self._requests[rid], FailReason.PREFILL_FAILED, out, detail="no result from the prefill batch")
+            if not self.integrated:
+                out.discard.append(rid)
+
+    def _step_done(self, e: StepDone, out: _Out) -> None:
+        if self._step_start is None:
+            return  # from a worker already declared dead or hung
+        self._step_start = None
+        for t in e.tokens:
+            r = self._requests.get(t.request_id)
+            if r and r.stage is Stage.DECODING and r.slot == t.slot:
+                self._emit(r, t.token, t.finish, out)
+
+    def _emit(self, r: _Request, token: int, finish: FinishReason | None, out: _Out) -> bool:
+        """Record an output token; ends the request if it finishes it. Returns whether it did."""
+        r.token_times.append(self.now)
+        out.tokens.append(Token(r.id, token))
+        if finish is None and len(r.token_times) >= r.max_new_tokens:
+            finish = FinishReason.LENGTH
+        if finish is not None:
+            out.finished.append(Finished(r.id, finish, r.times(self.now)))
+            self._release(r, out)
+            return True
+        if r.stage is Stage.DECODING:  # its token deadline restarts: it goes to the back
+            r.since = self.now
+            self._in[Stage.DECODING].move_to_end(r.id)
+        return False
+
+    def _move(self, r: _Request, stage: Stage) -> None:
+        del self._in[r.stage][r.id]
+        r.stage, r.since = stage, self.now
+        self._in[stage][r.id] = None
+
+    # Ending requests.
+
+    def _fail(self, r: _Request, reason: FailReason, out: _Out, detail: str = "",
+              prefill_alive: bool = True, decode_alive: bool = True) -> None:
+        out.failed.append(Failure(r.id, reason, r.stage, r.times(self.now), detail=detail))
+        self._release(r, out, prefill_alive, decode_alive)
+
+    def _release(self, r: _Request, out: _Out, prefill_alive: bool = True, decode_alive: bool = True) -> None:
+        """Forget a request that ended, giving back what it holds to the workers still alive.
+
+        A disaggregated PREFILLING request holds no cache yet: it is discarded when it arrives.
+        """
+        del self._requests[r.id]
+        del self._in[r.stage][r.id]
+        if r.stage in (Stage.PREFILLED, Stage.TRANSFERRING) and prefill_alive:
+            out.discard.append(r.id)
+        if r.slot is not None:
+            self._slots[r.slot] = None
+            heapq.heappush(self._free, r.slot)
+            if decode_alive:
+                out.evict.append(r.slot)
+
+    def _same_process(self, worker: Worker) -> tuple[Worker, ...]:
+        return (Worker.PREFILL, Worker.DECODE) if self.integrated else (worker,)
+
+    def _lose_worker(self, worker: Worker, reason: FailReason, out: _Out) -> None:
+        """Fail exactly the requests whose state lived in the lost worker, and mark it down."""
+        lost = self._same_process(worker)
+        # Disaggregated: the prefill worker holds the caches until they are committed on the decode
+        # side; the decode worker holds its slots (reserved or committed).
+        held = {Worker.PREFILL: (Stage.PREFILLING, Stage.PREFILLED, Stage.TRANSFERRING),
+                Worker.DECODE: (Stage.TRANSFERRING, Stage.DECODING)}
+        doomed = {stage for w in lost for stage in held[w]}
+        for stage in [stage for stage in Stage if stage in doomed]:
+            for rid in list(self._in[stage]):
+                self._fail(self._requests[rid], reason, out, prefill_alive=Worker.PREFILL not in lost,
+                           decode_alive=Worker.DECODE not in lost)
+        for w in lost:
+            self._up[w] = False
+        if Worker.PREFILL in lost:
+            self._batch_start = None
+        if Worker.DECODE in lost:
+            self._step_start = None
+
+    def _expire(self, out: _Out) -> None:
+        """Fail whatever has reached its deadline at `self.now`."""
+        d, now = self.config.deadlines, self.now
+        # A batch or a step past its deadline means a hung worker: what it holds is lost with it.
+        if self._batch_start is not None and self._batch_start + d.prefill_s <= now:
+            out.restart.append(Worker.PREFILL)
+            self._lose_worker(Worker.PREFILL, FailReason.DEADLINE, out)
+        if self._step_start is not None and self._step_start + d.token_s <= now:
+            out.restart.append(Worker.DECODE)
+            self._lose_worker(Worker.DECODE, FailReason.DEADLINE, out)
+        for stage, limit in self._stage_limits():
+            queue = self._in[stage]
+            while queue and self._requests[next(iter(queue))].since + limit <= now:
+                self._fail(self._requests[next(iter(queue))], FailReason.DEADLINE, out)
+
+    # Scheduling new work.
+
+    def _schedule(self, out: _Out) -> None:
+        if self.integrated:
+            self._schedule_integrated(out)
+        else:
+            self._schedule_disaggregated(out)
+
+    def _schedule_disaggregated(self, out: _Out) -> None:
+        # Prefilled caches take free slots first come, first served.
+        prefilled = self._in[Stage.PREFILLED]
+        while self._up[Worker.DECODE] and prefilled and self._free:
+            self._place(self._requests[next(iter(prefilled))], Stage.TRANSFERRING, out)
+        # A batch only starts if the prefill side has room to hold all its caches until slots free up.
+        room = self.config.max_prefilled - len(prefilled)
+        if self._up[Worker.PREFILL] and self._batch_start is None and room > 0:
+            self._start_prefill(room, out)
+        if self._up[Worker.DECODE] and self._step_start is None and self._in[Stage.DECODING]:
+            out.decode_step, self._step_start = True, self.now
+
+    def _schedule_integrated(self, out: _Out) -> None:
+        # One unit of work at a time. A prefill goes first whenever a slot is free: new requests
+        # join the batch as soon as possible (the interference disaggregation is meant to remove).
+        if not self._up[Worker.DECODE] or self._batch_start is not None or self._step_start is not None:
+            return
+        if self._free and self._in[Stage.WAITING]:
+            for rid in self._start_prefill(len(self._free), out):
+                self._place(self._requests[rid], Stage.PREFILLING, out)
+        elif self._in[Stage.DECODING]:
+            out.decode_step, self._step_start = True, self.now
+
+    def _place(self, r: _Request, stage: Stage, out: _Out) -> None:
+        """Give `r` the lowest free slot as it enters `stage`."""
+        r.slot = heapq.heappop(self._free)
+        self._slots[r.slot] = r.id
+        if r.stage is not stage:
+            self._move(r, stage)
+        out.placements.append(Placement(r.id, r.slot))
+
+    def _start_prefill(self, most: int, out: _Out) -> list[RequestId]:
+        """Take the head of the waiting queue, in order, as one batch of at most `most` prompts."""
+        batch, tokens = [], 0
+        most = min(most, self.config.max_prefill_batch)
+        for rid in self._in[Stage.WAITING]:
+            prompt_len = self._requests[rid].prompt_len
+            # Strict FCFS: stop at the first prompt that does not fit rather than skip it; a prompt
+            # longer than the token budget runs alone, since the prefill chunks it anyway.
+            if len(batch) == most or (batch and tokens + prompt_len > self.config.max_prefill_tokens):
+                break
+            batch.append(rid)
+            tokens += prompt_len
+        for rid in batch:
+            self._move(self._requests[rid], Stage.PREFILLING)
+        if batch:
+            self._batch_start = self.now
+            out.prefill.extend(batch)
+        return batch
