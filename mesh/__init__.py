@@ -1,1 +1,3 @@
-"""The machine: wafer specs, grids, executors, CPU-device emulation, the SRAM planner."""
+"""The machine: axis and scope names, grids and executors, CPU-device emulation, wafer specs,
+tensor descriptions and their tiling, the SRAM planner, multi-wafer staging, the jaxpr tracer and
+the cost model. Knows nothing of models."""
