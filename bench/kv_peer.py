@@ -27,7 +27,7 @@ def main(mode: str) -> None:
         with listener.accept(ACCEPT_TIMEOUT_S) as source:
             t0 = time.perf_counter()
             reader = KVReader(source) if mode == "tcp" else TransferReader(source)
-            received = sum(f.k_KnH.nbytes + f.v_KnH.nbytes for f in reader.frames())
+            received = sum(f.k_KSH.nbytes + f.v_KSH.nbytes for f in reader.frames())
             seconds = time.perf_counter() - t0
             if mode == "jax":
                 source.sock.sendall(ACK_LANDED)

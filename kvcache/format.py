@@ -4,7 +4,7 @@
     header   N B    UTF-8 JSON, space-padded so the first frame starts 8-byte aligned
     checksum  8 B   xxh3-64 of prefix + header
     frame l         tag b"KVLF" | layer u32 | payload length u64 | payload | xxh3-64 of tag..payload
-                    payload = K then V of layer l, each the logical [K, n, H] in C order
+                    payload = K then V of layer l, each the logical [K, S, H] in C order
 
 The reader trusts nothing: every length is bounded before anything is allocated, every byte is
 under a checksum, and every problem is a `KVStreamError` (a `WaferError`) naming it.
@@ -60,7 +60,7 @@ class KVHeader:
     layers: int  # L
     kv_heads: int  # K (true, unpadded: frames carry the logical layout)
     head_dim: int  # H
-    tokens: int  # n: positions per sequence
+    tokens: int  # S: positions per sequence
     first_token: int
     layout: PrefillKVLayout  # where the cache came from
 
@@ -140,7 +140,7 @@ def write_frame(seq: SequenceKV, header: KVHeader, layer: int, sink: Sink) -> in
     h = xxhash.xxh3_64(prefix)
     sink.write(memoryview(prefix))
     wire = header.np_dtype
-    for a in (seq.k_LKnH[layer], seq.v_LKnH[layer]):
+    for a in (seq.k_LKSH[layer], seq.v_LKSH[layer]):
         for part in seq.layout.logical_pieces(seq.host_shards(a)):
             if part.dtype != wire:  # an explicit conversion, asked for in the header
                 part = part.astype(wire)
@@ -307,8 +307,8 @@ def parse_header(source: Source) -> KVHeader:
 @dataclasses.dataclass(frozen=True)
 class LayerFrame:
     layer: int
-    k_KnH: np.ndarray  # logical [K, n, H] in the wire dtype (a view of the received bytes)
-    v_KnH: np.ndarray
+    k_KSH: np.ndarray  # logical [K, S, H] in the wire dtype (a view of the received bytes)
+    v_KSH: np.ndarray
     checksum: int  # the frame's xxh3-64, verified
 
 

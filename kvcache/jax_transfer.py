@@ -105,7 +105,7 @@ def _device_arrays(seq: SequenceKV, layer: int) -> list[jax.Array]:
     """Layer `layer`'s K and V on devices in the prefill layout (host arrays are placed on this
     process's devices first), so the shards offered are the layout's columns."""
     out = []
-    for a in (seq.k_LKnH[layer], seq.v_LKnH[layer]):
+    for a in (seq.k_LKSH[layer], seq.v_LKSH[layer]):
         if not isinstance(a, jax.Array):
             grid = seq.layout.grid
             local = Grid(1, grid.cols)  # one row of the prefill mesh: this sequence's

@@ -55,8 +55,8 @@ class KVLanding:
         slot = self.decoder.reserve(slot, header.tokens, header.first_token)
         try:
             for frame in reader.frames():
-                k = convert_frame(frame.k_KnH, np.dtype(np.float32), self.convert_dtype)
-                v = convert_frame(frame.v_KnH, np.dtype(np.float32), self.convert_dtype)
+                k = convert_frame(frame.k_KSH, np.dtype(np.float32), self.convert_dtype)
+                v = convert_frame(frame.v_KSH, np.dtype(np.float32), self.convert_dtype)
                 self.decoder.place_layer(slot, frame.layer, k, v)
                 if between_layers is not None:
                     between_layers(frame.layer)

@@ -1,9 +1,9 @@
 """Where one sequence's KV cache lies on the prefill mesh, and how the wire describes it.
 
-Three layouts of one layer's keys (values alike), for one sequence of n positions:
+Three layouts of one layer's keys (values alike), for one sequence of S positions:
 
-  logical  [K, n, H]                  K true KV heads, positions 0..n-1, C order: the wire layout
-  prefill  [K_col, n, H] on row r     KV heads over the prefill mesh's columns, zero-padded to a
+  logical  [K, S, H]                  K true KV heads, positions 0..S-1, C order: the wire layout
+  prefill  [K_col, S, H] on row r     KV heads over the prefill mesh's columns, zero-padded to a
                                       multiple of C (kc = ceil(K / C) per column); positions and
                                       head dim local; the batch is dealt over rows, so a sequence
                                       lives on the C devices of one row
@@ -85,15 +85,15 @@ class PrefillKVLayout:
                              f"{grid[1]} columns pad to {layout.padded_heads}")
         return layout
 
-    def shards(self, k_KnH: np.ndarray) -> list[np.ndarray]:
-        """logical [K, n, H] -> per-column shards [kc, n, H] (padding heads zero), columns in order."""
-        K, n, H = k_KnH.shape
-        padded = np.zeros((self.padded_heads, n, H), k_KnH.dtype)
-        padded[:K] = k_KnH
+    def shards(self, k_KSH: np.ndarray) -> list[np.ndarray]:
+        """logical [K, S, H] -> per-column shards [kc, S, H] (padding heads zero), columns in order."""
+        K, S, H = k_KSH.shape
+        padded = np.zeros((self.padded_heads, S, H), k_KSH.dtype)
+        padded[:K] = k_KSH
         return [padded[c * self.kc:(c + 1) * self.kc] for c in range(self.grid.cols)]
 
     def logical_pieces(self, shards: list[np.ndarray]) -> Iterator[np.ndarray]:
-        """Per-column shards -> the logical [K, n, H] as consecutive pieces, padding dropped.
+        """Per-column shards -> the logical [K, S, H] as consecutive pieces, padding dropped.
 
         The columns split K, the leading axis of the C-order logical array, so each column's true
         heads are one contiguous run of it: no concatenation, only views."""

@@ -29,40 +29,40 @@ from model.weights import Params, flatten_params
 class SequenceKV:
     """One sequence's cache in the prefill layout, with what decoding it needs next.
 
-    k_LKnH, v_LKnH: L arrays [K_col, n, H] as `layout` says (KV heads padded to a multiple of the
+    k_LKSH, v_LKSH: L arrays [K_col, S, H] as `layout` says (KV heads padded to a multiple of the
       prefill mesh's columns): numpy arrays of any strides, or jax arrays sharded over the
       devices of the sequence's prefill-mesh row.
     """
 
-    k_LKnH: tuple
-    v_LKnH: tuple
-    length: int  # n: positions 0..n-1 hold the prompt
+    k_LKSH: tuple
+    v_LKSH: tuple
+    length: int  # S: positions 0..S-1 hold the prompt
     first_token: int  # the token sampled at prefill: the first one decode feeds
     layout: PrefillKVLayout
 
     def __post_init__(self):
-        if len(self.k_LKnH) != len(self.v_LKnH) or not self.k_LKnH:
+        if len(self.k_LKSH) != len(self.v_LKSH) or not self.k_LKSH:
             raise WaferError(f"a cache needs as many K as V layers (at least one), got "
-                             f"{len(self.k_LKnH)} and {len(self.v_LKnH)}")
+                             f"{len(self.k_LKSH)} and {len(self.v_LKSH)}")
         want = (self.layout.padded_heads, self.length)
-        for a in self.k_LKnH + self.v_LKnH:
+        for a in self.k_LKSH + self.v_LKSH:
             if a.ndim != 3 or tuple(a.shape[:2]) != want:
                 raise WaferError(f"cache layer of shape {tuple(a.shape)}; the layout needs [{want[0]}, {want[1]}, H]")
 
     @property
     def n_layers(self) -> int:
-        return len(self.k_LKnH)
+        return len(self.k_LKSH)
 
     @property
     def head_dim(self) -> int:
-        return self.k_LKnH[0].shape[2]
+        return self.k_LKSH[0].shape[2]
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype(self.k_LKnH[0].dtype)
+        return np.dtype(self.k_LKSH[0].dtype)
 
     def host_shards(self, a) -> list[np.ndarray]:
-        """One layer's per-column shards [kc, n, H] on the host, without copies where possible."""
+        """One layer's per-column shards [kc, S, H] on the host, without copies where possible."""
         kc = self.layout.kc
         if isinstance(a, jax.Array) and len(a.sharding.device_set) > 1:
             if not a.is_fully_addressable:
@@ -73,8 +73,8 @@ class SequenceKV:
         return [host[c * kc:(c + 1) * kc] for c in range(self.layout.grid.cols)]
 
     def logical_layer(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """Layer `layer` as logical [K, n, H] arrays (a copy; for tests and references)."""
-        return tuple(self.layout.to_logical(self.host_shards(a[layer])) for a in (self.k_LKnH, self.v_LKnH))
+        """Layer `layer` as logical [K, S, H] arrays (a copy; for tests and references)."""
+        return tuple(self.layout.to_logical(self.host_shards(a[layer])) for a in (self.k_LKSH, self.v_LKSH))
 
 
 def model_fingerprint(config: ModelConfig, params: Params) -> str:
@@ -87,25 +87,25 @@ def model_fingerprint(config: ModelConfig, params: Params) -> str:
     return h.hexdigest()
 
 
-def place_on_prefill_mesh(a_KnH: np.ndarray, layout: PrefillKVLayout, devices: list) -> jax.Array:
-    """[K_col, n, H] in the prefill layout (heads padded) -> a jax array of it, KV heads over the
+def place_on_prefill_mesh(a_KSH: np.ndarray, layout: PrefillKVLayout, devices: list) -> jax.Array:
+    """[K_col, S, H] in the prefill layout (heads padded) -> a jax array of it, KV heads over the
     C devices of the layout's row of the prefill mesh laid over `devices`."""
     grid = layout.grid
     if len(devices) < grid.cores:
         raise WaferError(f"prefill mesh {grid} needs {grid.cores} devices, {len(devices)} available")
-    if a_KnH.shape[0] != layout.padded_heads:
-        raise WaferError(f"cache layer of {a_KnH.shape[0]} KV heads; the layout pads to {layout.padded_heads}")
+    if a_KSH.shape[0] != layout.padded_heads:
+        raise WaferError(f"cache layer of {a_KSH.shape[0]} KV heads; the layout pads to {layout.padded_heads}")
     row = np.array(devices[: grid.cores], dtype=object).reshape(grid.rows, grid.cols)[layout.row]
     mesh = Mesh(row.reshape(1, grid.cols), (ROW, COL))
     sharding = NamedSharding(mesh, P(COL, None, None))  # KV heads over columns; S and H local
-    return jax.make_array_from_callback(a_KnH.shape, sharding, lambda idx: a_KnH[idx])
+    return jax.make_array_from_callback(a_KSH.shape, sharding, lambda idx: a_KSH[idx])
 
 
 def sequence_from_prefill(result: PrefillResult, i: int) -> SequenceKV:
     """Sequence i of a prefill-mesh result (`model.prefill.PrefillResult`) as a `SequenceKV`.
 
     On a `devices` prefill mesh the layers stay where the prefill left them: each is a jax array
-    [K_col, n, H] over the C devices of the sequence's mesh row, built from views of those
+    [K_col, S, H] over the C devices of the sequence's mesh row, built from views of those
     devices' shards (no host copy; the serializer and JAX transfer read the shards). On `vcores`
     (one device) they are host arrays.
     """

@@ -1,6 +1,6 @@
 """The decode layout of one slot's KV cache: where the wafer decode step keeps each position.
 
-One layer's keys (values alike) of one sequence of n positions, logical [K, n, H] (the wire
+One layer's keys (values alike) of one sequence of S positions, logical [K, S, H] (the wire
 layout, kvcache/layout.py), lie on the decode mesh as per-core [R, C, kc, s + 1, H]: KV heads over
 the columns (padded, or replicated when there are more columns than KV heads), positions cyclic
 over rows (p on row p % R at slot p // R), and the last slot of each row the scratch slot the step
@@ -58,25 +58,25 @@ class DecodeKVLayout:
     def capacity(self) -> int:  # positions the slot holds
         return self.positions_per_row * self.grid.rows
 
-    def to_cores(self, k_KnH: np.ndarray) -> np.ndarray:
-        """logical [K, n, H] (n <= capacity) -> per-core [R, C, kc, s + 1, H], zeros elsewhere."""
+    def to_cores(self, k_KSH: np.ndarray) -> np.ndarray:
+        """logical [K, S, H] (S <= capacity) -> per-core [R, C, kc, s + 1, H], zeros elsewhere."""
         R, C, kc = self.grid.rows, self.grid.cols, self.kc
-        K, n, H = k_KnH.shape
+        K, S, H = k_KSH.shape
         if K != self.kv_heads:
             raise WaferError(f"cache has {K} KV heads, the decode layout {self.kv_heads}")
-        if n > self.capacity:
-            raise WaferError(f"cache of {n} positions does not fit {self.capacity} decode positions")
+        if S > self.capacity:
+            raise WaferError(f"cache of {S} positions does not fit {self.capacity} decode positions")
         out = np.zeros((R, C, kc, self.positions_per_row + 1, H), np.float32)
         for r in range(R):
-            rows = k_KnH[:, r::R]  # positions r, r + R, ...: slots 0, 1, ... of row r
+            rows = k_KSH[:, r::R]  # positions r, r + R, ...: slots 0, 1, ... of row r
             for c in range(C):
                 for i, h in enumerate(self.heads_of(c)):
                     if h is not None:
                         out[r, c, i, : rows.shape[1]] = rows[h]
         return out
 
-    def from_cores(self, cores: np.ndarray, n: int) -> np.ndarray:
-        """The inverse of `to_cores` for the first n positions: [R, C, kc, s + 1, H] -> [K, n, H]
+    def from_cores(self, cores: np.ndarray, S: int) -> np.ndarray:
+        """The inverse of `to_cores` for the first S positions: [R, C, kc, s + 1, H] -> [K, S, H]
         (a replicated head is read from the first column that holds it)."""
         R, C = self.grid.rows, self.grid.cols
         H = cores.shape[-1]
@@ -85,9 +85,9 @@ class DecodeKVLayout:
             for i, h in enumerate(self.heads_of(c)):
                 if h is not None:
                     first.setdefault(h, (c, i))
-        out = np.empty((self.kv_heads, n, H), cores.dtype)
+        out = np.empty((self.kv_heads, S, H), cores.dtype)
         for r in range(R):
-            m = len(range(r, n, R))
+            m = len(range(r, S, R))
             for h, (c, i) in first.items():
                 out[h, r::R] = cores[r, c, i, :m]
         return out

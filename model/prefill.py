@@ -173,7 +173,7 @@ class PrefillResult:
         return self._host[which]
 
     def sequence_kv(self, i: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Sequence i's cache as L arrays [K, n, H] for each of K and V, n = its prompt length."""
+        """Sequence i's cache as L arrays [K, S, H] for each of K and V, S = its prompt length."""
         n = int(self.lengths[i])
         return ([k[i, :, :n] for k in self.host_cache("k")], [v[i, :, :n] for v in self.host_cache("v")])
 

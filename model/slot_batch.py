@@ -125,18 +125,18 @@ class SlotBatch:
         self._landing[slot] = _Landing(length, next_token, set())
         return slot
 
-    def place_layer(self, slot: int, layer: int, k_KnH, v_KnH) -> None:
-        """Place layer `layer` ([K, n, H] keys and values) of the sequence reserved in `slot`."""
+    def place_layer(self, slot: int, layer: int, k_KSH, v_KSH) -> None:
+        """Place layer `layer` ([K, S, H] keys and values) of the sequence reserved in `slot`."""
         landing = self._landing.get(slot)
         if landing is None:
             raise WaferError(f"slot {slot} is not reserved")
         if not 0 <= layer < self.config.n_layers:
             raise WaferError(f"layer {layer} is outside the model's {self.config.n_layers}")
         want = (self.config.n_kv_heads, landing.length, self.config.head_dim)
-        if tuple(k_KnH.shape) != want or tuple(v_KnH.shape) != want:
-            raise WaferError(f"layer {layer}: K {tuple(k_KnH.shape)} / V {tuple(v_KnH.shape)}, expected {want}")
-        k_new, v_new = self.core_mesh.place((self.kv_layout.to_cores(np.asarray(k_KnH)),
-                                             self.kv_layout.to_cores(np.asarray(v_KnH))))
+        if tuple(k_KSH.shape) != want or tuple(v_KSH.shape) != want:
+            raise WaferError(f"layer {layer}: K {tuple(k_KSH.shape)} / V {tuple(v_KSH.shape)}, expected {want}")
+        k_new, v_new = self.core_mesh.place((self.kv_layout.to_cores(np.asarray(k_KSH)),
+                                             self.kv_layout.to_cores(np.asarray(v_KSH))))
         k, v = _insert_layer(self.k_cache[layer], self.v_cache[layer], k_new, v_new, jnp.int32(slot))
         self.k_cache = self.k_cache[:layer] + (k,) + self.k_cache[layer + 1:]
         self.v_cache = self.v_cache[:layer] + (v,) + self.v_cache[layer + 1:]

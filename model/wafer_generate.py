@@ -56,9 +56,9 @@ class WaferDecoder(SlotBatch):
         compile_s = prefilled.compile_s
         slots = []
         for i, p in enumerate(prompts):
-            k_LKnH, v_LKnH = prefilled.sequence_kv(i)
+            k_LKSH, v_LKSH = prefilled.sequence_kv(i)
             slot = self.free_slots()[0]
-            self.insert(slot, k_LKnH, v_LKnH, len(p), int(prefilled.first_tokens[i]))
+            self.insert(slot, k_LKSH, v_LKSH, len(p), int(prefilled.first_tokens[i]))
             slots.append(slot)
         ttft = time.perf_counter() - t0 - compile_s
         compile_s += self.compile()  # outside the timed loop

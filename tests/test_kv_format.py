@@ -61,14 +61,14 @@ def test_round_trip_is_byte_exact(stream):
     assert [f.layer for f in frames] == list(range(seq.n_layers))
     for f in frames:
         k, v = seq.logical_layer(f.layer)
-        assert f.k_KnH.tobytes() == k.tobytes() and f.v_KnH.tobytes() == v.tobytes()
+        assert f.k_KSH.tobytes() == k.tobytes() and f.v_KSH.tobytes() == v.tobytes()
     # Frames are views of the received bytes, not copies.
-    assert not frames[0].k_KnH.flags.owndata
+    assert not frames[0].k_KSH.flags.owndata
 
 
 def test_prefill_mesh_layout_gives_the_same_frames(qwen2, stream):
     """A prompt prefilled on 2 tensor-parallel devices (tiny has 2 KV heads, one per column)
-    serializes to frames of the same logical [K, n, H] as on one device; the header's layout
+    serializes to frames of the same logical [K, S, H] as on one device; the header's layout
     differs. The values agree to float32 rounding: the 2-device prefill sums the attention and
     MLP outputs of its columns in another order (measured below 1e-6)."""
     seq2, header2 = export(*qwen2, prefill_grid=Grid(1, 2))
@@ -80,8 +80,8 @@ def test_prefill_mesh_layout_gives_the_same_frames(qwen2, stream):
     _, frames = read_frames(data)
     assert [f.layer for f in frames2] == [f.layer for f in frames]
     for f2, f in zip(frames2, frames):
-        np.testing.assert_allclose(f2.k_KnH, f.k_KnH, rtol=0, atol=1e-5)
-        np.testing.assert_allclose(f2.v_KnH, f.v_KnH, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(f2.k_KSH, f.k_KSH, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(f2.v_KSH, f.v_KSH, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("name, prefill, decode", [
@@ -128,8 +128,8 @@ def test_dtype_conversion_only_on_request(qwen2):
     seq, header = export(params, config, dtype="bfloat16")
     data = serialize_kv(seq, header)
     h, frames = read_frames(data)
-    assert h.dtype == "bfloat16" and frames[0].k_KnH.dtype == ml_dtypes.bfloat16
-    assert np.array_equal(frames[0].k_KnH, seq.logical_layer(0)[0].astype(ml_dtypes.bfloat16))
+    assert h.dtype == "bfloat16" and frames[0].k_KSH.dtype == ml_dtypes.bfloat16
+    assert np.array_equal(frames[0].k_KSH, seq.logical_layer(0)[0].astype(ml_dtypes.bfloat16))
     dec = busy_decoder(params, config)
     before = decoder_state(dec)
     with pytest.raises(WaferError, match="conversion was not requested"):

@@ -193,8 +193,8 @@ def test_transfer_offer_describes_the_prefill_layout(on_devices):
     params, config = tiny("tiny-qwen2")
     seq, header = export(params, config, prefill_grid=Grid(1, 2))
     if not on_devices:
-        seq = dataclasses.replace(seq, k_LKnH=tuple(np.asarray(a) for a in seq.k_LKnH),
-                                  v_LKnH=tuple(np.asarray(a) for a in seq.v_LKnH))
+        seq = dataclasses.replace(seq, k_LKSH=tuple(np.asarray(a) for a in seq.k_LKSH),
+                                  v_LKSH=tuple(np.asarray(a) for a in seq.v_LKSH))
     offer = TransferOffer(seq, header)
     assert offer.block["shards"] == [[[0, 1], [0, len(PROMPT)], [0, 16]], [[1, 2], [0, len(PROMPT)], [0, 16]]]
     assert offer.block["address"].startswith("127.0.0.1:")
