@@ -1,0 +1,39 @@
+"""How a server is set up: the model, the mode, each worker's mesh and CPUs, and the scheduler's
+policy. `wafer serve` parses its flags into one `EngineOptions`; the engine (serve/engine.py)
+starts its workers from it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kernels.allreduce import Schedule
+from mesh.executors import Executor, Grid
+from serve.events import Mode, SchedulerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Distributed:
+    """The decode worker's mesh spans processes through `jax.distributed` (mesh/distributed.py)."""
+
+    coordinator: str  # HOST:PORT
+    num_processes: int
+    process_id: int
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    model: str | None = None  # an embedded preset (default: the embedded default model)
+    checkpoint: str | None = None  # or a checkpoint path
+    mode: Mode = Mode.DISAGGREGATED
+    prefill_grid: Grid = Grid(1, 1)  # the prefill mesh (devices executor)
+    decode_grid: Grid = Grid(2, 2)  # the wafer decode mesh
+    executor: Executor = Executor.DEVICES  # how the decode mesh's cores run
+    schedule: Schedule = Schedule.PSUM
+    groups: int | None = None  # K-tree groups per mesh axis
+    max_len: int = 2048  # positions per slot: prompt and output tokens together
+    transport: str = "tcp"  # the KV handoff: "tcp" or "jax"
+    # CPUs each worker is pinned to; None: the engine splits this machine's CPUs between them.
+    prefill_cpus: tuple[int, ...] | None = None
+    decode_cpus: tuple[int, ...] | None = None
+    distributed: Distributed | None = None
+    scheduler: SchedulerConfig = SchedulerConfig()  # its `mode` and `slots` are the ones that count
