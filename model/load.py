@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from mesh.errors import WaferError
 from model.config import EMBEDDED_MODELS, ModelConfig, RopeScaling, preset
-from model.tokenizer import TextTokenizer
+from model.tokenizer import TextTokenizer, tokenizer_from_gguf_fields, tokenizer_from_hf_folder
 from model.weights import Params, flatten_params, params_from_hf_state, unflatten_params
 
 # Bump when the conversion changes what lands in the cache.
@@ -139,3 +139,38 @@ def _read_cache(path: str, source: str) -> LoadedModel | None:
         return None
     params = unflatten_params(flat, config.n_layers)
     return LoadedModel(config, jax.tree.map(jnp.asarray, params), tokenizer, source)
+
+
+def load_tokenizer(model: str | None = None, checkpoint: str | None = None) -> TextTokenizer | None:
+    """The tokenizer alone (None when the source ships none), without converting any weights.
+
+    A GGUF file's tokenizer takes seconds to read (the reader parses the whole file's metadata), so
+    it is kept in the cache folder next to the converted weights, under the same key.
+    """
+    source = resolve_source(model, checkpoint)
+    if os.path.isdir(source):
+        return tokenizer_from_hf_folder(source)
+    cached = os.path.join(cache_dir(), f"{_cache_key(source)}.tokenizer.json")
+    try:
+        with open(cached) as f:
+            return TextTokenizer.from_json(f.read())
+    except Exception:  # absent or damaged (tokenizers raises a bare Exception): read the source
+        pass
+    import gguf  # imported here: only GGUF sources need it
+
+    try:
+        reader = gguf.GGUFReader(source)
+    except Exception as e:  # the gguf package raises ValueError/struct errors on bad bytes
+        raise WaferError(f"{source}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    tokenizer = tokenizer_from_gguf_fields(fields)
+    try:
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cached), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(tokenizer.to_json())
+        os.replace(tmp, cached)
+    except OSError:  # an unwritable cache only costs the next start its read
+        if "tmp" in locals() and os.path.exists(tmp):
+            os.remove(tmp)
+    return tokenizer
