@@ -13,6 +13,7 @@ from typing import Callable
 from cli import bench_decode, bench_kv, bench_prefill, generate
 from cli import kv as kv_cmd
 from cli import profile as profile_cmd
+from cli import serve as serve_cmd
 from mesh.errors import WaferError
 
 EXIT_USAGE = 2
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                 bench_prefill.add_arguments, bench_prefill.run)
     add_command(bench_sub, "kv", "KV-cache serialize/deserialize and transport throughput vs memcpy",
                 bench_kv.add_arguments, bench_kv.run)
+
+    add_command(sub, "serve", "the OpenAI-compatible server: prefill and wafer decode workers behind HTTP",
+                serve_cmd.add_arguments, serve_cmd.run)
 
     add_command(sub, "profile", "what a decode layout costs on a real wafer (traced, nothing run)",
                 profile_cmd.add_arguments, profile_cmd.run)
