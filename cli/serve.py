@@ -50,8 +50,8 @@ def parse_cpus(text: str, flag: str) -> tuple[int, ...]:
     cpus: set[int] = set()
     try:
         for part in text.replace(" ", "").split(","):
-            lo, _, hi = part.partition("-")
-            first, last = int(lo), int(hi) if hi else int(lo)
+            lo, dash, hi = part.partition("-")
+            first, last = int(lo), int(hi) if dash else int(lo)
             if first < 0 or last < first:
                 raise ValueError
             cpus.update(range(first, last + 1))

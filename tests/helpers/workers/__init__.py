@@ -12,6 +12,7 @@ WORKERS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(WORKERS_DIR)))
 KV_SENDER = os.path.join(WORKERS_DIR, "kv_sender.py")
 MULTIPROCESS_DECODE = os.path.join(WORKERS_DIR, "multiprocess_decode.py")
+FAKE_SERVE = os.path.join(WORKERS_DIR, "fake_serve.py")
 
 
 def worker_env() -> dict[str, str]:
