@@ -34,6 +34,9 @@ from serve.timings import e2e_latency, tpot, ttft
 
 log = logging.getLogger(__name__)
 
+# Longest wait for the engine's next output of a request, a safety net under the engine's own
+# stage deadlines (serve/events.py Deadlines: queue, prefill and handoff 60 s each, tokens 30 s).
+OUTPUT_TIMEOUT_S = 300.0
 # After a stop string, the engine still owes the request's Done (with its timings, for the
 # metrics); the client already has its answer, so this only bounds how long the handler waits.
 DRAIN_AFTER_STOP_S = 30.0
@@ -49,8 +52,10 @@ class FrontEnd:
     """What every handler shares: the engine, the tokenizer, the served name, the metrics, and
     the count of requests in flight (shutdown waits for it to reach zero)."""
 
-    def __init__(self, engine: Engine, tokenizer: TextTokenizer, model_name: str, metrics: ServeMetrics):
+    def __init__(self, engine: Engine, tokenizer: TextTokenizer, model_name: str, metrics: ServeMetrics,
+                 output_timeout_s: float = OUTPUT_TIMEOUT_S):
         self.engine = engine
+        self.output_timeout_s = output_timeout_s
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.metrics = metrics
@@ -68,10 +73,14 @@ class FrontEnd:
 FRONT_END = web.AppKey("front_end", FrontEnd)
 
 
-def make_app(engine: Engine, tokenizer: TextTokenizer, model_name: str, metrics: ServeMetrics) -> web.Application:
-    """The aiohttp application serving `engine` under the name `model_name`."""
+def make_app(engine: Engine, tokenizer: TextTokenizer, model_name: str, metrics: ServeMetrics,
+             output_timeout_s: float = OUTPUT_TIMEOUT_S) -> web.Application:
+    """The aiohttp application serving `engine` under the name `model_name`.
+
+    output_timeout_s: a request whose engine sends nothing for this long is cancelled (504).
+    """
     app = web.Application(middlewares=[error_middleware], client_max_size=16 * 1024 * 1024)
-    app[FRONT_END] = FrontEnd(engine, tokenizer, model_name, metrics)
+    app[FRONT_END] = FrontEnd(engine, tokenizer, model_name, metrics, output_timeout_s)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
@@ -231,8 +240,8 @@ class Generation:
         self.finish_reason: str | None = None
         self.stop_reason: str | None = None
         self.ended = False  # the engine has nothing more to do for it (Done/Failed seen, or finish called)
-        self.outputs = fe.engine.submit(GenerateRequest(request_id, parsed.prompt_ids, parsed.max_tokens,
-                                                        parsed.sampling, parsed.ignore_eos))
+        self.outputs = aiter(fe.engine.submit(GenerateRequest(request_id, parsed.prompt_ids, parsed.max_tokens,
+                                                              parsed.sampling, parsed.ignore_eos)))
         self.admitted = False
         self.owes_done = False  # finish() was called: the engine still owes the Done
 
@@ -245,7 +254,18 @@ class Generation:
     async def deltas(self) -> AsyncIterator[str]:
         """Text deltas, one per engine output ("" when nothing is safe to send yet). Raises
         `GenerationFailed`; sets `finish_reason` when the text is complete."""
-        async for out in self.outputs:
+        while True:
+            try:
+                async with asyncio.timeout(self.fe.output_timeout_s):
+                    out = await anext(self.outputs)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                # The engine's own stage deadlines should have failed the request long before.
+                self.fe.engine.cancel(self.request_id)
+                self._ended(FailReason.DEADLINE.value)
+                raise GenerationFailed(Failed(FailReason.DEADLINE, "no output from the engine for "
+                                              f"{self.fe.output_timeout_s:g} s")) from None
             if not self.admitted and not (isinstance(out, Failed) and out.reason is FailReason.QUEUE_FULL):
                 self.admitted = True
                 self.fe.metrics.prompt_tokens.inc(len(self.parsed.prompt_ids))

@@ -65,8 +65,15 @@ async def serve(engine: Engine, tokenizer: TextTokenizer, metrics: ServeMetrics,
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM)
+
+    def on_signal():
+        stop.set()
+        # A second signal is not ignored: it gets Python's default (KeyboardInterrupt, termination).
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
     for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         started = asyncio.create_task(engine.start())
         stopped = asyncio.create_task(stop.wait())
@@ -85,7 +92,8 @@ async def serve(engine: Engine, tokenizer: TextTokenizer, metrics: ServeMetrics,
         except BaseException:
             await engine.stop()
             raise
-        app = make_app(engine, tokenizer, model_name or engine.config.name, metrics)
+        model_name = model_name or engine.config.name
+        app = make_app(engine, tokenizer, model_name, metrics)
         try:
             runner, bound = await start_site(app, host, port)
         except BaseException:
