@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from mesh.errors import WaferError
 from model.tokenizer import TextTokenizer
 from serve.api_params import ApiError, Limits, ParsedRequest, parse_chat, parse_completion
 from serve.detokenize import IncrementalDetokenizer, StopStrings
@@ -343,7 +344,15 @@ async def _generate(request: web.Request, fe: FrontEnd, parsed: ParsedRequest,
                     fmt: CompletionFormat) -> web.StreamResponse:
     if fe.draining:
         raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
-    gen = Generation(fe, fmt.id, parsed)
+    try:
+        gen = Generation(fe, fmt.id, parsed)
+    except WaferError as e:
+        # The engine refuses at submit what can never run. This module's own checks catch the bad
+        # requests first, so a refusal here is the engine not running, unless its rules differ.
+        if fe.engine.state().ready:
+            raise ApiError(400, str(e)) from None
+        raise ApiError(503, f"the engine is not accepting requests: {e}", type="server_error",
+                       code="not_ready") from None
     fe.in_flight += 1
     fe.idle.clear()
     try:

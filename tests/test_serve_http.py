@@ -617,3 +617,15 @@ def test_concurrent_streams_each_get_their_whole_text(url, engine, tokenizer):
         t.join(TIMEOUT_S)
     assert results == [UTF8_TEXT] * 8
     assert sorted(r.prompt_ids for r in engine.submitted) == [(i + 1,) for i in range(8)]
+
+
+def test_a_stopped_engine_refusing_at_submit_is_503(tokenizer):
+    engine = FakeEngine(SMOLLM2_135M, capacity=CAPACITY)
+    server = ServerThread(make_app(engine, tokenizer, MODEL, ServeMetrics()))
+    try:
+        server.call(engine.stop())
+        r = post(server.url, "/v1/completions", {"prompt": "x"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+        assert "not running" in r.json()["error"]["message"]
+    finally:
+        server.close()

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import time
 
+from mesh.errors import WaferError
 from model.config import ModelConfig
 from serve.events import FailReason, FinishReason
 from serve.requests import Done, EngineState, Failed, GenerateRequest, TokenOut
@@ -54,6 +55,7 @@ class FakeEngine:
 
     async def stop(self) -> None:
         self.stopped = True
+        self.ready = False
         for event in self._wake.values():
             event.set()
 
@@ -71,6 +73,8 @@ class FakeEngine:
             self._wake[request_id].set()
 
     def submit(self, request: GenerateRequest):
+        if self.stopped:  # as serve.engine.WorkerEngine: a request that cannot run is refused at once
+            raise WaferError("the engine is not running")
         self.submitted.append(request)
         return self._play(request, self.script)
 
