@@ -400,18 +400,21 @@ async def _stream(request: web.Request, gen: Generation, fmt: CompletionFormat, 
     usage_field = {"usage": None} if gen.parsed.include_usage else {}  # OpenAI: null on every chunk but the last
     for chunk in fmt.first_chunks():
         await resp.write(_sse({**chunk, **usage_field}))
+
+    async def send(text: str) -> bool:
+        """Write one delta; True once it was the last (its chunk carries the finish reason)."""
+        if gen.finish_reason is not None:
+            await resp.write(_sse({**fmt.chunk(text, gen.finish_reason, gen.stop_reason), **usage_field}))
+            return True
+        if text:
+            await resp.write(_sse({**fmt.chunk(text), **usage_field}))
+        return False
+
     try:
-        text = first
-        while True:
-            if gen.finish_reason is not None:
-                await resp.write(_sse({**fmt.chunk(text, gen.finish_reason, gen.stop_reason), **usage_field}))
-                break
-            if text:
-                await resp.write(_sse({**fmt.chunk(text), **usage_field}))
-            try:
-                text = await anext(deltas)
-            except StopAsyncIteration:  # deltas returns right after setting finish_reason
-                text = ""
+        if not await send(first):
+            async for text in deltas:
+                if await send(text):
+                    break
         if gen.parsed.include_usage:
             await resp.write(_sse(fmt.usage_chunk(gen.usage)))
     except GenerationFailed as e:
