@@ -26,6 +26,7 @@ UNSUPPORTED_UNLESS = {
     "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
     "suffix": (None, ""), "tools": (None, []), "functions": (None, []), "logit_bias": (None, {}),
     "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
+    "response_format": (None, {"type": "text"}),
 }
 SEED_MODULUS = 1 << 32  # the kernels take a uint32 seed; any integer seed is reduced to one
 

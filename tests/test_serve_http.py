@@ -216,6 +216,19 @@ def test_completion_streamed_with_usage_last(client, engine, tokenizer):
     assert chunks[-1].usage.prompt_tokens == len(tokenizer.encode("The"))
 
 
+def test_a_load_generator_payload_is_accepted(url, engine, tokenizer):
+    """What `vllm bench serve` sends: explicit nulls and defaults for what it does not use, extra fields."""
+    script_text(engine, tokenizer, "x y z")
+    body = {"model": MODEL, "prompt": [11, 12, 13], "temperature": 0.0, "max_tokens": 3, "logprobs": None,
+            "best_of": 1, "presence_penalty": 0.0, "n": 1, "stream": True, "ignore_eos": True, "user": "bench",
+            "stream_options": {"include_usage": True, "continuous_usage_stats": False}}
+    with post(url, "/v1/completions", body, stream=True) as resp:
+        assert resp.status_code == 200
+        events = sse_events(resp)
+    assert events[-2]["usage"]["completion_tokens"] == 3
+    assert engine.submitted[0].ignore_eos and engine.submitted[0].sampling.greedy
+
+
 def test_stream_ends_with_done(url, engine, tokenizer):
     script_text(engine, tokenizer, "Hi there")
     with post(url, "/v1/completions", {"prompt": "x", "stream": True}, stream=True) as resp:
@@ -381,6 +394,8 @@ def test_stop_string_in_chat(client, engine, tokenizer):
      "max_completion_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 2000}]}, "max_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_object"}}, "response_format"),
 ])
 def test_bad_requests_are_400_with_an_openai_error_body(url, engine, path, body, param):
     r = post(url, path, body)
