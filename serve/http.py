@@ -46,6 +46,8 @@ FAIL_STATUS = {
     FailReason.WORKER_DIED: 503,
     FailReason.DEADLINE: 504,
 }
+END = object()  # the engine's stream of a request ended
+TIMEOUT = object()  # no output within the wait
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
 
 
@@ -245,6 +247,8 @@ class Generation:
                                                               parsed.sampling, parsed.ignore_eos)))
         self.admitted = False
         self.owes_done = False  # finish() was called: the engine still owes the Done
+        self._fetch: asyncio.Future | None = None  # the engine's next output, being awaited
+        self._lookahead = None  # an output fetched early, not yet handled
 
     @property
     def usage(self) -> dict:
@@ -252,51 +256,82 @@ class Generation:
         return {"prompt_tokens": n, "completion_tokens": self.completion_tokens,
                 "total_tokens": n + self.completion_tokens}
 
+    async def _next(self, timeout_s: float):
+        """The engine's next output, END when its stream ended, TIMEOUT after `timeout_s`."""
+        if self._lookahead is not None:
+            out, self._lookahead = self._lookahead, None
+            return out
+        if self._fetch is None:
+            self._fetch = asyncio.ensure_future(anext(self.outputs, END))
+        done, _ = await asyncio.wait({self._fetch}, timeout=timeout_s)
+        fetch, self._fetch = self._fetch, None
+        if not done:
+            fetch.cancel()
+            return TIMEOUT
+        return fetch.result()
+
+    async def _ready(self):
+        """The engine's next output if it is already there (else None, and the fetch goes on)."""
+        if self._lookahead is None:
+            self._fetch = asyncio.ensure_future(anext(self.outputs, END))
+            await asyncio.sleep(0)  # one turn of the loop: enough when the output is queued
+            if self._fetch.done():
+                self._lookahead, self._fetch = self._fetch.result(), None
+        return self._lookahead
+
     async def deltas(self) -> AsyncIterator[str]:
         """Text deltas, one per engine output ("" when nothing is safe to send yet). Raises
-        `GenerationFailed`; sets `finish_reason` when the text is complete."""
+        `GenerationFailed`; sets `finish_reason` with the last delta."""
         while True:
-            try:
-                async with asyncio.timeout(self.fe.output_timeout_s):
-                    out = await anext(self.outputs)
-            except StopAsyncIteration:
-                break
-            except TimeoutError:
+            out = await self._next(self.fe.output_timeout_s)
+            if out is TIMEOUT:
                 # The engine's own stage deadlines should have failed the request long before.
                 self.fe.engine.cancel(self.request_id)
                 self._ended(FailReason.DEADLINE.value)
                 raise GenerationFailed(Failed(FailReason.DEADLINE, "no output from the engine for "
-                                              f"{self.fe.output_timeout_s:g} s")) from None
+                                              f"{self.fe.output_timeout_s:g} s"))
+            if out is END:
+                # The stream ended without a Done or Failed: a broken contract, not the client's fault.
+                self._ended("engine_closed")
+                raise GenerationFailed(Failed(FailReason.WORKER_DIED, "the engine ended the request without a result"))
             if not self.admitted and not (isinstance(out, Failed) and out.reason is FailReason.QUEUE_FULL):
                 self.admitted = True
                 self.fe.metrics.prompt_tokens.inc(len(self.parsed.prompt_ids))
-            if isinstance(out, TokenOut):
-                self.completion_tokens += 1
-                self.fe.metrics.generation_tokens.inc()
-                text = self.stops.feed(self.detok.add(out.token))
-                if self.stops.matched is not None:
-                    self._stopped()
-                    yield text
-                    return
-                yield text
-            elif isinstance(out, Done):
-                self._ended(out.reason.value)
-                self._record_times(out)
-                text = self.stops.feed(self.detok.flush())
-                if self.stops.matched is not None:
-                    self.stop_reason = self.stops.matched
-                    self.finish_reason = "stop"
-                else:
-                    text += self.stops.flush()
-                    self.finish_reason = "length" if out.reason is FinishReason.LENGTH else "stop"
-                yield text
-                return
-            else:
+            if isinstance(out, Failed):
                 self._ended(out.reason.value)
                 raise GenerationFailed(out)
-        # The engine closed the stream without a Done or Failed: a broken contract, not the client's fault.
-        self._ended("engine_closed")
-        raise GenerationFailed(Failed(FailReason.WORKER_DIED, "the engine ended the request without a result"))
+            if isinstance(out, Done):
+                yield self._done(out)
+                return
+            self.completion_tokens += 1
+            self.fe.metrics.generation_tokens.inc()
+            text = self.stops.feed(self.detok.add(out.token))
+            if self.stops.matched is not None:
+                self._stopped()
+                yield text
+                return
+            # vLLM sends the finish reason with the last text, not in a chunk of its own (a load
+            # generator would count that chunk as one more inter-token gap): the engine queues
+            # Done right behind the last token, so it is usually there already.
+            if isinstance(await self._ready(), Done):
+                self._lookahead, done = None, self._lookahead
+                text += self._done(done)
+            yield text
+            if self.finish_reason is not None:
+                return
+
+    def _done(self, done: Done) -> str:
+        """The engine finished the request: the text still held back, and the finish reason."""
+        self._ended(done.reason.value)
+        self._record_times(done)
+        text = self.stops.feed(self.detok.flush())
+        if self.stops.matched is not None:  # the held-back text completed a stop string
+            self.stop_reason = self.stops.matched
+            self.finish_reason = "stop"
+        else:
+            text += self.stops.flush()
+            self.finish_reason = "length" if done.reason is FinishReason.LENGTH else "stop"
+        return text
 
     def _stopped(self) -> None:
         """A stop string ended the text: the engine frees the request's slot."""
@@ -321,20 +356,21 @@ class Generation:
 
     async def drain(self) -> None:
         """After a stop string: wait (bounded) for the engine's Done, for its timings."""
-        try:
-            async with asyncio.timeout(DRAIN_AFTER_STOP_S):
-                async for out in self.outputs:
-                    if isinstance(out, Done):
-                        self._record_times(out)
-                        return
-                    if isinstance(out, Failed):
-                        return
-        except TimeoutError:
+        deadline = time.monotonic() + DRAIN_AFTER_STOP_S
+        while (out := await self._next(max(0.0, deadline - time.monotonic()))) not in (END, TIMEOUT):
+            if isinstance(out, Done):
+                self._record_times(out)
+                return
+            if isinstance(out, Failed):
+                return
+        if out is TIMEOUT:
             log.warning("request %s: no Done from the engine %.0f s after finish()", self.request_id,
                         DRAIN_AFTER_STOP_S)
 
     def close(self) -> None:
         """The handler is leaving: if the engine still works on the request, its client is gone."""
+        if self._fetch is not None:
+            self._fetch.cancel()
         if not self.ended:
             self.fe.engine.cancel(self.request_id)
             self._ended(FailReason.DISCONNECTED.value)

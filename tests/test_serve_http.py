@@ -239,6 +239,23 @@ def test_stream_ends_with_done(url, engine, tokenizer):
     assert events[-2]["choices"][0]["finish_reason"] == "stop"
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "x"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+])
+def test_the_finish_reason_comes_with_the_last_text(url, engine, tokenizer, path, body):
+    """As vLLM streams it: no chunk without text but the chat's opening role chunk, so a load
+    generator counts one inter-token gap per token."""
+    ids = script_text(engine, tokenizer, "alpha beta gamma delta", token_delay_s=0.01)
+    with post(url, path, {**body, "stream": True, "max_tokens": len(ids)}, stream=True) as resp:
+        choices = [e["choices"][0] for e in sse_events(resp)[:-1]]
+    if path == "/v1/chat/completions":
+        assert choices.pop(0)["delta"] == {"role": "assistant", "content": ""}
+    texts = [c["text"] if "text" in c else c["delta"]["content"] for c in choices]
+    assert "".join(texts) == "alpha beta gamma delta" and all(texts)
+    assert [c["finish_reason"] for c in choices] == [None] * (len(choices) - 1) + ["length"]
+
+
 def test_eos_is_stop_and_counted(client, engine, tokenizer):
     eos = SMOLLM2_135M.eos_token_ids[0]
     engine.script = Script(tokens=(*tokenizer.encode("Done", add_special_tokens=False), eos, 42, 43))
