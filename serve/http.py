@@ -4,7 +4,7 @@ health and Prometheus metrics.
 A request becomes token ids (serve/api_params.py), runs on the `Engine`, and its tokens come back
 as text through the incremental detokenizer, cut at stop strings here (the engine never sees
 text). Streaming answers are server-sent events shaped as OpenAI's and vLLM's: one
-`data: {json}` chunk per text delta, a chunk with the finish reason, a usage chunk when
+`data: {json}` chunk per text delta (the last one carrying the finish reason), a usage chunk when
 `stream_options.include_usage` is set, then `data: [DONE]`.
 
 A streamed response starts only once the engine's first output is in, so a request refused at
@@ -48,7 +48,7 @@ FAIL_STATUS = {
 }
 END = object()  # the engine's stream of a request ended
 TIMEOUT = object()  # no output within the wait
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
 class FrontEnd:
