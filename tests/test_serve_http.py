@@ -283,6 +283,18 @@ def test_detokenizer_never_splits_a_character(tokenizer):
     assert "" in deltas  # something was held back
 
 
+@pytest.mark.parametrize("text", [
+    UTF8_TEXT, "def f(x):\n    return x * 2\n", "unicode: Ελληνικά русский 日本語 한국어 🇫🇷 zero\u200bwidth\r\n",
+    "   leading and trailing   ", "<|im_end|> specials are skipped", "",
+])
+def test_detokenizer_deltas_add_up_to_the_whole_decode(tokenizer, text):
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode("Hi.", add_special_tokens=False))
+    deltas = [detok.add(i) for i in ids]
+    assert "".join(deltas) + detok.flush() == tokenizer.decode(ids)
+    assert not any("\ufffd" in d for d in deltas)
+
+
 def test_detokenizer_hand_split_character(tokenizer):
     """東 is E6 9D B1 in UTF-8, and SmolLM2's tokens for 東京 are E6 9D | B1 | E4 BA | AC."""
     ids = tokenizer.encode("東京", add_special_tokens=False)
