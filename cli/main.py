@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Callable
 
-from cli import bench_decode, bench_kv, bench_prefill, generate
+from cli import bench_decode, bench_kv, bench_prefill, bench_serve, generate
 from cli import kv as kv_cmd
 from cli import profile as profile_cmd
 from mesh.errors import WaferError
@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                 bench_prefill.add_arguments, bench_prefill.run)
     add_command(bench_sub, "kv", "KV-cache serialize/deserialize and transport throughput vs memcpy",
                 bench_kv.add_arguments, bench_kv.run)
+    add_command(bench_sub, "serve", "load an OpenAI-compatible server: TTFT, TPOT, ITL, goodput, max rate",
+                bench_serve.add_arguments, bench_serve.run)
 
     add_command(sub, "profile", "what a decode layout costs on a real wafer (traced, nothing run)",
                 profile_cmd.add_arguments, profile_cmd.run)
