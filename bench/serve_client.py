@@ -72,9 +72,12 @@ def completions_url(url: str) -> str:
     return url.rstrip("/") + "/v1/completions"
 
 
-def _describe(e: BaseException) -> str:
+def _describe(e: BaseException, target: Target | None = None) -> str:
+    if isinstance(e, aiohttp.ConnectionTimeoutError) and target is not None:
+        return f"timed out connecting ({target.connect_timeout:g} s, --connect-timeout)"
     if isinstance(e, asyncio.TimeoutError):
-        return "timed out waiting for the server"
+        return ("timed out waiting for the server" +
+                (f" (silent for {target.read_timeout:g} s, --read-timeout)" if target is not None else ""))
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
@@ -154,7 +157,7 @@ async def send_request(session: aiohttp.ClientSession, target: Target, spec: Req
                     rec.output_tokens = usage.get("completion_tokens", rec.output_tokens)
                     rec.prompt_tokens = usage.get("prompt_tokens", rec.prompt_tokens)
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
-        rec.error = _describe(e)
+        rec.error = _describe(e, target)
         return
     if not rec.chunk_times:
         rec.error = "the stream ended without a token"

@@ -4,7 +4,8 @@ Several reports (`--compare disagg.json integrated.json`) share every panel, so 
 read against the same axes and the same SLO lines: where one mode's p99 TTFT leaves its SLO at a
 lower rate than the other's, the crossover is where the curves cross. Panels: TTFT, TPOT, ITL and
 end-to-end latency (median solid, p99 dashed), goodput, and SLO attainment with the 90% line.
-Runs at rate inf (everything at once) have no place on a rate axis and are left out.
+Dotted lines: each report's SLOs, and the max rate its search (or sweep) found. Runs at rate inf
+(everything at once) have no place on a rate axis and are left out.
 """
 
 from __future__ import annotations
@@ -43,13 +44,17 @@ def write_rate_plot(reports: list[dict], path: str) -> str:
         if r["slos"]:
             axes.flat[4].plot(xs, [run["goodput"] for run in runs], marker="o", color=colour, label=r["label"])
             axes.flat[5].plot(xs, [run["slo_attainment"] for run in runs], marker="o", color=colour, label=r["label"])
+        best = (r.get("search") or r.get("sweep_max_rate") or {}).get("max_rate")
+        if best is not None:
+            axes.flat[5].axvline(best, color=colour, linestyle=":", linewidth=1, label=f"{r['label']} max rate {best:g}")
     axes.flat[4].set(title="goodput (req/s within every SLO)", xlabel="request rate (req/s)")
     axes.flat[5].axhline(0.9, color="grey", linestyle=":", linewidth=1)
     axes.flat[5].set(title="SLO attainment (90% line)", xlabel="request rate (req/s)", ylim=(-0.05, 1.05))
-    for ax in axes.flat:
+    for i, ax in enumerate(axes.flat):
         if log_x:
             ax.set_xscale("log")
-        if ax.get_legend_handles_labels()[0]:
+        # The latency panels share one legend (colours, line styles, SLOs), in the first panel.
+        if i in (0, 4, 5) and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     first = reports[0]
     fig.suptitle(f"{first['model']}, {first['profile']['name']} ({first['profile']['input_len']} in / "
