@@ -68,8 +68,13 @@ class RequestRecord:
         return self.error is None
 
 
+def base_url(url: str) -> str:
+    """The server's root: `http://host:8000/v1/` and `http://host:8000` name the same server."""
+    return url.rstrip("/").removesuffix("/v1")
+
+
 def completions_url(url: str) -> str:
-    return url.rstrip("/") + "/v1/completions"
+    return base_url(url) + "/v1/completions"
 
 
 def _describe(e: BaseException, target: Target | None = None) -> str:
@@ -102,10 +107,10 @@ async def fetch_models(url: str, timeout: float = 10.0) -> list[str]:
     answer that is not a model list."""
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
-            async with session.get(url.rstrip("/") + "/v1/models") as resp:
+            async with session.get(base_url(url) + "/v1/models") as resp:
                 body = await resp.text()
                 if resp.status != 200:
-                    raise WaferError(f"GET {url.rstrip('/')}/v1/models answered HTTP {resp.status}: "
+                    raise WaferError(f"GET {base_url(url)}/v1/models answered HTTP {resp.status}: "
                                      f"{_error_message(body)}")
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
         raise ServerUnreachable(f"cannot reach the server at {url}: {_describe(e)}") from None
@@ -113,7 +118,7 @@ async def fetch_models(url: str, timeout: float = 10.0) -> list[str]:
         data = json.loads(body).get("data") or []
         return [m["id"] for m in data if isinstance(m, dict) and "id" in m]
     except (ValueError, AttributeError):
-        raise WaferError(f"GET {url.rstrip('/')}/v1/models did not answer a model list") from None
+        raise WaferError(f"GET {base_url(url)}/v1/models did not answer a model list") from None
 
 
 def payload(target: Target, spec: RequestSpec) -> dict:
@@ -141,12 +146,15 @@ async def send_request(session: aiohttp.ClientSession, target: Target, spec: Req
                 return
             async for raw in resp.content:
                 line = raw.strip()
-                if not line or line.startswith(b":"):  # keep-alive comments
+                if not line.startswith(b"data:"):  # blank lines, keep-alive comments, other SSE fields
                     continue
                 data = line.removeprefix(b"data:").strip()
                 if data == b"[DONE]":
                     break
                 event = json.loads(data)
+                if not isinstance(event, dict):
+                    rec.error = f"not an event object in the stream: {_error_message(data.decode(errors='replace'))}"
+                    return
                 if event.get("error"):
                     rec.error = f"error in stream: {_error_message(json.dumps(event))}"
                     return

@@ -130,7 +130,7 @@ def summarize(run: LoadRun, rate: float, burstiness: float, slos: SLOs) -> dict:
     in_tokens = sum(r.input_len for r in done)
     good = sum(1 for x in lat if x.meets(slos)) if slos else None
     return {
-        "rate": rate if math.isfinite(rate) else "inf",
+        "rate": round(rate, 4) if math.isfinite(rate) else "inf",  # JSON has no inf
         "burstiness": burstiness,
         "requests": len(run.records),
         "completed": len(done),

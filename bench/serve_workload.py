@@ -23,7 +23,8 @@ import numpy as np
 from mesh.errors import WaferError
 
 DEFAULT_VOCAB_SIZE = 32000
-# Prompt ids stay this far from both ends of the vocabulary, where the special tokens live.
+# Prompt ids stay this far from both ends of the vocabulary, where the special tokens live (as in
+# bench.decode, not imported from there: it loads JAX, which a load generator does not need).
 PROMPT_ID_MARGIN = 100
 
 

@@ -120,7 +120,8 @@ def bench_json(capsys, url, *args):
 
 def test_prompts_are_token_exact_and_streamed(capsys):
     with serving() as fake:
-        rc, r, _ = bench_json(capsys, fake.url, "--input-len", "37", "--output-len", "5", "--requests", "6",
+        # The base URL as OpenAI clients write it (ending in /v1) names the same server.
+        rc, r, _ = bench_json(capsys, fake.url + "/v1/", "--input-len", "37", "--output-len", "5", "--requests", "6",
                               "--vocab-size", "1000")
     assert rc == 0
     assert len(fake.bodies) == 6
@@ -205,15 +206,16 @@ def test_measured_latencies_match_the_fake_servers_delays(capsys):
         rc, r, _ = bench_json(capsys, fake.url, "--input-len", "8", "--output-len", "8", "--requests", "4")
     run = r["runs"][0]
     assert rc == 0 and run["completed"] == 4 and run["output_tokens"] == 32
-    # The fake sends at deadlines from its start, so a late chunk shortens the next gap: only the
-    # first chunk and the last are bounded below (50 ms and 110 ms after the arrival).
-    assert 50 <= run["ttft_ms"]["median"] < 150
-    assert 110 <= run["e2e_ms"]["median"] < 250
-    assert 10 <= run["itl_ms"]["median"] < 60  # one gap per chunk, 20 ms apart
-    # TPOT spreads the 3 gaps over the 7 tokens after the first: 60 / 7 ms.
-    assert 0.5 * 60 / 7 <= run["tpot_ms"]["median"] < 3 * 60 / 7
-    # Latency = TTFT + 7 TPOT for each request, so for the means (rounded to the microsecond).
-    assert run["e2e_ms"]["mean"] == pytest.approx(run["ttft_ms"]["mean"] + 7 * run["tpot_ms"]["mean"], abs=0.01)
+    # The fake sends at deadlines from its start, so only the first chunk and the last are bounded
+    # below (50 ms and 110 ms after the arrival); above, a busy machine adds its own delays, and
+    # the bound only catches a wrong unit.
+    assert 50 <= run["ttft_ms"]["median"] < 1000
+    assert 110 <= run["e2e_ms"]["median"] < 1000
+    # Each request: latency = TTFT + 7 TPOT (TPOT spreads the 3 chunk gaps over the 7 tokens after
+    # the first), and its 3 ITL gaps (one per chunk) sum to the same span; so for the means too.
+    t, p, i, e = (run[k]["mean"] for k in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"))
+    assert e == pytest.approx(t + 7 * p, abs=0.01)  # rounded to the microsecond
+    assert i == pytest.approx(7 * p / 3, abs=0.01)
 
 
 # ------------------------------------------------------------------------------------ arrivals
