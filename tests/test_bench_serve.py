@@ -40,6 +40,7 @@ class FakeServer:
         self.ttft, self.gap, self.slots, self.tokens_per_chunk = ttft, gap, slots, tokens_per_chunk
         self.fail_every, self.break_every, self.breaks = fail_every, break_every, breaks
         self.bodies: list[dict] = []
+        self.in_flight = self.most_in_flight = 0
         self.url = ""
 
     async def models(self, request):
@@ -49,6 +50,14 @@ class FakeServer:
         body = await request.json()
         self.bodies.append(body)
         n = len(self.bodies)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            return await self.answer(request, body, n)
+        finally:
+            self.in_flight -= 1
+
+    async def answer(self, request, body, n):
         if self.fail_every and n % self.fail_every == 0:
             return web.json_response({"error": {"message": "queue full", "type": "rate_limit"}}, status=429)
         async with self.semaphore:
@@ -311,6 +320,19 @@ def test_every_request_failing_exits_1_with_the_table(capsys):
     assert rc == 1
     assert "0 of 3 completed, 3 failed" in out
     assert "3 x HTTP 429: queue full" in out
+
+
+def test_max_concurrency_holds_requests_and_their_wait_counts(capsys):
+    # Three requests at once, one in flight at a time, 50 ms each to the first (only) token: the
+    # third waits for the other two, and open loop counts that wait in its TTFT.
+    with serving(ttft=0.05) as fake:
+        rc, r, _ = bench_json(capsys, fake.url, "--input-len", "4", "--output-len", "1", "--requests", "3",
+                              "--max-concurrency", "1")
+    assert rc == 0 and fake.most_in_flight == 1
+    assert r["max_concurrency"] == 1
+    ttft = r["runs"][0]["ttft_ms"]
+    assert ttft["median"] >= 100 and max(ttft.values()) >= 150
+    assert r["runs"][0]["tpot_ms"] is None  # one token each: no TPOT
 
 
 # ---------------------------------------------------------------------------------- the command
