@@ -67,11 +67,11 @@ class ServeBench:
     label: str
 
 
-def resolve_model(url: str, model: str | None) -> str:
-    """`model`, or the first id the server lists. The server must answer either way: a URL that
-    nothing listens on is an error before any load is sent."""
+def resolve_model(url: str, model: str | None, timeout: float) -> str:
+    """`model`, or the first id the server lists. The server must answer either way (within
+    `timeout` seconds): a URL that nothing listens on is an error before any load is sent."""
     try:
-        models = asyncio.run(fetch_models(url))
+        models = asyncio.run(fetch_models(url, timeout))
     except ServerUnreachable:
         raise
     except WaferError:

@@ -32,7 +32,10 @@ def _errors(run: dict) -> str:
 
 def _head_rows(r: dict) -> list[Row]:
     p = r["profile"]
-    arrivals = "Poisson" if r["burstiness"] == 1 else f"gamma, burstiness {r['burstiness']:g}"
+    if all(run["rate"] == "inf" for run in r["runs"]):
+        arrivals = "all at once"
+    else:
+        arrivals = "Poisson" if r["burstiness"] == 1 else f"gamma, burstiness {r['burstiness']:g}"
     return [
         Row("target", f"{r['url']}  model {r['model']}" + (f"  [{r['label']}]" if r["label"] else "")),
         Row("workload", f"{p['name']}: {r['requests']} requests of {p['input_len']} in / {p['output_len']} out "

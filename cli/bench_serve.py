@@ -130,10 +130,12 @@ def run(args) -> int:
     search = _search(args.search, args.probes) if args.search else None
     if search is not None and not slos:
         raise WaferError("--search needs --goodput SLOs to hold, e.g. --goodput ttft:500 tpot:50")
-    model = resolve_model(args.url, args.model)
+    model = resolve_model(args.url, args.model, args.connect_timeout)
     target = Target(args.url, model, args.connect_timeout, args.read_timeout, args.max_concurrency)
     rates = () if search else (args.rates or (args.rate,))
-    bench = ServeBench(target, workload, args.profile, rates, args.burstiness, slos, search, args.cpus, args.label)
+    same = (workload.input_len, workload.output_len) == (profile.input_len, profile.output_len)
+    bench = ServeBench(target, workload, args.profile if same else "custom", rates, args.burstiness, slos, search,
+                       args.cpus, args.label)
     report = run_serve_bench(bench, busy_check(), progress, _new_bar)
     if args.plot:
         progress(f"plot: {write_rate_plot([report], args.plot)}")
