@@ -190,7 +190,7 @@ async def _run_load(target: Target, specs: list[RequestSpec], arrivals: np.ndarr
 
     limit = asyncio.Semaphore(target.max_concurrency) if target.max_concurrency else None
     # No connection cap of aiohttp's own (its default is 100): --max-concurrency is the only limit.
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    connector = aiohttp.TCPConnector(limit=0)
     records = [RequestRecord(s.index, len(s.prompt_ids), s.output_len, float(t)) for s, t in zip(specs, arrivals)]
 
     async def one(session, spec, rec):
