@@ -65,6 +65,8 @@ class ServeBench:
     search: RateSearch | None
     cpus: int
     label: str
+    warmup: int = 1
+    per_request: bool = False
 
 
 def resolve_model(url: str, model: str | None, timeout: float) -> str:
@@ -125,6 +127,19 @@ def environment(load_start: float | None) -> dict:
     return env
 
 
+def warm_up(bench: ServeBench, progress: Callable[[str], None]) -> None:
+    """Send `bench.warmup` requests one at a time, unmeasured, so that a server's first-request
+    costs (compilation, allocation, lazy loading) stay out of the figures; and stop with one line
+    if every one fails, rather than measure a load that will only fail (vLLM's initial test run)."""
+    progress(f"warm-up: {bench.warmup} request(s), one at a time, not measured")
+    # Prompts of their own (another seed), so no measured request finds its prompt cached.
+    warm = make_requests(dataclasses.replace(bench.workload, requests=bench.warmup, seed=bench.workload.seed + 1))
+    load = run_load(dataclasses.replace(bench.target, max_concurrency=1), warm, np.zeros(len(warm)))
+    if not any(rec.ok for rec in load.records):
+        raise WaferError(f"the warm-up request to {bench.target.url} failed, so the load would too: "
+                         f"{load.records[0].error}")
+
+
 def run_serve_bench(bench: ServeBench, load_start: float | None, progress: Callable[[str], None],
                     new_bar: Callable[[int, str], Bar]) -> dict:
     """Run every rate (and the search), and return the report (the --json object).
@@ -135,6 +150,8 @@ def run_serve_bench(bench: ServeBench, load_start: float | None, progress: Calla
     w = bench.workload
     specs = make_requests(w)
     runs: list[dict] = []
+    if bench.warmup:
+        warm_up(bench, progress)
 
     def one_run(rate: float) -> dict:
         arrivals = arrival_times(w.requests, rate, bench.burstiness, w.seed)
@@ -144,7 +161,7 @@ def run_serve_bench(bench: ServeBench, load_start: float | None, progress: Calla
             load: LoadRun = run_load(bench.target, specs, arrivals, on_done=lambda rec: bar.update(1))
         finally:
             bar.close()
-        summary = summarize(load, rate, bench.burstiness, bench.slos)
+        summary = summarize(load, rate, bench.burstiness, bench.slos, bench.per_request)
         runs.append(summary)
         return summary
 
@@ -160,6 +177,7 @@ def run_serve_bench(bench: ServeBench, load_start: float | None, progress: Calla
         "seed": w.seed,
         "burstiness": bench.burstiness,
         "max_concurrency": bench.target.max_concurrency,
+        "warmup": bench.warmup,
         "slos": bench.slos.as_dict(),
         "cpus": bench.cpus,
     }

@@ -121,15 +121,28 @@ def error_counts(records: list[RequestRecord]) -> dict[str, int]:
     return top
 
 
-def summarize(run: LoadRun, rate: float, burstiness: float, slos: SLOs) -> dict:
-    """The figures of one run at one rate (one entry of the --json `runs` list)."""
+def request_row(rec: RequestRecord) -> dict:
+    """One request as the --per-request list shows it (times in s from the start, latencies in ms)."""
+    row = {"index": rec.index, "input_len": rec.input_len, "output_len": rec.output_len,
+           "scheduled_s": round(rec.scheduled, 6), "sent_s": None if rec.sent is None else round(rec.sent, 6),
+           "status": rec.status, "error": rec.error, "chunks": len(rec.chunk_times), "output_tokens": rec.output_tokens}
+    if rec.ok:
+        x = latency(rec)
+        row.update(ttft_ms=round(x.ttft * 1e3, 3), tpot_ms=None if x.tpot is None else round(x.tpot * 1e3, 3),
+                   e2e_ms=round(x.e2e * 1e3, 3))
+    return row
+
+
+def summarize(run: LoadRun, rate: float, burstiness: float, slos: SLOs, per_request: bool = False) -> dict:
+    """The figures of one run at one rate (one entry of the --json `runs` list); with
+    `per_request`, each request's own figures too (for checking a simulator request by request)."""
     done = [r for r in run.records if r.ok]
     lat = [latency(r) for r in done]
     d = run.duration
     out_tokens = sum(r.output_tokens for r in done)
     in_tokens = sum(r.input_len for r in done)
     good = sum(1 for x in lat if x.meets(slos)) if slos else None
-    return {
+    out = {
         "rate": round(rate, 4) if math.isfinite(rate) else "inf",  # JSON has no inf
         "burstiness": burstiness,
         "requests": len(run.records),
@@ -154,3 +167,6 @@ def summarize(run: LoadRun, rate: float, burstiness: float, slos: SLOs) -> dict:
         "goodput": round(good / d, 4) if good is not None and d > 0 else None,
         "slo_attainment": round(good / len(run.records), 4) if good is not None and run.records else None,
     }
+    if per_request:
+        out["per_request"] = [request_row(r) for r in run.records]
+    return out

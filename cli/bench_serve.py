@@ -74,6 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="gamma shape of the gaps: 1 Poisson, < 1 burstier, > 1 more regular")
     load.add_argument("--max-concurrency", type=positive_int, default=None,
                       help="at most this many requests in flight (the wait counts in TTFT)")
+    load.add_argument("--warmup", type=int_at_least(0, ">= 0"), default=1,
+                      help="unmeasured requests sent one at a time first (compilation, caches); if all fail, stop")
     load.add_argument("--connect-timeout", type=positive_seconds, default=10.0, help="seconds to connect")
     load.add_argument("--read-timeout", type=positive_seconds, default=300.0,
                       help="seconds a response may stay silent before its request fails")
@@ -83,6 +85,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--cpus", type=positive_int, default=os.cpu_count() or 1,
                      help="CPUs the server uses, for the max rate per CPU (default: this machine's)")
     out.add_argument("--json", action="store_true", help="print one JSON object")
+    out.add_argument("--per-request", action="store_true",
+                     help="with --json: every request's arrival, lengths, latencies and error")
     out.add_argument("--plot", default=None, metavar="PNG", help="latency percentiles and goodput against rate")
     out.add_argument("--compare", nargs="+", default=None, metavar="JSON",
                      help="no load: show saved --json reports side by side (and --plot them together)")
@@ -135,7 +139,7 @@ def run(args) -> int:
     rates = () if search else (args.rates or (args.rate,))
     same = (workload.input_len, workload.output_len) == (profile.input_len, profile.output_len)
     bench = ServeBench(target, workload, args.profile if same else "custom", rates, args.burstiness, slos, search,
-                       args.cpus, args.label)
+                       args.cpus, args.label, args.warmup, args.per_request)
     report = run_serve_bench(bench, busy_check(), progress, _new_bar)
     if args.plot:
         progress(f"plot: {write_rate_plot([report], args.plot)}")

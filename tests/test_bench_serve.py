@@ -121,6 +121,7 @@ def serving(**kw):
 
 def bench_json(capsys, url, *args):
     rc, out, err = run_cli(capsys, "bench", "serve", "--url", url, "--json", *args)
+    assert rc in (0, 1), err  # 2 would be a usage error with no JSON
     return rc, json.loads(out), err
 
 
@@ -133,7 +134,7 @@ def test_prompts_are_token_exact_and_streamed(capsys):
         rc, r, _ = bench_json(capsys, fake.url + "/v1/", "--input-len", "37", "--output-len", "5", "--requests", "6",
                               "--vocab-size", "1000")
     assert rc == 0
-    assert len(fake.bodies) == 6
+    assert len(fake.bodies) == 1 + 6 and r["warmup"] == 1  # one unmeasured warm-up request first
     for body in fake.bodies:
         assert body["model"] == MODEL  # the first id of /v1/models
         assert len(body["prompt"]) == 37
@@ -141,7 +142,7 @@ def test_prompts_are_token_exact_and_streamed(capsys):
         assert body["max_tokens"] == 5
         assert body["ignore_eos"] is True and body["stream"] is True
         assert body["stream_options"] == {"include_usage": True}
-    assert len({tuple(b["prompt"]) for b in fake.bodies}) == 6  # different prompts
+    assert len({tuple(b["prompt"]) for b in fake.bodies}) == 7  # different prompts, warm-up included
     run = r["runs"][0]
     assert run["completed"] == 6 and run["failed"] == 0
     assert run["input_tokens"] == 6 * 37 and run["output_tokens"] == 6 * 5
@@ -290,7 +291,7 @@ def test_failures_are_counted_not_hidden(capsys):
     # Of 12 requests, 4 are refused (429) and 2 are cut off mid-stream (the 5th and the 10th).
     with serving(fail_every=3, break_every=5) as fake:
         rc, r, _ = bench_json(capsys, fake.url, "--input-len", "4", "--output-len", "3", "--requests", "12",
-                              "--goodput", "ttft:10000")
+                              "--goodput", "ttft:10000", "--warmup", "0")
     run = r["runs"][0]
     assert rc == 0
     assert (run["requests"], run["completed"], run["failed"]) == (12, 6, 6)
@@ -305,7 +306,7 @@ def test_broken_streams_fail_with_their_reason(capsys, breaks, error):
     with serving(break_every=2, breaks=breaks) as fake:
         t = time.perf_counter()
         rc, r, _ = bench_json(capsys, fake.url, "--input-len", "4", "--output-len", "3", "--requests", "4",
-                              "--read-timeout", "0.5")
+                              "--read-timeout", "0.5", "--warmup", "0")
         elapsed = time.perf_counter() - t
     run = r["runs"][0]
     assert rc == 0 and (run["completed"], run["failed"]) == (2, 2)
@@ -316,10 +317,20 @@ def test_broken_streams_fail_with_their_reason(capsys, breaks, error):
 def test_every_request_failing_exits_1_with_the_table(capsys):
     with serving(fail_every=1) as fake:
         rc, out, _ = run_cli(capsys, "bench", "serve", "--url", fake.url, "--input-len", "4", "--output-len", "2",
-                             "--requests", "3")
+                             "--requests", "3", "--warmup", "0")
     assert rc == 1
     assert "0 of 3 completed, 3 failed" in out
     assert "3 x HTTP 429: queue full" in out
+
+
+def test_a_failed_warm_up_stops_before_the_load(capsys):
+    with serving(fail_every=1) as fake:
+        rc, _, err = run_cli(capsys, "bench", "serve", "--url", fake.url, "--requests", "50", "--warmup", "2")
+    # Progress lines come first (it got as far as the warm-up); the error is the last line.
+    assert rc == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("wafer: error: the warm-up request") and "HTTP 429: queue full" in last, err
+    assert len(fake.bodies) == 2  # the warm-up only
 
 
 def test_max_concurrency_holds_requests_and_their_wait_counts(capsys):
@@ -341,7 +352,8 @@ def test_max_concurrency_holds_requests_and_their_wait_counts(capsys):
 def test_json_shape(capsys):
     with serving() as fake:
         rc, r, _ = bench_json(capsys, fake.url, "--profile", "prefill-heavy", "--output-len", "2", "--requests", "3",
-                              "--rates", "50,inf", "--goodput", "ttft:5000", "tpot:5000", "--label", "integrated")
+                              "--rates", "50,inf", "--goodput", "ttft:5000", "tpot:5000", "--label", "integrated",
+                              "--per-request")
     assert rc == 0
     assert {"label", "url", "model", "profile", "requests", "seed", "burstiness", "max_concurrency", "slos",
             "cpus", "runs", "env", "sweep_max_rate"} <= set(r)
@@ -356,6 +368,9 @@ def test_json_shape(capsys):
         for key in ("request_throughput", "output_throughput", "goodput", "slo_attainment", "duration_s"):
             assert isinstance(run[key], float)
     assert r["sweep_max_rate"]["max_rate"] == 50.0  # inf is not a rate a server holds
+    rows = r["runs"][1]["per_request"]
+    assert [row["index"] for row in rows] == [0, 1, 2] and {row["scheduled_s"] for row in rows} == {0.0}
+    assert all(row["error"] is None and row["output_tokens"] == 2 and row["ttft_ms"] <= row["e2e_ms"] for row in rows)
 
 
 def test_table_sweep_plot_and_compare(capsys, tmp_path):
