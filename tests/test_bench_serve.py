@@ -268,17 +268,18 @@ def test_bisection_converges_on_a_step():
 def test_rate_search_finds_the_knee_of_a_fixed_capacity_server(capsys):
     # One slot held 60 ms per request (20 ms to the first token, 2 gaps of 20 ms), plus a few ms
     # of HTTP: at most ~16 req/s. Below that TTFT stays ~20 ms; above it each arrival finds the
-    # queue longer by the rate excess, so from ~1.25x the knee on, the last of 16 nearly regular
-    # arrivals wait past the 150 ms SLO. The 130 ms of slack absorb a busy machine's jitter.
+    # queue longer by the rate excess, so from ~1.2x the knee on, the last of 20 nearly regular
+    # arrivals wait past the 150 ms SLO. The 130 ms of slack, and the 2 misses 90% allows,
+    # absorb a busy machine's jitter.
     knee = 1 / 0.06
     with serving(ttft=0.02, gap=0.02, slots=1) as fake:
-        rc, r, _ = bench_json(capsys, fake.url, "--input-len", "4", "--output-len", "3", "--requests", "16",
+        rc, r, _ = bench_json(capsys, fake.url, "--input-len", "4", "--output-len", "3", "--requests", "20",
                               "--burstiness", "10000", "--goodput", "ttft:150", "tpot:1000",
-                              "--search", "8:40", "--probes", "3", "--cpus", "2")
+                              "--search", "10:40", "--probes", "3", "--cpus", "2")
     assert rc == 0
     s = r["search"]
     probes = {p["rate"]: p["attainment"] for p in s["probes"]}
-    assert probes[8.0] >= 0.9 and probes[40.0] < 0.9, probes
+    assert probes[10.0] >= 0.9 and probes.get(40.0, 1.0) < 0.9, probes
     assert 0.6 * knee <= s["max_rate"] <= 1.35 * knee, probes
     assert s["max_rate_per_cpu"] == pytest.approx(s["max_rate"] / 2, rel=1e-3)
     assert len(r["runs"]) == 2 + 3  # every probe is a run in the report
