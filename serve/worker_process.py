@@ -1,0 +1,74 @@
+"""How a worker process starts: what it is told (`WorkerSpec`), and the entry point the engine
+spawns (`worker_main`), which pins the process to its CPUs and sets up its JAX devices before
+anything starts JAX, then runs the worker of its role until told to stop or its pipe closes.
+
+This module's top level imports nothing heavy: `multiprocessing`'s spawn imports it in the fresh
+child before `worker_main` runs, and threads started before the CPU pinning (numpy's BLAS pool,
+XLA's) would keep the parent's CPUs. The spec travels pickled, as bytes, for the same reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import pickle
+
+# Settings a worker's JAX must not inherit from its parent: each worker sets its own device count.
+INHERITED_JAX_SETTINGS = ("JAX_NUM_CPU_DEVICES", "JAX_COORDINATOR_ADDRESS", "JAX_COORDINATOR_BIND_ADDRESS",
+                          "JAX_LOCAL_DEVICE_IDS", "JAX_PROCESS_ID", "JAX_NUM_PROCESSES", "PJRT_NPROC")
+
+
+class Role(enum.Enum):
+    PREFILL = "prefill"  # disaggregated: the prefill mesh, caches held until shipped
+    DECODE = "decode"  # disaggregated: the wafer decode mesh and its slots, caches landed from TCP
+    INTEGRATED = "integrated"  # both meshes in one process: prefill between decode steps
+
+
+@dataclasses.dataclass(frozen=True)
+class Faults:
+    """Faults injected on purpose, for tests of the engine's failure paths (empty in a server)."""
+
+    # Requests whose KV stream the prefill worker sends with a wrong model fingerprint: the decode
+    # worker's landing check refuses it, as it would refuse a cache made by another model.
+    wrong_fingerprint: frozenset[str] = frozenset()
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    role: Role
+    options: object  # serve.options.EngineOptions (not imported here: see the module docstring)
+    faults: Faults = Faults()
+
+    @property
+    def devices(self) -> int:
+        """CPU devices the worker's meshes need (integrated: both meshes share the first ones)."""
+        from mesh.executors import Executor
+        opts = self.options
+        decode = opts.decode_grid.cores if opts.executor is Executor.DEVICES else 1
+        return {Role.PREFILL: opts.prefill_grid.cores, Role.DECODE: decode,
+                Role.INTEGRATED: max(decode, opts.prefill_grid.cores)}[self.role]
+
+
+def worker_main(cpus: tuple[int, ...], payload: bytes, conn) -> None:
+    """The worker process: pin, set up devices, load, report Ready, serve commands until Shutdown
+    or until the engine's end of the pipe closes (the engine is gone)."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    for name in INHERITED_JAX_SETTINGS:
+        os.environ.pop(name, None)
+    os.environ["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                                       if not f.startswith("--xla_force_host_platform_device_count"))
+    # The meshes are emulated CPU devices unless the operator chose a platform.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    spec: WorkerSpec = pickle.loads(payload)
+    from mesh.devices import ensure_cpu_devices
+    ensure_cpu_devices(spec.devices)
+
+    from serve.workers import run_worker
+    try:
+        run_worker(spec, conn)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass  # the engine went away: nothing left to report to
+    finally:
+        conn.close()
