@@ -33,7 +33,7 @@ from serve.scheduler import Scheduler
 from serve.worker_handle import WorkerHandle
 from serve.worker_messages import (Discard, Evict, Expect, Landed, LandFailed, Listening, PrefillBatch, PrefillItem,
                                    PrefillReport, Ready, Ship, ShipFailed, Shipped, Shutdown, Step, StepReport)
-from serve.worker_process import Faults, Role, WorkerSpec
+from serve.worker_spec import Faults, Role, WorkerSpec
 
 # A worker that has not reported Ready this long after `start()` fails the start.
 START_TIMEOUT_S = 600.0
@@ -89,7 +89,7 @@ class WorkerEngine:
     """The `Engine` of serve/requests.py over real worker processes.
 
     `config` and `capacity` are known once `start()` has returned (the workers load the model; the
-    front end never starts JAX for it). `faults` injects failures for tests (serve/worker_process.py).
+    front end never starts JAX for it). `faults` injects failures for tests (serve/worker_spec.py).
     """
 
     def __init__(self, options: EngineOptions, metrics: ServeMetrics, *, faults: Faults = Faults(),

@@ -12,7 +12,8 @@ import queue
 import threading
 from collections.abc import Callable
 
-from serve.worker_process import Role, WorkerSpec, worker_main
+from serve.worker_process import worker_main
+from serve.worker_spec import Role, WorkerSpec
 
 # How long reaping waits for a process that was told to stop (or killed) before giving up on it.
 JOIN_TIMEOUT_S = 10.0

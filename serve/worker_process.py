@@ -1,6 +1,6 @@
-"""How a worker process starts: what it is told (`WorkerSpec`), and the entry point the engine
-spawns (`worker_main`), which pins the process to its CPUs and sets up its JAX devices before
-anything starts JAX, then runs the worker of its role until told to stop or its pipe closes.
+"""How a worker process starts: the entry point the engine spawns (`worker_main`), which pins the
+process to its CPUs and sets up its JAX devices before anything starts JAX, then runs the worker
+of its role until told to stop or its pipe closes.
 
 This module's top level imports nothing heavy: `multiprocessing`'s spawn imports it in the fresh
 child before `worker_main` runs, and threads started before the CPU pinning (numpy's BLAS pool,
@@ -9,45 +9,14 @@ XLA's) would keep the parent's CPUs. The spec travels pickled, as bytes, for the
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import os
 import pickle
+
+from serve.worker_spec import WorkerSpec
 
 # Settings a worker's JAX must not inherit from its parent: each worker sets its own device count.
 INHERITED_JAX_SETTINGS = ("JAX_NUM_CPU_DEVICES", "JAX_COORDINATOR_ADDRESS", "JAX_COORDINATOR_BIND_ADDRESS",
                           "JAX_LOCAL_DEVICE_IDS", "JAX_PROCESS_ID", "JAX_NUM_PROCESSES", "PJRT_NPROC")
-
-
-class Role(enum.Enum):
-    PREFILL = "prefill"  # disaggregated: the prefill mesh, caches held until shipped
-    DECODE = "decode"  # disaggregated: the wafer decode mesh and its slots, caches landed from TCP
-    INTEGRATED = "integrated"  # both meshes in one process: prefill between decode steps
-
-
-@dataclasses.dataclass(frozen=True)
-class Faults:
-    """Faults injected on purpose, for tests of the engine's failure paths (empty in a server)."""
-
-    # Requests whose KV stream the prefill worker sends with a wrong model fingerprint: the decode
-    # worker's landing check refuses it, as it would refuse a cache made by another model.
-    wrong_fingerprint: frozenset[str] = frozenset()
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkerSpec:
-    role: Role
-    options: object  # serve.options.EngineOptions (not imported here: see the module docstring)
-    faults: Faults = Faults()
-
-    @property
-    def devices(self) -> int:
-        """CPU devices the worker's meshes need (integrated: both meshes share the first ones)."""
-        from mesh.executors import Executor
-        opts = self.options
-        decode = opts.decode_grid.cores if opts.executor is Executor.DEVICES else 1
-        return {Role.PREFILL: opts.prefill_grid.cores, Role.DECODE: decode,
-                Role.INTEGRATED: max(decode, opts.prefill_grid.cores)}[self.role]
 
 
 def worker_main(cpus: tuple[int, ...], payload: bytes, conn) -> None:

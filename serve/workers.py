@@ -39,7 +39,7 @@ from model.wafer_decode import MeshOptions
 from serve.kv_intake import KVIntake
 from serve.worker_messages import (Discard, Evict, Expect, Landed, LandFailed, Listening, PrefillBatch, PrefillReport,
                                    Ready, Ship, ShipFailed, Shipped, Shutdown, Step, StepReport)
-from serve.worker_process import Role, WorkerSpec
+from serve.worker_spec import Role, WorkerSpec
 
 # How long the loop waits for a command when nothing else is pending, and when a KV stream is in
 # flight (its frames are placed between commands, so the wait bounds their latency).

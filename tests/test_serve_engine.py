@@ -22,7 +22,7 @@ from serve.events import Deadlines, FailReason, FinishReason, Mode, SchedulerCon
 from serve.metrics import ServeMetrics
 from serve.options import EngineOptions
 from serve.requests import Done, Failed, GenerateRequest, TokenOut
-from serve.worker_process import Faults
+from serve.worker_spec import Faults
 
 # Whole-call limit of anything a test waits for (starting workers included). Typically 5-20 s.
 WAIT_S = 240
