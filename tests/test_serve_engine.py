@@ -264,14 +264,14 @@ def test_a_killed_prefill_worker_fails_only_its_requests(disaggregated, referenc
 
     async def scenario():
         decoding = eng.submit(request(PROMPTS[0], LONG))
-        first = [await anext(decoding)]  # decoding on the decode worker from here on
-        assert isinstance(first[0], TokenOut)
+        first = [await anext(decoding), await anext(decoding)]  # the second came from a decode step
+        assert all(isinstance(t, TokenOut) for t in first)
         doomed = await _kill_then_submit(d, "prefill", PROMPTS[1])  # its prefill went to a dead worker
         lost = await drain(doomed)
         rest = await drain(decoding)
         await poll(lambda: eng.is_ready("prefill"), what="prefill worker restarted")
         later = await collect(eng, request(PROMPTS[2]))
-        return lost, ([first[0].token] + rest[0], rest[1]), later
+        return lost, ([t.token for t in first] + rest[0], rest[1]), later
     (lost_tokens, lost_end), survivor, later = d.lt.run(scenario())
     assert lost_tokens == [] and isinstance(lost_end, Failed) and lost_end.reason is FailReason.WORKER_DIED
     assert_done(survivor, reference(PROMPTS[0], LONG))
@@ -285,13 +285,13 @@ def test_a_killed_decode_worker_fails_only_its_requests(disaggregated, reference
 
     async def scenario():
         decoding = eng.submit(request(PROMPTS[0], LONG))
-        first = await anext(decoding)
-        assert isinstance(first, TokenOut)
+        first = [await anext(decoding), await anext(decoding)]  # the second came from a decode step
+        assert all(isinstance(t, TokenOut) for t in first)
         waiting = await _kill_then_submit(d, "decode", PROMPTS[3])  # prefilled, waits for a slot
         lost = await drain(decoding)
         kept = await drain(waiting)
         later = await collect(eng, request(PROMPTS[4]))
-        return ([first.token] + lost[0], lost[1]), kept, later
+        return ([t.token for t in first] + lost[0], lost[1]), kept, later
     (lost_tokens, lost_end), kept, later = d.lt.run(scenario())
     assert isinstance(lost_end, Failed) and lost_end.reason is FailReason.WORKER_DIED
     assert lost_tokens == reference(PROMPTS[0], LONG)[:len(lost_tokens)]
