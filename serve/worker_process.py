@@ -33,6 +33,12 @@ def worker_main(cpus: tuple[int, ...], payload: bytes, conn) -> None:
     spec: WorkerSpec = pickle.loads(payload)
     from mesh.devices import ensure_cpu_devices
     ensure_cpu_devices(spec.devices)
+    # A restarted worker compiles the same programs again: XLA's persistent cache turns its ~20 s
+    # of compilation (SmolLM2-sized meshes on 2 busy CPUs) into a few seconds of loading.
+    import jax
+
+    from model.load import cache_dir
+    jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir(), "xla"))
 
     from serve.workers import run_worker
     try:

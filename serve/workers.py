@@ -108,10 +108,16 @@ def _prefiller(loaded: LoadedModel, spec: WorkerSpec) -> Prefiller:
 
 
 def _prefill(prefiller: Prefiller, batch: PrefillBatch):
-    """(result, None) or (None, why it failed): a failed batch fails its requests, not the worker."""
+    """(result, None) or (None, why it failed): a failed batch fails its requests, not the worker.
+
+    The batch is padded with one-token prompts to a power of two: each batch size is a program
+    of its own, and compiling one mid-serve stalls every request behind it (seconds on a CPU),
+    while a padded row costs at most what a real one does.
+    """
+    prompts = [list(i.prompt_ids) for i in batch.items]
+    prompts += [[0]] * ((1 << (len(prompts) - 1).bit_length()) - len(prompts))
     try:
-        return prefiller.prefill([list(i.prompt_ids) for i in batch.items],
-                                 batch_sampling(i.sampling for i in batch.items)), None
+        return prefiller.prefill(prompts, batch_sampling(i.sampling for i in batch.items)), None
     except Exception as e:  # noqa: BLE001 (any error of one batch, reported to the engine)
         return None, one_line(e)
 

@@ -32,7 +32,7 @@ PROMPTS = [[5, 9, 100, 7, 300, 11, 12, 40, 41], [3, 1, 4, 1, 5, 9, 2, 6], [17, 4
            [8, 8, 8, 200, 201, 202, 203, 204, 205, 206, 207, 208, 209, 210, 211, 212, 213, 214, 215, 216, 217],
            [99, 98, 97, 96, 95]]
 NEW_TOKENS = 10
-LONG = 100  # new tokens of a request still decoding when a worker is killed
+LONG = 48  # new tokens of a request still decoding when a worker is killed
 
 
 @pytest.fixture(scope="module")
