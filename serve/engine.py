@@ -361,7 +361,7 @@ class WorkerEngine:
                 self._event(StepDone(now, tokens))
 
     def _ready(self, handle: WorkerHandle, report: Ready) -> None:
-        handle.ready = True
+        handle.ready, handle.failed_starts = True, 0
         if handle.role is not Role.PREFILL:
             self._capacity = min(report.capacity, report.config.max_seq_len)
         self._config = report.config
@@ -374,7 +374,7 @@ class WorkerEngine:
         self._event(WorkerReady(self._now(), worker))
 
     def _on_exit(self, handle: WorkerHandle) -> None:
-        was_ready = handle.ready
+        was_up = handle.ready or handle.killed  # a hung worker killed on purpose had started fine
         code = handle.reap()
         if self._stopped:
             return
@@ -386,8 +386,8 @@ class WorkerEngine:
         self.metrics.worker_restarts.labels(worker=handle.role.value).inc()
         worker = Worker.PREFILL if handle.role is Role.PREFILL else Worker.DECODE
         self._event(WorkerDied(self._now(), worker))
-        handle.failed_starts = 0 if was_ready else handle.failed_starts + 1
-        delay = 0.0 if was_ready else min(RESTART_DELAY_S * 2 ** handle.failed_starts, MAX_RESTART_DELAY_S)
+        handle.failed_starts = 0 if was_up else handle.failed_starts + 1
+        delay = 0.0 if was_up else min(RESTART_DELAY_S * 2 ** handle.failed_starts, MAX_RESTART_DELAY_S)
         self._loop.call_later(delay, self._restart, handle)
 
     def _restart(self, handle: WorkerHandle) -> None:

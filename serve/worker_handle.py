@@ -76,7 +76,7 @@ class WorkerHandle:
     def _readable(self) -> None:
         conn = self.conn
         try:
-            while conn is self.conn and conn.poll():
+            while conn is not None and conn is self.conn and conn.poll():
                 self.on_report(self, conn.recv())
         except (EOFError, OSError):
             if conn is self.conn:

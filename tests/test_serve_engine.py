@@ -39,7 +39,8 @@ LONG = 48  # new tokens of a request still decoding when a worker is killed
 def sharp_checkpoint(tmp_path_factory):
     """The tiny Llama of conftest's tiny_checkpoint with weights drawn at std 0.2 (HF's default
     0.02 gives nearly flat logits, where a float rounding may flip a greedy choice between two
-    meshes and make the comparison meaningless)."""
+    meshes and make the comparison meaningless). Its EOS token is the one HF's greedy decode of
+    PROMPTS[0] produces fourth, so a request that honours EOS stops there, after a decode step."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -48,7 +49,13 @@ def sharp_checkpoint(tmp_path_factory):
     config = LlamaConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, intermediate_size=160, max_position_embeddings=256,
                          tie_word_embeddings=False, initializer_range=0.2)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model = LlamaForCausalLM(config).eval()
+    ids = list(PROMPTS[0])
+    with torch.no_grad():
+        for _ in range(4):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    model.config.eos_token_id = ids[-1]
+    model.save_pretrained(folder)
     return str(folder)
 
 
@@ -183,6 +190,15 @@ def test_disaggregated_greedy_equals_the_generator_solo_and_concurrent(disaggreg
     assert registry.get_sample_value("wafer_kv_handoff_bytes_sum") > 0
     assert registry.get_sample_value("wafer_decode_step_seconds_count") >= NEW_TOKENS - 1
     assert registry.get_sample_value("wafer_prefill_batch_seconds_count") >= 2
+
+
+def test_eos_ends_a_request_unless_it_is_ignored(disaggregated, reference):
+    d = disaggregated
+    (eos,) = d.engine.config.eos_token_ids
+    want = reference(PROMPTS[0])
+    assert eos in want[1:]  # produced by a decode step, not by the prefill
+    assert_done(d.generate(PROMPTS[0], ignore_eos=False), want[: want.index(eos) + 1], FinishReason.EOS)
+    assert_done(d.generate(PROMPTS[0], ignore_eos=True), want)
 
 
 def test_a_refused_kv_stream_fails_that_request_only(disaggregated, reference):
@@ -330,3 +346,32 @@ def test_options_the_engine_cannot_run_are_refused():
         WorkerEngine(EngineOptions(transport="jax"), ServeMetrics())
     with pytest.raises(WaferError, match="not a non-empty subset"):
         WorkerEngine(EngineOptions(prefill_cpus=(10_000,)), ServeMetrics())
+
+
+@pytest.mark.slow  # 30-90 s: an engine of its own, and a decode worker restarted
+def test_a_hung_decode_worker_is_killed_at_its_deadline_and_restarted(sharp_checkpoint, reference):
+    opts = options(sharp_checkpoint, Mode.DISAGGREGATED)
+    token_s = 3.0
+    opts = EngineOptions(**{**opts.__dict__, "scheduler": SchedulerConfig(
+        slots=SLOTS, max_waiting=MAX_WAITING, deadlines=Deadlines(60, 60, 60, token_s))})
+    running = Running(opts)
+    eng = running.engine
+    try:
+        async def scenario():
+            stream = eng.submit(request(PROMPTS[0], LONG))
+            first = [await anext(stream), await anext(stream)]
+            hung = eng.pids()["decode"]
+            os.kill(hung, signal.SIGSTOP)  # alive, its pipe open, but it never answers again
+            t0 = time.monotonic()
+            lost = await drain(stream)
+            waited = time.monotonic() - t0
+            await poll(lambda: eng.is_ready("decode") and eng.pids()["decode"] != hung, what="decode worker restarted")
+            later = await collect(eng, request(PROMPTS[1]))
+            return first, lost, waited, later
+        first, (tokens, end), waited, later = running.lt.run(scenario())
+        assert isinstance(end, Failed) and end.reason is FailReason.DEADLINE, end
+        assert waited < token_s + 5  # failed at its deadline, not whenever the worker might answer
+        assert_done(later, reference(PROMPTS[1]))
+        assert running.metrics.registry.get_sample_value("wafer_worker_restarts_total", {"worker": "decode"}) == 1
+    finally:
+        running.stop()
