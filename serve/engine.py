@@ -54,6 +54,7 @@ class _Live:
     outputs: asyncio.Queue
     ending: str | None = None  # "finish" or "cancel" once the front end ended it
     prefilled_at: float | None = None  # when its first token came (the handoff starts)
+    why: str = ""  # what a worker said went wrong with it, if anything
 
 
 def split_cpus(options: EngineOptions) -> dict[Role, tuple[int, ...]]:
@@ -229,7 +230,8 @@ class WorkerEngine:
         live.ending = how
         self._event(Disconnect(self._now(), request_id))
 
-    def _finish_reason(self, request_id: RequestId, token: int) -> FinishReason | None:
+    def _finish_reason(self, request_id: RequestId, token: int | None) -> FinishReason | None:
+        """EOS when the token is one of the model's and the request did not ask to ignore it."""
         live = self._live.get(request_id)
         if live is not None and not live.request.ignore_eos and token in self._eos:
             return FinishReason.EOS
@@ -308,7 +310,8 @@ class WorkerEngine:
             live.outputs.put_nowait(Done(FinishReason.STOP, f.times))
         else:
             stage = f" while {f.stage.value}" if f.stage is not None else ""
-            live.outputs.put_nowait(Failed(f.reason, f.detail or f"{f.reason.value}{stage}", f.retry_after_s))
+            detail = f.detail or live.why or f"{f.reason.value}{stage}"
+            live.outputs.put_nowait(Failed(f.reason, detail, f.retry_after_s))
 
     def _update_gauges(self) -> None:
         self.metrics.queue_depth.set(len(self.scheduler.waiting_ids()))
@@ -332,9 +335,10 @@ class WorkerEngine:
                 outcomes = []
                 for rid, token in report.outcomes:
                     live = self._live.get(rid)
-                    if live is not None and token is not None:
+                    if live is not None:
                         live.prefilled_at = now
-                    outcomes.append(PrefillOutcome(rid, token, None if token is None else self._finish_reason(rid, token)))
+                        live.why = report.detail
+                    outcomes.append(PrefillOutcome(rid, token, self._finish_reason(rid, token)))
                 self._event(PrefillDone(now, tuple(outcomes)))
             case Listening():
                 # Ship only to a listener its request still holds; an ended one is being evicted.

@@ -17,12 +17,12 @@ import time
 import pytest
 
 from mesh.executors import Grid
-from serve.engine import WorkerEngine
+from serve.engine import WorkerEngine, split_cpus
 from serve.events import Deadlines, FailReason, FinishReason, Mode, SchedulerConfig
 from serve.metrics import ServeMetrics
 from serve.options import EngineOptions
 from serve.requests import Done, Failed, GenerateRequest, TokenOut
-from serve.worker_spec import Faults
+from serve.worker_spec import Faults, Role
 
 # Whole-call limit of anything a test waits for (starting workers included). Typically 5-20 s.
 WAIT_S = 240
@@ -176,6 +176,11 @@ def disaggregated(sharp_checkpoint):
 def test_disaggregated_greedy_equals_the_generator_solo_and_concurrent(disaggregated, reference):
     d = disaggregated
     assert d.engine.capacity == 128 and d.engine.config.vocab_size == 512
+    # Each worker is pinned to its own CPUs: disjoint halves of this process's (shared on one CPU).
+    pids = d.engine.pids()
+    prefill_cpus, decode_cpus = (os.sched_getaffinity(pids[r]) for r in ("prefill", "decode"))
+    assert prefill_cpus | decode_cpus == os.sched_getaffinity(0)
+    assert not prefill_cpus & decode_cpus or len(os.sched_getaffinity(0)) == 1
     assert_done(d.generate(PROMPTS[0]), reference(PROMPTS[0]))
 
     async def together():
@@ -347,6 +352,10 @@ def test_options_the_engine_cannot_run_are_refused():
         WorkerEngine(EngineOptions(transport="jax"), ServeMetrics())
     with pytest.raises(WaferError, match="not a non-empty subset"):
         WorkerEngine(EngineOptions(prefill_cpus=(10_000,)), ServeMetrics())
+    mine = tuple(sorted(os.sched_getaffinity(0)))
+    assert split_cpus(EngineOptions(mode=Mode.INTEGRATED)) == {Role.INTEGRATED: mine}
+    assert split_cpus(EngineOptions(prefill_cpus=mine[:1], decode_cpus=mine[-1:])) == {
+        Role.PREFILL: mine[:1], Role.DECODE: mine[-1:]}
 
 
 @pytest.mark.slow  # 30-90 s: an engine of its own, and a decode worker restarted
