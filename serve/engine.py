@@ -10,7 +10,9 @@ order (restart, evict, discard, placements, prefill, decode_step), then its toke
 failed requests go to the per-request output streams: `TokenOut`s, then exactly one `Done` or
 `Failed` (a cancelled request's stream just ends).
 
-Times (`RequestTimes` in `Done`) are on the event loop's clock (`loop.time()`, monotonic).
+Times (`RequestTimes` in `Done`) are on the event loop's clock (`loop.time()`, monotonic). Call
+every method from the event loop that ran `start()`; none blocks it (commands to a worker are
+written by a thread of its own, so a hung worker cannot stall the loop).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import AsyncIterator
 from mesh.errors import WaferError
 from mesh.executors import Executor
 from model.config import ModelConfig
+from model.load import resolve_source
 from serve.events import (Arrival, Decision, Disconnect, Event, FailReason, Failure, FinishReason, HandoffDone,
                           HandoffFailed, Mode, PrefillDone, PrefillOutcome, RequestId, SlotToken, Stage, StepDone,
                           Tick, Worker, WorkerDied, WorkerReady)
@@ -84,6 +87,7 @@ def check_options(options: EngineOptions) -> None:
         raise WaferError("the trace executor runs nothing; serve with devices or vcores")
     if options.max_len < 2:
         raise WaferError(f"max_len must be at least 2 positions, got {options.max_len}")
+    resolve_source(options.model, options.checkpoint)  # a missing checkpoint or unknown preset fails here
 
 
 class WorkerEngine:

@@ -352,6 +352,8 @@ def test_options_the_engine_cannot_run_are_refused():
         WorkerEngine(EngineOptions(transport="jax"), ServeMetrics())
     with pytest.raises(WaferError, match="not a non-empty subset"):
         WorkerEngine(EngineOptions(prefill_cpus=(10_000,)), ServeMetrics())
+    with pytest.raises(WaferError, match="checkpoint not found"):
+        WorkerEngine(EngineOptions(checkpoint="/no/such/folder"), ServeMetrics())
     mine = tuple(sorted(os.sched_getaffinity(0)))
     assert split_cpus(EngineOptions(mode=Mode.INTEGRATED)) == {Role.INTEGRATED: mine}
     assert split_cpus(EngineOptions(prefill_cpus=mine[:1], decode_cpus=mine[-1:])) == {
