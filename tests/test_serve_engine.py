@@ -204,6 +204,8 @@ def test_eos_ends_a_request_unless_it_is_ignored(disaggregated, reference):
     assert eos in want[1:]  # produced by a decode step, not by the prefill
     assert_done(d.generate(PROMPTS[0], ignore_eos=False), want[: want.index(eos) + 1], FinishReason.EOS)
     assert_done(d.generate(PROMPTS[0], ignore_eos=True), want)
+    assert_done(d.generate(PROMPTS[0], 1), want[:1])  # ended by its prefill: the cache is dropped, never shipped
+    assert d.lt.call(d.engine.state).slots_in_use == 0
 
 
 def test_a_refused_kv_stream_fails_that_request_only(disaggregated, reference):
@@ -385,5 +387,25 @@ def test_a_hung_decode_worker_is_killed_at_its_deadline_and_restarted(sharp_chec
         assert waited < token_s + 5  # failed at its deadline, not whenever the worker might answer
         assert_done(later, reference(PROMPTS[1]))
         assert running.metrics.registry.get_sample_value("wafer_worker_restarts_total", {"worker": "decode"}) == 1
+    finally:
+        running.stop()
+
+
+@pytest.mark.slow  # 30-60 s: an engine of its own, restarted once
+def test_a_killed_integrated_worker_fails_its_requests_and_is_restarted(sharp_checkpoint, reference):
+    running = Running(options(sharp_checkpoint, Mode.INTEGRATED))
+    eng = running.engine
+    try:
+        async def scenario():
+            stream = eng.submit(request(PROMPTS[0], LONG))
+            first = [await anext(stream), await anext(stream)]
+            os.kill(eng.pids()["integrated"], signal.SIGKILL)
+            lost = await drain(stream)
+            await poll(lambda: eng.is_ready("integrated"), what="integrated worker restarted")
+            return [t.token for t in first] + lost[0], lost[1], await collect(eng, request(PROMPTS[1]))
+        tokens, end, later = running.lt.run(scenario())
+        assert isinstance(end, Failed) and end.reason is FailReason.WORKER_DIED
+        assert tokens == reference(PROMPTS[0], LONG)[:len(tokens)]
+        assert_done(later, reference(PROMPTS[1]))
     finally:
         running.stop()
