@@ -112,7 +112,7 @@ def _prefill(prefiller: Prefiller, batch: PrefillBatch):
 
     The batch is padded with one-token prompts to a power of two: each batch size is a program
     of its own, and compiling one mid-serve stalls every request behind it (seconds on a CPU),
-    while a padded row costs at most what a real one does.
+    while padding at most doubles the batch's work.
     """
     prompts = [list(i.prompt_ids) for i in batch.items]
     prompts += [[0]] * ((1 << (len(prompts) - 1).bit_length()) - len(prompts))
