@@ -78,8 +78,8 @@ def split_cpus(options: EngineOptions) -> dict[Role, tuple[int, ...]]:
 
 def check_options(options: EngineOptions) -> None:
     """Refuse what this engine cannot run, before any process starts."""
-    if options.transport != "tcp":
-        raise WaferError(f"KV transport {options.transport!r} is not supported by the serving engine; use tcp")
+    if options.transport not in ("tcp", "jax"):
+        raise WaferError(f"KV transport {options.transport!r}: expected tcp or jax")
     if options.distributed is not None:
         raise WaferError("a decode mesh spanning processes (jax.distributed) is not supported by the serving "
                          "engine yet")

@@ -15,6 +15,7 @@ import socket
 import threading
 
 from kvcache.format import KVReader
+from kvcache.jax_transfer import ACK_LANDED, ACK_REFUSED, TransferReader
 from kvcache.transport import KVListener
 from mesh.errors import WaferError
 
@@ -27,7 +28,11 @@ class KVIntake:
     every socket it opened.
     """
 
-    def __init__(self, accept_timeout_s: float, io_timeout_s: float):
+    def __init__(self, accept_timeout_s: float, io_timeout_s: float, jax_transfer: bool = False):
+        """jax_transfer: the sender offers the cache for JAX's device-to-device transfer
+        (kvcache/jax_transfer.py) instead of streaming it; the layers are pulled onto this
+        process's devices and answered with one byte once all arrived."""
+        self.jax_transfer = jax_transfer
         self.listener = KVListener()
         self.port = self.listener.port
         self.items: queue.SimpleQueue = queue.SimpleQueue()
@@ -46,16 +51,29 @@ class KVIntake:
                     self._conn = source.sock
                     if self._cancelled:
                         return
-                reader = KVReader(source)
-                self.items.put(("header", reader.header))
-                for frame in reader.frames():
-                    self.items.put(("frame", frame))
+                try:
+                    reader = TransferReader(source) if self.jax_transfer else KVReader(source)
+                    self.items.put(("header", reader.header))
+                    for frame in reader.frames():
+                        self.items.put(("frame", frame))
+                except BaseException:
+                    self._answer(source, ACK_REFUSED)
+                    raise
+                # A JAX transfer's sender keeps its arrays alive until told they were pulled.
+                self._answer(source, ACK_LANDED)
                 self.items.put(("end", None))
         except (WaferError, OSError) as e:
             if not self._cancelled:
                 self.items.put(("error", str(e)))
         finally:
             self.listener.close()
+
+    def _answer(self, source, ack: bytes) -> None:
+        if self.jax_transfer:
+            try:
+                source.sock.sendall(ack)
+            except OSError:
+                pass  # the sender is gone already; nothing to tell it
 
     def cancel(self) -> None:
         """Stop reading: wake the thread from accept or recv and let it close its sockets."""

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from kvcache.format import KVStreamError, convert_frame, header_for
+from kvcache.jax_transfer import send_kv_transfer
 from kvcache.landing import KVLanding
 from kvcache.sequence import model_fingerprint, sequence_from_prefill
 from kvcache.transport import IO_TIMEOUT_S, send_kv
@@ -127,6 +128,7 @@ class PrefillWorker:
 
     def __init__(self, loaded: LoadedModel, spec: WorkerSpec, channel: Channel):
         self.config, self.channel, self.faults = loaded.config, channel, spec.faults
+        self.jax_transfer = spec.options.transport == "jax"
         self.prefiller = _prefiller(loaded, spec)
         self.fingerprint = model_fingerprint(loaded.config, loaded.params)
         self.held: dict[str, tuple] = {}  # request id -> (SequenceKV, KVHeader)
@@ -169,7 +171,12 @@ class PrefillWorker:
             command, (seq, header) = job
             t0 = time.perf_counter()
             try:
-                n = send_kv(seq, header, command.port, IO_TIMEOUT_S)
+                if self.jax_transfer:
+                    if not send_kv_transfer(seq, header, command.port):
+                        raise WaferError("the decode worker refused the JAX transfer")
+                    n = header.stream_bytes  # the same payload, pulled rather than streamed
+                else:
+                    n = send_kv(seq, header, command.port, IO_TIMEOUT_S)
             except WaferError as e:
                 self.channel.send(ShipFailed(command.request_id, str(e)))
             else:
@@ -242,6 +249,7 @@ class DecodeWorker:
         # A sender that has not connected by the handoff deadline never will: the scheduler has
         # failed its request by then and the evict cancels the listener anyway.
         self.accept_timeout_s = spec.options.scheduler.deadlines.handoff_s + ACCEPT_GRACE_S
+        self.jax_transfer = spec.options.transport == "jax"
         self.incoming: dict[int, _Incoming] = {}
         self.ended: list[KVIntake] = []  # cancelled intakes, joined at close
 
@@ -254,7 +262,7 @@ class DecodeWorker:
                 if command.slot in self.incoming or self.batch.active[command.slot]:
                     self.channel.send(LandFailed(command.request_id, command.slot, f"slot {command.slot} is occupied"))
                     return
-                intake = KVIntake(self.accept_timeout_s, IO_TIMEOUT_S)
+                intake = KVIntake(self.accept_timeout_s, IO_TIMEOUT_S, self.jax_transfer)
                 self.incoming[command.slot] = _Incoming(command.request_id, command.slot, command.prompt_len,
                                                         command.sampling, intake)
                 self.channel.send(Listening(command.request_id, command.slot, intake.port))

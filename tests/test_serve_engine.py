@@ -350,8 +350,8 @@ def test_integrated_greedy_equals_the_generator_and_stop_reaps(sharp_checkpoint,
 
 def test_options_the_engine_cannot_run_are_refused():
     from mesh.errors import WaferError
-    with pytest.raises(WaferError, match="transport 'jax'"):
-        WorkerEngine(EngineOptions(transport="jax"), ServeMetrics())
+    with pytest.raises(WaferError, match="transport 'udp'"):
+        WorkerEngine(EngineOptions(transport="udp"), ServeMetrics())
     with pytest.raises(WaferError, match="not a non-empty subset"):
         WorkerEngine(EngineOptions(prefill_cpus=(10_000,)), ServeMetrics())
     with pytest.raises(WaferError, match="checkpoint not found"):
@@ -407,5 +407,23 @@ def test_a_killed_integrated_worker_fails_its_requests_and_is_restarted(sharp_ch
         assert isinstance(end, Failed) and end.reason is FailReason.WORKER_DIED
         assert tokens == reference(PROMPTS[0], LONG)[:len(tokens)]
         assert_done(later, reference(PROMPTS[1]))
+    finally:
+        running.stop()
+
+
+@pytest.mark.slow  # 30-60 s: an engine of its own
+def test_the_jax_transfer_handoff_decodes_exactly(sharp_checkpoint, reference):
+    opts = options(sharp_checkpoint, Mode.DISAGGREGATED)
+    running = Running(EngineOptions(**{**opts.__dict__, "transport": "jax"}),
+                      Faults(wrong_fingerprint=frozenset({"refused"})))
+    try:
+        async def together():
+            return await asyncio.gather(*(collect(running.engine, request(p)) for p in PROMPTS[:3]),
+                                        collect(running.engine, request(PROMPTS[3], rid="refused")))
+        *fine, (_, refused) = running.lt.run(together())
+        for prompt, result in zip(PROMPTS, fine):
+            assert_done(result, reference(prompt))
+        assert isinstance(refused, Failed) and refused.reason is FailReason.HANDOFF_REFUSED
+        assert running.metrics.registry.get_sample_value("wafer_kv_handoff_bytes_count") == 3
     finally:
         running.stop()
