@@ -1,6 +1,7 @@
 """The decode worker's side of one KV handoff: a listener of its own (so the stream on its port is
 this request's and no other's), and a thread that accepts the prefill worker's connection and
-reads the verified header and frames off the socket into a queue.
+reads the verified header and frames off the socket (or pulls them, for a JAX transfer) into a
+queue.
 
 The thread only does network I/O and checksum checks; the decode worker's main loop drains the
 queue between decode steps (`SlotBatch.reserve` on the header, `place_layer` per frame, `commit`

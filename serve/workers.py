@@ -6,7 +6,8 @@ touches the meshes; the threads it starts do network I/O only (sending a cache, 
 
 - Prefill (disaggregated): prefills batches on the prefill mesh and keeps each request's cache
   (`SequenceKV`, still on the prefill devices) until it is shipped to the decode worker over TCP
-  (`kvcache.transport.send_kv`, checksummed format) or discarded.
+  (`kvcache.transport.send_kv`, checksummed format), or offered for JAX's device-to-device
+  transfer (`kvcache.jax_transfer`, transport "jax"), or discarded.
 - Decode (disaggregated): the wafer decode mesh's `SlotBatch`. For each placement it opens a
   listener of its own, reserves the slot when the stream's header passes the landing check, places
   each verified layer between decode steps and commits at the end; a refused or broken stream
