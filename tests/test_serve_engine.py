@@ -9,6 +9,7 @@ decode worker refuses), and afterwards no worker process is left behind.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import threading
@@ -366,8 +367,8 @@ def test_options_the_engine_cannot_run_are_refused():
 def test_a_hung_decode_worker_is_killed_at_its_deadline_and_restarted(sharp_checkpoint, reference):
     opts = options(sharp_checkpoint, Mode.DISAGGREGATED)
     token_s = 3.0
-    opts = EngineOptions(**{**opts.__dict__, "scheduler": SchedulerConfig(
-        slots=SLOTS, max_waiting=MAX_WAITING, deadlines=Deadlines(60, 60, 60, token_s))})
+    opts = dataclasses.replace(opts, scheduler=dataclasses.replace(opts.scheduler,
+                                                                  deadlines=Deadlines(60, 60, 60, token_s)))
     running = Running(opts)
     eng = running.engine
     try:
@@ -414,7 +415,7 @@ def test_a_killed_integrated_worker_fails_its_requests_and_is_restarted(sharp_ch
 @pytest.mark.slow  # 30-60 s: an engine of its own
 def test_the_jax_transfer_handoff_decodes_exactly(sharp_checkpoint, reference):
     opts = options(sharp_checkpoint, Mode.DISAGGREGATED)
-    running = Running(EngineOptions(**{**opts.__dict__, "transport": "jax"}),
+    running = Running(dataclasses.replace(opts, transport="jax"),
                       Faults(wrong_fingerprint=frozenset({"refused"})))
     try:
         async def together():
