@@ -10,6 +10,10 @@ order (restart, evict, discard, placements, prefill, decode_step), then its toke
 failed requests go to the per-request output streams: `TokenOut`s, then exactly one `Done` or
 `Failed` (a cancelled request's stream just ends).
 
+Workers are started with multiprocessing's spawn context, which re-imports the program's main
+module in each worker: a script that starts an engine must guard its entry point with
+`if __name__ == "__main__":` (console scripts such as `wafer` already do).
+
 Times (`RequestTimes` in `Done`) are on the event loop's clock (`loop.time()`, monotonic). Call
 every method from the event loop that ran `start()`; none blocks it (commands to a worker are
 written by a thread of its own, so a hung worker cannot stall the loop).

@@ -205,6 +205,23 @@ class DecodeSlots:
         self.request: dict[int, str] = {}  # committed slot -> request id
         self.sampling: dict[int, Sampling] = {}  # committed slot -> its request's sampling
 
+    def warm_up(self, layer_by_layer: bool) -> None:
+        """Compile the program that fills a slot (`place_layer`'s, or `insert`'s), so the first
+        request does not pay for it: a one-position sequence of zeros goes into slot 0 and is
+        given back (an inactive slot's rows are never read, and the next sequence overwrites them)."""
+        cfg = self.batch.config
+        zeros = np.zeros((cfg.n_kv_heads, 1, cfg.head_dim), np.float32)
+        if not layer_by_layer:
+            self.batch.insert(0, [zeros] * cfg.n_layers, [zeros] * cfg.n_layers, 1, 0)
+            self.batch.evict(0)
+            return
+        self.batch.reserve(0, 1, 0)
+        try:
+            for layer in range(cfg.n_layers):
+                self.batch.place_layer(0, layer, zeros, zeros)
+        finally:
+            self.batch.abort(0)
+
     def started(self, slot: int, request_id: str, sampling: Sampling) -> None:
         self.request[slot], self.sampling[slot] = request_id, sampling
 
@@ -244,6 +261,7 @@ class _Incoming:
 class DecodeWorker:
     def __init__(self, loaded: LoadedModel, spec: WorkerSpec, channel: Channel):
         self.slots = DecodeSlots(loaded, spec, channel)
+        self.slots.warm_up(layer_by_layer=True)
         self.batch, self.channel = self.slots.batch, channel
         self.capacity = self.batch.capacity
         self.landing = KVLanding(self.batch)
@@ -332,6 +350,7 @@ class DecodeWorker:
 class IntegratedWorker:
     def __init__(self, loaded: LoadedModel, spec: WorkerSpec, channel: Channel):
         self.slots = DecodeSlots(loaded, spec, channel)  # the decode mesh first: it may need more devices
+        self.slots.warm_up(layer_by_layer=False)
         self.prefiller = _prefiller(loaded, spec)
         self.channel = channel
         self.capacity = self.slots.batch.capacity
