@@ -36,4 +36,5 @@ class EngineOptions:
     prefill_cpus: tuple[int, ...] | None = None
     decode_cpus: tuple[int, ...] | None = None
     distributed: Distributed | None = None
-    scheduler: SchedulerConfig = SchedulerConfig()  # its `mode` and `slots` are the ones that count
+    # The scheduler's policy; its `slots` is the decode batch size, its `mode` is replaced by `mode` above.
+    scheduler: SchedulerConfig = SchedulerConfig()

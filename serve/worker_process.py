@@ -1,0 +1,49 @@
+"""How a worker process starts: the entry point the engine spawns (`worker_main`), which pins the
+process to its CPUs and sets up its JAX devices before anything starts JAX, then runs the worker
+of its role until told to stop or its pipe closes.
+
+This module's top level imports nothing heavy: `multiprocessing`'s spawn imports it in the fresh
+child before `worker_main` runs, and threads started before the CPU pinning (numpy's BLAS pool,
+XLA's) would keep the parent's CPUs. The spec travels pickled, as bytes, for the same reason.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+from serve.worker_spec import WorkerSpec
+
+# Settings a worker's JAX must not inherit from its parent: each worker sets its own device count.
+INHERITED_JAX_SETTINGS = ("JAX_NUM_CPU_DEVICES", "JAX_COORDINATOR_ADDRESS", "JAX_COORDINATOR_BIND_ADDRESS",
+                          "JAX_LOCAL_DEVICE_IDS", "JAX_PROCESS_ID", "JAX_NUM_PROCESSES", "PJRT_NPROC")
+
+
+def worker_main(cpus: tuple[int, ...], payload: bytes, conn) -> None:
+    """The worker process: pin, set up devices, load, report Ready, serve commands until Shutdown
+    or until the engine's end of the pipe closes (the engine is gone)."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    for name in INHERITED_JAX_SETTINGS:
+        os.environ.pop(name, None)
+    os.environ["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                                       if not f.startswith("--xla_force_host_platform_device_count"))
+    # The meshes are emulated CPU devices unless the operator chose a platform.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    spec: WorkerSpec = pickle.loads(payload)
+    from mesh.devices import ensure_cpu_devices
+    ensure_cpu_devices(spec.devices)
+    # A restarted worker compiles the same programs again: XLA's persistent cache turns its ~20 s
+    # of compilation (SmolLM2-sized meshes on 2 busy CPUs) into a few seconds of loading.
+    import jax
+
+    from model.load import cache_dir
+    jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir(), "xla"))
+
+    from serve.workers import run_worker
+    try:
+        run_worker(spec, conn)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass  # the engine went away: nothing left to report to
+    finally:
+        conn.close()

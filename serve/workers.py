@@ -1,0 +1,393 @@
+"""The worker processes' programs: the prefill worker, the decode worker, and the integrated one.
+
+Each runs one loop: apply the engine's commands in order (serve/worker_messages.py), and between
+two commands do what is pending (land the frames of KV streams in flight). Only the loop's thread
+touches the meshes; the threads it starts do network I/O only (sending a cache, reading one).
+
+- Prefill (disaggregated): prefills batches on the prefill mesh and keeps each request's cache
+  (`SequenceKV`, still on the prefill devices) until it is shipped to the decode worker over TCP
+  (`kvcache.transport.send_kv`, checksummed format), or offered for JAX's device-to-device
+  transfer (`kvcache.jax_transfer`, transport "jax"), or discarded.
+- Decode (disaggregated): the wafer decode mesh's `SlotBatch`. For each placement it opens a
+  listener of its own, reserves the slot when the stream's header passes the landing check, places
+  each verified layer between decode steps and commits at the end; a refused or broken stream
+  aborts the reservation and leaves the other slots as they were.
+- Integrated: both meshes in one process; a prefill batch runs between two decode steps and its
+  caches go straight into their slots (`SlotBatch.insert`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+from collections.abc import Iterable
+
+import numpy as np
+
+from kvcache.format import KVStreamError, convert_frame, header_for
+from kvcache.jax_transfer import send_kv_transfer
+from kvcache.landing import KVLanding
+from kvcache.sequence import model_fingerprint, sequence_from_prefill
+from kvcache.transport import IO_TIMEOUT_S, send_kv
+from mesh.errors import WaferError
+from mesh.executors import Executor, make_core_mesh
+from model.load import LoadedModel, load_model
+from model.prefill import Prefiller
+from model.sampling import Sampling
+from model.slot_batch import SlotBatch
+from model.wafer_decode import MeshOptions
+from serve.kv_intake import KVIntake
+from serve.worker_messages import (Discard, Evict, Expect, Landed, LandFailed, Listening, PrefillBatch, PrefillReport,
+                                   Ready, Ship, ShipFailed, Shipped, Shutdown, Step, StepReport)
+from serve.worker_spec import Role, WorkerSpec
+
+# How long the loop waits for a command when nothing else is pending, and when a KV stream is in
+# flight (its frames are placed between commands, so the wait bounds their latency).
+IDLE_POLL_S = 1.0
+LANDING_POLL_S = 0.002
+# A listener outlives the handoff deadline by this much, so the scheduler's deadline fires first.
+ACCEPT_GRACE_S = 5.0
+
+
+def batch_sampling(samplings: Iterable[Sampling]) -> Sampling:
+    """The one Sampling a prefill batch or a decode step runs with, from its requests' own.
+
+    PER-REQUEST SAMPLING PLUGS IN HERE. Today `Prefiller.prefill` and `SlotBatch.step` take one
+    Sampling for the whole batch and the decode step is compiled greedy, so every request decodes
+    greedily whatever it asked. Each request's Sampling already travels with it to the worker
+    (`PrefillItem.sampling`, `Expect.sampling`) and is kept per slot (`DecodeSlots.sampling`);
+    once the model takes per-slot knobs, pass those through instead of this.
+    """
+    del samplings
+    return Sampling()
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+class Channel:
+    """The worker's end of the pipe; sends are locked (the prefill worker's ship thread sends too)."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, report) -> None:
+        with self._lock:
+            self.conn.send(report)
+
+
+def run_worker(spec: WorkerSpec, conn) -> None:
+    """Load the model, build the worker of `spec.role`, report Ready, then serve until Shutdown."""
+    opts = spec.options
+    loaded = load_model(opts.model, opts.checkpoint)
+    channel = Channel(conn)
+    worker = {Role.PREFILL: PrefillWorker, Role.DECODE: DecodeWorker,
+              Role.INTEGRATED: IntegratedWorker}[spec.role](loaded, spec, channel)
+    channel.send(Ready(loaded.config, worker.capacity))
+    try:
+        while True:
+            if conn.poll(worker.poll_timeout()):
+                command = conn.recv()
+                if isinstance(command, Shutdown):
+                    break
+                worker.apply(command)
+            worker.between_commands()
+    finally:
+        worker.close()
+
+
+def _prefiller(loaded: LoadedModel, spec: WorkerSpec) -> Prefiller:
+    import jax
+    mesh = make_core_mesh(spec.options.prefill_grid, Executor.DEVICES, jax.devices())
+    prefiller = Prefiller(loaded.params, loaded.config, mesh)
+    prefiller.prefill([[0]])  # compiles the smallest shape, so the first request does not pay for it
+    return prefiller
+
+
+def _prefill(prefiller: Prefiller, batch: PrefillBatch):
+    """(result, None) or (None, why it failed): a failed batch fails its requests, not the worker.
+
+    The batch is padded with one-token prompts to a power of two: each batch size is a program
+    of its own, and compiling one mid-serve stalls every request behind it (seconds on a CPU),
+    while padding at most doubles the batch's work.
+    """
+    prompts = [list(i.prompt_ids) for i in batch.items]
+    prompts += [[0]] * ((1 << (len(prompts) - 1).bit_length()) - len(prompts))
+    try:
+        return prefiller.prefill(prompts, batch_sampling(i.sampling for i in batch.items)), None
+    except Exception as e:  # noqa: BLE001 (any error of one batch, reported to the engine)
+        return None, one_line(e)
+
+
+class PrefillWorker:
+    capacity = None
+
+    def __init__(self, loaded: LoadedModel, spec: WorkerSpec, channel: Channel):
+        self.config, self.channel, self.faults = loaded.config, channel, spec.faults
+        self.jax_transfer = spec.options.transport == "jax"
+        self.prefiller = _prefiller(loaded, spec)
+        self.fingerprint = model_fingerprint(loaded.config, loaded.params)
+        self.held: dict[str, tuple] = {}  # request id -> (SequenceKV, KVHeader)
+        self._ships: queue.SimpleQueue = queue.SimpleQueue()
+        self._shipper = threading.Thread(target=self._ship_loop, daemon=True, name="kv-ship")
+        self._shipper.start()
+
+    def poll_timeout(self) -> float:
+        return IDLE_POLL_S
+
+    def apply(self, command) -> None:
+        match command:
+            case PrefillBatch():
+                self._prefill(command)
+            case Ship():
+                held = self.held.pop(command.request_id, None)
+                if held is None:
+                    self.channel.send(ShipFailed(command.request_id, "the prefill worker holds no cache for it"))
+                else:
+                    self._ships.put((command, held))
+            case Discard():
+                self.held.pop(command.request_id, None)
+            case _:
+                raise WaferError(f"the prefill worker cannot {type(command).__name__}")
+
+    def _prefill(self, batch: PrefillBatch) -> None:
+        result, why = _prefill(self.prefiller, batch)
+        if result is None:
+            self.channel.send(PrefillReport(tuple((i.request_id, None) for i in batch.items), 0.0, why))
+            return
+        for i, item in enumerate(batch.items):
+            seq = sequence_from_prefill(result, i)
+            fingerprint = "0" * 32 if item.request_id in self.faults.wrong_fingerprint else self.fingerprint
+            self.held[item.request_id] = (seq, header_for(seq, self.config.name, fingerprint))
+        outcomes = tuple((item.request_id, int(t)) for item, t in zip(batch.items, result.first_tokens))
+        self.channel.send(PrefillReport(outcomes, result.seconds))
+
+    def _ship_loop(self) -> None:
+        while (job := self._ships.get()) is not None:
+            command, (seq, header) = job
+            t0 = time.perf_counter()
+            try:
+                if self.jax_transfer:
+                    if not send_kv_transfer(seq, header, command.port):
+                        raise WaferError("the decode worker refused the JAX transfer")
+                    n = header.stream_bytes  # the same payload, pulled rather than streamed
+                else:
+                    n = send_kv(seq, header, command.port, IO_TIMEOUT_S)
+            except WaferError as e:
+                self.channel.send(ShipFailed(command.request_id, str(e)))
+            else:
+                self.channel.send(Shipped(command.request_id, n, time.perf_counter() - t0))
+
+    def between_commands(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._ships.put(None)
+        self._shipper.join(IO_TIMEOUT_S)
+
+
+class DecodeSlots:
+    """The decode batch and which request each committed slot decodes."""
+
+    def __init__(self, loaded: LoadedModel, spec: WorkerSpec, channel: Channel):
+        import jax
+        opts = spec.options
+        mesh = make_core_mesh(opts.decode_grid, opts.executor, jax.devices())
+        self.batch = SlotBatch(loaded.params, loaded.config, mesh, opts.scheduler.slots, opts.max_len,
+                               MeshOptions(opts.schedule, opts.groups, greedy=True))
+        self.batch.compile()
+        self.channel = channel
+        self.request: dict[int, str] = {}  # committed slot -> request id
+        self.sampling: dict[int, Sampling] = {}  # committed slot -> its request's sampling
+
+    def warm_up(self, layer_by_layer: bool) -> None:
+        """Compile the program that fills a slot (`place_layer`'s, or `insert`'s), so the first
+        request does not pay for it: a one-position sequence of zeros goes into slot 0 and is
+        given back (an inactive slot's rows are never read, and the next sequence overwrites them)."""
+        cfg = self.batch.config
+        zeros = np.zeros((cfg.n_kv_heads, 1, cfg.head_dim), np.float32)
+        if not layer_by_layer:
+            self.batch.insert(0, [zeros] * cfg.n_layers, [zeros] * cfg.n_layers, 1, 0)
+            self.batch.evict(0)
+            return
+        self.batch.reserve(0, 1, 0)
+        try:
+            for layer in range(cfg.n_layers):
+                self.batch.place_layer(0, layer, zeros, zeros)
+        finally:
+            self.batch.abort(0)
+
+    def started(self, slot: int, request_id: str, sampling: Sampling) -> None:
+        self.request[slot], self.sampling[slot] = request_id, sampling
+
+    def insert(self, slot: int, request_id: str, sampling: Sampling, k_LKSH, v_LKSH, length: int, token: int) -> None:
+        self.batch.insert(slot, k_LKSH, v_LKSH, length, token)
+        self.started(slot, request_id, sampling)
+
+    def evict(self, slot: int) -> None:
+        self.batch.evict(slot)
+        self.request.pop(slot, None)
+        self.sampling.pop(slot, None)
+
+    def step(self) -> None:
+        live = [int(s) for s in np.flatnonzero(self.batch.active)]
+        if not live:
+            self.channel.send(StepReport((), 0.0))
+            return
+        t0 = time.perf_counter()
+        tokens = self.batch.step(batch_sampling(self.sampling[s] for s in live))
+        seconds = time.perf_counter() - t0
+        self.channel.send(StepReport(tuple((self.request[s], s, int(tokens[s])) for s in live), seconds))
+
+
+@dataclasses.dataclass
+class _Incoming:
+    """A placement whose stream is on its way into `slot`."""
+
+    request_id: str
+    slot: int
+    prompt_len: int
+    sampling: Sampling
+    intake: KVIntake
+    reserved: bool = False
+    nbytes: int = 0
+
+
+class DecodeWorker:
+    def __init__(self, loaded: LoadedModel, spec: WorkerSpec, channel: Channel):
+        self.slots = DecodeSlots(loaded, spec, channel)
+        self.slots.warm_up(layer_by_layer=True)
+        self.batch, self.channel = self.slots.batch, channel
+        self.capacity = self.batch.capacity
+        self.landing = KVLanding(self.batch)
+        # A sender that has not connected by the handoff deadline never will: the scheduler has
+        # failed its request by then and the evict cancels the listener anyway.
+        self.accept_timeout_s = spec.options.scheduler.deadlines.handoff_s + ACCEPT_GRACE_S
+        self.jax_transfer = spec.options.transport == "jax"
+        self.incoming: dict[int, _Incoming] = {}
+        self.ended: list[KVIntake] = []  # cancelled intakes, joined at close
+
+    def poll_timeout(self) -> float:
+        return LANDING_POLL_S if self.incoming else IDLE_POLL_S
+
+    def apply(self, command) -> None:
+        match command:
+            case Expect():
+                if command.slot in self.incoming or self.batch.active[command.slot]:
+                    self.channel.send(LandFailed(command.request_id, command.slot, f"slot {command.slot} is occupied"))
+                    return
+                intake = KVIntake(self.accept_timeout_s, IO_TIMEOUT_S, self.jax_transfer)
+                self.incoming[command.slot] = _Incoming(command.request_id, command.slot, command.prompt_len,
+                                                        command.sampling, intake)
+                self.channel.send(Listening(command.request_id, command.slot, intake.port))
+            case Evict():
+                if command.slot in self.incoming:
+                    self._drop(self.incoming.pop(command.slot))
+                else:
+                    self.slots.evict(command.slot)
+            case Step():
+                self.between_commands()
+                self.slots.step()
+            case _:
+                raise WaferError(f"the decode worker cannot {type(command).__name__}")
+
+    def between_commands(self) -> None:
+        """Place whatever layers have arrived; commit the streams that are complete."""
+        for slot, inc in list(self.incoming.items()):
+            try:
+                while self._advance(inc):
+                    pass
+            except WaferError as e:
+                del self.incoming[slot]
+                self._drop(inc)
+                self.channel.send(LandFailed(inc.request_id, slot, str(e)))
+
+    def _advance(self, inc: _Incoming) -> bool:
+        """Apply one item of `inc`'s stream; returns whether to look for another."""
+        try:
+            kind, value = inc.intake.items.get_nowait()
+        except queue.Empty:
+            return False
+        if kind == "header":
+            self.landing.check(value)
+            if value.tokens != inc.prompt_len:
+                raise KVStreamError(f"stream of {value.tokens} positions for a prompt of {inc.prompt_len}")
+            self.batch.reserve(inc.slot, value.tokens, value.first_token)
+            inc.reserved, inc.nbytes = True, value.stream_bytes
+        elif kind == "frame":
+            k = convert_frame(value.k_KSH, np.dtype(np.float32), False)
+            v = convert_frame(value.v_KSH, np.dtype(np.float32), False)
+            self.batch.place_layer(inc.slot, value.layer, k, v)
+        elif kind == "end":
+            self.batch.commit(inc.slot)
+            del self.incoming[inc.slot]
+            self.slots.started(inc.slot, inc.request_id, inc.sampling)
+            self.channel.send(Landed(inc.request_id, inc.slot, inc.nbytes))
+            return False
+        else:
+            raise KVStreamError(value)
+        return True
+
+    def _drop(self, inc: _Incoming) -> None:
+        inc.intake.cancel()
+        if inc.reserved:
+            self.batch.abort(inc.slot)
+        self.ended.append(inc.intake)
+
+    def close(self) -> None:
+        for inc in self.incoming.values():
+            inc.intake.cancel()
+            self.ended.append(inc.intake)
+        for intake in self.ended:
+            intake.join(IO_TIMEOUT_S)
+
+
+class IntegratedWorker:
+    def __init__(self, loaded: LoadedModel, spec: WorkerSpec, channel: Channel):
+        self.slots = DecodeSlots(loaded, spec, channel)  # the decode mesh first: it may need more devices
+        self.slots.warm_up(layer_by_layer=False)
+        self.prefiller = _prefiller(loaded, spec)
+        self.channel = channel
+        self.capacity = self.slots.batch.capacity
+
+    def poll_timeout(self) -> float:
+        return IDLE_POLL_S
+
+    def apply(self, command) -> None:
+        match command:
+            case PrefillBatch():
+                self._prefill(command)
+            case Evict():
+                self.slots.evict(command.slot)
+            case Step():
+                self.slots.step()
+            case _:
+                raise WaferError(f"the integrated worker cannot {type(command).__name__}")
+
+    def _prefill(self, batch: PrefillBatch) -> None:
+        result, why = _prefill(self.prefiller, batch)
+        if result is None:
+            self.channel.send(PrefillReport(tuple((i.request_id, None) for i in batch.items), 0.0, why))
+            return
+        outcomes = []
+        for i, item in enumerate(batch.items):
+            k_LKSH, v_LKSH = result.sequence_kv(i)
+            token = int(result.first_tokens[i])
+            try:
+                self.slots.insert(item.slot, item.request_id, item.sampling, k_LKSH, v_LKSH, len(item.prompt_ids),
+                                  token)
+            except WaferError as e:
+                why, token = str(e), None
+            outcomes.append((item.request_id, token))
+        self.channel.send(PrefillReport(tuple(outcomes), result.seconds, why or ""))
+
+    def between_commands(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
