@@ -26,7 +26,7 @@ setup: $(VENV)/.runtime
 setup-test: $(VENV)/.test
 
 demo: setup
-	$(BIN)/wafer generate --chat --prompt "What is the capital of France?" --max-new-tokens 64
+	$(BIN)/wafer demo
 
 test: setup-test
 	$(BIN)/pytest

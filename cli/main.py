@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Callable
 
-from cli import bench_decode, bench_kv, bench_prefill, bench_serve, generate
+from cli import bench_decode, bench_kv, bench_prefill, bench_serve, demo, generate
 from cli import kv as kv_cmd
 from cli import profile as profile_cmd
 from cli import serve as serve_cmd
@@ -42,6 +42,8 @@ def add_group(sub, name: str, help: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="wafer", description="Wafer-scale transformer decode in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    add_command(sub, "demo", "one request through prefill mesh -> KV stream -> wafer decode mesh, explained",
+                demo.add_arguments, demo.run)
     add_command(sub, "generate", "generate text on one device, or on a core mesh with --mesh",
                 generate.add_arguments, generate.run)
 

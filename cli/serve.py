@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slots", type=positive_int, default=SchedulerConfig.slots, help="decode batch size")
     p.add_argument("--max-len", type=int_at_least(2, "at least 2"), default=EngineOptions.max_len,
                    help="positions per slot: prompt and output tokens together")
+    p.add_argument("--sram-budget", default=None,
+                   help="bytes per decode core the SRAM planner holds the layout to, e.g. 48MiB (default: no limit)")
     p.add_argument("--max-waiting", type=positive_int, default=SchedulerConfig.max_waiting,
                    help="waiting queue bound; requests beyond it get 429")
     p.add_argument("--prefill-cpus", default=None, metavar="LIST",
@@ -102,6 +104,7 @@ def options_from_args(args):
     """Every flag checked and parsed into the engine's `EngineOptions`; nothing started yet."""
     from kernels.allreduce import Schedule
     from mesh.executors import Executor, Grid
+    from mesh.wafer import parse_bytes
     from serve.events import Mode, SchedulerConfig
     from serve.options import EngineOptions
 
@@ -117,10 +120,14 @@ def options_from_args(args):
         except WaferError as e:
             raise WaferError(f"{flag}: {e}") from None
     mode = Mode(args.mode)
+    budget = parse_bytes(args.sram_budget) if args.sram_budget is not None else None
+    if budget is not None and budget <= 0:
+        raise WaferError(f"--sram-budget {args.sram_budget!r}: must be positive")
     return EngineOptions(
         model=args.model, checkpoint=args.checkpoint, mode=mode,
         prefill_grid=grids["--prefill-mesh"], decode_grid=grids["--decode-mesh"],
         executor=Executor(args.executor), schedule=schedule, groups=args.groups, max_len=args.max_len,
+        sram_budget=budget,
         transport=args.transport,
         prefill_cpus=parse_cpus(args.prefill_cpus, "--prefill-cpus") if args.prefill_cpus is not None else None,
         decode_cpus=parse_cpus(args.decode_cpus, "--decode-cpus") if args.decode_cpus is not None else None,

@@ -39,7 +39,8 @@ from serve.requests import Done, EngineState, Failed, GenerateRequest, Output, T
 from serve.scheduler import Scheduler
 from serve.worker_handle import WorkerHandle
 from serve.worker_messages import (Discard, Evict, Expect, Landed, LandFailed, Listening, PrefillBatch, PrefillItem,
-                                   PrefillReport, Ready, Ship, ShipFailed, Shipped, Shutdown, Step, StepReport)
+                                   PrefillReport, Ready, Ship, ShipFailed, Shipped, Shutdown, Step, StepReport,
+                                   WorkerSite)
 from serve.worker_spec import Faults, Role, WorkerSpec
 
 # A worker that has not reported Ready this long after `start()` fails the start.
@@ -113,6 +114,7 @@ class WorkerEngine:
         self._live: dict[RequestId, _Live] = {}
         self._config: ModelConfig | None = None
         self._capacity: int | None = None
+        self._sites: dict[str, WorkerSite] = {}
         self._eos: frozenset[int] = frozenset()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick = None
@@ -196,6 +198,10 @@ class WorkerEngine:
         return EngineState(ready, len(s.waiting_ids()), len(s.slot_holders()), s.config.slots)
 
     # Views for tests and operators.
+
+    def sites(self) -> dict[str, WorkerSite]:
+        """Where each worker runs (its last start): process, CPUs, meshes, SRAM use; by role."""
+        return dict(self._sites)
 
     def pids(self) -> dict[str, int]:
         """The worker processes alive now, by role ("prefill", "decode" or "integrated")."""
@@ -374,6 +380,7 @@ class WorkerEngine:
 
     def _ready(self, handle: WorkerHandle, report: Ready) -> None:
         handle.ready, handle.failed_starts = True, 0
+        self._sites[handle.role.value] = report.site
         if handle.role is not Role.PREFILL:
             self._capacity = min(report.capacity, report.config.max_seq_len)
         self._config = report.config

@@ -31,6 +31,7 @@ class EngineOptions:
     schedule: Schedule = Schedule.PSUM
     groups: int | None = None  # K-tree groups per mesh axis
     max_len: int = 2048  # positions per slot: prompt and output tokens together
+    sram_budget: int | None = None  # bytes per decode core the SRAM planner checks (None: no limit)
     transport: str = "tcp"  # the KV handoff: "tcp" or "jax"
     # CPUs each worker is pinned to; None: the engine splits this machine's CPUs between them.
     prefill_cpus: tuple[int, ...] | None = None

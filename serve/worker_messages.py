@@ -80,11 +80,31 @@ Command = PrefillBatch | Expect | Ship | Discard | Evict | Step | Shutdown
 
 
 @dataclasses.dataclass(frozen=True)
+class SramUse:
+    """One decode core's SRAM plan (mesh/planner.py): bytes per core by kind, and the budget."""
+
+    per_core_bytes: int
+    budget: int | None  # None: no budget was set (the plan is still accounted)
+    by_kind: tuple[tuple[str, int], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSite:
+    """Where a worker runs: its process, its CPUs, its meshes, and its decode cores' SRAM use."""
+
+    pid: int
+    cpus: tuple[int, ...]
+    meshes: tuple[str, ...]  # e.g. "decode mesh 4x4 (vcores, psum)"
+    sram: SramUse | None = None  # workers with a decode batch
+
+
+@dataclasses.dataclass(frozen=True)
 class Ready:
     """The worker has loaded the model, placed its meshes and compiled; it takes work."""
 
     config: ModelConfig
     capacity: int | None  # positions per decode slot (None: a worker without a decode batch)
+    site: WorkerSite | None = None
 
 
 @dataclasses.dataclass(frozen=True)

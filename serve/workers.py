@@ -19,6 +19,7 @@ touches the meshes; the threads it starts do network I/O only (sending a cache, 
 from __future__ import annotations
 
 import dataclasses
+import os
 import queue
 import threading
 import time
@@ -33,6 +34,7 @@ from kvcache.sequence import model_fingerprint, sequence_from_prefill
 from kvcache.transport import IO_TIMEOUT_S, send_kv
 from mesh.errors import WaferError
 from mesh.executors import Executor, make_core_mesh
+from mesh.wafer import emulated_spec
 from model.load import LoadedModel, load_model
 from model.prefill import Prefiller
 from model.sampling import Sampling
@@ -40,7 +42,8 @@ from model.slot_batch import SlotBatch
 from model.wafer_decode import MeshOptions
 from serve.kv_intake import KVIntake
 from serve.worker_messages import (Discard, Evict, Expect, Landed, LandFailed, Listening, PrefillBatch, PrefillReport,
-                                   Ready, Ship, ShipFailed, Shipped, Shutdown, Step, StepReport)
+                                   Ready, Ship, ShipFailed, Shipped, Shutdown, SramUse, Step, StepReport,
+                                   WorkerSite)
 from serve.worker_spec import Role, WorkerSpec
 
 # How long the loop waits for a command when nothing else is pending, and when a KV stream is in
@@ -88,7 +91,7 @@ def run_worker(spec: WorkerSpec, conn) -> None:
     channel = Channel(conn)
     worker = {Role.PREFILL: PrefillWorker, Role.DECODE: DecodeWorker,
               Role.INTEGRATED: IntegratedWorker}[spec.role](loaded, spec, channel)
-    channel.send(Ready(loaded.config, worker.capacity))
+    channel.send(Ready(loaded.config, worker.capacity, worker_site(spec, worker)))
     try:
         while True:
             if conn.poll(worker.poll_timeout()):
@@ -99,6 +102,20 @@ def run_worker(spec: WorkerSpec, conn) -> None:
             worker.between_commands()
     finally:
         worker.close()
+
+
+def worker_site(spec: WorkerSpec, worker) -> WorkerSite:
+    """This process, its CPUs, its meshes and (with a decode batch) its cores' SRAM plan."""
+    opts = spec.options
+    meshes, sram = [], None
+    if spec.role is not Role.DECODE:
+        meshes.append(f"prefill mesh {opts.prefill_grid} (devices)")
+    if spec.role is not Role.PREFILL:
+        meshes.append(f"decode mesh {opts.decode_grid} ({opts.executor.value}, {opts.schedule.value})")
+        plan = worker.slots.batch.plan
+        sram = SramUse(plan.per_core_bytes, opts.sram_budget,
+                       tuple((k, b) for k, b in plan.bytes_by_kind().items() if b))
+    return WorkerSite(os.getpid(), tuple(sorted(os.sched_getaffinity(0))), tuple(meshes), sram)
 
 
 def _prefiller(loaded: LoadedModel, spec: WorkerSpec) -> Prefiller:
@@ -198,8 +215,9 @@ class DecodeSlots:
         import jax
         opts = spec.options
         mesh = make_core_mesh(opts.decode_grid, opts.executor, jax.devices())
+        budget = emulated_spec(opts.sram_budget) if opts.sram_budget else None
         self.batch = SlotBatch(loaded.params, loaded.config, mesh, opts.scheduler.slots, opts.max_len,
-                               MeshOptions(opts.schedule, opts.groups, greedy=True))
+                               MeshOptions(opts.schedule, opts.groups, greedy=True), budget)
         self.batch.compile()
         self.channel = channel
         self.request: dict[int, str] = {}  # committed slot -> request id
