@@ -198,6 +198,8 @@ class Simulator:
         self.progress, self.progress_every = progress, progress_every
         self.ended = 0
         self.rr = 0
+        deadlines = fleet.config.deadlines
+        self.shortest_limit = min(getattr(deadlines, f.name) for f in dataclasses.fields(deadlines))
 
     def _push(self, t: float, kind: int, unit: int, payload) -> None:
         heapq.heappush(self.heap, (t, kind, next(self.seq), unit, payload))
@@ -309,10 +311,13 @@ class Simulator:
             self._push(now + dt, _STEP_DONE, unit.index, (unit.gen[Worker.DECODE], tokens))
         if d.finished or d.failed:
             self._record(unit, d)
-        deadline = unit.sched.next_deadline()
-        if deadline is not None and (unit.tick_at is None or deadline < unit.tick_at):
-            unit.tick_at = deadline
-            self._push(deadline, _TICK, unit.index, None)
+        # A deadline set by this event is at least `now + shortest limit` away; while the unit's tick
+        # comes before that, no new deadline can precede it and the lookup is skipped.
+        if unit.tick_at is None or unit.tick_at > now + self.shortest_limit:
+            deadline = unit.sched.next_deadline()
+            if deadline is not None and (unit.tick_at is None or deadline < unit.tick_at):
+                unit.tick_at = deadline
+                self._push(deadline, _TICK, unit.index, None)
 
     def _restart(self, unit: _Unit, now: float, workers) -> None:
         for w in workers:
