@@ -15,6 +15,7 @@ bias against the wafers). Cost per hour, when given, is per accelerator and per 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 from mesh.errors import WaferError
 from mesh.wafer import WaferSpec
@@ -120,11 +121,54 @@ def report(plan: FleetPlan, result: SimResult) -> dict:
     return s
 
 
+def capacity(plan: FleetPlan, make: Callable[[float], Workload], slo: SLO, rate: float, attainment: float = 0.9,
+             steps: int = 6) -> tuple[float, dict]:
+    """DistServe's goodput capacity: the highest arrival rate at which at least `attainment` of the
+    requests meet both SLOs, for workloads `make(rate)`. Doubles or halves from `rate` to bracket
+    it (at most 12 times), then bisects `steps` times (to within 2**-steps of the bracket).
+    Returns the rate (0 if even rate / 4096 fails) and the summary of the run at that rate."""
+    def run(r: float) -> dict:
+        return report(plan, simulate(plan.fleet, make(r), slo))
+
+    def ok(s: dict) -> bool:
+        return s["slo_attainment"] >= attainment
+
+    s = run(rate)
+    if ok(s):
+        lo, best = rate, s
+        for _ in range(12):
+            s = run(2 * lo)
+            if not ok(s):
+                break
+            lo, best = 2 * lo, s
+        else:
+            return lo, best
+        hi = 2 * lo
+    else:
+        hi, lo, best = rate, None, None
+        for _ in range(12):
+            s = run(hi / 2)
+            if ok(s):
+                lo, best = hi / 2, s
+                break
+            hi /= 2
+        if lo is None:
+            return 0.0, s
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        s = run(mid)
+        if ok(s):
+            lo, best = mid, s
+        else:
+            hi = mid
+    return lo, best
+
+
 def best_ratio(config: ModelConfig, chip: Accelerator, spec: WaferSpec, grid: str, link: Link, context: int,
-               power_kw: float, workload: Workload, slo: SLO, mfu: float = 0.5, policy: Policy = Policy(),
-               progress=None) -> list[dict]:
-    """Every split of `power_kw` into prefill accelerators and whole decode replicas, simulated on
-    `workload`; rows sorted by goodput, best first."""
+               power_kw: float, make: Callable[[float], Workload], rate: float, slo: SLO, mfu: float = 0.5,
+               policy: Policy = Policy(), progress=None) -> list[dict]:
+    """Every split of `power_kw` into prefill accelerators and whole decode replicas, with its
+    goodput capacity (`capacity`) on workloads `make(rate)`; rows sorted best first."""
     if chip.watts is None:
         raise WaferError(f"{chip.name} has no board power in its preset: a power footprint needs one")
     per_replica = wafer_decode(config, spec, grid, context).wafers
@@ -135,37 +179,40 @@ def best_ratio(config: ModelConfig, chip: Accelerator, spec: WaferSpec, grid: st
         chips = int((power_kw - wafers * CS3_KW) * 1e3 // chip.watts)
         if chips >= 1:
             plan = disaggregated(config, chip, chips, spec, grid, wafers, link, context, mfu=mfu, policy=policy)
-            s = report(plan, simulate(plan.fleet, workload, slo))
-            rows.append({"prefill_chips": chips, "wafers": wafers, "goodput_req_s": s["goodput_req_s"],
+            cap, s = capacity(plan, make, slo, rate)
+            rows.append({"prefill_chips": chips, "wafers": wafers, "capacity_req_s": cap,
                          "fast_tokens_s": s["fast_tokens_s"], "ttft_p90_s": s["ttft_s"]["p90"],
-                         "tpot_p90_s": s["tpot_s"]["p90"], "slo_attainment": s["slo_attainment"]})
+                         "tpot_p90_s": s["tpot_s"]["p90"]})
             if progress:
                 progress(rows[-1])
         replicas += 1
-    return sorted(rows, key=lambda r: -r["goodput_req_s"])
+    return sorted(rows, key=lambda r: -r["capacity_req_s"])
 
 
 def crossover(config: ModelConfig, chip: Accelerator, spec: WaferSpec, grid: str, link: Link, context: int,
               power_kw: float, requests: int, rate: float, total_tokens: int, ratios: list[float], slo: SLO,
               seed: int = 0, mfu: float = 0.5, policy: Policy = Policy(), progress=None) -> list[dict]:
-    """Disaggregated (best split of the footprint) vs integrated (the same power in accelerators),
-    as the input:output ratio of a fixed number of tokens per request varies."""
+    """Goodput capacity of disaggregated (the best split of the footprint) vs integrated (the same
+    power in accelerators), as the input:output ratio of `total_tokens` per request varies."""
+    if chip.watts is None:
+        raise WaferError(f"{chip.name} has no board power in its preset: a power footprint needs one")
     rows = []
-    chips = int(power_kw * 1e3 // chip.watts) if chip.watts else 0
+    chips = int(power_kw * 1e3 // chip.watts)
     for ratio in ratios:
         out = max(1, round(total_tokens / (1 + ratio)))
         inp = max(1, total_tokens - out)
-        w = synthetic(requests, rate, inp, out, seed)
-        split = best_ratio(config, chip, spec, grid, link, context, power_kw, w, slo, mfu, policy)
-        plan = integrated(config, chip, chips, context, policy=policy)
-        s = report(plan, simulate(plan.fleet, w, slo))
+
+        def make(r: float, inp=inp, out=out) -> Workload:
+            return synthetic(requests, r, inp, out, seed)
+
+        split = best_ratio(config, chip, spec, grid, link, context, power_kw, make, rate, slo, mfu, policy)
+        integrated_cap, _ = capacity(integrated(config, chip, chips, context, policy=policy), make, slo, rate)
         best = split[0] if split else None
-        rows.append({"input": inp, "output": out, "ratio": ratio,
-                     "disaggregated_goodput": best["goodput_req_s"] if best else None,
+        disagg_cap = best["capacity_req_s"] if best else 0.0
+        rows.append({"input": inp, "output": out, "ratio": ratio, "disaggregated_req_s": disagg_cap,
                      "disaggregated_split": f"{best['prefill_chips']}:{best['wafers']}" if best else None,
-                     "integrated_goodput": s["goodput_req_s"],
-                     "winner": None if best is None else ("disaggregated" if best["goodput_req_s"] > s["goodput_req_s"]
-                                                           else "integrated")})
+                     "integrated_req_s": integrated_cap,
+                     "winner": "disaggregated" if disagg_cap > integrated_cap else "integrated"})
         if progress:
             progress(rows[-1])
     return rows

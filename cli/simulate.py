@@ -85,12 +85,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _workload(args):
+def _workload(args, rate: float | None = None):
+    """The workload of the flags; `rate` (sweeps) overrides --rate, and rescales a trace to it."""
     from serve.workload import PROFILES, LengthDist, read_azure_trace, synthetic
     if args.trace is not None:
-        return read_azure_trace(args.trace, args.requests, args.time_scale)
+        w = read_azure_trace(args.trace, args.requests, args.time_scale)
+        if rate is not None and w.span_s > 0:
+            w = read_azure_trace(args.trace, args.requests, args.time_scale * (len(w) - 1) / w.span_s / rate)
+        return w
     prof = PROFILES[args.profile]
-    return synthetic(args.requests, args.rate, args.input_len or prof.input_len, args.output_len or prof.output_len,
+    return synthetic(args.requests, rate or args.rate, args.input_len or prof.input_len, args.output_len or prof.output_len,
                      args.seed, args.burstiness, LengthDist(args.length_dist), name=args.profile)
 
 
@@ -208,7 +212,7 @@ def _run_sweep(args) -> int:
 
     if args.sweep == "ratio":
         rows = best_ratio(config, chip, spec, args.grid, link(args.link), args.context, args.power_kw,
-                          _workload(args), _slo(args), args.mfu, _policy(args), note)
+                          lambda rate: _workload(args, rate), args.rate, _slo(args), args.mfu, _policy(args), note)
     else:
         total = (args.input_len or 2048) + (args.output_len or 128)
         ratios = [1 / 16, 1 / 4, 1.0, 4.0, 16.0, 64.0]
