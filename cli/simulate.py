@@ -19,6 +19,10 @@ import time
 from cli.flags import positive_int, progress
 from mesh.errors import WaferError
 
+# Without fleet flags: 8 prefill accelerators and 4 decode replicas (as many wafers as that takes).
+DEFAULT_PREFILL = 8
+DEFAULT_REPLICAS = 4
+
 
 def _positive_float(text: str) -> float:
     try:
@@ -50,8 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     f = p.add_argument_group("fleet")
     f.add_argument("--model", default="llama3.1-70b", help="model preset (default llama3.1-70b)")
-    f.add_argument("--prefill", type=positive_int, default=None, help="prefill accelerators (disaggregated)")
-    f.add_argument("--decode", type=positive_int, default=None, help="decode wafers (disaggregated)")
+    f.add_argument("--prefill", type=positive_int, default=None,
+                   help=f"prefill accelerators (disaggregated; default {DEFAULT_PREFILL})")
+    f.add_argument("--decode", type=positive_int, default=None,
+                   help=f"decode wafers (disaggregated; default: {DEFAULT_REPLICAS} replicas' worth)")
     f.add_argument("--integrated", type=positive_int, default=None,
                    help="accelerators doing both phases (the integrated baseline)")
     f.add_argument("--chunked-prefill", action="store_true", help="integrated: price prefill as chunks")
@@ -108,7 +114,7 @@ def _plan(args):
     from bench.fleet import disaggregated, integrated, measured
     from mesh.wafer import SPECS
     from model.config import preset
-    from serve.costs import accelerator, link, load_measured
+    from serve.costs import accelerator, link, load_measured, wafer_decode
     from serve.events import Mode
 
     policy = _policy(args)
@@ -120,10 +126,14 @@ def _plan(args):
             raise WaferError("--integrated excludes --prefill and --decode")
         return integrated(config, chip, args.integrated, args.context, args.chunked_prefill, args.mfu,
                           policy=policy, cost_h=args.prefill_cost_h)
-    if args.prefill is None or args.decode is None:
-        raise WaferError("a fleet needs --prefill N --decode M, --integrated N, or --measured FILE")
+    if (args.prefill is None) != (args.decode is None):
+        raise WaferError("a disaggregated fleet needs both --prefill N --decode M (or neither, for the default)")
+    if args.prefill is None:
+        args.prefill, args.decode = DEFAULT_PREFILL, None
     if args.wafer not in SPECS:
         raise WaferError(f"unknown wafer {args.wafer!r}; known: {', '.join(SPECS)}")
+    if args.decode is None:
+        args.decode = DEFAULT_REPLICAS * wafer_decode(config, SPECS[args.wafer], args.grid, args.context, args.slots).wafers
     return disaggregated(config, chip, args.prefill, SPECS[args.wafer], args.grid, args.decode, link(args.link),
                          args.context, args.slots, args.mfu, policy, args.prefill_cost_h, args.decode_cost_h)
 

@@ -2,6 +2,7 @@
 one request's timeline, a saturated decode pool; its determinism, its cost models, the trace
 reader on the shipped traces, and `wafer simulate` end to end on a measured cost file."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -215,6 +216,31 @@ def test_wafer_simulate_on_a_measured_file(capsys, tmp_path):
     assert 0 < s["utilisation"]["decode"] <= 1
 
 
-def test_wafer_simulate_needs_a_fleet(capsys):
-    rc, _, err = run_cli(capsys, "simulate", "--requests", "10")
+def test_wafer_simulate_needs_both_pools(capsys):
+    rc, _, err = run_cli(capsys, "simulate", "--requests", "10", "--prefill", "4")
     assert_one_line_error(rc, err, "--prefill N --decode M")
+
+
+def test_wafer_simulate_disaggregated_from_presets(capsys):
+    rc, out, _ = run_cli(capsys, "simulate", "--model", "tiny-llama", "--grid", "4x4", "--context", "128",
+                         "--prefill", "2", "--decode", "2", "--requests", "200", "--rate", "100", "--input-len", "64",
+                         "--output-len", "8", "--json", "--no-progress", "--prefill-cost-h", "2", "--decode-cost-h", "50")
+    assert rc == 0
+    s = json.loads(out)
+    assert s["finished"] == 200 and s["fleet"]["prefill_chips_per_unit"] == 1.0
+    assert s["power_kw"] == pytest.approx(2 * 0.7 + 2 * 23.0)
+    assert s["cost_per_h"] == pytest.approx(2 * 2 + 2 * 50)
+
+
+def test_capacity_of_a_deterministic_server():
+    """Near-deterministic arrivals (gamma shape 1e6) at a 1 s prefill server, one-token requests,
+    TTFT SLO 1.5 s: below 1 req/s nothing queues and all pass; above it the wait grows by
+    (1 - 1/rate) s per request, so 90% of 200 pass only up to rate 1/(1 - 0.5/180) = 1.003. The
+    search brackets [0.6, 1.2] from 0.3 and bisects to 1%."""
+    from bench.fleet import capacity, measured
+
+    plan = measured(cost(prefill_fixed=1.0, slots=4), Mode.DISAGGREGATED)
+    plan = dataclasses.replace(plan, fleet=dataclasses.replace(plan.fleet, config=config(batch=1)))
+    rate, s = capacity(plan, lambda r: synthetic(200, r, 8, 1, seed=0, burstiness=1e6), SLO(ttft_s=1.5), 0.3)
+    assert rate == pytest.approx(1.0, abs=0.012)
+    assert s["slo_attainment"] >= 0.9
