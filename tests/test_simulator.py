@@ -244,3 +244,18 @@ def test_capacity_of_a_deterministic_server():
     rate, s = capacity(plan, lambda r: synthetic(200, r, 8, 1, seed=0, burstiness=1e6), SLO(ttft_s=1.5), 0.3)
     assert rate == pytest.approx(1.0, abs=0.012)
     assert s["slo_attainment"] >= 0.9
+
+
+@pytest.mark.parametrize("mode", [Mode.DISAGGREGATED, Mode.INTEGRATED])
+def test_a_hung_decode_worker_is_restarted_and_serving_goes_on(mode):
+    """Decode steps of 1 s against a 0.5 s token deadline: the scheduler declares the worker hung,
+    the simulator restarts it (2 s), and the requests it held fail; one-token requests that never
+    need a decode step still finish, before and after the restart."""
+    cfg = SchedulerConfig(mode=mode, slots=2, max_prefill_batch=1,
+                          deadlines=Deadlines(queue_s=100.0, prefill_s=100.0, handoff_s=100.0, token_s=0.5))
+    w = workload([0.0, 0.1, 5.0], [8, 8, 8], [3, 1, 1])
+    r = simulate(Fleet(cfg, cost(0.01, step=1.0), restart_s=2.0), w, keep_records=True)
+    by_id = {rec.request_id: rec for rec in r.records}
+    assert by_id["0"].failed is FailReason.DEADLINE
+    assert by_id["1"].failed is None and by_id["2"].failed is None
+    assert by_id["2"].ttft == pytest.approx(0.01)
