@@ -126,7 +126,8 @@ def capacity(plan: FleetPlan, make: Callable[[float], Workload], slo: SLO, rate:
     """DistServe's goodput capacity: the highest arrival rate at which at least `attainment` of the
     requests meet both SLOs, for workloads `make(rate)`. Doubles or halves from `rate` to bracket
     it (at most 12 times), then bisects `steps` times (to within 2**-steps of the bracket).
-    Returns the rate (0 if even rate / 4096 fails) and the summary of the run at that rate."""
+    Returns the rate (0 if even rate / 4096 fails) and the summary of the run at that rate, marked
+    `capped` when the rate is only a lower bound (it still passed at rate x 4096)."""
     def run(r: float) -> dict:
         return report(plan, simulate(plan.fleet, make(r), slo))
 
@@ -142,7 +143,7 @@ def capacity(plan: FleetPlan, make: Callable[[float], Workload], slo: SLO, rate:
                 break
             lo, best = 2 * lo, s
         else:
-            return lo, best
+            return lo, dict(best, capped=True)  # still passing after 12 doublings: a lower bound
         hi = 2 * lo
     else:
         hi, lo, best = rate, None, None
@@ -182,7 +183,7 @@ def best_ratio(config: ModelConfig, chip: Accelerator, spec: WaferSpec, grid: st
             cap, s = capacity(plan, make, slo, rate)
             rows.append({"prefill_chips": chips, "wafers": wafers, "capacity_req_s": cap,
                          "fast_tokens_s": s["fast_tokens_s"], "ttft_p90_s": s["ttft_s"]["p90"],
-                         "tpot_p90_s": s["tpot_s"]["p90"]})
+                         "tpot_p90_s": s["tpot_s"]["p90"], "capped": s.get("capped", False)})
             if progress:
                 progress(rows[-1])
         replicas += 1
@@ -206,12 +207,13 @@ def crossover(config: ModelConfig, chip: Accelerator, spec: WaferSpec, grid: str
             return synthetic(requests, r, inp, out, seed)
 
         split = best_ratio(config, chip, spec, grid, link, context, power_kw, make, rate, slo, mfu, policy)
-        integrated_cap, _ = capacity(integrated(config, chip, chips, context, policy=policy), make, slo, rate)
+        integrated_cap, integrated_s = capacity(integrated(config, chip, chips, context, policy=policy), make, slo, rate)
         best = split[0] if split else None
         disagg_cap = best["capacity_req_s"] if best else 0.0
         rows.append({"input": inp, "output": out, "ratio": ratio, "disaggregated_req_s": disagg_cap,
                      "disaggregated_split": f"{best['prefill_chips']}:{best['wafers']}" if best else None,
-                     "integrated_req_s": integrated_cap,
+                     "integrated_req_s": integrated_cap, "capped": bool(best and best["capped"])
+                     or integrated_s.get("capped", False),
                      "winner": "disaggregated" if disagg_cap > integrated_cap else "integrated"})
         if progress:
             progress(rows[-1])

@@ -54,6 +54,7 @@ def write_sweep_plot(kind: str, rows: list[dict], out_dir: str) -> str:
         ax.set_xscale("log")
         ax.set_xlabel("input : output tokens")
         ax.legend()
+    ax.set_yscale("symlog", linthresh=1.0)  # capacities span decades; 0 (nothing passes) stays on the axis
     ax.set_ylabel("goodput capacity (req/s at 90% within SLOs)")
     ax.grid(True, alpha=0.3)
     path = os.path.join(out_dir, f"simulate_sweep_{kind}.png")

@@ -14,9 +14,9 @@ from model.config import TINY_LLAMA, preset
 from serve.costs import (H100, DensePrefillCost, KVLinkCost, Link, MeasuredCost, RooflineDecodeCost, fit_measured,
                          kv_wire_bytes, prefill_flops, wafer_decode, weight_bytes, weight_params)
 from serve.events import Deadlines, FailReason, Mode, SchedulerConfig
-from serve.simulator import SLO, Fleet, Router, simulate
+from serve.simulator import SLO, Fleet, Router, Simulator, simulate
 from serve.streamstats import LogHistogram
-from serve.workload import TRACES, Workload, read_azure_trace, synthetic
+from serve.workload import TRACES, LengthDist, Workload, read_azure_trace, synthetic
 from tests.helpers.cli_runner import assert_one_line_error, run_cli
 
 LONG = Deadlines(queue_s=1e6, prefill_s=1e6, handoff_s=1e6, token_s=1e6)
@@ -259,3 +259,21 @@ def test_a_hung_decode_worker_is_restarted_and_serving_goes_on(mode):
     assert by_id["0"].failed is FailReason.DEADLINE
     assert by_id["1"].failed is None and by_id["2"].failed is None
     assert by_id["2"].ttft == pytest.approx(0.01)
+
+
+def test_decode_steps_are_priced_at_the_context_they_read():
+    """Prompt 100, 3 tokens, a step costing 1 ms per context position: the first decode step
+    reads 101 positions (the prompt and the token it writes), the second 102."""
+    c = MeasuredCost({"fixed_s": 0.01}, {"per_context_token_s": 1e-3}, {}, None)
+    sim = Simulator(Fleet(config(), c), workload([0.0], [100], [3]), keep_records=True)
+    (rec,) = sim.run().records
+    assert rec.e2e - rec.ttft == pytest.approx(0.101 + 0.102, abs=1e-12)
+    assert sim.units[0].context == 0
+
+
+def test_context_accounting_returns_to_zero():
+    w = synthetic(300, rate=50.0, input_len=64, output_len=12, seed=2, length_dist=LengthDist.UNIFORM)
+    for mode in Mode:
+        sim = Simulator(Fleet(config(mode, slots=8), cost(0.01, 1e-5, step=0.01, handoff=2e-3), units=2), w)
+        assert sim.run().finished == 300
+        assert [u.context for u in sim.units] == [0, 0]
