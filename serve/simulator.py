@@ -24,6 +24,13 @@ pairs are shared by fluid shares: N prefill accelerators behind M decode replica
 N/M accelerators of prefill speed (exact when a unit's share is a whole group; a time share
 otherwise, which keeps throughput and slightly understates queueing).
 
+Validation against the live server (issue 14; built once the engine lands): the engine's workers
+time their prefill batches, decode steps (with batch and context) and handoffs; `fit_measured`
+(serve/costs.py) fits them into a `MeasuredCost` file; `wafer simulate --measured FILE --mode M`
+then runs the same workload (`serve.workload.synthetic` with the same seed, which the load
+generator should draw its arrivals and lengths from, or the same trace) through the same
+scheduler config, and the two reports are compared percentile by percentile.
+
 Memory is bounded by the live requests: latencies go into streaming histograms
 (serve/streamstats.py); per-request records are kept only when asked (tests, validation).
 """
