@@ -11,7 +11,7 @@ import pytest
 from mesh.executors import Grid
 from mesh.wafer import emulated_spec
 from model.config import TINY_LLAMA, preset
-from serve.costs import (H100, DensePrefillCost, KVLinkCost, Link, MeasuredCost, RooflineDecodeCost, fit_measured,
+from serve.costs import (H100, DensePrefillCost, IntegratedCost, KVLinkCost, Link, MeasuredCost, RooflineDecodeCost, fit_measured,
                          kv_wire_bytes, prefill_flops, wafer_decode, weight_bytes, weight_params)
 from serve.events import Deadlines, FailReason, Mode, SchedulerConfig
 from serve.simulator import SLO, Fleet, Router, Simulator, simulate
@@ -159,6 +159,12 @@ def test_prefill_and_decode_cost_models_by_hand():
     d = RooflineDecodeCost(preset("llama3.1-70b"), H100, count=4, bw_efficiency=1.0, overhead_s=0.0)
     kv = 2 * 80 * 8 * 128 * 2  # bytes per token: K and V, 80 layers, 8 KV heads of 128, 16-bit
     assert d.decode_step_s(1, 1000) == pytest.approx((weight_bytes(d.config) + 1000 * kv) / (4 * 3.35e12))
+    # Integrated: a whole prefill pays its overhead and the weight read if larger; chunked, only its FLOPs.
+    p2 = DensePrefillCost(preset("llama3.1-70b"), H100, count=4, mfu=0.5, overhead_s=2e-3)
+    whole, chunked = IntegratedCost(p2, d), IntegratedCost(p2, d, chunked=True)
+    assert whole.prefill_s([8]) == pytest.approx(2e-3 + weight_bytes(p2.config) / (4 * 3.35e12))
+    assert chunked.prefill_s([8]) == pytest.approx(prefill_flops(p2.config, [8]) / (4 * 989e12 * 0.5))
+    assert whole.handoff_s(1000) == 0.0
 
 
 def test_kv_link_bytes_and_time_by_hand():
