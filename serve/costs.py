@@ -160,10 +160,13 @@ class DensePrefillCost:
     mfu: float = 0.5  # assumption: DistServe and Splitwise see roughly 40-60% on large prefills
     overhead_s: float = 2e-3
 
+    @functools.cached_property
+    def _weights_s(self) -> float:
+        return weight_bytes(self.config) / (self.count * self.chip.hbm_bytes_per_s)
+
     def prefill_s(self, prompt_lens: Sequence[int]) -> float:
         compute = prefill_flops(self.config, prompt_lens) / (self.count * self.chip.peak_flops * self.mfu)
-        weights = weight_bytes(self.config) / (self.count * self.chip.hbm_bytes_per_s)
-        return self.overhead_s + max(compute, weights)
+        return self.overhead_s + max(compute, self._weights_s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,10 +246,19 @@ class RooflineDecodeCost:
     bw_efficiency: float = 0.8  # assumption: well-tuned decode kernels reach ~70-85% of HBM peak
     overhead_s: float = 1e-3
 
+    @functools.cached_property
+    def _per(self) -> tuple[float, float, float, float]:
+        """Seconds per sequence and per context position of compute, and of the weights and per
+        context position of HBM traffic (a step is priced in O(1))."""
+        c, flops, bw = self.config, self.count * self.chip.peak_flops * self.mfu, \
+            self.count * self.chip.hbm_bytes_per_s * self.bw_efficiency
+        return (decode_flops(c, 1, 0) / flops, decode_flops(c, 0, 1) / flops, weight_bytes(c) / bw,
+                c.kv_bytes_per_token(2) / bw)
+
     def decode_step_s(self, batch: int, context_tokens: int) -> float:
-        compute = decode_flops(self.config, batch, context_tokens) / (self.count * self.chip.peak_flops * self.mfu)
-        traffic = weight_bytes(self.config) + context_tokens * self.config.kv_bytes_per_token(2)
-        memory = traffic / (self.count * self.chip.hbm_bytes_per_s * self.bw_efficiency)
+        seq_s, ctx_flop_s, weights_s, ctx_byte_s = self._per
+        compute = seq_s * batch + ctx_flop_s * context_tokens
+        memory = weights_s + ctx_byte_s * context_tokens
         return self.overhead_s + max(compute, memory)
 
 
