@@ -74,6 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --measured: the scheduler's mode")
     f.add_argument("--units", type=positive_int, default=1, help="with --measured: worker pairs")
     f.add_argument("--router", choices=["least-loaded", "round-robin"], default="least-loaded")
+    f.add_argument("--processes", type=positive_int, default=1,
+                   help="simulate the units in this many processes (needs --router round-robin)")
     f.add_argument("--max-waiting", type=positive_int, default=4096, help="waiting queue bound per unit")
     f.add_argument("--prefill-cost-h", type=_positive_float, default=None, help="$/h per prefill accelerator")
     f.add_argument("--decode-cost-h", type=_positive_float, default=None, help="$/h per wafer")
@@ -178,7 +180,7 @@ def run(args) -> int:
     if args.sweep:
         return _run_sweep(args)
     from bench.fleet import report
-    from serve.simulator import simulate
+    from serve.simulator import Router, simulate, simulate_parallel
 
     workload = _workload(args)
     plan = _plan(args)
@@ -190,7 +192,12 @@ def run(args) -> int:
         bar.update(done - last[0])
         last[0] = done
 
-    result = simulate(plan.fleet, workload, _slo(args), progress=tick)
+    if args.processes > 1:
+        if plan.fleet.router is not Router.ROUND_ROBIN:
+            raise WaferError("--processes needs --router round-robin (least-loaded routing couples the units)")
+        result = simulate_parallel(plan.fleet, workload, _slo(args), args.processes)
+    else:
+        result = simulate(plan.fleet, workload, _slo(args), progress=tick)
     wall = time.perf_counter() - start
     bar.update(result.requests - last[0])
     bar.close()

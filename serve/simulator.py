@@ -40,8 +40,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 import heapq
+import concurrent.futures
 import itertools
+import multiprocessing
 from typing import Callable
+
+import numpy as np
 
 from serve.costs import CostSource
 from serve.events import (Arrival, FailReason, HandoffDone, Mode, PrefillDone, PrefillOutcome, SchedulerConfig,
@@ -142,6 +146,26 @@ class SimResult:
         }
 
 
+def merge(results: list[SimResult]) -> SimResult:
+    """One result for the units of several simulations run side by side (their times share a clock)."""
+    out = SimResult(mode=results[0].mode, units=0, first_arrival=min(r.first_arrival for r in results),
+                    records=None if any(r.records is None for r in results) else [])
+    for r in results:
+        for name in ("requests", "finished", "good", "output_tokens", "fast_tokens", "units", "prefill_batches",
+                     "decode_steps", "decode_batch_sum", "events"):
+            setattr(out, name, getattr(out, name) + getattr(r, name))
+        for name in ("prefill_busy_s", "decode_busy_s", "link_busy_s"):
+            setattr(out, name, getattr(out, name) + getattr(r, name))
+        out.last_end = max(out.last_end, r.last_end)
+        for reason, n in r.failed.items():
+            out.failed[reason] = out.failed.get(reason, 0) + n
+        for name in ("ttft", "tpot", "e2e"):
+            getattr(out, name).merge(getattr(r, name))
+        if out.records is not None:
+            out.records.extend(r.records)
+    return out
+
+
 class _Unit:
     """The simulated workers of one unit: the prefill side, the link, the decode batch."""
 
@@ -195,8 +219,10 @@ class Simulator:
     """Drive `fleet.units` schedulers through `workload`; `run()` returns a `SimResult`."""
 
     def __init__(self, fleet: Fleet, workload: Workload, slo: SLO = SLO(), keep_records: bool = False,
-                 progress: Callable[[int], None] | None = None, progress_every: int = 4096):
+                 progress: Callable[[int], None] | None = None, progress_every: int = 4096,
+                 request_ids: np.ndarray | None = None):
         self.fleet, self.workload, self.slo = fleet, workload, slo
+        self.ids = request_ids  # the requests' numbers (default: their index in the workload)
         self.units = [_Unit(i, fleet) for i in range(fleet.units)]
         self.heap: list = []
         self.seq = itertools.count()
@@ -228,7 +254,8 @@ class Simulator:
                 outputs = w.output_len[i:i + _CHUNK].tolist()
             # Arrivals go after completions at the same instant (a slot freed now is free for them).
             if i < n and (not heap or times[i - base] < heap[0][0]):
-                self._arrive(str(i), times[i - base], prompts[i - base], outputs[i - base])
+                rid = str(i) if self.ids is None else str(self.ids[i])
+                self._arrive(rid, times[i - base], prompts[i - base], outputs[i - base])
                 i += 1
             elif heap:
                 t, kind, _, u, payload = heapq.heappop(heap)
@@ -238,9 +265,10 @@ class Simulator:
         return res
 
     def _route(self) -> _Unit:
-        if self.fleet.router is Router.ROUND_ROBIN:
+        if self.fleet.router is Router.ROUND_ROBIN:  # arrival k goes to unit k mod units
+            unit = self.units[self.rr]
             self.rr = (self.rr + 1) % len(self.units)
-            return self.units[self.rr]
+            return unit
         return min(self.units, key=lambda u: u.load)
 
     def _arrive(self, rid: str, t: float, prompt_len: int, output_len: int) -> None:
@@ -379,3 +407,35 @@ def simulate(fleet: Fleet, workload: Workload, slo: SLO = SLO(), keep_records: b
              progress: Callable[[int], None] | None = None) -> SimResult:
     """Simulate `workload` on `fleet`; see the module docstring for what is modelled."""
     return Simulator(fleet, workload, slo, keep_records, progress).run()
+
+
+def _simulate_part(fleet: Fleet, workload: Workload, slo: SLO, keep_records: bool, ids: np.ndarray) -> SimResult:
+    return Simulator(fleet, workload, slo, keep_records, request_ids=ids).run()
+
+
+def simulate_parallel(fleet: Fleet, workload: Workload, slo: SLO = SLO(), processes: int = 2,
+                      keep_records: bool = False) -> SimResult:
+    """`simulate` over `processes` processes, for a round-robin fleet: arrival k goes to unit
+    k mod units whatever the state, so units never interact and each process simulates its share
+    of them on its share of the arrivals. The result equals `simulate`'s (sums of floats aside)."""
+    if fleet.router is not Router.ROUND_ROBIN:
+        raise ValueError("only a round-robin fleet splits over processes (least-loaded routing couples the units)")
+    processes = max(1, min(processes, fleet.units))
+    if processes == 1:
+        return simulate(fleet, workload, slo, keep_records)
+    unit_of = np.arange(len(workload)) % fleet.units
+    jobs, unit_ids = [], []
+    for p in range(processes):
+        units = np.arange(p, fleet.units, processes)  # this process's units, in the global order
+        ids = np.flatnonzero(np.isin(unit_of, units))
+        part = Workload(workload.arrival_s[ids], workload.prompt_len[ids], workload.output_len[ids], workload.name)
+        jobs.append((dataclasses.replace(fleet, units=len(units)), part, slo, keep_records, ids))
+        unit_ids.append(units)
+    # Spawned, not forked: the parent may hold JAX's threads (the wafer profiler), which fork breaks.
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=ctx) as pool:
+        parts = list(pool.map(_simulate_part, *zip(*jobs)))
+    for part, units in zip(parts, unit_ids):  # records name their process's units: renumber them
+        if part.records is not None:
+            part.records = [dataclasses.replace(r, unit=int(units[r.unit])) for r in part.records]
+    return merge(parts)

@@ -53,6 +53,17 @@ class LogHistogram:
         idx = np.clip(np.nan_to_num(idx, neginf=0.0), 0, self._buckets + 1).astype(np.int64)
         self.counts += np.bincount(idx, minlength=self.counts.size)
 
+    def merge(self, other: LogHistogram) -> None:
+        """Add `other`'s values (same buckets) to this histogram."""
+        if (other.lo, other.hi, other.per_decade) != (self.lo, self.hi, self.per_decade):
+            raise ValueError("histograms with different buckets do not merge")
+        self._flush()
+        other._flush()
+        self.counts += other.counts
+        self.count += other.count
+        self.total += other.total
+        self.min, self.max = min(self.min, other.min), max(self.max, other.max)
+
     @property
     def mean(self) -> float | None:
         self._flush()

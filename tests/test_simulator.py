@@ -283,3 +283,25 @@ def test_context_accounting_returns_to_zero():
         sim = Simulator(Fleet(config(mode, slots=8), cost(0.01, 1e-5, step=0.01, handoff=2e-3), units=2), w)
         assert sim.run().finished == 300
         assert [u.context for u in sim.units] == [0, 0]
+
+
+def test_parallel_simulation_equals_the_serial_one():
+    """Round-robin units never interact, so two processes give the serial result."""
+    from serve.simulator import simulate_parallel
+
+    w = synthetic(1200, rate=60.0, input_len=64, output_len=12, seed=4, length_dist=LengthDist.EXPONENTIAL)
+    fleet = Fleet(config(slots=8), cost(0.01, 1e-5, step=0.01, step_per_seq=1e-4, handoff=1e-3), units=3,
+                  router=Router.ROUND_ROBIN)
+    serial = simulate(fleet, w, keep_records=True)
+    parallel = simulate_parallel(fleet, w, processes=2, keep_records=True)
+    key = lambda r: int(r.request_id)
+    assert sorted(parallel.records, key=key) == sorted(serial.records, key=key)
+    a, b = serial.summary(), parallel.summary()
+    assert a.pop("ttft_s")["mean"] == pytest.approx(b.pop("ttft_s")["mean"])
+    assert a.pop("failed") == b.pop("failed")
+    for d in (a, b):
+        for k in ("tpot_s", "e2e_s", "utilisation"):
+            d.pop(k)
+    assert a == pytest.approx(b)
+    with pytest.raises(ValueError, match="round-robin"):
+        simulate_parallel(dataclasses.replace(fleet, router=Router.LEAST_LOADED), w)
