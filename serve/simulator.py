@@ -13,7 +13,10 @@ whose times come from a cost source (serve/costs.py):
 - a decode step over the committed slots ends `decode_step_s(batch, context positions)` later and
   gives every slot one token (`StepDone`: one event for the whole batch); a request ends when the
   scheduler sees its output length (`max_new_tokens` = the workload's output length);
-- a `Tick` goes in at `Scheduler.next_deadline()` when nothing else would reach the unit first.
+- a `Tick` goes in at `Scheduler.next_deadline()` when nothing else would reach the unit first;
+- a restart drops the worker's work in flight, then sends `WorkerDied` at once and `WorkerReady`
+  `restart_s` later; `discard` needs nothing (the prefill side's cache memory is not modelled
+  beyond the scheduler's own `max_prefilled` bound).
 
 A fleet is `units` copies of one (prefill worker, decode worker) pair, or of one integrated
 worker, each with its own `Scheduler`: the scheduler owns one worker of each kind, and extending
@@ -31,16 +34,19 @@ then runs the same workload (`serve.workload.synthetic` with the same seed, whic
 generator should draw its arrivals and lengths from, or the same trace) through the same
 scheduler config, and the two reports are compared percentile by percentile.
 
+A round-robin fleet's units never interact, so `simulate_parallel` runs them in several
+processes with the serial result.
+
 Memory is bounded by the live requests: latencies go into streaming histograms
 (serve/streamstats.py); per-request records are kept only when asked (tests, validation).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import enum
 import heapq
-import concurrent.futures
 import itertools
 import multiprocessing
 from typing import Callable
@@ -62,7 +68,7 @@ _PREFILL_DONE, _HANDOFF_DONE, _STEP_DONE, _CONTROL, _TICK = range(5)
 
 class Router(enum.Enum):
     LEAST_LOADED = "least-loaded"  # the unit with the fewest live requests
-    ROUND_ROBIN = "round-robin"
+    ROUND_ROBIN = "round-robin"  # arrival k to unit k mod units, whatever their state
 
 
 @dataclasses.dataclass(frozen=True)
