@@ -21,7 +21,8 @@ from mesh.errors import WaferError
 from mesh.wafer import WaferSpec
 from model.config import ModelConfig
 from serve.costs import (Accelerator, DensePrefillCost, DisaggregatedCost, IntegratedCost, KVLinkCost, Link,
-                         MeasuredCost, RooflineDecodeCost, group_size, integrated_slots, wafer_decode)
+                         MeasuredCost, RooflineDecodeCost, group_size, integrated_slots, wafer_decode,
+                         weight_bytes)
 from serve.events import Deadlines, Mode, SchedulerConfig
 from serve.simulator import SLO, Fleet, Router, SimResult, simulate
 from serve.workload import Workload, synthetic
@@ -62,6 +63,9 @@ def disaggregated(config: ModelConfig, chip: Accelerator, prefill_chips: int, sp
                   wafer_cost_h: float | None = None) -> FleetPlan:
     if prefill_chips < 1 or wafers < 1:
         raise WaferError(f"a disaggregated fleet needs prefill and decode hardware (got {prefill_chips}, {wafers})")
+    if prefill_chips * chip.memory_bytes * 0.9 < weight_bytes(config):
+        raise WaferError(f"{config.name}'s {weight_bytes(config) / 1e9:,.0f} GB of weights do not fit "
+                         f"{prefill_chips} {chip.name}(s) ({chip.memory_bytes / 1e9:,.0f} GB each, 90% usable)")
     decode = wafer_decode(config, spec, grid, context, slots)
     replicas = wafers // decode.wafers
     if replicas < 1:

@@ -305,3 +305,8 @@ def test_parallel_simulation_equals_the_serial_one():
     assert a == pytest.approx(b)
     with pytest.raises(ValueError, match="round-robin"):
         simulate_parallel(dataclasses.replace(fleet, router=Router.LEAST_LOADED), w)
+
+
+def test_prefill_pool_must_hold_the_weights(capsys):
+    rc, _, err = run_cli(capsys, "simulate", "--prefill", "1", "--decode", "14", "--requests", "10")
+    assert_one_line_error(rc, err, "do not fit 1 h100")
