@@ -34,12 +34,9 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from kvcache.format import CHECKSUM, FRAME_PREFIX, MAX_HEADER_BYTES
 from mesh.errors import WaferError
-from mesh.executors import Grid
 from mesh.wafer import WaferSpec
 from model.config import ModelConfig
-from model.trace_decode import profile_layout
 
 
 class CostSource(Protocol):
@@ -85,6 +82,8 @@ def kv_wire_bytes(c: ModelConfig, tokens: int, itemsize: int = 2) -> int:
     """Bytes of the KV wire format (kvcache/FORMAT.md) for a prompt of `tokens`: per layer a frame
     prefix, K and V, a checksum; the header is bounded by MAX_HEADER_BYTES and counted at that
     bound (it is a few hundred bytes in practice, a rounding error at any real prompt length)."""
+    from kvcache.format import CHECKSUM, FRAME_PREFIX, MAX_HEADER_BYTES  # here: kvcache brings JAX
+
     per_layer = FRAME_PREFIX.size + 2 * c.n_kv_heads * c.head_dim * tokens * itemsize + CHECKSUM.size
     return MAX_HEADER_BYTES + c.n_layers * per_layer
 
@@ -177,8 +176,15 @@ class KVLinkCost:
     link: Link
     itemsize: int = 2
 
+    @functools.cached_property
+    def _bytes(self) -> tuple[int, int]:
+        """The wire format's fixed bytes and bytes per token (it is linear in the token count)."""
+        fixed = kv_wire_bytes(self.config, 0, self.itemsize)
+        return fixed, kv_wire_bytes(self.config, 1, self.itemsize) - fixed
+
     def handoff_s(self, tokens: int) -> float:
-        return self.link.latency_s + kv_wire_bytes(self.config, tokens, self.itemsize) / self.link.bytes_per_s
+        fixed, per_token = self._bytes
+        return self.link.latency_s + (fixed + per_token * tokens) / self.link.bytes_per_s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +210,10 @@ class WaferDecodeCost:
 
 @functools.lru_cache(maxsize=64)
 def _profile(config: ModelConfig, grid: str, spec: WaferSpec, batch: int, context: int) -> tuple[float, int]:
+    # Imported here: the profiler brings JAX, which a simulation on other cost sources never needs.
+    from mesh.executors import Grid
+    from model.trace_decode import profile_layout
+
     p = profile_layout(config, Grid.parse(grid), spec, batch=batch, context=context)
     return p.token_s, p.staging.wafers
 
