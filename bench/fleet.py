@@ -7,9 +7,9 @@ integrated fleet is N accelerators in replicas of the smallest power-of-two grou
 weights and at least 8 caches of the reserved context; each replica is one unit.
 
 Footprint is counted in board power (kW), the unit in which a datacentre provisions racks: the
-accelerators' vendor board power, and a CS-3 system at 23 kW (Cerebras's CS-3 datasheet; it
-includes the system's cooling and power supplies, which the accelerator figures do not: a stated
-bias against the wafers). Cost per hour, when given, is per accelerator and per wafer.
+accelerators' vendor board power, and a CS-3 system at 23 kW (the system power Cerebras quotes
+for its CS-2/CS-3 systems; it includes the system's cooling and power supplies, which the
+accelerator figures do not: a stated bias against the wafers). Cost per hour, when given, is per accelerator and per wafer.
 """
 
 from __future__ import annotations

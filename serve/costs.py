@@ -114,8 +114,9 @@ ACCELERATORS = {a.name: a for a in (H100, B200, TRAINIUM2, TRAINIUM3)}
 @dataclasses.dataclass(frozen=True)
 class Link:
     """A network link between a prefill group and a decode replica: per-instance bandwidth and a
-    one-way latency per transfer. The bandwidths are AWS's per-instance EFA figures; the latencies
-    are assumptions (EFA's small-message latency is of order 10-20 us), dwarfed by any real cache."""
+    one-way latency per transfer. The bandwidths are AWS's per-instance EFA figures for the named
+    instances (one link per unit carries its caches one at a time); the latencies are assumptions
+    (EFA's small-message latency is of order 10-20 us), dwarfed by any real cache's bytes."""
 
     name: str
     bytes_per_s: float
@@ -124,9 +125,9 @@ class Link:
 
 
 GBIT = 1e9 / 8
-EFA_V1 = Link("efa1", 100 * GBIT, 20e-6, "EFA v1, p3dn.24xlarge: 100 Gb/s")
-EFA_V2 = Link("efa2", 400 * GBIT, 15e-6, "EFA v2, p4d.24xlarge: 4 x 100 Gb/s")
-EFA_V3 = Link("efa3", 3200 * GBIT, 10e-6, "EFA v3, p5.48xlarge / trn2.48xlarge: 3,200 Gb/s")
+EFA_V1 = Link("efa1", 400 * GBIT, 20e-6, "EFA (first generation), p4d.24xlarge: 4 x 100 Gb/s")
+EFA_V2 = Link("efa2", 3200 * GBIT, 15e-6, "EFA v2, p5.48xlarge: 3,200 Gb/s")
+EFA_V3 = Link("efa3", 3200 * GBIT, 10e-6, "EFA v3, p5en.48xlarge and trn2.48xlarge: 3,200 Gb/s")
 EFA_V4 = Link("efa4", 3200 * GBIT, 10e-6, "EFA v4, p6-b200.48xlarge: 3,200 Gb/s")
 LINKS = {l.name: l for l in (EFA_V1, EFA_V2, EFA_V3, EFA_V4)}
 
