@@ -73,7 +73,8 @@ def disaggregated(config: ModelConfig, chip: Accelerator, prefill_chips: int, sp
                          f"the fleet has {wafers}")
     cost = DisaggregatedCost(DensePrefillCost(config, chip, prefill_chips / replicas, mfu), decode,
                              KVLinkCost(config, link))
-    fleet = Fleet(_config(policy, Mode.DISAGGREGATED, decode.slots), cost, replicas, policy.router)
+    fleet = Fleet(_config(policy, Mode.DISAGGREGATED, decode.slots), cost, replicas, policy.router,
+                  max_context=context)
     power = None if chip.watts is None else prefill_chips * chip.watts / 1e3 + wafers * CS3_KW
     price = None if prefill_cost_h is None or wafer_cost_h is None else prefill_chips * prefill_cost_h + wafers * wafer_cost_h
     desc = {"mode": "disaggregated", "model": config.name, "prefill": f"{prefill_chips} x {chip.name}",
@@ -95,7 +96,7 @@ def integrated(config: ModelConfig, chip: Accelerator, chips: int, context: int,
     slots = integrated_slots(config, chip, group, context)
     cost = IntegratedCost(DensePrefillCost(config, chip, group, mfu),
                           RooflineDecodeCost(config, chip, group, mfu, bw_efficiency), chunked)
-    fleet = Fleet(_config(policy, Mode.INTEGRATED, slots), cost, replicas, policy.router)
+    fleet = Fleet(_config(policy, Mode.INTEGRATED, slots), cost, replicas, policy.router, max_context=context)
     power = None if chip.watts is None else chips * chip.watts / 1e3
     desc = {"mode": "integrated", "model": config.name, "chips": f"{chips} x {chip.name}",
             "replicas": f"{replicas} of {group}", "slots": slots, "context": context, "chunked_prefill": chunked,

@@ -60,6 +60,7 @@ from serve.scheduler import Scheduler
 from serve.streamstats import LogHistogram
 from serve.workload import Workload
 
+TOO_LONG = "too_long"  # the failure count of requests refused for their length
 _CHUNK = 1 << 16  # arrivals converted from numpy to Python at a time
 
 # Event kinds on the heap, in the order ties at one instant are broken by (then by push order).
@@ -81,6 +82,9 @@ class Fleet:
     units: int = 1
     router: Router = Router.LEAST_LOADED
     restart_s: float = 10.0  # a hung worker's restart, until its WorkerReady
+    # A request whose prompt and output exceed this many positions is refused before the scheduler
+    # sees it, as the live front end answers 400 (counted as failed "too_long"); None: no limit.
+    max_context: int | None = None
 
     def __post_init__(self):
         if self.units < 1:
@@ -99,7 +103,7 @@ class RequestRecord:
     """One ended request, kept only when the simulation is asked to (tests, validation)."""
 
     request_id: str
-    unit: int
+    unit: int  # -1 for a request refused before routing (too long)
     arrival: float
     ttft: float | None  # None for a failed request
     tpot: float | None
@@ -278,6 +282,15 @@ class Simulator:
         return min(self.units, key=lambda u: u.load)
 
     def _arrive(self, rid: str, t: float, prompt_len: int, output_len: int) -> None:
+        limit = self.fleet.max_context
+        if limit is not None and prompt_len + output_len > limit:
+            res = self.result
+            res.failed[TOO_LONG] = res.failed.get(TOO_LONG, 0) + 1
+            res.last_end = max(res.last_end, t)
+            if res.records is not None:
+                res.records.append(RequestRecord(rid, -1, t, None, None, 0.0, 0, None))
+            self._count_end()
+            return
         unit = self.units[0] if len(self.units) == 1 else self._route()
         unit.load += 1
         unit.prompt[rid] = prompt_len
@@ -404,6 +417,9 @@ class Simulator:
         unit.load -= 1
         unit.prompt.pop(rid, None)
         unit.pending_slot.pop(rid, None)
+        self._count_end()
+
+    def _count_end(self) -> None:
         self.ended += 1
         if self.progress is not None and self.ended % self.progress_every == 0:
             self.progress(self.ended)

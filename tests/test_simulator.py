@@ -310,3 +310,10 @@ def test_parallel_simulation_equals_the_serial_one():
 def test_prefill_pool_must_hold_the_weights(capsys):
     rc, _, err = run_cli(capsys, "simulate", "--prefill", "1", "--decode", "14", "--requests", "10")
     assert_one_line_error(rc, err, "do not fit 1 h100")
+
+
+def test_requests_beyond_the_context_are_refused_before_the_scheduler():
+    w = workload([0.0, 1.0, 2.0], [100, 4000, 90], [10, 200, 11])
+    r = simulate(Fleet(config(), cost(0.01, step=0.01), max_context=4096), w, keep_records=True)
+    assert r.failed == {"too_long": 1} and r.finished == 2
+    assert [rec.request_id for rec in r.records if rec.unit == -1] == ["1"]
