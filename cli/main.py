@@ -14,6 +14,7 @@ from cli import bench_decode, bench_kv, bench_prefill, bench_serve, demo, genera
 from cli import kv as kv_cmd
 from cli import profile as profile_cmd
 from cli import serve as serve_cmd
+from cli import simulate as simulate_cmd
 from mesh.errors import WaferError
 
 EXIT_USAGE = 2
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_command(sub, "profile", "what a decode layout costs on a real wafer (traced, nothing run)",
                 profile_cmd.add_arguments, profile_cmd.run)
+    add_command(sub, "simulate", "a fleet on a simulated clock: the serving scheduler driven by cost models",
+                simulate_cmd.add_arguments, simulate_cmd.run)
     return parser
 
 

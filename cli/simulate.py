@@ -1,0 +1,249 @@
+"""`wafer simulate`: the serving scheduler on a simulated clock, over a fleet built from presets.
+
+A workload (synthetic arrivals with `--rate`, `--requests`, lengths or a `--profile`; or an Azure
+`--trace`), a fleet (`--prefill N --decode M` accelerators and wafers, or `--integrated N`
+accelerators; or `--measured FILE` with `--units`), SLOs. Reports TTFT/TPOT/E2E percentiles,
+goodput, fast-token capacity, utilisation per pool, and power or cost per unit of goodput; one
+JSON object with `--json`, PNGs with `--plot DIR`. `--sweep ratio` finds the best prefill:decode
+split of a power footprint; `--sweep crossover` compares it with an integrated fleet of the same
+power as the input:output ratio varies. A progress bar runs on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from cli.flags import positive_int, progress
+from mesh.errors import WaferError
+
+# Without fleet flags: 8 prefill accelerators and 4 decode replicas (as many wafers as that takes).
+DEFAULT_PREFILL = 8
+DEFAULT_REPLICAS = 4
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+    return v
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    w = p.add_argument_group("workload")
+    w.add_argument("--requests", type=positive_int, default=10000, help="requests to simulate (default 10000)")
+    w.add_argument("--rate", type=_positive_float, default=10.0, help="arrivals per second (default 10)")
+    w.add_argument("--burstiness", type=_positive_float, default=1.0,
+                   help="gamma shape of the gaps: 1 Poisson, <1 burstier (default 1)")
+    w.add_argument("--profile", choices=["chat", "code", "agentic"], default="chat",
+                   help="input/output lengths: chat 256/128, code 2048/32, agentic 256/1920 (default chat)")
+    w.add_argument("--input-len", type=positive_int, default=None, help="mean prompt tokens (overrides --profile)")
+    w.add_argument("--output-len", type=positive_int, default=None, help="mean output tokens (overrides --profile)")
+    w.add_argument("--length-dist", choices=["fixed", "exponential", "uniform"], default="fixed",
+                   help="lengths around their means (default fixed)")
+    w.add_argument("--trace", default=None, metavar="FILE",
+                   help="an Azure LLM trace CSV, or 'code'/'conv' for the shipped ones (replayed to --requests)")
+    w.add_argument("--time-scale", type=_positive_float, default=1.0,
+                   help="multiply trace arrival times (0.5 doubles the rate)")
+    w.add_argument("--seed", type=int, default=0)
+
+    f = p.add_argument_group("fleet")
+    f.add_argument("--model", default="llama3.1-70b", help="model preset (default llama3.1-70b)")
+    f.add_argument("--prefill", type=positive_int, default=None,
+                   help=f"prefill accelerators (disaggregated; default {DEFAULT_PREFILL})")
+    f.add_argument("--decode", type=positive_int, default=None,
+                   help=f"decode wafers (disaggregated; default: {DEFAULT_REPLICAS} replicas' worth)")
+    f.add_argument("--integrated", type=positive_int, default=None,
+                   help="accelerators doing both phases (the integrated baseline)")
+    f.add_argument("--chunked-prefill", action="store_true", help="integrated: price prefill as chunks")
+    f.add_argument("--accelerator", default="h100", help="h100, b200, trainium2, trainium3 (default h100)")
+    f.add_argument("--wafer", default="wse3", help="wafer spec (default wse3)")
+    f.add_argument("--grid", default="360x360", help="RxC cores per decode stage (default 360x360)")
+    f.add_argument("--slots", type=positive_int, default=None,
+                   help="decode batch per replica (default: the most that fit the wafers' SRAM)")
+    f.add_argument("--context", type=positive_int, default=4096, help="KV positions reserved per slot")
+    f.add_argument("--link", default="efa3", help="KV link: efa1..efa4 (default efa3)")
+    f.add_argument("--mfu", type=_positive_float, default=0.5, help="prefill model-FLOPs utilisation (assumption)")
+    f.add_argument("--measured", default=None, metavar="FILE", help="a measured cost file instead of presets")
+    f.add_argument("--mode", choices=["disaggregated", "integrated"], default="disaggregated",
+                   help="with --measured: the scheduler's mode")
+    f.add_argument("--units", type=positive_int, default=1, help="with --measured: worker pairs")
+    f.add_argument("--router", choices=["least-loaded", "round-robin"], default="least-loaded")
+    f.add_argument("--processes", type=positive_int, default=1,
+                   help="simulate the units in this many processes (needs --router round-robin)")
+    f.add_argument("--max-waiting", type=positive_int, default=4096, help="waiting queue bound per unit")
+    f.add_argument("--prefill-cost-h", type=_positive_float, default=None, help="$/h per prefill accelerator")
+    f.add_argument("--decode-cost-h", type=_positive_float, default=None, help="$/h per wafer")
+
+    s = p.add_argument_group("SLOs and reports")
+    s.add_argument("--ttft-slo", type=_positive_float, default=2.0, help="seconds (default 2)")
+    s.add_argument("--tpot-slo", type=_positive_float, default=0.1, help="seconds (default 0.1)")
+    s.add_argument("--fast-speed", type=_positive_float, default=20.0,
+                   help="tokens/s per user above which tokens count as fast (default 20)")
+    s.add_argument("--sweep", choices=["ratio", "crossover"], default=None,
+                   help="ratio: best prefill:decode split of --power-kw; crossover: vs integrated by input:output")
+    s.add_argument("--power-kw", type=_positive_float, default=None, help="footprint for --sweep, in kW")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots to DIR")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _workload(args, rate: float | None = None):
+    """The workload of the flags; `rate` (sweeps) overrides --rate, and rescales a trace to it."""
+    from serve.workload import PROFILES, LengthDist, read_azure_trace, synthetic
+    if args.trace is not None:
+        w = read_azure_trace(args.trace, args.requests, args.time_scale)
+        if rate is not None and w.span_s > 0:
+            w = read_azure_trace(args.trace, args.requests, args.time_scale * (len(w) - 1) / w.span_s / rate)
+        return w
+    prof = PROFILES[args.profile]
+    return synthetic(args.requests, rate or args.rate, args.input_len or prof.input_len, args.output_len or prof.output_len,
+                     args.seed, args.burstiness, LengthDist(args.length_dist), name=args.profile)
+
+
+def _policy(args):
+    from bench.fleet import Policy
+    from serve.simulator import Router
+    return Policy(max_waiting=args.max_waiting, router=Router(args.router))
+
+
+def _plan(args):
+    from bench.fleet import disaggregated, integrated, measured
+    from mesh.wafer import SPECS
+    from model.config import preset
+    from serve.costs import accelerator, link, load_measured, wafer_decode
+    from serve.events import Mode
+
+    policy = _policy(args)
+    if args.measured:
+        return measured(load_measured(args.measured), Mode(args.mode), args.units, policy)
+    config, chip = preset(args.model), accelerator(args.accelerator)
+    if args.integrated is not None:
+        if args.prefill is not None or args.decode is not None:
+            raise WaferError("--integrated excludes --prefill and --decode")
+        return integrated(config, chip, args.integrated, args.context, args.chunked_prefill, args.mfu,
+                          policy=policy, cost_h=args.prefill_cost_h)
+    if (args.prefill is None) != (args.decode is None):
+        raise WaferError("a disaggregated fleet needs both --prefill N --decode M (or neither, for the default)")
+    if args.prefill is None:
+        args.prefill, args.decode = DEFAULT_PREFILL, None
+    if args.wafer not in SPECS:
+        raise WaferError(f"unknown wafer {args.wafer!r}; known: {', '.join(SPECS)}")
+    if args.decode is None:
+        args.decode = DEFAULT_REPLICAS * wafer_decode(config, SPECS[args.wafer], args.grid, args.context, args.slots).wafers
+    return disaggregated(config, chip, args.prefill, SPECS[args.wafer], args.grid, args.decode, link(args.link),
+                         args.context, args.slots, args.mfu, policy, args.prefill_cost_h, args.decode_cost_h)
+
+
+def _slo(args):
+    from serve.simulator import SLO
+    return SLO(args.ttft_slo, args.tpot_slo, args.fast_speed)
+
+
+def _ms(x) -> str:
+    return "-" if x is None else f"{x * 1e3:,.1f}"
+
+
+def _format(s: dict) -> str:
+    lines = [f"fleet       {json.dumps(s['fleet'])}",
+             f"requests    {s['requests']:,} ({s['finished']:,} finished, failed {s['failed'] or 'none'}) "
+             f"over {s['duration_s']:,.1f} s simulated",
+             f"throughput  {s['throughput_req_s']:,.2f} req/s, {s['output_tokens_s']:,.0f} output tok/s",
+             f"goodput     {s['goodput_req_s']:,.2f} req/s ({s['slo_attainment']:.1%} within both SLOs)",
+             f"fast tokens {s['fast_tokens_s']:,.0f} tok/s served above the per-user speed",
+             "latency ms  " + "  ".join(f"{name} p50 {_ms(s[key]['p50'])} p90 {_ms(s[key]['p90'])} "
+                                        f"p99 {_ms(s[key]['p99'])}" for name, key in
+                                        (("TTFT", "ttft_s"), ("TPOT", "tpot_s"), ("E2E", "e2e_s"))),
+             "utilisation " + ", ".join(f"{k} {v:.1%}" for k, v in s["utilisation"].items())
+             + f"; mean decode batch {s['mean_decode_batch']:.1f}"]
+    if "power_kw" in s:
+        lines.append(f"power       {s['power_kw']:,.1f} kW: {s['goodput_req_s_per_kw']:.3f} good req/s per kW, "
+                     f"{s['fast_tokens_s_per_kw']:,.1f} fast tok/s per kW")
+    if "cost_per_h" in s:
+        lines.append(f"cost        ${s['cost_per_h']:,.2f}/h: ${s['cost_per_1k_good_requests'] or float('nan'):.4f} "
+                     f"per 1k good requests")
+    lines.append(f"simulator   {s['events']:,} events in {s['wall_s']:.1f} s wall")
+    return "\n".join(lines)
+
+
+def _bar(total: int, disable: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, unit="req", file=sys.stderr, disable=disable, mininterval=0.5)
+
+
+def run(args) -> int:
+    if args.sweep:
+        return _run_sweep(args)
+    from bench.fleet import report
+    from serve.simulator import Router, simulate, simulate_parallel
+
+    workload = _workload(args)
+    plan = _plan(args)
+    bar = _bar(len(workload), args.no_progress)
+    start = time.perf_counter()
+    last = [0]
+
+    def tick(done: int) -> None:
+        bar.update(done - last[0])
+        last[0] = done
+
+    if args.processes > 1:
+        if plan.fleet.router is not Router.ROUND_ROBIN:
+            raise WaferError("--processes needs --router round-robin (least-loaded routing couples the units)")
+        result = simulate_parallel(plan.fleet, workload, _slo(args), args.processes)
+    else:
+        result = simulate(plan.fleet, workload, _slo(args), progress=tick)
+    wall = time.perf_counter() - start
+    bar.update(result.requests - last[0])
+    bar.close()
+    s = report(plan, result)
+    s["workload"] = {"name": workload.name, "requests": len(workload), "span_s": workload.span_s}
+    s["wall_s"] = wall
+    if args.plot:
+        from bench.fleet_plots import write_latency_plot
+        s["plots"] = [write_latency_plot(result, args.plot)]
+    print(json.dumps(s) if args.json else _format(s))
+    return 0
+
+
+def _run_sweep(args) -> int:
+    from bench.fleet import best_ratio, crossover
+    from mesh.wafer import SPECS
+    from model.config import preset
+    from serve.costs import accelerator, link
+
+    if args.power_kw is None:
+        raise WaferError("--sweep needs --power-kw (the footprint to split)")
+    if args.wafer not in SPECS:
+        raise WaferError(f"unknown wafer {args.wafer!r}; known: {', '.join(SPECS)}")
+    config, chip, spec = preset(args.model), accelerator(args.accelerator), SPECS[args.wafer]
+
+    def note(row: dict) -> None:
+        if not args.no_progress:
+            progress(json.dumps(row))
+
+    if args.sweep == "ratio":
+        rows = best_ratio(config, chip, spec, args.grid, link(args.link), args.context, args.power_kw,
+                          lambda rate: _workload(args, rate), args.rate, _slo(args), args.mfu, _policy(args), note)
+    else:
+        total = (args.input_len or 2048) + (args.output_len or 128)
+        ratios = [1 / 16, 1 / 4, 1.0, 4.0, 16.0, 64.0]
+        rows = crossover(config, chip, spec, args.grid, link(args.link), args.context, args.power_kw,
+                         args.requests, args.rate, total, ratios, _slo(args), args.seed, args.mfu, _policy(args), note)
+    out = {"sweep": args.sweep, "power_kw": args.power_kw, "rows": rows}
+    if args.plot:
+        from bench.fleet_plots import write_sweep_plot
+        out["plots"] = [write_sweep_plot(args.sweep, rows, args.plot)]
+    if args.json:
+        print(json.dumps(out))
+    else:
+        keys = list(rows[0]) if rows else []
+        print("  ".join(keys))
+        for r in rows:
+            print("  ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys))
+    return 0

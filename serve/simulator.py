@@ -1,0 +1,463 @@
+"""The fleet simulator: the serving scheduler (serve/scheduler.py) on a simulated clock.
+
+Nothing of the policy is copied here. The simulator is a driver like the live engine: it sends the
+scheduler events, each stamped with simulated time, and applies each `Decision` in the documented
+order (restart, evict, discard, placements, prefill, decode_step), turning work into future events
+whose times come from a cost source (serve/costs.py):
+
+- a prefill batch ends `prefill_s(prompt lengths)` after it starts (`PrefillDone`, one first token
+  per prompt);
+- a placement (disaggregated) starts a KV transfer on the unit's link, which carries one cache at
+  a time: it ends `handoff_s(prompt tokens)` after the link is free (`HandoffDone`); the slot
+  joins the decode batch at the next step boundary;
+- a decode step over the committed slots ends `decode_step_s(batch, context positions)` later and
+  gives every slot one token (`StepDone`: one event for the whole batch); a request ends when the
+  scheduler sees its output length (`max_new_tokens` = the workload's output length);
+- a `Tick` goes in at `Scheduler.next_deadline()` when nothing else would reach the unit first;
+- a restart drops the worker's work in flight, then sends `WorkerDied` at once and `WorkerReady`
+  `restart_s` later; `discard` needs nothing (the prefill side's cache memory is not modelled
+  beyond the scheduler's own `max_prefilled` bound).
+
+A fleet is `units` copies of one (prefill worker, decode worker) pair, or of one integrated
+worker, each with its own `Scheduler`: the scheduler owns one worker of each kind, and extending
+it to pools would change the policy the live server runs. A router in front sends each arrival to
+the unit with the fewest live requests (ties to the lowest index; `Router.ROUND_ROBIN` is the
+alternative), like a least-outstanding-requests load balancer. Pools that do not divide into
+pairs are shared by fluid shares: N prefill accelerators behind M decode replicas give each unit
+N/M accelerators of prefill speed (exact when a unit's share is a whole group; a time share
+otherwise, which keeps throughput and slightly understates queueing).
+
+Validation against the live server (issue 14; built once the engine lands): the engine's workers
+time their prefill batches, decode steps (with batch and context) and handoffs; `fit_measured`
+(serve/costs.py) fits them into a `MeasuredCost` file; `wafer simulate --measured FILE --mode M`
+then runs the same workload (`serve.workload.synthetic` with the same seed, which the load
+generator should draw its arrivals and lengths from, or the same trace) through the same
+scheduler config, and the two reports are compared percentile by percentile.
+
+A round-robin fleet's units never interact, so `simulate_parallel` runs them in several
+processes with the serial result.
+
+Memory is bounded by the live requests: latencies go into streaming histograms
+(serve/streamstats.py); per-request records are kept only when asked (tests, validation).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import enum
+import heapq
+import itertools
+import multiprocessing
+from typing import Callable
+
+import numpy as np
+
+from serve.costs import CostSource
+from serve.events import (Arrival, FailReason, HandoffDone, Mode, PrefillDone, PrefillOutcome, SchedulerConfig,
+                          SlotToken, StepDone, Tick, Worker, WorkerDied, WorkerReady)
+from serve.scheduler import Scheduler
+from serve.streamstats import LogHistogram
+from serve.workload import Workload
+
+TOO_LONG = "too_long"  # the failure count of requests refused for their length
+_CHUNK = 1 << 16  # arrivals converted from numpy to Python at a time
+
+# Event kinds on the heap, in the order ties at one instant are broken by (then by push order).
+_PREFILL_DONE, _HANDOFF_DONE, _STEP_DONE, _CONTROL, _TICK = range(5)
+
+
+class Router(enum.Enum):
+    LEAST_LOADED = "least-loaded"  # the unit with the fewest live requests
+    ROUND_ROBIN = "round-robin"  # arrival k to unit k mod units, whatever their state
+
+
+@dataclasses.dataclass(frozen=True)
+class Fleet:
+    """`units` identical copies of one worker pair (or one integrated worker), each with its own
+    scheduler of `config`, priced by `cost`."""
+
+    config: SchedulerConfig
+    cost: CostSource
+    units: int = 1
+    router: Router = Router.LEAST_LOADED
+    restart_s: float = 10.0  # a hung worker's restart, until its WorkerReady
+    # A request whose prompt and output exceed this many positions is refused before the scheduler
+    # sees it, as the live front end answers 400 (counted as failed "too_long"); None: no limit.
+    max_context: int | None = None
+
+    def __post_init__(self):
+        if self.units < 1:
+            raise ValueError(f"a fleet needs at least one unit, got {self.units}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SLO:
+    ttft_s: float = 2.0
+    tpot_s: float = 0.1
+    fast_tokens_per_s: float = 20.0  # per-user speed a token must be served at to count as fast
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestRecord:
+    """One ended request, kept only when the simulation is asked to (tests, validation)."""
+
+    request_id: str
+    unit: int  # -1 for a request refused before routing (too long)
+    arrival: float
+    ttft: float | None  # None for a failed request
+    tpot: float | None
+    e2e: float
+    output_tokens: int
+    failed: FailReason | None = None
+
+
+@dataclasses.dataclass
+class SimResult:
+    requests: int = 0
+    finished: int = 0
+    good: int = 0  # finished within both SLOs (vLLM's goodput: TPOT of a one-token request counts as 0)
+    output_tokens: int = 0
+    fast_tokens: int = 0  # output tokens of requests served at or above the SLO's per-user speed
+    failed: dict[str, int] = dataclasses.field(default_factory=dict)
+    first_arrival: float = 0.0
+    last_end: float = 0.0  # when the last request ended (a trailing deadline tick does not count)
+    units: int = 1
+    mode: str = ""
+    prefill_busy_s: float = 0.0
+    decode_busy_s: float = 0.0
+    link_busy_s: float = 0.0
+    prefill_batches: int = 0
+    decode_steps: int = 0
+    decode_batch_sum: int = 0
+    events: int = 0
+    ttft: LogHistogram = dataclasses.field(default_factory=LogHistogram)
+    tpot: LogHistogram = dataclasses.field(default_factory=LogHistogram)
+    e2e: LogHistogram = dataclasses.field(default_factory=LogHistogram)
+    records: list[RequestRecord] | None = None
+
+    @property
+    def duration_s(self) -> float:
+        return max(self.last_end - self.first_arrival, 1e-12)
+
+    def summary(self) -> dict:
+        d, u = self.duration_s, self.units
+        return {
+            "mode": self.mode, "units": u, "requests": self.requests, "finished": self.finished,
+            "failed": dict(self.failed), "duration_s": d, "events": self.events,
+            "throughput_req_s": self.finished / d, "output_tokens_s": self.output_tokens / d,
+            "goodput_req_s": self.good / d, "slo_attainment": self.good / max(1, self.requests),
+            "fast_tokens_s": self.fast_tokens / d,
+            "ttft_s": self.ttft.summary(), "tpot_s": self.tpot.summary(), "e2e_s": self.e2e.summary(),
+            "utilisation": {"prefill": self.prefill_busy_s / (u * d), "decode": self.decode_busy_s / (u * d),
+                            "link": self.link_busy_s / (u * d)},
+            "mean_decode_batch": self.decode_batch_sum / max(1, self.decode_steps),
+            "prefill_batches": self.prefill_batches, "decode_steps": self.decode_steps,
+        }
+
+
+def merge(results: list[SimResult]) -> SimResult:
+    """One result for the units of several simulations run side by side (their times share a clock)."""
+    out = SimResult(mode=results[0].mode, units=0, first_arrival=min(r.first_arrival for r in results),
+                    records=None if any(r.records is None for r in results) else [])
+    for r in results:
+        for name in ("requests", "finished", "good", "output_tokens", "fast_tokens", "units", "prefill_batches",
+                     "decode_steps", "decode_batch_sum", "events"):
+            setattr(out, name, getattr(out, name) + getattr(r, name))
+        for name in ("prefill_busy_s", "decode_busy_s", "link_busy_s"):
+            setattr(out, name, getattr(out, name) + getattr(r, name))
+        out.last_end = max(out.last_end, r.last_end)
+        for reason, n in r.failed.items():
+            out.failed[reason] = out.failed.get(reason, 0) + n
+        for name in ("ttft", "tpot", "e2e"):
+            getattr(out, name).merge(getattr(r, name))
+        if out.records is not None:
+            out.records.extend(r.records)
+    return out
+
+
+class _Unit:
+    """The simulated workers of one unit: the prefill side, the link, the decode batch."""
+
+    def __init__(self, index: int, fleet: Fleet):
+        self.index = index
+        self.sched = Scheduler(fleet.config)
+        self.cost = fleet.cost
+        self.integrated = fleet.config.mode is Mode.INTEGRATED
+        self.prompt: dict[str, int] = {}  # live request -> prompt tokens
+        self.owner: list[str | None] = [None] * fleet.config.slots  # slot -> the request it is reserved for
+        self.pending_slot: dict[str, int] = {}  # integrated: request in the prefill batch -> its slot
+        # Committed slots: slot -> [SlotToken, context positions at commit, first step it is in].
+        self.committed: dict[int, list] = {}
+        self.step_tokens: tuple[SlotToken, ...] | None = None  # the committed slots' tokens, cached
+        self.context = 0  # context positions over the committed slots
+        self.steps_done = 0
+        self.step_in_flight = False
+        self.evicted_in_flight = 0  # slots of the step in flight evicted before it ended
+        self.gen = {Worker.PREFILL: 0, Worker.DECODE: 0}  # bumped on restart: stale completions drop
+        self.link_free = 0.0
+        self.tick_at: float | None = None
+        self.load = 0
+
+    def commit(self, slot: int, rid: str) -> None:
+        start = self.steps_done + (1 if self.step_in_flight else 0)
+        self.committed[slot] = [SlotToken(rid, slot, 0), self.prompt[rid], start]
+        self.context += self.prompt[rid]
+        self.step_tokens = None
+
+    def evict(self, slot: int) -> None:
+        self.owner[slot] = None
+        c = self.committed.pop(slot, None)
+        if c is None:
+            return
+        _, base, start = c
+        self.context -= base + max(0, self.steps_done - start)
+        if self.step_in_flight and start <= self.steps_done:
+            self.evicted_in_flight += 1
+        self.step_tokens = None
+
+    def lose_decode(self) -> None:
+        for slot in list(self.committed):
+            self.evict(slot)
+        self.owner = [None] * len(self.owner)
+        self.step_in_flight = False
+        self.evicted_in_flight = 0
+        self.gen[Worker.DECODE] += 1
+
+
+class Simulator:
+    """Drive `fleet.units` schedulers through `workload`; `run()` returns a `SimResult`."""
+
+    def __init__(self, fleet: Fleet, workload: Workload, slo: SLO = SLO(), keep_records: bool = False,
+                 progress: Callable[[int], None] | None = None, progress_every: int = 4096,
+                 request_ids: np.ndarray | None = None):
+        self.fleet, self.workload, self.slo = fleet, workload, slo
+        self.ids = request_ids  # the requests' numbers (default: their index in the workload)
+        self.units = [_Unit(i, fleet) for i in range(fleet.units)]
+        self.heap: list = []
+        self.seq = itertools.count()
+        self.result = SimResult(requests=len(workload), units=fleet.units, mode=fleet.config.mode.value,
+                                records=[] if keep_records else None)
+        self.progress, self.progress_every = progress, progress_every
+        self.ended = 0
+        self.rr = 0
+        deadlines = fleet.config.deadlines
+        self.shortest_limit = min(getattr(deadlines, f.name) for f in dataclasses.fields(deadlines))
+
+    def _push(self, t: float, kind: int, unit: int, payload) -> None:
+        heapq.heappush(self.heap, (t, kind, next(self.seq), unit, payload))
+
+    def run(self) -> SimResult:
+        w, res = self.workload, self.result
+        n = len(w)
+        if n:
+            res.first_arrival = float(w.arrival_s[0])
+        heap = self.heap
+        i = 0
+        times = prompts = outputs = ()
+        base = 0
+        while True:
+            if i < n and i - base >= len(times):
+                base = i
+                times = w.arrival_s[i:i + _CHUNK].tolist()
+                prompts = w.prompt_len[i:i + _CHUNK].tolist()
+                outputs = w.output_len[i:i + _CHUNK].tolist()
+            # Arrivals go after completions at the same instant (a slot freed now is free for them).
+            if i < n and (not heap or times[i - base] < heap[0][0]):
+                rid = str(i) if self.ids is None else str(self.ids[i])
+                self._arrive(rid, times[i - base], prompts[i - base], outputs[i - base])
+                i += 1
+            elif heap:
+                t, kind, _, u, payload = heapq.heappop(heap)
+                self._complete(self.units[u], t, kind, payload)
+            else:
+                break
+        return res
+
+    def _route(self) -> _Unit:
+        if self.fleet.router is Router.ROUND_ROBIN:  # arrival k goes to unit k mod units
+            unit = self.units[self.rr]
+            self.rr = (self.rr + 1) % len(self.units)
+            return unit
+        return min(self.units, key=lambda u: u.load)
+
+    def _arrive(self, rid: str, t: float, prompt_len: int, output_len: int) -> None:
+        limit = self.fleet.max_context
+        if limit is not None and prompt_len + output_len > limit:
+            res = self.result
+            res.failed[TOO_LONG] = res.failed.get(TOO_LONG, 0) + 1
+            res.last_end = max(res.last_end, t)
+            if res.records is not None:
+                res.records.append(RequestRecord(rid, -1, t, None, None, 0.0, 0, None))
+            self._count_end()
+            return
+        unit = self.units[0] if len(self.units) == 1 else self._route()
+        unit.load += 1
+        unit.prompt[rid] = prompt_len
+        self._handle(unit, Arrival(t, rid, prompt_len, output_len))
+
+    def _complete(self, unit: _Unit, t: float, kind: int, payload) -> None:
+        if kind == _STEP_DONE:
+            gen, tokens = payload
+            if gen != unit.gen[Worker.DECODE]:
+                return
+            unit.step_in_flight = False
+            unit.context += len(tokens) - unit.evicted_in_flight
+            unit.evicted_in_flight = 0
+            unit.steps_done += 1
+            self._handle(unit, StepDone(t, tokens))
+        elif kind == _HANDOFF_DONE:
+            rid, slot = payload
+            if unit.owner[slot] == rid and slot not in unit.committed:
+                unit.commit(slot, rid)
+            self._handle(unit, HandoffDone(t, rid, slot))
+        elif kind == _PREFILL_DONE:
+            gen, batch = payload
+            if gen != unit.gen[Worker.PREFILL]:
+                return
+            if unit.integrated:
+                for rid in batch:
+                    slot = unit.pending_slot.pop(rid, None)
+                    if slot is not None and unit.owner[slot] == rid:
+                        unit.commit(slot, rid)
+            self._handle(unit, PrefillDone(t, tuple(PrefillOutcome(rid, 0) for rid in batch)))
+        elif kind == _CONTROL:
+            self._handle(unit, payload)
+        else:  # a tick: only if it is still the unit's next one
+            if unit.tick_at == t:
+                unit.tick_at = None
+                self._handle(unit, Tick(t))
+
+    def _handle(self, unit: _Unit, event) -> None:
+        self.result.events += 1
+        d = unit.sched.handle(event)
+        now = event.time
+        if d.restart:
+            self._restart(unit, now, d.restart)
+        for slot in d.evict:
+            unit.evict(slot)
+        cost = unit.cost
+        for p in d.placements:
+            unit.owner[p.slot] = p.request_id
+            if unit.integrated:
+                unit.pending_slot[p.request_id] = p.slot
+            else:
+                start = max(now, unit.link_free)
+                dt = cost.handoff_s(unit.prompt[p.request_id])
+                unit.link_free = start + dt
+                self.result.link_busy_s += dt
+                self._push(start + dt, _HANDOFF_DONE, unit.index, (p.request_id, p.slot))
+        if d.prefill:
+            dt = cost.prefill_s([unit.prompt[rid] for rid in d.prefill])
+            self.result.prefill_busy_s += dt
+            self.result.prefill_batches += 1
+            self._push(now + dt, _PREFILL_DONE, unit.index, (unit.gen[Worker.PREFILL], d.prefill))
+        if d.decode_step:
+            tokens = unit.step_tokens
+            if tokens is None:
+                tokens = unit.step_tokens = tuple(c[0] for c in unit.committed.values())
+            b = len(tokens)
+            dt = cost.decode_step_s(b, unit.context + b)
+            unit.step_in_flight = True
+            self.result.decode_busy_s += dt
+            self.result.decode_steps += 1
+            self.result.decode_batch_sum += b
+            self._push(now + dt, _STEP_DONE, unit.index, (unit.gen[Worker.DECODE], tokens))
+        if d.finished or d.failed:
+            self._record(unit, d)
+        # A deadline set by this event is at least `now + shortest limit` away; while the unit's tick
+        # comes before that, no new deadline can precede it and the lookup is skipped.
+        if unit.tick_at is None or unit.tick_at > now + self.shortest_limit:
+            deadline = unit.sched.next_deadline()
+            if deadline is not None and (unit.tick_at is None or deadline < unit.tick_at):
+                unit.tick_at = deadline
+                self._push(deadline, _TICK, unit.index, None)
+
+    def _restart(self, unit: _Unit, now: float, workers) -> None:
+        for w in workers:
+            lost = (Worker.PREFILL, Worker.DECODE) if unit.integrated else (w,)
+            if Worker.DECODE in lost:
+                unit.lose_decode()
+            if Worker.PREFILL in lost:
+                unit.gen[Worker.PREFILL] += 1
+                unit.pending_slot.clear()
+            self._push(now, _CONTROL, unit.index, WorkerDied(now, w))
+            self._push(now + self.fleet.restart_s, _CONTROL, unit.index, WorkerReady(now + self.fleet.restart_s, w))
+
+    def _record(self, unit: _Unit, d) -> None:
+        res, slo = self.result, self.slo
+        for f in d.finished:
+            t = f.times
+            n = len(t.token_times)
+            ttft = t.token_times[0] - t.arrival
+            e2e = t.finish - t.arrival
+            tpot = (e2e - ttft) / (n - 1) if n > 1 else None
+            res.finished += 1
+            res.output_tokens += n
+            res.ttft.add(ttft)
+            res.e2e.add(e2e)
+            if tpot is not None:
+                res.tpot.add(tpot)
+                if tpot * slo.fast_tokens_per_s <= 1.0:
+                    res.fast_tokens += n
+            if ttft <= slo.ttft_s and (tpot or 0.0) <= slo.tpot_s:
+                res.good += 1
+            if res.records is not None:
+                res.records.append(RequestRecord(f.request_id, unit.index, t.arrival, ttft, tpot, e2e, n))
+            self._end(unit, f.request_id)
+        for f in d.failed:
+            res.failed[f.reason.value] = res.failed.get(f.reason.value, 0) + 1
+            if res.records is not None:
+                res.records.append(RequestRecord(f.request_id, unit.index, f.times.arrival, None, None,
+                                                 f.times.finish - f.times.arrival, f.times.output_tokens, f.reason))
+            self._end(unit, f.request_id)
+
+    def _end(self, unit: _Unit, rid: str) -> None:
+        self.result.last_end = unit.sched.now
+        unit.load -= 1
+        unit.prompt.pop(rid, None)
+        unit.pending_slot.pop(rid, None)
+        self._count_end()
+
+    def _count_end(self) -> None:
+        self.ended += 1
+        if self.progress is not None and self.ended % self.progress_every == 0:
+            self.progress(self.ended)
+
+
+def simulate(fleet: Fleet, workload: Workload, slo: SLO = SLO(), keep_records: bool = False,
+             progress: Callable[[int], None] | None = None) -> SimResult:
+    """Simulate `workload` on `fleet`; see the module docstring for what is modelled."""
+    return Simulator(fleet, workload, slo, keep_records, progress).run()
+
+
+def _simulate_part(fleet: Fleet, workload: Workload, slo: SLO, keep_records: bool, ids: np.ndarray) -> SimResult:
+    return Simulator(fleet, workload, slo, keep_records, request_ids=ids).run()
+
+
+def simulate_parallel(fleet: Fleet, workload: Workload, slo: SLO = SLO(), processes: int = 2,
+                      keep_records: bool = False) -> SimResult:
+    """`simulate` over `processes` processes, for a round-robin fleet: arrival k goes to unit
+    k mod units whatever the state, so units never interact and each process simulates its share
+    of them on its share of the arrivals. The result equals `simulate`'s (sums of floats aside)."""
+    if fleet.router is not Router.ROUND_ROBIN:
+        raise ValueError("only a round-robin fleet splits over processes (least-loaded routing couples the units)")
+    processes = max(1, min(processes, fleet.units))
+    if processes == 1:
+        return simulate(fleet, workload, slo, keep_records)
+    unit_of = np.arange(len(workload)) % fleet.units
+    jobs, unit_ids = [], []
+    for p in range(processes):
+        units = np.arange(p, fleet.units, processes)  # this process's units, in the global order
+        ids = np.flatnonzero(np.isin(unit_of, units))
+        part = Workload(workload.arrival_s[ids], workload.prompt_len[ids], workload.output_len[ids], workload.name)
+        jobs.append((dataclasses.replace(fleet, units=len(units)), part, slo, keep_records, ids))
+        unit_ids.append(units)
+    # Spawned, not forked: the parent may hold JAX's threads (the wafer profiler), which fork breaks.
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=ctx) as pool:
+        parts = list(pool.map(_simulate_part, *zip(*jobs)))
+    for part, units in zip(parts, unit_ids):  # records name their process's units: renumber them
+        if part.records is not None:
+            part.records = [dataclasses.replace(r, unit=int(units[r.unit])) for r in part.records]
+    return merge(parts)
