@@ -1,7 +1,9 @@
 """How tokens are chosen: the request's `Sampling`, its knobs as traced arguments, and the keys.
 
 Every decoder (single device, wafer mesh, prefill mesh) draws the token at position p with the key
-`fold_in(key(seed), p)`, so a sampled run gives the same tokens on any mesh.
+`fold_in(key(seed), p)`, so a sampled run gives the same tokens on any mesh. On the meshes each
+sequence of a batch has its own Sampling (knobs and seed as [B] arrays), and its tokens never
+depend on the other sequences of the batch.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class Sampling:
             raise WaferError(f"top-k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise WaferError(f"top-p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.seed < 2**32:  # the per-core programs take it as a uint32
+            raise WaferError(f"seed must be in 0..{2**32 - 1}, got {self.seed}")
 
     @property
     def greedy(self) -> bool:

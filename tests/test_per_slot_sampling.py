@@ -142,3 +142,9 @@ def test_greedy_decoder_refuses_a_sampled_slot(tiny):
     with pytest.raises(WaferError, match="compiled for greedy decoding"):
         dec.reserve(0, 4, 0, Sampling(temperature=1.0))
     assert dec.free_slots() == [0, 1]
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_seed_outside_uint32_is_refused(seed):
+    with pytest.raises(WaferError, match="seed must be in 0..4294967295"):
+        Sampling(temperature=1.0, seed=seed)
