@@ -85,12 +85,57 @@ def add_mesh_args(p: argparse.ArgumentParser) -> None:
                    help="per-core budget for the SRAM planner, e.g. 48KiB or 64MiB (default: no limit)")
 
 
+def add_process_args(p: argparse.ArgumentParser) -> None:
+    """The flags that spread the decode mesh over processes (`jax.distributed`; see the README)."""
+    from mesh.distributed import INIT_TIMEOUT_S
+
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="spread the --mesh over processes: process 0 listens at HOST:PORT, the others connect")
+    p.add_argument("--num-processes", type=positive_int, default=None, metavar="N",
+                   help="processes in the mesh (with --coordinator); each brings cores/N devices")
+    p.add_argument("--process-id", type=int_at_least(0, "at least 0"), default=None, metavar="I",
+                   help="this process, 0..N-1 (with --coordinator); only process 0 prints the answer")
+    p.add_argument("--coordinator-timeout", type=positive_int, default=INIT_TIMEOUT_S, metavar="SECONDS",
+                   help=f"how long to wait for the other processes to join (default {INIT_TIMEOUT_S})")
+
+
+def join_processes(args, grid, executor) -> None:
+    """Join the multi-process mesh the process flags ask for (before JAX starts); nothing without
+    --coordinator."""
+    from mesh.distributed import check_process_args, init_cpu_process
+    from mesh.executors import Executor
+
+    if args.coordinator is None:
+        for flag in ("num_processes", "process_id"):
+            if getattr(args, flag) is not None:
+                raise WaferError(f"--{flag.replace('_', '-')} needs --coordinator")
+        return
+    if args.num_processes is None or args.process_id is None:
+        raise WaferError("--coordinator needs --num-processes and --process-id")
+    check_process_args(args.coordinator, args.num_processes, args.process_id)
+    if grid is None:
+        raise WaferError("--coordinator needs --mesh (the decode mesh the processes share)")
+    if executor is not Executor.DEVICES:
+        raise WaferError("--coordinator needs --executor devices (virtual cores live on one device)")
+    if grid.cores % args.num_processes:
+        raise WaferError(f"a {grid} mesh ({grid.cores} cores) does not split evenly over {args.num_processes} "
+                         f"processes")
+    progress(f"process {args.process_id} of {args.num_processes}: joining the mesh at {args.coordinator} "
+             f"(waiting up to {args.coordinator_timeout} s for the others)")
+    init_cpu_process(args.coordinator, args.num_processes, args.process_id, grid.cores // args.num_processes,
+                     args.coordinator_timeout)
+
+
 def setup_mesh(args) -> MeshSetup | None:
-    """Parse the mesh flags and emulate CPU devices before JAX starts; None without --mesh."""
+    """Parse the mesh flags and emulate CPU devices before JAX starts (joining the processes of a
+    mesh that spans several, when the command has the process flags); None without --mesh."""
+    has_process_flags = hasattr(args, "coordinator")
     if args.mesh is None:
         for flag in ("groups", "sram_budget"):
             if getattr(args, flag) is not None:
                 raise WaferError(f"--{flag.replace('_', '-')} needs --mesh")
+        if has_process_flags:
+            join_processes(args, None, None)
         return None
     from kernels.allreduce import Schedule
     from mesh.devices import ensure_cpu_devices
@@ -99,11 +144,13 @@ def setup_mesh(args) -> MeshSetup | None:
 
     grid = Grid.parse(args.mesh)
     executor = Executor(args.executor)
-    if executor is Executor.DEVICES:
-        ensure_cpu_devices(grid.cores)
     if args.groups is not None and args.groups < 1:
         raise WaferError(f"--groups must be positive, got {args.groups}")
     spec = emulated_spec(parse_bytes(args.sram_budget)) if args.sram_budget else None
+    if has_process_flags:
+        join_processes(args, grid, executor)  # sets this process's device count itself
+    if executor is Executor.DEVICES and getattr(args, "coordinator", None) is None:
+        ensure_cpu_devices(grid.cores)
     return MeshSetup(grid, executor, Schedule(args.schedule), args.groups, spec)
 
 

@@ -1,4 +1,6 @@
-"""`wafer generate`: text from a prompt, on one device or on a core mesh with --mesh."""
+"""`wafer generate`: text from a prompt, on one device or on a core mesh with --mesh, which may span
+processes (--coordinator, --num-processes, --process-id: every process runs the same command but
+its id, decodes the same tokens, and only process 0 prints them; the others exit 0 silently)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,8 @@ import os
 import sys
 
 from bench.mesh_setup import make_decoder
-from cli.flags import (add_mesh_args, add_model_args, add_prompt_args, check_prompt_args, prompt_ids_from_args,
-                       setup_mesh)
+from cli.flags import (add_mesh_args, add_model_args, add_process_args, add_prompt_args, check_prompt_args,
+                       prompt_ids_from_args, setup_mesh)
 from mesh.errors import WaferError
 
 
@@ -25,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--trace", default=None, metavar="DIR", help="write a jax.profiler trace to DIR")
     add_mesh_args(p)
+    add_process_args(p)
 
 
 def run(args) -> int:
@@ -39,9 +42,13 @@ def run(args) -> int:
     tokenizer = loaded.tokenizer
     prompt_ids = prompt_ids_from_args(args, loaded)
     check_request(loaded.config, [prompt_ids], args.max_new_tokens)
-    decoder = make_decoder(loaded, mesh_setup, 1, len(prompt_ids) + args.max_new_tokens, sampling.greedy)
-    with profiler_trace(args.trace):
-        result = decoder.generate([prompt_ids], args.max_new_tokens, sampling)
+    spread = args.coordinator is not None
+    with stdout_to_stderr() if spread else contextlib.nullcontext():
+        decoder = make_decoder(loaded, mesh_setup, 1, len(prompt_ids) + args.max_new_tokens, sampling.greedy)
+        with profiler_trace(args.trace):
+            result = decoder.generate([prompt_ids], args.max_new_tokens, sampling)
+    if spread and args.process_id != 0:
+        return 0  # every process decoded the same tokens; process 0 alone answers
     tokens = result.tokens[0]
     text = tokenizer.decode(tokens) if tokenizer is not None else None
     if args.json:
@@ -55,6 +62,7 @@ def run(args) -> int:
             "tok_per_s": round(result.tok_per_s, 2),
             "decode_steps": result.decode_steps,
             "mesh": args.mesh or "1x1 (single device)",
+            **({"processes": args.num_processes} if spread else {}),
             **({"executor": args.executor, "schedule": args.schedule,
                 "sram_per_core_bytes": decoder.plan.bytes_by_kind()} if mesh_setup else {}),
         }))
@@ -63,6 +71,22 @@ def run(args) -> int:
         print(f"[{len(tokens)} tokens, ttft {result.ttft_s * 1e3:.1f} ms, {result.tok_per_s:.1f} tok/s, "
               f"compile {result.compile_s:.1f} s]", file=sys.stderr)
     return 0
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Send what native code writes to file descriptor 1 to stderr for the block: gloo (the CPU
+    collectives of a mesh spanning processes) prints a line per connection there, and stdout must
+    hold the answer alone."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 @contextlib.contextmanager

@@ -10,15 +10,17 @@ reduced over ROW (fused with the final norm, kernels/rmsnorm.py); selection then
   while moving a few hundred values instead of V;
 - sampling without top-k (or a larger k): the shards are gathered along COL (V floats per
   sequence) and sampled by `sample_ref`.
-Every core uses the same keys on the same values, so all cores pick the same token. The draws
-differ from the single-device sampler's (the random noise lands on other array positions); the
-distribution does not.
+The knobs are per row, so one batch mixes the three: each row takes the path it would take alone
+(a row at temperature 0 takes the argmax), and batch neighbours never change its token. Every
+core uses the same keys on the same values, so all cores pick the same token. The draws differ from
+the single-device sampler's (the random noise lands on other array positions); the distribution
+does not.
 """
 
 import jax
 import jax.numpy as jnp
 
-from kernels.sampling import sample_ref
+from kernels.sampling import per_row, sample_ref
 from mesh.axes import SAMPLE_SCOPE
 
 
@@ -48,28 +50,41 @@ def sample_mesh(logits_Bv: jax.Array, col_axis: str, vocab_size: int, keys_B, te
                 greedy: bool) -> jax.Array:
     """Token [B] per sequence, identical on every core.
 
+    Each row is chosen as it would be alone in the batch: by the distributed argmax when its
+    temperature is 0, else from the candidates when its own top-k allows, else from the gathered
+    logits. A path runs only when some row needs it (the knobs are the same on every core, so
+    every core takes the same branch).
+
     Args:
       logits_Bv: [B, v] this column's vocabulary shard (padding at -inf).
       keys_B: [B] PRNG keys, the same on every core.
-      temperature, top_k, top_p: as `sample_ref`.
-      greedy: static; distributed argmax when True.
+      temperature, top_k, top_p: scalars or [B], as `sample_ref` (temperature 0: argmax).
+      greedy: static; distributed argmax for every row when True (the knobs are ignored).
     """
     with jax.named_scope(SAMPLE_SCOPE):
+        argmax_B = argmax_mesh(logits_Bv, col_axis)
         if greedy:
-            return argmax_mesh(logits_Bv, col_axis)
-        v = logits_Bv.shape[-1]
+            return argmax_B
+        B, v = logits_Bv.shape
+        temperature_B = per_row(temperature, B, jnp.float32)
+        top_k_B, top_p_B = per_row(top_k, B, jnp.int32), per_row(top_p, B, jnp.float32)
         n_cand = min(TOPK_CANDIDATES, v)
+        sampled_B = temperature_B > 0
+        candidates_B = (top_k_B > 0) & (top_k_B <= n_cand)
+        unused = jnp.zeros((B,), jnp.int32)
 
         def from_candidates():
             values, local_ids = jax.lax.top_k(logits_Bv, n_cand)
             ids = jax.lax.axis_index(col_axis) * v + local_ids
             values = jax.lax.all_gather(values, col_axis, axis=1, tiled=True)  # [B, C * n_cand]
             ids = jax.lax.all_gather(ids, col_axis, axis=1, tiled=True)
-            pick = sample_ref(values, keys_B, temperature, top_k, top_p, greedy=False)
+            pick = sample_ref(values, keys_B, temperature_B, top_k_B, top_p_B, greedy=False)
             return jnp.take_along_axis(ids, pick[:, None], axis=1)[:, 0].astype(jnp.int32)
 
         def from_all_logits():
             full = jax.lax.all_gather(logits_Bv, col_axis, axis=1, tiled=True)[:, :vocab_size]
-            return sample_ref(full, keys_B, temperature, top_k, top_p, greedy=False)
+            return sample_ref(full, keys_B, temperature_B, top_k_B, top_p_B, greedy=False)
 
-        return jax.lax.cond((top_k > 0) & (top_k <= n_cand), from_candidates, from_all_logits)
+        few_B = jax.lax.cond(jnp.any(sampled_B & candidates_B), from_candidates, lambda: unused)
+        all_B = jax.lax.cond(jnp.any(sampled_B & ~candidates_B), from_all_logits, lambda: unused)
+        return jnp.where(sampled_B, jnp.where(candidates_B, few_B, all_B), argmax_B)

@@ -44,15 +44,17 @@ class KVLanding:
         if header.first_token >= cfg.vocab_size:
             raise KVStreamError(f"first token {header.first_token} is outside the vocabulary [0, {cfg.vocab_size})")
 
-    def land(self, reader: KVReader, slot: int | None = None, between_layers=None) -> int:
+    def land(self, reader: KVReader, slot: int | None = None, between_layers=None, sampling=None) -> int:
         """Place the stream of `reader` in `slot` (None: the first free one) and start decoding it.
 
         between_layers: called after each layer is placed (e.g. to run decode steps of the other
-        slots while later layers are in flight). Returns the slot.
+        slots while later layers are in flight).
+        sampling: how the sequence's tokens are chosen (`model.sampling.Sampling`; None: greedy).
+        Returns the slot.
         """
         header = reader.header
         self.check(header)
-        slot = self.decoder.reserve(slot, header.tokens, header.first_token)
+        slot = self.decoder.reserve(slot, header.tokens, header.first_token, sampling)
         try:
             for frame in reader.frames():
                 k = convert_frame(frame.k_KSH, np.dtype(np.float32), self.convert_dtype)

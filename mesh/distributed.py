@@ -10,6 +10,9 @@ collectives implementation and the distributed client are all read when the back
 
 from __future__ import annotations
 
+import socket
+import time
+
 from mesh.devices import backend_started, ensure_cpu_devices
 from mesh.errors import WaferError
 
@@ -23,7 +26,7 @@ LOCAL_TOPOLOGY_TIMEOUT_MIN = 1
 GLOBAL_TOPOLOGY_TIMEOUT_MIN = 2
 
 
-def _check_address(coordinator: str) -> None:
+def _split_address(coordinator: str) -> tuple[str, int]:
     host, sep, port = coordinator.rpartition(":")
     if not sep or not host:
         raise WaferError(f"coordinator {coordinator!r}: expected HOST:PORT such as 127.0.0.1:12345")
@@ -33,6 +36,43 @@ def _check_address(coordinator: str) -> None:
         raise WaferError(f"coordinator {coordinator!r}: port {port!r} is not a number") from None
     if not 0 < port_n < 65536:
         raise WaferError(f"coordinator {coordinator!r}: port {port_n} is outside 1..65535")
+    return host.strip("[]"), port_n
+
+
+def _check_can_listen(coordinator: str) -> None:
+    """Process 0 serves the coordinator: refuse an address it cannot bind, before JAX tries (JAX
+    aborts the process instead of raising)."""
+    host, port = _split_address(coordinator)
+    try:
+        with socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET):
+            pass
+    except OSError as e:
+        raise WaferError(f"coordinator {coordinator}: process 0 cannot listen there ({e.strerror or e})") from None
+
+
+def _wait_for_coordinator(coordinator: str, timeout_s: float) -> None:
+    """Wait until something listens at the coordinator's address. A process whose coordinator never
+    answers then fails with a sentence, not JAX's abort (DEADLINE_EXCEEDED and a C++ stack)."""
+    host, port = _split_address(coordinator)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise WaferError(f"no coordinator answered at {coordinator} within {timeout_s:g} s: start process 0 "
+                                 f"with the same --coordinator (it listens there)") from None
+            time.sleep(0.2)
+
+
+def check_process_args(coordinator: str, num_processes: int, process_id: int) -> None:
+    """Refuse a malformed coordinator address, process count or process id (nothing started)."""
+    _split_address(coordinator)
+    if num_processes < 1:
+        raise WaferError(f"process count must be positive, got {num_processes}")
+    if not 0 <= process_id < num_processes:
+        raise WaferError(f"process id {process_id} is outside 0..{num_processes - 1}")
 
 
 def init_cpu_process(coordinator: str, num_processes: int, process_id: int, local_devices: int,
@@ -45,18 +85,16 @@ def init_cpu_process(coordinator: str, num_processes: int, process_id: int, loca
       num_processes: processes in the mesh; process ids are 0 .. num_processes - 1.
       process_id: this process's id.
       local_devices: CPU devices this process emulates (the same in every process).
-      timeout_s: seconds to wait for every process to join.
+      timeout_s: seconds to wait for every process to join. Past it JAX aborts the process (a
+        C++ check failure, DEADLINE_EXCEEDED), which no caller can catch; a process other than 0
+        first waits up to this long for the coordinator to listen and fails with a WaferError.
 
     Raises:
       WaferError: a bad argument, or JAX already started in this process.
     """
     import jax
 
-    _check_address(coordinator)
-    if num_processes < 1:
-        raise WaferError(f"process count must be positive, got {num_processes}")
-    if not 0 <= process_id < num_processes:
-        raise WaferError(f"process id {process_id} is outside 0..{num_processes - 1}")
+    check_process_args(coordinator, num_processes, process_id)
     if local_devices < 1:
         raise WaferError(f"local device count must be positive, got {local_devices}")
     if timeout_s < 1:
@@ -66,6 +104,12 @@ def init_cpu_process(coordinator: str, num_processes: int, process_id: int, loca
     if backend_started():
         raise WaferError("JAX already started in this process; join the mesh before any JAX computation, "
                          "or run in a new process")
+    t0 = time.monotonic()
+    if process_id == 0:
+        _check_can_listen(coordinator)
+    else:
+        _wait_for_coordinator(coordinator, timeout_s)
+    timeout_s = max(1, round(timeout_s - (time.monotonic() - t0)))
     ensure_cpu_devices(local_devices)
     # Exactly this many, not "at least" (a JAX_NUM_CPU_DEVICES in the environment may ask for
     # more): the global device list is process-major only if every process brings the same count.

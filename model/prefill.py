@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +51,7 @@ from model.cache import KVCache
 from model.compile_cache import CompileCache
 from model.config import ModelConfig
 from model.generate import PROMPT_BUCKET, check_request
-from model.sampling import Sampling, place_knobs, sample_vocab_shards
+from model.sampling import Sampling, knob_rows, sample_vocab_shards
 from model.wafer_layout import WaferLayout, tensor_parallel_layout, tile_params
 from model.weights import Params
 
@@ -125,9 +126,12 @@ def core_prefill_chunk(tiles, k_cache, v_cache, tokens_bT, lengths_b, start, x_l
     return tuple(new_k), tuple(new_v), x_last_bD
 
 
-def core_prefill_head(tiles, x_last_bD, lengths_b, seed, temperature, top_k, top_p, *, layout: WaferLayout,
+def core_prefill_head(tiles, x_last_bD, lengths_b, seed_b, temperature_b, top_k_b, top_p_b, *, layout: WaferLayout,
                       greedy: bool):
     """Final norm, this column's vocabulary block of the logits, and the first token, per sequence.
+
+    seed_b, temperature_b, top_k_b, top_p_b: each of this row's sequences' sampling knobs [b]
+    (ignored when `greedy`, else a sequence at temperature 0 takes the argmax).
 
     Returns the first tokens [b] (identical on every column) and this column's logits [b, v].
     """
@@ -136,7 +140,8 @@ def core_prefill_head(tiles, x_last_bD, lengths_b, seed, temperature, top_k, top
         h = rmsnorm_ref(x_last_bD, tiles["final_norm"], cfg.rms_eps)
         logits_bv = mask_padded_vocab(h @ tiles["lm"], cfg.vocab_size, COL)
     # The same keys as the single-device generator: fold the position of the token being chosen.
-    first_b = sample_vocab_shards(logits_bv, cfg.vocab_size, lengths_b, seed, temperature, top_k, top_p, greedy)
+    first_b = sample_vocab_shards(logits_bv, cfg.vocab_size, lengths_b, seed_b, temperature_b, top_k_b, top_p_b,
+                                  greedy)
     return first_b, logits_bv
 
 
@@ -231,12 +236,20 @@ class Prefiller:
         S = max(cache_len or 0, n_chunks * T)
         return ceil_div(len(prompts), self.core_mesh.grid.rows), T, n_chunks, S
 
-    def prefill(self, prompts: list[list[int]], sampling: Sampling = Sampling(),
+    def prefill(self, prompts: list[list[int]], sampling: Sampling | Sequence[Sampling] = Sampling(),
                 cache_len: int | None = None) -> PrefillResult:
-        """Prefill a batch of prompts of any lengths; `cache_len` reserves room for decoding."""
+        """Prefill a batch of prompts of any lengths; `cache_len` reserves room for decoding.
+
+        `sampling` chooses the first tokens: one for every prompt, or one per prompt. A prompt's
+        first token never depends on the other prompts of the batch or their Sampling.
+        """
         cfg, g = self.config, self.core_mesh.grid
         check_request(cfg, prompts, 1)
         B = len(prompts)
+        samplings = [sampling] * B if isinstance(sampling, Sampling) else list(sampling)
+        if len(samplings) != B:
+            raise WaferError(f"{len(samplings)} samplings for {B} prompts")
+        greedy = all(s.greedy for s in samplings)
         b, T, n_chunks, S = self.shapes(prompts, cache_len)
         tokens = np.zeros((g.rows * b, n_chunks * T), np.int32)
         lengths = np.zeros(g.rows * b, np.int32)  # batch padding: length 0, attends to nothing
@@ -252,12 +265,12 @@ class Prefiller:
         lengths_d = self._rows(lengths)
         chunk_args = [self._rows(tokens[:, i * T: (i + 1) * T]) for i in range(n_chunks)]
         starts = [self.core_mesh.broadcast(np.int32(i * T)) for i in range(n_chunks)]
-        knobs = place_knobs(self.core_mesh, sampling)
+        # Batch padding rows choose greedily (their tokens are dropped).
+        knobs = [self._rows(a) for a in knob_rows(samplings + [Sampling()] * (g.rows * b - B))]
         chunk_fn, compile_s = self._compiled.get(("chunk", b, T, S), self._chunk_fn, self.tiles, k_cache, v_cache,
                                                 chunk_args[0], lengths_d, starts[0], x_last)
-        head = jax.jit(self.core_mesh.run(functools.partial(core_prefill_head, layout=self.layout,
-                                                            greedy=sampling.greedy)))
-        head_fn, c = self._compiled.get(("head", b, sampling.greedy), head, self.head_tiles, x_last, lengths_d,
+        head = jax.jit(self.core_mesh.run(functools.partial(core_prefill_head, layout=self.layout, greedy=greedy)))
+        head_fn, c = self._compiled.get(("head", b, greedy), head, self.head_tiles, x_last, lengths_d,
                                        *knobs)
         compile_s += c
 

@@ -66,12 +66,14 @@ class SlotBatch:
         self.tokens = np.zeros(batch, np.int32)
         self.pos = np.zeros(batch, np.int32)
         self.active = np.zeros(batch, bool)
+        self._sampling = [Sampling()] * batch  # each slot's own, set when a sequence is committed
         self._step = jax.jit(core_mesh.run(functools.partial(core_decode_step, layout=self.layout, opts=opts)),
                              donate_argnums=(1, 2))
         self._compiled_step = None
         self._logits = None
         self._active_placed = None
-        self._knobs_placed: dict[Sampling, list] = {}
+        self._knobs_placed: dict[Sampling, list] = {}  # one Sampling for every slot
+        self._slot_knobs_placed = None  # each slot's knobs on the cores; None: to be placed again
         self._landing: dict[int, _Landing] = {}  # reserved slots, filled layer by layer
 
     @property
@@ -83,13 +85,19 @@ class SlotBatch:
         """A per-sequence value as every core's copy: [R, C, ...]."""
         return self.core_mesh.broadcast(a)
 
+    def slot_sampling(self, slot: int) -> Sampling:
+        """How the sequence in `slot` (or the last one there) chooses its tokens."""
+        return self._sampling[slot]
+
     def free_slots(self) -> list[int]:
         """Slots neither decoding nor reserved for a sequence being placed."""
         return [b for b in range(self.batch) if not self.active[b] and b not in self._landing]
 
-    def insert(self, slot: int, k_LKSH, v_LKSH, length: int, next_token: int) -> None:
-        """Place one prefilled sequence (its cache, length and next token) into a free slot."""
-        self.reserve(slot, length, next_token)
+    def insert(self, slot: int, k_LKSH, v_LKSH, length: int, next_token: int,
+               sampling: Sampling | None = None) -> None:
+        """Place one prefilled sequence (its cache, length, next token and how its tokens are chosen,
+        see `reserve`) into a free slot."""
+        self.reserve(slot, length, next_token, sampling)
         try:
             per_core_k = [self.kv_layout.to_cores(np.asarray(k)[:, :length]) for k in k_LKSH]
             per_core_v = [self.kv_layout.to_cores(np.asarray(v)[:, :length]) for v in v_LKSH]
@@ -102,9 +110,11 @@ class SlotBatch:
             raise
         self.commit(slot)
 
-    def reserve(self, slot: int | None, length: int, next_token: int) -> int:
+    def reserve(self, slot: int | None, length: int, next_token: int, sampling: Sampling | None = None) -> int:
         """Reserve a free slot (`None`: the first free one) for a sequence placed layer by layer.
 
+        `sampling` (default greedy) chooses the sequence's tokens in the steps that use each slot's
+        own (`step()`); a sampled one needs a decoder built with `MeshOptions(greedy=False)`.
         The slot stays inactive until `commit`: decode steps of the other slots never write its
         positions (an inactive slot writes only the scratch slot), so layers placed while they
         keep decoding stay as placed. Returns the slot.
@@ -122,7 +132,9 @@ class SlotBatch:
             raise WaferError(f"sequence of {length} tokens leaves no room in a cache of {self.layout.max_len}")
         if not 0 <= next_token < self.config.vocab_size:
             raise WaferError(f"next token {next_token} is outside the vocabulary [0, {self.config.vocab_size})")
-        self._landing[slot] = _Landing(length, next_token, set())
+        sampling = Sampling() if sampling is None else sampling
+        self._check_compiled_for(sampling)
+        self._landing[slot] = _Landing(length, next_token, sampling, set())
         return slot
 
     def place_layer(self, slot: int, layer: int, k_KSH, v_KSH) -> None:
@@ -152,6 +164,8 @@ class SlotBatch:
             raise WaferError(f"slot {slot}: layers {missing[:8]} were never placed")
         del self._landing[slot]
         self.tokens[slot], self.pos[slot], self.active[slot] = landing.next_token, landing.length, True
+        if landing.sampling != self._sampling[slot]:
+            self._sampling[slot], self._slot_knobs_placed = landing.sampling, None
 
     def abort(self, slot: int) -> None:
         """Give a reserved slot back. Layers already placed stay in its cache rows unseen: the slot
@@ -161,20 +175,28 @@ class SlotBatch:
     def evict(self, slot: int) -> None:
         self.active[slot] = False
 
-    def step(self, sampling: Sampling = Sampling()) -> np.ndarray:
-        """Decode one token for every active slot; returns the tokens [B] (inactive: unchanged)."""
+    def step(self, sampling: Sampling | None = None) -> np.ndarray:
+        """Decode one token for every active slot; returns the tokens [B] (inactive: unchanged).
+
+        `sampling`: None, each slot chooses with its own (`reserve`); given, every slot with it.
+        """
         tok, pos = self.step_device(sampling)
         self.tokens, self.pos = np.array(core_copy(tok)), np.array(core_copy(pos))
         return self.tokens.copy()
 
-    def step_device(self, sampling: Sampling, tokens=None, pos=None):
-        """Dispatch one step without reading back; returns device (tokens, positions) [R, C, B]."""
-        if sampling.greedy != self.opts.greedy:
-            raise WaferError("this decoder was compiled for " + ("greedy" if self.opts.greedy else "sampled")
-                             + " decoding")
+    def step_device(self, sampling: Sampling | None = None, tokens=None, pos=None):
+        """Dispatch one step without reading back; returns device (tokens, positions) [R, C, B].
+
+        `sampling` as in `step`.
+        """
+        if sampling is None:
+            knobs = self._slot_knobs()
+        else:
+            self._check_compiled_for(sampling)
+            knobs = self._knobs(sampling)
         tokens = self._replicate(self.tokens) if tokens is None else tokens
         pos = self._replicate(self.pos) if pos is None else pos
-        args = (self.tiles, self.k_cache, self.v_cache, tokens, pos, self._device_active(), *self._knobs(sampling))
+        args = (self.tiles, self.k_cache, self.v_cache, tokens, pos, self._device_active(), *knobs)
         self.compile()
         tok, new_pos, self.k_cache, self.v_cache, self._logits = self._compiled_step(*args)
         return tok, new_pos
@@ -191,10 +213,22 @@ class SlotBatch:
             self._active_placed = (self.active.copy(), self._replicate(self.active))
         return self._active_placed[1]
 
+    def _check_compiled_for(self, sampling: Sampling) -> None:
+        if self.opts.greedy and not sampling.greedy:
+            raise WaferError("this decoder was compiled for greedy decoding; build it with "
+                             "MeshOptions(greedy=False) to sample")
+
     def _knobs(self, sampling: Sampling) -> list:
+        """The knobs of every slot choosing with `sampling`, on the cores."""
         if sampling not in self._knobs_placed:
-            self._knobs_placed[sampling] = place_knobs(self.core_mesh, sampling)
+            self._knobs_placed[sampling] = place_knobs(self.core_mesh, [sampling] * self.batch)
         return self._knobs_placed[sampling]
+
+    def _slot_knobs(self) -> list:
+        """Each slot's own knobs on the cores, placed again only when a slot's Sampling changes."""
+        if self._slot_knobs_placed is None:
+            self._slot_knobs_placed = place_knobs(self.core_mesh, self._sampling)
+        return self._slot_knobs_placed
 
     def compile(self) -> float:
         """Compile the decode step once (shapes are fixed per batch); returns seconds spent now."""
@@ -213,6 +247,7 @@ class _Landing:
 
     length: int
     next_token: int
+    sampling: Sampling
     placed: set[int]
 
 

@@ -33,6 +33,8 @@ class MeshOptions:
 
     schedule: Schedule = Schedule.PSUM
     groups: int | None = None  # K-tree groups per axis (None: ~sqrt of the axis length)
+    # True: every slot takes the argmax (the knobs are not read). False: each slot follows its own
+    # knobs, so greedy (temperature 0) and sampled slots share one batch.
     greedy: bool = True
 
 
@@ -47,7 +49,7 @@ def mesh_ops(config: ModelConfig, opts: MeshOptions, attend) -> BlockOps:
         attend=attend)
 
 
-def core_decode_step(tiles, k_cache, v_cache, tokens_B, pos_B, active_B, seed, temperature, top_k, top_p,
+def core_decode_step(tiles, k_cache, v_cache, tokens_B, pos_B, active_B, seed_B, temperature_B, top_k_B, top_p_B,
                      *, layout: WaferLayout, opts: MeshOptions):
     """One decode step of one core.
 
@@ -56,7 +58,8 @@ def core_decode_step(tiles, k_cache, v_cache, tokens_B, pos_B, active_B, seed, t
       k_cache, v_cache: L arrays [B, kc, s+1, H]: this core's KV heads and cache positions.
       tokens_B: [B] the tokens to feed (the same on every core).
       pos_B: [B] their positions; active_B: [B] bool, which slots hold a live sequence.
-      seed, temperature, top_k, top_p: sampling knobs (scalars, the same on every core).
+      seed_B, temperature_B, top_k_B, top_p_B: each slot's sampling knobs [B] (the same on every
+        core); ignored when `opts.greedy`, else a slot at temperature 0 takes the argmax.
 
     Returns:
       next tokens [B], next positions [B] and the updated cache, identical on every core, and
@@ -100,6 +103,7 @@ def core_decode_step(tiles, k_cache, v_cache, tokens_B, pos_B, active_B, seed, t
         logits_Bv = ops.norm_project(x_Bd, tiles["final_norm"], tiles["lm"])
         logits_Bv = mask_padded_vocab(logits_Bv, cfg.vocab_size, COL)
     # The same keys as the single-device decoder: fold the position of the token being chosen.
-    next_B = sample_vocab_shards(logits_Bv, cfg.vocab_size, pos_B + 1, seed, temperature, top_k, top_p, opts.greedy)
+    next_B = sample_vocab_shards(logits_Bv, cfg.vocab_size, pos_B + 1, seed_B, temperature_B, top_k_B, top_p_B,
+                                 opts.greedy)
     next_B = jnp.where(active_B, next_B, tokens_B)
     return next_B, pos_B + active_B.astype(pos_B.dtype), tuple(new_k), tuple(new_v), logits_Bv

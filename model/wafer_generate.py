@@ -58,7 +58,7 @@ class WaferDecoder(SlotBatch):
         for i, p in enumerate(prompts):
             k_LKSH, v_LKSH = prefilled.sequence_kv(i)
             slot = self.free_slots()[0]
-            self.insert(slot, k_LKSH, v_LKSH, len(p), int(prefilled.first_tokens[i]))
+            self.insert(slot, k_LKSH, v_LKSH, len(p), int(prefilled.first_tokens[i]), sampling)
             slots.append(slot)
         ttft = time.perf_counter() - t0 - compile_s
         compile_s += self.compile()  # outside the timed loop

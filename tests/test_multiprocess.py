@@ -150,3 +150,109 @@ def test_init_cpu_process_refuses_a_started_backend():
     jax.devices()  # this test process's backend exists from here on
     with pytest.raises(WaferError, match="already started"):
         init_cpu_process("127.0.0.1:1234", 2, 0, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# `wafer generate --coordinator HOST:PORT --num-processes N --process-id I`
+
+CLI_PROMPT = "1,17,42,7,300,5,99"
+
+
+def _cli(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "cli.main", *argv]
+
+
+def run_cli_processes(argv: list[str], tmp_path) -> list[tuple[str, str]]:
+    """Run `wafer *argv --coordinator ... --process-id I` as PROCESSES processes; (stdout, stderr) of each."""
+    coordinator = f"127.0.0.1:{_free_port()}"
+    procs, files = [], []
+    try:
+        for pid in range(PROCESSES):
+            out_path, err_path = tmp_path / f"cli{pid}.out", tmp_path / f"cli{pid}.err"
+            files.append((out_path, err_path))
+            with open(out_path, "w") as out, open(err_path, "w") as err:
+                procs.append(subprocess.Popen(
+                    _cli(*argv, "--coordinator", coordinator, "--num-processes", str(PROCESSES), "--process-id",
+                         str(pid)), cwd=REPO, env=worker_env(), stdout=out, stderr=err, stdin=subprocess.DEVNULL))
+        deadline = time.monotonic() + TIMEOUT_S
+        while any(p.poll() is None for p in procs):
+            for pid, p in enumerate(procs):
+                assert p.poll() in (None, 0), _exit_report(pid, p, str(files[pid][1]))
+            if time.monotonic() > deadline:
+                pytest.fail(f"processes still running after {TIMEOUT_S} s; process 0's stderr ends:\n"
+                            f"{_tail(str(files[0][1]))}")
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+    return [(out.read_text(), err.read_text()) for out, err in files]
+
+
+@needs_gloo
+def test_generate_cli_across_two_processes(tiny_checkpoint, tmp_path, capsys):
+    """Two `wafer generate` processes share one 2x2 mesh (a row each) and answer with the tokens of
+    the same command in one process; only process 0 prints."""
+    from tests.helpers.cli_runner import run_cli
+
+    argv = ["generate", "--checkpoint", tiny_checkpoint, "--prompt-ids", CLI_PROMPT, "--max-new-tokens", "16",
+            "--mesh", "2x2", "--executor", "devices", "--json"]
+    rc, out, _ = run_cli(capsys, *argv)
+    assert rc == 0
+    want = json.loads(out)["tokens"]
+    assert len(set(want)) > 3  # a varied continuation: a broken mesh cannot match by luck
+    (out0, err0), (out1, err1) = run_cli_processes(argv, tmp_path)
+    answer = json.loads(out0)
+    assert answer["tokens"] == want  # greedy: identical tokens, no tolerance
+    assert answer["processes"] == PROCESSES and answer["mesh"] == "2x2"
+    assert out1 == ""  # process 1 decoded too, and kept quiet
+    assert "process 1 of 2: joining the mesh" in err1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mesh", "2x2", "--coordinator", "127.0.0.1", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),
+    (["--mesh", "2x2", "--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"],
+     "process id 2 is outside 0..1"),
+    (["--mesh", "2x2", "--coordinator", "127.0.0.1:1234", "--num-processes", "2"],
+     "--coordinator needs --num-processes and --process-id"),
+    (["--mesh", "2x2", "--num-processes", "2", "--process-id", "1"], "--num-processes needs --coordinator"),
+    (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "0"], "needs --mesh"),
+    (["--mesh", "2x2", "--executor", "vcores", "--coordinator", "127.0.0.1:1234", "--num-processes", "2",
+      "--process-id", "0"], "--executor devices"),
+    (["--mesh", "2x2", "--coordinator", "127.0.0.1:1234", "--num-processes", "3", "--process-id", "0"],
+     "4 cores) does not split evenly over 3 processes"),
+    (["--mesh", "2x2", "--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "-1"],
+     "at least 0"),
+    (["--mesh", "2x2", "--coordinator", "127.0.0.1:1234", "--num-processes", "0", "--process-id", "0"],
+     "a positive integer"),
+])
+def test_generate_process_flags_refuse_bad_values(capsys, flags, message):
+    from tests.helpers.cli_runner import assert_one_line_error, run_cli
+
+    rc, _, err = run_cli(capsys, "generate", "--prompt-ids", "1,2", *flags)
+    assert_one_line_error(rc, err, message)
+
+
+def test_generate_without_a_coordinator_fails_in_one_line():
+    """A process other than 0 whose coordinator never listens fails with a sentence, not JAX's abort;
+    so does a process 0 that cannot listen at the address (here: a port already taken)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        cases = [(f"127.0.0.1:{_free_port()}", "1", "no coordinator answered at"),
+                 (busy, "0", "process 0 cannot listen there")]
+        for coordinator, pid, message in cases:
+            proc = subprocess.run(_cli("generate", "--prompt-ids", "1,2", "--mesh", "2x2", "--coordinator",
+                                       coordinator, "--num-processes", "2", "--process-id", pid,
+                                       "--coordinator-timeout", "1"),
+                                  cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 2, proc.stderr[-3000:]
+            last = proc.stderr.strip().splitlines()[-1]
+            assert last.startswith("wafer: error:") and message in last, proc.stderr
+            assert "Traceback" not in proc.stderr
