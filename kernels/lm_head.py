@@ -12,9 +12,9 @@ reduced over ROW (fused with the final norm, kernels/rmsnorm.py); selection then
   sequence) and sampled by `sample_ref`.
 The knobs are per row, so one batch mixes the three: each row takes the path it would take alone
 (a row at temperature 0 takes the argmax), and batch neighbours never change its token. Every
-core uses the same keys on the same values, so all cores pick the same token. The draws differ from
-the single-device sampler's (the random noise lands on other array positions); the distribution
-does not.
+core uses the same keys on the same values, so all cores pick the same token, and it is the token
+`sample_ref` picks from the whole vocabulary: the noise of a candidate is its token id's
+(`gumbel_noise`), so the single-device decoder and every mesh draw alike for a seed.
 """
 
 import jax
@@ -78,7 +78,8 @@ def sample_mesh(logits_Bv: jax.Array, col_axis: str, vocab_size: int, keys_B, te
             ids = jax.lax.axis_index(col_axis) * v + local_ids
             values = jax.lax.all_gather(values, col_axis, axis=1, tiled=True)  # [B, C * n_cand]
             ids = jax.lax.all_gather(ids, col_axis, axis=1, tiled=True)
-            pick = sample_ref(values, keys_B, temperature_B, top_k_B, top_p_B, greedy=False)
+            pick = sample_ref(values, keys_B, temperature_B, top_k_B, top_p_B, greedy=False, ids_BV=ids,
+                              vocab_size=vocab_size)
             return jnp.take_along_axis(ids, pick[:, None], axis=1)[:, 0].astype(jnp.int32)
 
         def from_all_logits():

@@ -1,7 +1,8 @@
 """How tokens are chosen: the request's `Sampling`, its knobs as traced arguments, and the keys.
 
 Every decoder (single device, wafer mesh, prefill mesh) draws the token at position p with the key
-`fold_in(key(seed), p)`, so a sampled run gives the same tokens on any mesh. On the meshes each
+`fold_in(key(seed), p)`, and the draw ties its noise to token ids (kernels/sampling.py), so a
+sampled run gives the same tokens on any mesh and on one device. On the meshes each
 sequence of a batch has its own Sampling (knobs and seed as [B] arrays), and its tokens never
 depend on the other sequences of the batch.
 """

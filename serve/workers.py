@@ -23,7 +23,6 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterable
 
 import numpy as np
 
@@ -52,19 +51,6 @@ IDLE_POLL_S = 1.0
 LANDING_POLL_S = 0.002
 # A listener outlives the handoff deadline by this much, so the scheduler's deadline fires first.
 ACCEPT_GRACE_S = 5.0
-
-
-def batch_sampling(samplings: Iterable[Sampling]) -> Sampling:
-    """The one Sampling a prefill batch or a decode step runs with, from its requests' own.
-
-    PER-REQUEST SAMPLING PLUGS IN HERE. Today `Prefiller.prefill` and `SlotBatch.step` take one
-    Sampling for the whole batch and the decode step is compiled greedy, so every request decodes
-    greedily whatever it asked. Each request's Sampling already travels with it to the worker
-    (`PrefillItem.sampling`, `Expect.sampling`) and is kept per slot (`DecodeSlots.sampling`);
-    once the model takes per-slot knobs, pass those through instead of this.
-    """
-    del samplings
-    return Sampling()
 
 
 def one_line(e: BaseException) -> str:
@@ -122,7 +108,9 @@ def _prefiller(loaded: LoadedModel, spec: WorkerSpec) -> Prefiller:
     import jax
     mesh = make_core_mesh(spec.options.prefill_grid, Executor.DEVICES, jax.devices())
     prefiller = Prefiller(loaded.params, loaded.config, mesh)
-    prefiller.prefill([[0]])  # compiles the smallest shape, so the first request does not pay for it
+    # Compile the smallest shape, greedy and sampled, so the first request does not pay for it.
+    prefiller.prefill([[0]])
+    prefiller.prefill([[0]], [Sampling(temperature=1.0)])
     return prefiller
 
 
@@ -134,9 +122,12 @@ def _prefill(prefiller: Prefiller, batch: PrefillBatch):
     while padding at most doubles the batch's work.
     """
     prompts = [list(i.prompt_ids) for i in batch.items]
-    prompts += [[0]] * ((1 << (len(prompts) - 1).bit_length()) - len(prompts))
+    samplings = [i.sampling for i in batch.items]  # each request's first token is chosen its own way
+    pad = (1 << (len(prompts) - 1).bit_length()) - len(prompts)
+    prompts += [[0]] * pad
+    samplings += [Sampling()] * pad
     try:
-        return prefiller.prefill(prompts, batch_sampling(i.sampling for i in batch.items)), None
+        return prefiller.prefill(prompts, samplings), None
     except Exception as e:  # noqa: BLE001 (any error of one batch, reported to the engine)
         return None, one_line(e)
 
@@ -217,11 +208,10 @@ class DecodeSlots:
         mesh = make_core_mesh(opts.decode_grid, opts.executor, jax.devices())
         budget = emulated_spec(opts.sram_budget) if opts.sram_budget else None
         self.batch = SlotBatch(loaded.params, loaded.config, mesh, opts.scheduler.slots, opts.max_len,
-                               MeshOptions(opts.schedule, opts.groups, greedy=True), budget)
+                               MeshOptions(opts.schedule, opts.groups, greedy=False), budget)
         self.batch.compile()
         self.channel = channel
         self.request: dict[int, str] = {}  # committed slot -> request id
-        self.sampling: dict[int, Sampling] = {}  # committed slot -> its request's sampling
 
     def warm_up(self, layer_by_layer: bool) -> None:
         """Compile the program that fills a slot (`place_layer`'s, or `insert`'s), so the first
@@ -240,17 +230,16 @@ class DecodeSlots:
         finally:
             self.batch.abort(0)
 
-    def started(self, slot: int, request_id: str, sampling: Sampling) -> None:
-        self.request[slot], self.sampling[slot] = request_id, sampling
+    def started(self, slot: int, request_id: str) -> None:
+        self.request[slot] = request_id
 
     def insert(self, slot: int, request_id: str, sampling: Sampling, k_LKSH, v_LKSH, length: int, token: int) -> None:
-        self.batch.insert(slot, k_LKSH, v_LKSH, length, token)
-        self.started(slot, request_id, sampling)
+        self.batch.insert(slot, k_LKSH, v_LKSH, length, token, sampling)
+        self.started(slot, request_id)
 
     def evict(self, slot: int) -> None:
         self.batch.evict(slot)
         self.request.pop(slot, None)
-        self.sampling.pop(slot, None)
 
     def step(self) -> None:
         live = [int(s) for s in np.flatnonzero(self.batch.active)]
@@ -258,7 +247,7 @@ class DecodeSlots:
             self.channel.send(StepReport((), 0.0))
             return
         t0 = time.perf_counter()
-        tokens = self.batch.step(batch_sampling(self.sampling[s] for s in live))
+        tokens = self.batch.step()  # each slot samples as its request asked (SlotBatch.reserve)
         seconds = time.perf_counter() - t0
         self.channel.send(StepReport(tuple((self.request[s], s, int(tokens[s])) for s in live), seconds))
 
@@ -335,7 +324,7 @@ class DecodeWorker:
             self.landing.check(value)
             if value.tokens != inc.prompt_len:
                 raise KVStreamError(f"stream of {value.tokens} positions for a prompt of {inc.prompt_len}")
-            self.batch.reserve(inc.slot, value.tokens, value.first_token)
+            self.batch.reserve(inc.slot, value.tokens, value.first_token, inc.sampling)
             inc.reserved, inc.nbytes = True, value.stream_bytes
         elif kind == "frame":
             k = convert_frame(value.k_KSH, np.dtype(np.float32), False)
@@ -344,7 +333,7 @@ class DecodeWorker:
         elif kind == "end":
             self.batch.commit(inc.slot)
             del self.incoming[inc.slot]
-            self.slots.started(inc.slot, inc.request_id, inc.sampling)
+            self.slots.started(inc.slot, inc.request_id)
             self.channel.send(Landed(inc.request_id, inc.slot, inc.nbytes))
             return False
         else:

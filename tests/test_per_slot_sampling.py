@@ -50,7 +50,8 @@ def test_sample_ref_rows_follow_their_own_knobs():
 @pytest.mark.parametrize("executor", [Executor.DEVICES, Executor.VCORES])
 def test_sample_mesh_rows_follow_their_own_knobs(executor):
     """Sharded selection with per-row knobs: each row equals the same row selected alone (greedy:
-    the argmax; sampled: the path its own top-k takes), the same on every core."""
+    the argmax; sampled: the path its own top-k takes), the same on every core, and the token
+    `sample_ref` draws on one device with the same key."""
     grid = Grid(1, 4)
     cm = make_core_mesh(grid, executor)
     B, V = len(ROW_KNOBS), 300  # v = 75 per column, more than TOPK_CANDIDATES
@@ -72,6 +73,10 @@ def test_sample_mesh_rows_follow_their_own_knobs(executor):
             alone = [cm.broadcast(np.full(B, x, dt)) for x, dt in zip(row, (np.float32, np.int32, np.float32))]
             assert mixed[0, 0, i] == np.asarray(f(placed, s, *alone))[0, 0, i], (seed, i)
         assert mixed[0, 0, 0] == logits[0].argmax()
+        # The very token the single-device sampler draws from the whole vocabulary, on every path.
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(B))
+        t, k, p = (np.asarray(x, dt) for x, dt in zip(zip(*ROW_KNOBS), (np.float32, np.int32, np.float32)))
+        np.testing.assert_array_equal(mixed[0, 0], np.asarray(sample_ref(logits, keys, t, k, p, greedy=False)))
         drawn.add(tuple(mixed[0, 0, 1:]))
     assert len(drawn) > 1  # the seed reaches the sampled rows
 

@@ -209,6 +209,30 @@ def test_eos_ends_a_request_unless_it_is_ignored(disaggregated, reference):
     assert d.lt.call(d.engine.state).slots_in_use == 0
 
 
+def test_each_request_samples_as_it_asked_next_to_greedy_ones(disaggregated, sharp_checkpoint, reference):
+    """Seeded sampling through the engine equals the single-device generator with the same
+    Sampling (the key of position p is fold_in(key(seed), p) on every mesh), whatever else shares
+    the batch; a greedy request beside it stays exact, and the same seed repeats."""
+    from model.generate import Generator
+    from model.load import load_model
+    from model.sampling import Sampling
+    d = disaggregated
+    hot = Sampling(temperature=0.9, top_k=40, top_p=0.95, seed=7)
+    loaded = load_model(checkpoint=sharp_checkpoint)
+    want = Generator(loaded.params, loaded.config).generate([PROMPTS[1]], NEW_TOKENS, hot,
+                                                            stop_on_eos=False).tokens[0]
+    assert want != reference(PROMPTS[1])  # the sampled run is not the greedy one
+
+    async def mixed():
+        return await asyncio.gather(collect(d.engine, request(PROMPTS[1], sampling=hot)),
+                                    collect(d.engine, request(PROMPTS[0])),
+                                    collect(d.engine, request(PROMPTS[1], sampling=hot)))
+    first, greedy, again = d.lt.run(mixed())
+    assert_done(first, want)
+    assert_done(again, want)
+    assert_done(greedy, reference(PROMPTS[0]))
+
+
 def test_a_refused_kv_stream_fails_that_request_only(disaggregated, reference):
     d = disaggregated
 
