@@ -27,7 +27,7 @@ def profile_report(p: LayoutProfile) -> dict:
              for c in p.collectives_per_layer]
     return {
         "model": p.config.name, "wafer": p.spec.name, "grid": str(p.grid), "schedule": p.schedule.value,
-        "groups": p.groups, "batch": p.batch, "context": p.context, "dtype": p.dtype,
+        "groups": p.groups, "batch": p.batch, "context": p.context, "dtype": p.dtype, "accounting": p.accounting.value,
         "sram_per_core_bytes": p.plan.bytes_by_kind(), "sram_budget_bytes": p.spec.sram_per_core,
         "layer_bytes_per_core": p.layer_bytes, "staging": dataclasses.asdict(p.staging),
         "layer_us": p.layer_s * 1e6, "token_us": p.token_s * 1e6, "tokens_per_s_per_request": p.tokens_per_s,
@@ -35,7 +35,8 @@ def profile_report(p: LayoutProfile) -> dict:
         "constants": {"clock_hz": p.spec.clock_hz, "core_flops_per_cycle": p.spec.core_flops_per_cycle,
                       "core_sram_bytes_per_cycle": p.spec.core_bytes_per_cycle, "hop_cycles": p.spec.hop_cycles,
                       "stage_cycles": p.spec.stage_cycles, "link_bytes_per_cycle": p.spec.link_bytes_per_cycle,
-                      "wafer_hop_us": p.spec.wafer_hop_s * 1e6},
+                      "compute_efficiency": p.spec.compute_efficiency,
+                      "wafer_latency_us": p.spec.wafer_latency_s * 1e6, "io_bytes_per_s": p.spec.io_bytes_per_s},
     }
 
 
@@ -57,7 +58,7 @@ def format_report(r: dict) -> str:
             f"{by_kind['buffer']:,} B of {r['sram_budget_bytes']:,} B; one layer {r['layer_bytes_per_core']:,} B\n"
             f"stages: {st['stages']} ({st['layers_per_stage']} layer(s) each), {st['stages_per_wafer']} per wafer, "
             f"{st['wafers']} wafer(s)\n"
-            f"per layer {r['layer_us']:.2f} us, per token {r['token_us']:.1f} us -> "
+            f"per layer {r['layer_us']:.2f} us, per token ({r['accounting']} accounting) {r['token_us']:.1f} us -> "
             f"{r['tokens_per_s_per_request']:,.0f} tokens/s per request; time bound by compute {sh['compute']:.0%}, "
             f"SRAM {sh['memory']:.0%}, fabric {sh['fabric']:.0%}")
     kern = table(["kernel (per token)", "FLOPs/core", "read B/core", "sent B/core", "calls", "compute us",

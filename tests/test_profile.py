@@ -52,9 +52,11 @@ def test_gemv_2x2_by_hand(schedule):
     }[schedule]
     assert all(c.axis == ROW and c.axis_size == 2 for c in t.collectives)
     (call,) = price_calls(t.collectives, WSE2)
-    # K-tree and the pipeline chain both: 2 stages of 20 cycles, 2 hops, 5 words on each link.
-    # Ring: one stage, one hop, 5 words each way.
-    assert call.cycles == {Schedule.PSUM: 47, Schedule.KTREE: 47, Schedule.RING: 26}[schedule]
+    # K-tree and the pipeline chain both: 2 stages, 2 hops, 5 words on each link. Ring: one stage,
+    # one hop, 5 words each way.
+    stages, hops = {Schedule.PSUM: (2, 2), Schedule.KTREE: (2, 2), Schedule.RING: (1, 1)}[schedule]
+    assert (call.stages, call.hops, call.max_link_words) == (stages, hops, 5)
+    assert call.cycles == stages * WSE2.stage_cycles + hops * WSE2.hop_cycles + 5
 
 
 def test_ktree_routes_and_hops_by_hand():
@@ -68,7 +70,7 @@ def test_ktree_routes_and_hops_by_hand():
     # 8 stages; longest hops 1, 1, 3, 3, 3, 3, 1, 1; link 1->4 carries the 2 words once each way
     # per phase, links 3->4 carry a level-1 and a level-2 message: 2 messages of 2 words.
     assert (call.stages, call.hops, call.max_link_words, call.messages) == (8, 16, 4, 16)
-    assert call.cycles == 8 * 20 + 16 + 4
+    assert call.cycles == 8 * WSE2.stage_cycles + 16 * WSE2.hop_cycles + 4
 
 
 def test_ring_hops_by_hand():
@@ -191,15 +193,15 @@ def test_70b_class_traced_at_750x990_fits_with_split_groups(name, f, bias):
 
 
 def test_405b_fits_only_the_full_wse3_wafer():
-    """Llama-3.1-405B (D 16384, F 53248, N 128, K 8): a layer needs the whole 750x1200 wafer."""
+    """Llama-3.1-405B (D 16384, F 53248, N 128, K 8): a layer needs the whole 755x1170 wafer."""
     cfg = preset("llama3.1-405b")
     with pytest.raises(WaferError, match="does not fit"):
         profile_layout(cfg, Grid(360, 360), WSE3)
-    p = profile_layout(cfg, Grid(750, 1200), WSE3)
-    layout = WaferLayout(dataclass_layers(cfg, 1), Grid(750, 1200), 4096)
-    # 1200 columns over 8 KV heads: rep = G = 16, one query head each; d = ceil(16384/750) = 22,
-    # f = ceil(53248/1200) = 45.
-    assert (layout.kc, layout.gc, layout.rep, layout.d, layout.f) == (1, 1, 16, 22, 45)
+    p = profile_layout(cfg, Grid(755, 1170), WSE3)
+    layout = WaferLayout(dataclass_layers(cfg, 1), Grid(755, 1170), 4096)
+    # 1170 columns over 8 KV heads: rep = G = 16, one query head each; d = ceil(16384/755) = 22,
+    # f = ceil(53248/1170) = 46.
+    assert (layout.kc, layout.gc, layout.rep, layout.d, layout.f) == (1, 1, 16, 22, 46)
     assert p.staging.layers_per_stage == 1 and p.staging.wafers == 126
     assert p.plan.per_core_bytes <= 48 * 1024 and p.tokens_per_s > 0
 
