@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=4096, help="KV positions per sequence (default 4096)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="storage of weights and KV cache (default bfloat16, as the published figures)")
+    p.add_argument("--accounting", choices=["full", "per-layer"], default="full",
+                   help="full: the whole step (layers, embedding, LM head, sampling, hand-offs); per-layer: "
+                        "one layer x layers, as WaferLLM's decode benchmark measured (default full)")
     p.add_argument("--compare-layouts", action="store_true", help="rank grids and schedules for the model")
     p.add_argument("--published", action="store_true", help="predicted vs published decode figures")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -49,11 +52,17 @@ def _setup(args):
     return config, SPECS[args.wafer], Schedule(args.schedule)
 
 
+def _accounting(args):
+    from model.trace_decode import Accounting
+    return Accounting(args.accounting)
+
+
 def _autotune(config, spec, schedule, args):
     from bench.autotune import autotune_candidates, autotune_grid
     candidates = autotune_candidates(spec)
     progress(f"autotuning {config.name} on {spec.name}: {len(candidates)} grids ...")
-    return autotune_grid(config, spec, schedule, args.batch, args.context, args.dtype, candidates, args.groups)
+    return autotune_grid(config, spec, schedule, args.batch, args.context, args.dtype, candidates, args.groups,
+                         _accounting(args))
 
 
 def run(args) -> int:
@@ -70,7 +79,7 @@ def run(args) -> int:
         profile = _autotune(config, spec, schedule, args)[0]
     else:
         profile = profile_layout(config, Grid.parse(args.grid), spec, schedule, args.groups, args.batch,
-                                 args.context, args.dtype)
+                                 args.context, args.dtype, _accounting(args))
     report = profile_report(profile)
     if args.plot:
         from bench.plots import write_plots
@@ -97,7 +106,8 @@ def _run_compare(config, spec, args) -> int:
     for g in grids:
         for s in Schedule:
             try:
-                p = profile_layout(config, g, spec, s, args.groups, args.batch, args.context, args.dtype)
+                p = profile_layout(config, g, spec, s, args.groups, args.batch, args.context, args.dtype,
+                                   _accounting(args))
             except WaferError as e:
                 skipped.append({"grid": str(g), "schedule": s.value, "reason": str(e)})
                 continue
