@@ -127,16 +127,28 @@ def _run_compare(config, spec, args) -> int:
     return 0
 
 
+def _fmt(x) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.0f}" if isinstance(x, (int, float)) and x >= 100 else str(x)
+
+
 def _run_published(args) -> int:
     from bench.profile_report import table
-    from bench.published import published_table
-    rows = published_table(args.batch, args.context, args.dtype, progress)
+    from bench.published import constants_note, published_table
+    rows = published_table(progress)
+    constants = constants_note()
     if args.json:
-        print(json.dumps({"rows": rows}))
+        print(json.dumps({"rows": rows, "constants": constants}))
         return 0
-    print(table(["figure", "published", "predicted", "ratio", "setup"],
-                 [[r["figure"], r["published"], r["predicted"], r["ratio"], r["setup"]] for r in rows]))
+    print(table(["figure", "published", "predicted", "ratio", "cell", "setup"],
+                [[r["figure"], _fmt(r["published"]), _fmt(r["predicted"]), _fmt(r["ratio"]), r["cell"], r["setup"]]
+                 for r in rows]))
     print()
     for r in rows:
         print(f"- {r['figure']}: {r['comment']}")
+    print()
+    print(table(["constant", "value", "calibrated", "source"],
+                [[c["constant"], f"{c['value']:.4g}", "yes" if c["calibrated"] else "no", c["source"]]
+                 for c in constants]))
     return 0

@@ -1,0 +1,79 @@
+"""The cost model held to published setups: WaferLLM's decode presets, the per-layer accounting
+its benchmark used, hand-counted routing stages and hops, and multi-wafer staging."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from kernels.allreduce import Schedule, allreduce
+from mesh.axes import COL
+from mesh.cost_model import kernel_times, price_calls
+from mesh.executors import Grid
+from mesh.trace import trace_program
+from mesh.wafer import WSE2, WSE3, emulated_spec
+from model.config import TINY_LLAMA, WAFERLLM_PRESETS, preset, waferllm_config
+from model.trace_decode import Accounting, kernel_of, profile_layout, trace_decode_step, with_layers
+from model.wafer_decode import MeshOptions
+from model.wafer_layout import WaferLayout
+
+BIG = emulated_spec(1 << 40)
+
+# MeshInfra/WaferLLM Decode/WSE-2/model_config/{llama8B,qwen72B}_4k_1_{P}.json:
+# (P, dim, ffn_dim, seq_len, layer_num); n_heads = n_kv_heads = 1, head_dim = dim.
+WAFERLLM_JSON = {
+    "waferllm-llama3-8b": [(420, 4200, 14700, 4200, 32), (540, 4320, 14580, 4320, 32), (660, 4620, 14520, 4620, 32)],
+    "waferllm-qwen2-72b": [(420, 8400, 29820, 4200, 80), (540, 8640, 29700, 4320, 80), (660, 8580, 29700, 4620, 80)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(WAFERLLM_JSON))
+def test_waferllm_presets_match_its_json_files(name):
+    for side, dim, ffn, seq, layers in WAFERLLM_JSON[name]:
+        c = waferllm_config(preset(name), side)
+        assert (c.dim, c.ffn_dim, c.max_seq_len, c.n_layers) == (dim, ffn, seq, layers), side
+        assert (c.n_heads, c.n_kv_heads, c.head_dim) == (1, 1, dim)
+
+
+def test_waferllm_presets_are_one_head_of_the_model_width():
+    assert [c.name for c in WAFERLLM_PRESETS] == ["waferllm-llama3-8b", "waferllm-llama2-13b",
+                                                  "waferllm-codellama-34b", "waferllm-qwen2-72b"]
+    for c in WAFERLLM_PRESETS:
+        assert (c.n_heads, c.n_kv_heads, c.head_dim, c.max_seq_len) == (1, 1, c.dim, 4096)
+        assert not c.qkv_bias
+    # The published models' widths, layers: 13B 5120/13824/40, 34B 8192/22016/48.
+    assert [(c.dim, c.ffn_dim, c.n_layers) for c in WAFERLLM_PRESETS[1:3]] == [(5120, 13824, 40), (8192, 22016, 48)]
+
+
+def test_per_layer_accounting_is_one_layer_times_layers():
+    """TINY_LLAMA cut to 3 layers on 2x4: per-layer accounting = (2-layer trace - 1-layer trace) x 3,
+    with no embedding, LM head, sampling or hand-off; full accounting costs more."""
+    three = with_layers(TINY_LLAMA, 3)
+    opts = MeshOptions(Schedule.KTREE)
+    one, two = (sum(k.time_s for k in kernel_times(trace_decode_step(WaferLayout(with_layers(three, n), Grid(2, 4),
+                                                                                             64), 1, opts, "float32"),
+                                                      BIG, kernel_of).values()) for n in (1, 2))
+    p = profile_layout(three, Grid(2, 4), BIG, Schedule.KTREE, context=64, dtype="float32",
+                       accounting=Accounting.PER_LAYER)
+    assert p.token_s == pytest.approx(3 * (two - one))
+    assert p.token_s == pytest.approx(3 * p.layer_s)
+    assert not {"embed", "lm_head", "sample"} & set(p.per_token) and p.handoff_s == 0
+    full = profile_layout(three, Grid(2, 4), BIG, Schedule.KTREE, context=64, dtype="float32")
+    assert full.token_s > p.token_s and full.accounting is Accounting.FULL
+
+
+def test_ktree_420_stages_and_hops_by_hand():
+    """WaferLLM's 420-core axis in 20 groups of 21 (roots at 10, 31, ..., 409; top root 220).
+    Groups: 10 steps toward the root from each end, rightward and leftward one after the other: 20
+    stages of 1 hop. Roots: 10 steps from the left end, 9 from the right: 19 stages of 21 hops.
+    The broadcast retraces them: 78 stages, 2 x (20 + 19 x 21) = 838 hops. A one-word message
+    crosses link 210->211 twice (group 10's chain and the roots' chain 199 -> 220)."""
+    t = trace_program(lambda x: allreduce(x, COL, Schedule.KTREE, 20), Grid(1, 420),
+                      (jax.ShapeDtypeStruct((1,), jnp.float32),), ("x",))
+    (call,) = price_calls(t.collectives, WSE2)
+    assert (call.stages, call.hops, call.max_link_words) == (78, 838, 2)
+    assert call.cycles == 78 * WSE2.stage_cycles + 838 * WSE2.hop_cycles + 2
+
+
+def test_wafer_hand_off_from_system_io():
+    """1.2 Tb/s of system I/O: 150 kB take 1 us, plus the assumed latency."""
+    assert WSE3.wafer_hop_s(150_000) == pytest.approx(WSE3.wafer_latency_s + 1e-6)
