@@ -173,3 +173,32 @@ def constants_note(spec: WaferSpec = WSE2) -> list[dict]:
     return [{"constant": k, "value": v, "calibrated": k in CALIBRATED, "source": CONSTANT_SOURCES[k]}
             for k, v in values.items()]
 
+
+
+def calibrate(progress, spec: WaferSpec = WSE2) -> dict:
+    """The two calibrated constants (stage_cycles, compute_efficiency) that make the profiler's
+    layer time equal WaferLLM's on CALIBRATION_CELLS exactly.
+
+    A layer's time is affine in stage_cycles (every routing stage pays it once) and in
+    1 / compute_efficiency (decode's GEMVs are compute-bound on a core at any efficiency <= 1:
+    one 2-byte weight per 2 FLOPs against 8 FLOP and ~21 SRAM bytes per cycle), so three
+    profiles per cell give the plane and one 2x2 solve gives both constants.
+    """
+    cells = sorted(CALIBRATION_CELLS)
+    target = [1.0 / (WAFERLLM_DECODE[name][side] * preset(name).n_layers) for name, side in cells]
+
+    def layer_s(stage_cycles: float, inv_eff: float) -> list[float]:
+        s = dataclasses.replace(spec, stage_cycles=stage_cycles, compute_efficiency=1.0 / inv_eff)
+        progress(f"calibrating: stage_cycles {stage_cycles}, compute_efficiency {1 / inv_eff:.3f} ...")
+        return [waferllm_profile(name, side, s).layer_s for name, side in cells]
+
+    s0, u0 = 5.0, 1.0
+    base, d_s, d_u = layer_s(s0, u0), layer_s(s0 + 1, u0), layer_s(s0, u0 + 1)
+    (a, b), (c, d) = [(ds - t, du - t) for t, ds, du in zip(base, d_s, d_u)]
+    r0, r1 = target[0] - base[0], target[1] - base[1]
+    det = a * d - b * c
+    stage_cycles, inv_eff = s0 + (r0 * d - b * r1) / det, u0 + (a * r1 - c * r0) / det
+    check = layer_s(stage_cycles, inv_eff)
+    return {"stage_cycles": stage_cycles, "compute_efficiency": 1.0 / inv_eff,
+            "cells": [{"model": n, "grid": g, "target_layer_us": t * 1e6, "layer_us": x * 1e6}
+                      for (n, g), t, x in zip(cells, target, check)]}

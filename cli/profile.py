@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "one layer x layers, as WaferLLM's decode benchmark measured (default full)")
     p.add_argument("--compare-layouts", action="store_true", help="rank grids and schedules for the model")
     p.add_argument("--published", action="store_true", help="predicted vs published decode figures")
+    p.add_argument("--calibrate", action="store_true",
+                   help="solve the two calibrated constants on WaferLLM's 8B and 72B rows at 420x420")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots to DIR")
 
@@ -71,6 +73,10 @@ def run(args) -> int:
     from mesh.executors import Grid
     from model.trace_decode import profile_layout
 
+    if args.calibrate:
+        from bench.published import calibrate
+        print(json.dumps(calibrate(progress), indent=1))
+        return 0
     if args.published:
         return _run_published(args)
     if args.compare_layouts:
