@@ -30,7 +30,8 @@ def autotune_grid(config: ModelConfig, spec: WaferSpec, schedule: Schedule, batc
     found, last_error = [], None
     for grid in autotune_candidates(spec) if candidates is None else candidates:
         try:
-            found.append(profile_layout(config, grid, spec, schedule, groups, batch, context, dtype, accounting))
+            found.append(profile_layout(config, grid, spec, schedule, groups, batch, context, dtype,
+                                        accounting=accounting))
         except WaferError as e:
             last_error = e
     if not found:

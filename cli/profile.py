@@ -85,7 +85,7 @@ def run(args) -> int:
         profile = _autotune(config, spec, schedule, args)[0]
     else:
         profile = profile_layout(config, Grid.parse(args.grid), spec, schedule, args.groups, args.batch,
-                                 args.context, args.dtype, _accounting(args))
+                                 args.context, args.dtype, accounting=_accounting(args))
     report = profile_report(profile)
     if args.plot:
         from bench.plots import write_plots
@@ -113,7 +113,7 @@ def _run_compare(config, spec, args) -> int:
         for s in Schedule:
             try:
                 p = profile_layout(config, g, spec, s, args.groups, args.batch, args.context, args.dtype,
-                                   _accounting(args))
+                                   accounting=_accounting(args))
             except WaferError as e:
                 skipped.append({"grid": str(g), "schedule": s.value, "reason": str(e)})
                 continue

@@ -39,7 +39,7 @@ from mesh.trace import CoreTrace, trace_program
 from mesh.wafer import WaferSpec
 from model.config import ModelConfig
 from model.wafer_decode import MeshOptions, core_decode_step
-from model.wafer_layout import LAYERS, LM_HEAD_TILE, WaferLayout, nest_by_name
+from model.wafer_layout import LAYERS, LM_HEAD_TILE, LayoutMode, WaferLayout, nest_by_name
 
 INPUT = "input"  # the kind of the step's inputs (tokens, positions, sampling knobs)
 
@@ -135,6 +135,7 @@ class LayoutProfile:
     per_token: dict[str, KernelTime]  # what one token costs under `accounting`
     collectives_per_layer: list  # priced calls of one layer (mesh.cost_model.CallCost)
     trace_eqns: int
+    mode: LayoutMode = LayoutMode.AUTO  # the layout mode asked for (`layout` says what it chose)
     accounting: Accounting = Accounting.FULL
 
     @property
@@ -165,7 +166,13 @@ class LayoutProfile:
 
     def stage_layout(self) -> WaferLayout:
         """The layout of a middle stage: its layers on the profile's grid."""
-        return WaferLayout(with_layers(self.config, self.staging.layers_per_stage), self.grid, self.context)
+        return WaferLayout(with_layers(self.config, self.staging.layers_per_stage), self.grid, self.context,
+                           mode=self.mode)
+
+    @property
+    def useful_fraction(self) -> float:
+        """Non-padding bytes / placed bytes of a middle stage (the plan's count)."""
+        return self.plan.useful_fraction
 
 
 def _combine(a: KernelTime, b: KernelTime, wa: float, wb: float) -> KernelTime:
@@ -186,23 +193,25 @@ def with_layers(config: ModelConfig, n: int) -> ModelConfig:
 
 def profile_layout(config: ModelConfig, grid: Grid, spec: WaferSpec, schedule: Schedule = Schedule.KTREE,
                    groups: int | None = None, batch: int = 1, context: int = 4096,
-                   dtype: str = "bfloat16", accounting: Accounting = Accounting.FULL) -> LayoutProfile:
-    """Trace, plan and price decode of `config` with stages of `grid` cores on `spec` wafers;
-    `accounting` says what a token's time counts (`Accounting`)."""
+                   dtype: str = "bfloat16", mode: LayoutMode = LayoutMode.AUTO,
+                   accounting: Accounting = Accounting.FULL) -> LayoutProfile:
+    """Trace, plan and price decode of `config` with stages of `grid` cores on `spec` wafers,
+    heads laid over the columns as `mode` says (model/wafer_layout.py); `accounting` says what a
+    token's time counts (`Accounting`)."""
     if grid.rows > spec.max_rows or grid.cols > spec.max_cols:
         raise WaferError(f"grid {grid} exceeds {spec.name}'s {spec.max_rows}x{spec.max_cols} cores")
     if context > config.max_seq_len:
         raise WaferError(f"context {context} exceeds {config.name}'s {config.max_seq_len} positions")
     opts = MeshOptions(schedule, groups, greedy=True)
-    one, two = (WaferLayout(with_layers(config, n), grid, context) for n in (1, 2))
+    one, two = (WaferLayout(with_layers(config, n), grid, context, mode=mode) for n in (1, 2))
     groups_bytes = stage_bytes(one, batch, dtype)
     staging = plan_staging(config.name, config.n_layers, grid, spec, groups_bytes, batch * one.d * grid.rows * 4)
     # The plan of a middle stage: its layers and the buffers (the first and last stages hold
     # fewer layers beside the embedding or the head, within the same budget).
-    stage_layout = WaferLayout(with_layers(config, staging.layers_per_stage), grid, context)
+    stage_layout = WaferLayout(with_layers(config, staging.layers_per_stage), grid, context, mode=mode)
     middle = [s for s in layout_specs(stage_layout, batch, dtype) if s.name.startswith(f"{LAYERS}.")
               or s.kind is Kind.BUFFER]
-    plan = plan_sram(middle, grid.rows, grid.cols, spec)
+    plan = plan_sram(middle, grid.rows, grid.cols, spec, stage_layout.useful_bytes(middle))
 
     t1, t2 = (trace_decode_step(lay, batch, opts, dtype) for lay in (one, two))
     k1, k2 = (kernel_times(t, spec, kernel_of) for t in (t1, t2))
@@ -216,4 +225,5 @@ def profile_layout(config: ModelConfig, grid: Grid, spec: WaferSpec, schedule: S
         per_token = {g: _combine(k, k, L, 0) for g, k in per_layer.items()}
     layer_calls = price_calls([c for c in t2.collectives if c.scope.startswith(f"{layer_scope(1)}/")], spec)
     return LayoutProfile(config, spec, grid, schedule, groups, batch, context, dtype, plan, groups_bytes.layer,
-                         staging, per_layer, per_token, layer_calls, t1.jaxpr_eqns + t2.jaxpr_eqns, accounting)
+                         staging, per_layer, per_token, layer_calls, t1.jaxpr_eqns + t2.jaxpr_eqns, mode,
+                         accounting)

@@ -51,6 +51,8 @@ never changes a result.
 from __future__ import annotations
 
 import dataclasses
+import enum
+import functools
 from collections.abc import Iterator
 
 import einops
@@ -71,6 +73,14 @@ EMBED_TILE = "embed"
 LAYERS = "layers"  # key of the per-layer tiles; a layer tensor's spec is named f"layers.{i}.{key}"
 
 
+class LayoutMode(enum.Enum):
+    """How attention heads lie over the columns (module docstring)."""
+
+    AUTO = "auto"  # the one of the two with the fewest bytes per core (ties: heads)
+    HEADS = "heads"  # whole heads per column (seg = 1)
+    FULL = "full"  # each head's dimension split over a segment of seg > 1 columns
+
+
 @dataclasses.dataclass(frozen=True)
 class WaferLayout:
     """Per-core extents of every dimension for one model on one grid."""
@@ -78,28 +88,74 @@ class WaferLayout:
     config: ModelConfig
     grid: Grid
     max_len: int  # S: cache positions per sequence (before padding to the grid)
-    split_groups: bool = True  # with more columns than KV heads, split groups and replicate KV (above)
+    split_groups: bool = True  # with more head columns than KV heads, split groups and replicate KV (above)
+    mode: LayoutMode = LayoutMode.AUTO
+
+    def __post_init__(self):
+        if not self.split_groups and self.mode is LayoutMode.FULL:
+            raise ValueError("a layout of whole KV groups per column (split_groups=False) splits no head dimension")
 
     @property
     def d(self) -> int:  # local D per row
         return ceil_div(self.config.dim, self.grid.rows)
 
+    @functools.cached_property
+    def seg(self) -> int:
+        """Columns per head segment: 1 (whole heads per column) or the m > 1 whose layout holds the
+        fewest attention bytes per core, then leaves the fewest columns idle (FULL; AUTO compares
+        it with 1)."""
+        C = self.grid.cols
+        if self.mode is LayoutMode.HEADS or not self.split_groups or C == 1:
+            return 1
+        candidates = range(1 if self.mode is LayoutMode.AUTO else 2, C + 1)
+        return min(candidates, key=lambda m: (self._attention_elements(m), self._idle_columns(m), m))
+
+    def _idle_columns(self, seg: int) -> int:
+        """Columns without a real head: past the last whole segment, or in segments left without one."""
+        cols = self.grid.cols // seg
+        kc, gc, rep = self._heads(cols)
+        used = min(cols, ceil_div(self.config.n_kv_heads, kc) * rep)
+        return self.grid.cols - used * seg
+
+    def _attention_elements(self, seg: int) -> int:
+        """Per-core elements of one layer's attention tensors (QKV, O, K and V cache at batch 1)
+        with head segments of `seg` columns: what the choice of `seg` minimizes."""
+        kc, gc, _ = self._heads(self.grid.cols // seg)
+        hc = self._hc(seg)
+        return (self.d * (2 * kc * gc + 2 * kc) + 2 * kc * (self.s + 1)) * hc
+
+    def _hc(self, seg: int) -> int:
+        H = self.config.head_dim
+        # Whole rotary pairs per slice (RoPE rotates dim i with i + H/2; both must lie on one core).
+        return H if seg == 1 else 2 * ceil_div(ceil_div(H, 2), seg)
+
+    def _heads(self, cols: int) -> tuple[int, int, int]:
+        """(kc, gc, rep) of whole heads over `cols` head columns (module docstring)."""
+        K, G = self.config.n_kv_heads, self.config.q_per_kv
+        if self.split_groups and cols > K:
+            gc = ceil_div(G, min(G, cols // K))
+            return 1, gc, ceil_div(G, gc)
+        return ceil_div(K, cols), G, 1
+
     @property
-    def _split(self) -> bool:
-        return self.split_groups and self.grid.cols > self.config.n_kv_heads
+    def segments(self) -> int:  # head segments: runs of seg columns holding the same heads
+        return self.grid.cols // self.seg  # the C % seg columns past the last one hold no head
+
+    @property
+    def hc(self) -> int:  # local head dimension: H, or one slice of it
+        return self._hc(self.seg)
 
     @property
     def kc(self) -> int:  # KV heads per column
-        return 1 if self._split else ceil_div(self.config.n_kv_heads, self.grid.cols)
+        return self._heads(self.segments)[0]
 
     @property
     def gc(self) -> int:  # query heads per column of each of its KV heads
-        G = self.config.q_per_kv
-        return ceil_div(G, min(G, self.grid.cols // self.config.n_kv_heads)) if self._split else G
+        return self._heads(self.segments)[1]
 
     @property
-    def rep(self) -> int:  # columns per KV head (1: whole groups)
-        return ceil_div(self.config.q_per_kv, self.gc) if self._split else 1
+    def rep(self) -> int:  # head segments per KV head (1: whole groups)
+        return self._heads(self.segments)[2]
 
     @property
     def nc(self) -> int:  # query heads per column
@@ -109,16 +165,35 @@ class WaferLayout:
         """Column c's KV heads (kc of them) and query heads (nc, grouped by KV head); None: padding.
 
         The one head-to-column map: the tiling, the decode cache layout (`kv_heads_by_column`)
-        and the padding map all read it."""
+        and the padding map all read it. Every column of a head segment holds the same heads."""
         K, G = self.config.n_kv_heads, self.config.q_per_kv
+        g = c // self.seg  # the column's head segment
         kv, q = [], []
         for a in range(self.kc):
-            h = (c // self.rep) * self.kc + a
-            first = (c % self.rep) * self.gc
-            real = h < K
+            h = (g // self.rep) * self.kc + a
+            first = (g % self.rep) * self.gc
+            real = h < K and g < self.segments
             kv.append(h if real else None)
             q += [h * G + first + i if real and first + i < G else None for i in range(self.gc)]
         return kv, q
+
+    def column_dims(self, c: int) -> tuple[int | None, ...]:
+        """The head dimensions (of every head it holds) column c holds, in local order; None: padding.
+
+        Slice j = c % seg holds rotary pairs j*p .. j*p + p - 1 (p = hc/2) as a half-split head of
+        its own: [their first halves | their second halves], so RoPE rotates it locally with the
+        pairs' frequencies (`rope_pairs`). With seg 1 this is 0 .. H-1 in order."""
+        half, p = self.config.head_dim // 2, self.hc // 2
+        if c >= self.segments * self.seg:  # past the last segment: no head at all
+            return (None,) * self.hc
+        pairs = [i if i < half else None for i in range((c % self.seg) * p, (c % self.seg + 1) * p)]
+        return tuple(pairs) + tuple(None if i is None else half + i for i in pairs)
+
+    def rope_pairs(self) -> np.ndarray:
+        """[seg, hc/2] the rotary pair index of each slice's local pair (-1: padding)."""
+        half, p = self.config.head_dim // 2, self.hc // 2
+        idx = np.arange(self.seg * p).reshape(self.seg, p)
+        return np.where(idx < half, idx, -1)
 
     @property
     def kv_heads_by_column(self) -> tuple[tuple[int | None, ...], ...]:
@@ -129,6 +204,11 @@ class WaferLayout:
     def q_heads_by_column(self) -> tuple[tuple[int | None, ...], ...]:
         """Per column, its nc query heads grouped by KV head (None: padding)."""
         return tuple(tuple(self.column_heads(c)[1]) for c in range(self.grid.cols))
+
+    @property
+    def dims_by_column(self) -> tuple[tuple[int | None, ...], ...]:
+        """Per column, the head dimensions it holds (`column_dims`)."""
+        return tuple(self.column_dims(c) for c in range(self.grid.cols))
 
     @property
     def f(self) -> int:  # local F per column
@@ -152,7 +232,7 @@ class WaferLayout:
 
     @property
     def qkv_width(self) -> int:  # local width of the fused QKV output: q | k | v of column c
-        return (self.nc + 2 * self.kc) * self.config.head_dim
+        return (self.nc + 2 * self.kc) * self.hc
 
     @property
     def embedding_tile(self) -> str:
@@ -167,7 +247,7 @@ class WaferLayout:
     def tensor_specs(self, batch: int) -> list[TensorSpec]:
         """Every tensor a core holds during decode: the single description that placement, the
         SRAM planner and the profiler all read."""
-        cfg, H, W, KV, BUF = self.config, self.config.head_dim, Kind.WEIGHT, Kind.KV, Kind.BUFFER
+        cfg, H, W, KV, BUF = self.config, self.hc, Kind.WEIGHT, Kind.KV, Kind.BUFFER
         d_row, qkv_col = ("D", ROW), ("QKV", COL)
         specs = []
         for i in range(cfg.n_layers):
@@ -199,20 +279,35 @@ class WaferLayout:
     def real_elements(self, spec: TensorSpec) -> np.ndarray:
         """[R, C]: elements of the spec's tile on each core that are not padding (a replicated KV
         head counts on each of its columns; every core's cache positions < max_len count, the
-        scratch slot does not)."""
+        scratch slot does not; head dimensions count where `column_dims` holds a real one)."""
         cfg, R, C = self.config, self.grid.rows, self.grid.cols
         r, c = np.arange(R)[:, None], np.arange(C)[None, :]
         real = lambda total, per, idx: np.clip(total - idx * per, 0, per)
         q = np.array([sum(h is not None for h in heads) for heads in self.q_heads_by_column])[None, :]
         k = np.array([sum(h is not None for h in heads) for heads in self.kv_heads_by_column])[None, :]
         positions = np.array([sum(1 for j in range(self.s) if j * R + i < self.max_len) for i in range(R)])[:, None]
+        h = np.array([sum(i is not None for i in dims) for dims in self.dims_by_column])[None, :]
         extents = {"D": real(cfg.dim, self.d, r), "F": real(cfg.ffn_dim, self.f, c),
                    "2F": 2 * real(cfg.ffn_dim, self.f, c), "V": real(cfg.vocab_size, self.v, c),
-                   "QKV": (q + 2 * k) * cfg.head_dim, "NH": q * cfg.head_dim, "N": q, "K": k, "S": positions}
+                   "QKV": (q + 2 * k) * h, "NH": q * h, "N": q, "K": k, "S": positions, "H": h}
         out = np.ones((R, C), dtype=np.int64)
         for n, (dim, mesh_axis) in zip(spec.local_shape, spec.axes):
-            out = out * (extents[dim] if mesh_axis is not None else n)
+            # H is not split over a mesh axis of its own (K is, over COL), but its slice differs by column.
+            out = out * (extents[dim] if mesh_axis is not None or dim == "H" else n)
         return out
+
+    def useful_bytes(self, specs: list[TensorSpec]) -> int:
+        """Bytes of `specs` over the whole grid that are not padding (buffers count whole)."""
+        total, cache = 0, {}
+        for s in specs:
+            if s.kind is Kind.BUFFER:
+                total += s.local_bytes * self.grid.cores
+                continue
+            key = (s.local_shape, s.axes)
+            if key not in cache:
+                cache[key] = int(self.real_elements(s).sum())
+            total += cache[key] * np.dtype(s.dtype).itemsize
+        return total
 
 
 def tensor_parallel_layout(config: ModelConfig, cols: int) -> WaferLayout:
@@ -222,7 +317,7 @@ def tensor_parallel_layout(config: ModelConfig, cols: int) -> WaferLayout:
     Whole KV groups per column at any C (no replicated KV heads): the prefill cache layout and
     its handoff read KV head c*kc + i on column c. The prefill cache is not this layout's: its one
     cache position is a placeholder."""
-    return WaferLayout(config, Grid(1, cols), max_len=1, split_groups=False)
+    return WaferLayout(config, Grid(1, cols), max_len=1, split_groups=False, mode=LayoutMode.HEADS)
 
 
 def _pad_to(a: np.ndarray, axis: int, size: int) -> np.ndarray:
@@ -231,22 +326,24 @@ def _pad_to(a: np.ndarray, axis: int, size: int) -> np.ndarray:
     return np.pad(a, pad)
 
 
-def _take_heads(w: np.ndarray, heads: tuple[int | None, ...], H: int) -> np.ndarray:
-    """Heads (blocks of H along the last axis) of `w` in the order given; None: a zero head."""
-    zero = np.zeros(w.shape[:-1] + (H,), w.dtype)
-    return np.concatenate([zero if h is None else w[..., h * H: (h + 1) * H] for h in heads], axis=-1)
+def _take_heads(w: np.ndarray, heads: tuple[int | None, ...], H: int, dims: tuple[int | None, ...]) -> np.ndarray:
+    """Dimensions `dims` of heads `heads` (blocks of H along the last axis of `w`), head by head
+    in the order given; None (a head or a dimension): zeros."""
+    idx = np.array([-1 if h is None or i is None else h * H + i for h in heads for i in dims], np.int64)
+    return np.where(idx >= 0, w[..., np.maximum(idx, 0)], 0).astype(w.dtype)
 
 
 def _head_major(w: np.ndarray, layout: WaferLayout) -> np.ndarray:
     """Reorder a fused QKV output axis (last) from q|k|v into column-major groups: for each
     column c, [its query heads | its k heads | its v heads] (layout.column_heads, padding zero;
-    a replicated KV head's k and v appear on each of its columns)."""
+    a replicated KV head's k and v appear on each of its columns), each head cut to the column's
+    head dimensions (layout.column_dims)."""
     cfg = layout.config
     N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     q, k, v = w[..., : N * H], w[..., N * H: (N + K) * H], w[..., (N + K) * H:]
     cols = []
-    for kv_heads, q_heads in zip(layout.kv_heads_by_column, layout.q_heads_by_column):
-        cols += [_take_heads(q, q_heads, H), _take_heads(k, kv_heads, H), _take_heads(v, kv_heads, H)]
+    for kv_heads, q_heads, dims in zip(layout.kv_heads_by_column, layout.q_heads_by_column, layout.dims_by_column):
+        cols += [_take_heads(q, q_heads, H, dims), _take_heads(k, kv_heads, H, dims), _take_heads(v, kv_heads, H, dims)]
     return np.concatenate(cols, axis=-1)
 
 
@@ -262,11 +359,11 @@ def _padded_weights(params: Params, layout: WaferLayout) -> Iterator[tuple[str, 
         yield p + "w_qkv", _head_major(_pad_to(f32(lp["w_qkv"]), 0, Dp), layout)
         if cfg.qkv_bias:
             yield p + "b_qkv", _head_major(f32(lp["b_qkv"]), layout)
-        # w_o rows are query heads (N H): each column's rows in the order of its QKV query heads,
-        # zero rows for padded heads.
+        # w_o rows are query heads (N H): each column's rows in the order of its QKV query heads
+        # and head dimensions (those of its slice of v), zero rows for padding.
         w_o_DNH = _pad_to(f32(lp["w_o"]), 1, Dp).T
-        yield p + "w_o", np.concatenate([_take_heads(w_o_DNH, q, cfg.head_dim) for q in layout.q_heads_by_column],
-                                        -1).T
+        yield p + "w_o", np.concatenate([_take_heads(w_o_DNH, q, cfg.head_dim, dims) for q, dims in
+                                         zip(layout.q_heads_by_column, layout.dims_by_column)], -1).T
         yield p + "mlp_norm", _pad_to(f32(lp["mlp_norm"]), 0, Dp)
         gate_up = f32(lp["w_gate_up"])
         F = cfg.ffn_dim

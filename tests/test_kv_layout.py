@@ -8,7 +8,7 @@ from mesh.errors import WaferError
 from mesh.executors import Grid
 from model.config import TINY_LLAMA
 from model.cache_layout import DecodeKVLayout, cache_to_decode_layout, decode_kv_layout
-from model.wafer_layout import WaferLayout
+from model.wafer_layout import LayoutMode, WaferLayout
 
 PREFILL_GRIDS = ["1x1", "1x2", "2x2", "1x3", "3x4"]
 DECODE_GRIDS = ["1x1", "2x2", "3x3", "1x4", "5x2", "4x1"]
@@ -41,7 +41,7 @@ def test_decode_layout_by_hand():
 
 
 def test_decoder_uses_the_decode_layout():
-    layout = WaferLayout(TINY_LLAMA, Grid(3, 3), 64)
+    layout = WaferLayout(TINY_LLAMA, Grid(3, 3), 64, mode=LayoutMode.HEADS)
     k = np.random.default_rng(1).standard_normal((2, 20, 16)).astype(np.float32)
     want = DecodeKVLayout(Grid(3, 3), 2, layout.s).to_cores(k)
     assert np.array_equal(cache_to_decode_layout(k, layout), want)
@@ -49,7 +49,7 @@ def test_decoder_uses_the_decode_layout():
 
 def test_replicated_kv_heads_land_on_every_column_that_holds_them():
     """tiny-llama (K 2, G 2) on 2x4: each KV head lies on two columns (one query head each)."""
-    layout = WaferLayout(TINY_LLAMA, Grid(2, 4), 64)
+    layout = WaferLayout(TINY_LLAMA, Grid(2, 4), 64, mode=LayoutMode.HEADS)
     dl = decode_kv_layout(layout)
     assert dl.column_heads == ((0,), (0,), (1,), (1,))  # by hand: rep 2, gc 1
     k = np.random.default_rng(2).standard_normal((2, 9, 16)).astype(np.float32)

@@ -22,7 +22,7 @@ from model.generate import Generator
 from model.sampling import Sampling
 from model.wafer_decode import MeshOptions
 from model.wafer_generate import WaferDecoder
-from model.wafer_layout import WaferLayout
+from model.wafer_layout import LayoutMode, WaferLayout
 from model.weights import init_random_params
 
 NEW_TOKENS = 32
@@ -49,15 +49,15 @@ def hf_tokens(hf_smollm2, chat_prompt):
     return hf_greedy(hf_smollm2, [chat_prompt], NEW_TOKENS)[0]
 
 
-def wafer_tokens(loaded, prompt, grid, executor, schedule, batch=1, new_tokens=NEW_TOKENS):
+def wafer_tokens(loaded, prompt, grid, executor, schedule, batch=1, new_tokens=NEW_TOKENS, mode=LayoutMode.AUTO):
     dec = WaferDecoder(loaded.params, loaded.config, make_core_mesh(Grid.parse(grid), executor), batch,
-                       len(prompt) + new_tokens, MeshOptions(schedule))
+                       len(prompt) + new_tokens, MeshOptions(schedule), mode=mode)
     return dec.generate([prompt], new_tokens, stop_on_eos=False).tokens[0]
 
 
-def _check_mesh(smollm2, chat_prompt, hf_tokens, grid, executor, schedule):
+def _check_mesh(smollm2, chat_prompt, hf_tokens, grid, executor, schedule, mode=LayoutMode.AUTO):
     assert len(set(hf_tokens)) > 5  # a varied continuation: a wrong decoder cannot match by luck
-    assert wafer_tokens(smollm2, chat_prompt, grid, executor, schedule) == hf_tokens
+    assert wafer_tokens(smollm2, chat_prompt, grid, executor, schedule, mode=mode) == hf_tokens
 
 
 @pytest.mark.parametrize("grid, executor, schedule", FAST_CASES, ids=lambda v: getattr(v, "value", v))
@@ -71,7 +71,8 @@ def test_smollm2_every_mesh_matches_hf(smollm2, chat_prompt, hf_tokens, grid, ex
     _check_mesh(smollm2, chat_prompt, hf_tokens, grid, executor, schedule)
 
 
-# More columns than KV heads: SmolLM2 (K 3, G 3) splits each group's query heads over rep columns,
+# The heads layout (mode HEADS) with more columns than KV heads: SmolLM2 (K 3, G 3) splits each
+# group's query heads over rep columns,
 # each holding a copy of the KV head. (grid, executor, schedule, rep, gc): 6 columns -> rep 2, gc 2
 # (one zero query head per group); 9 columns -> rep 3, gc 1.
 SPLIT_CASES = [("1x6", Executor.DEVICES, Schedule.PSUM, 2, 2), ("2x6", Executor.DEVICES, Schedule.KTREE, 2, 2),
@@ -80,14 +81,15 @@ SPLIT_CASES = [("1x6", Executor.DEVICES, Schedule.PSUM, 2, 2), ("2x6", Executor.
 
 @pytest.mark.parametrize("grid, executor, schedule, rep, gc", SPLIT_CASES, ids=lambda v: getattr(v, "value", v))
 def test_smollm2_split_kv_groups_matches_hf(smollm2, chat_prompt, hf_tokens, grid, executor, schedule, rep, gc):
-    layout = WaferLayout(smollm2.config, Grid.parse(grid), 64)
+    layout = WaferLayout(smollm2.config, Grid.parse(grid), 64, mode=LayoutMode.HEADS)
     assert (layout.kc, layout.gc, layout.rep) == (1, gc, rep)
-    _check_mesh(smollm2, chat_prompt, hf_tokens, grid, executor, schedule)
+    _check_mesh(smollm2, chat_prompt, hf_tokens, grid, executor, schedule, LayoutMode.HEADS)
 
 
 def test_column_heads_by_hand():
     """SmolLM2: 9 query heads in 3 groups of 3 (heads 0-2 share KV head 0, 3-5 KV head 1, ...)."""
-    heads = lambda g: [WaferLayout(SMOLLM2_135M, Grid.parse(g), 64).column_heads(c) for c in range(Grid.parse(g).cols)]
+    heads = lambda g: [WaferLayout(SMOLLM2_135M, Grid.parse(g), 64, mode=LayoutMode.HEADS).column_heads(c)
+                       for c in range(Grid.parse(g).cols)]
     # 2 columns: whole groups, KV heads padded to 4 (old layout, kc 2).
     assert heads("1x2") == [([0, 1], [0, 1, 2, 3, 4, 5]), ([2, None], [6, 7, 8, None, None, None])]
     # 6 columns: rep 2, gc 2, the second column of each group holds one real and one zero head.
@@ -102,7 +104,7 @@ def test_column_heads_by_hand():
 
 def test_cache_to_decode_layout_replicates_kv_heads():
     """KV head h (filled with h + 1) lands on both of its columns; positions p -> row p % 2, slot p // 2."""
-    layout = WaferLayout(SMOLLM2_135M, Grid(2, 6), 8)  # s = 4 slots per row + scratch
+    layout = WaferLayout(SMOLLM2_135M, Grid(2, 6), 8, mode=LayoutMode.HEADS)  # s = 4 slots per row + scratch
     H = SMOLLM2_135M.head_dim
     k = np.broadcast_to((np.arange(3) + 1.0)[:, None, None] * (1 + np.arange(5))[None, :, None], (3, 5, H))
     out = cache_to_decode_layout(k, layout)
@@ -116,16 +118,19 @@ def test_padding_never_changes_tokens(smollm2, chat_prompt, hf_tokens):
     """576 wide over 5 rows (pads to 580), 3 KV heads / 9 query heads over 2 columns (pad to 4 / 12),
     vocabulary 49152 over 7 columns would not divide either: all padded, same tokens."""
     assert wafer_tokens(smollm2, chat_prompt, "5x2", Executor.VCORES, Schedule.PSUM) == hf_tokens
-    assert wafer_tokens(smollm2, chat_prompt, "1x7", Executor.VCORES, Schedule.RING, new_tokens=16) == hf_tokens[:16]
+    assert wafer_tokens(smollm2, chat_prompt, "1x7", Executor.VCORES, Schedule.RING, new_tokens=16,
+                        mode=LayoutMode.HEADS) == hf_tokens[:16]
 
 
-@pytest.mark.parametrize("grid", ["2x2", "2x6"])
-def test_logits_match_single_device(smollm2, chat_prompt, grid):
+@pytest.mark.parametrize("grid, mode", [("2x2", LayoutMode.AUTO), ("2x6", LayoutMode.HEADS), ("1x12", LayoutMode.FULL)],
+                         ids=lambda v: getattr(v, "value", v))
+def test_logits_match_single_device(smollm2, chat_prompt, grid, mode):
     """The wafer step's logits against the single-device forward at the same position
-    (2x6: query heads split over columns, KV heads replicated)."""
+    (2x6 heads: query heads split over columns, KV heads replicated; 1x12 full: head dims split
+    over segments of 4 columns)."""
     cfg, params = smollm2.config, smollm2.params
     dec = WaferDecoder(params, cfg, make_core_mesh(Grid.parse(grid), Executor.DEVICES), 1, len(chat_prompt) + 8,
-                       MeshOptions(Schedule.KTREE))
+                       MeshOptions(Schedule.KTREE), mode=mode)
     tokens = dec.generate([chat_prompt], 2, stop_on_eos=False).tokens[0]
     wafer = dec.last_logits()[0]
     seq = chat_prompt + tokens[:1]
@@ -169,17 +174,19 @@ def test_qwen2_checkpoint_split_groups_pad_query_heads(tmp_path):
     want = hf_greedy(load_hf_model(path), [prompt], NEW_TOKENS)[0]
     assert len(set(want)) > 5
     for grid, executor, rep, gc in (("2x4", Executor.DEVICES, 2, 2), ("1x7", Executor.VCORES, 3, 1)):
-        layout = WaferLayout(loaded.config, Grid.parse(grid), 64)
+        layout = WaferLayout(loaded.config, Grid.parse(grid), 64, mode=LayoutMode.HEADS)
         assert (layout.rep, layout.gc) == (rep, gc)
-        assert wafer_tokens(loaded, prompt, grid, executor, Schedule.KTREE) == want
+        assert wafer_tokens(loaded, prompt, grid, executor, Schedule.KTREE, mode=LayoutMode.HEADS) == want
 
 
-@pytest.mark.parametrize("grid", ["2x3", "2x6"])
-def test_planner_equals_placed_bytes(grid):
-    """2x6: 2 KV heads over 6 columns, each replicated on 2 columns, 2 columns of padding."""
+@pytest.mark.parametrize("grid, mode", [("2x3", LayoutMode.AUTO), ("2x6", LayoutMode.HEADS), ("2x6", LayoutMode.FULL),
+                                        ("1x5", LayoutMode.FULL)], ids=lambda v: getattr(v, "value", v))
+def test_planner_equals_placed_bytes(grid, mode):
+    """2x6 heads: 2 KV heads over 6 columns, each replicated on 2 columns, 2 columns of padding;
+    2x6 full: 2 segments of 3 columns, 6 of H = 16 each; 1x5 full: 5 columns do not divide 16."""
     cfg = TINY_QWEN2
     g = Grid.parse(grid)
-    dec = WaferDecoder(init_random_params(cfg), cfg, make_core_mesh(g, Executor.DEVICES), 3, 100)
+    dec = WaferDecoder(init_random_params(cfg), cfg, make_core_mesh(g, Executor.DEVICES), 3, 100, mode=mode)
     placed = {}
     for a in jax.tree.leaves((dec.tiles, dec.k_cache, dec.v_cache)):
         for shard in a.addressable_shards:
@@ -193,7 +200,8 @@ def test_planner_by_hand_split_groups():
     """TINY_QWEN2 on 2x4 (4 columns > 2 KV heads): per core d 32, one KV head (replicated on 2
     columns), one query head, f 40, v 128, s 32."""
     cfg = TINY_QWEN2
-    dec = WaferDecoder(init_random_params(cfg), cfg, make_core_mesh(Grid(2, 4), Executor.VCORES), 1, 64)
+    dec = WaferDecoder(init_random_params(cfg), cfg, make_core_mesh(Grid(2, 4), Executor.VCORES), 1, 64,
+                       mode=LayoutMode.HEADS)
     assert (dec.layout.kc, dec.layout.gc, dec.layout.rep) == (1, 1, 2)
     qkv = (1 + 2 * 1) * 16  # 48 columns: 1 q head + k + v of one KV head
     per_layer = 4 * (32 + 32 * qkv + qkv + 1 * 16 * 32 + 32 + 32 * 80 + 40 * 32)
