@@ -9,10 +9,11 @@ from kernels.allreduce import Schedule, allreduce
 from mesh.axes import COL
 from mesh.cost_model import kernel_times, price_calls
 from mesh.executors import Grid
+from mesh.staging import plan_staging
 from mesh.trace import trace_program
 from mesh.wafer import WSE2, WSE3, emulated_spec
 from model.config import TINY_LLAMA, WAFERLLM_PRESETS, preset, waferllm_config
-from model.trace_decode import Accounting, kernel_of, profile_layout, trace_decode_step, with_layers
+from model.trace_decode import Accounting, kernel_of, profile_layout, stage_bytes, trace_decode_step, with_layers
 from model.wafer_decode import MeshOptions
 from model.wafer_layout import WaferLayout
 
@@ -77,3 +78,21 @@ def test_ktree_420_stages_and_hops_by_hand():
 def test_wafer_hand_off_from_system_io():
     """1.2 Tb/s of system I/O: 150 kB take 1 us, plus the assumed latency."""
     assert WSE3.wafer_hop_s(150_000) == pytest.approx(WSE3.wafer_latency_s + 1e-6)
+
+
+@pytest.mark.parametrize("name, spec, grid, context, layers_per_stage, stages, per_wafer, wafers", [
+    # Llama3-8B, 16-bit, on 360x360 regions: 11 layers per region, 4 regions (the first with the
+    # embedding, the last with the LM head) of the 4 a WSE-2 holds: one wafer, as WaferLLM ran it.
+    ("llama3-8b", WSE2, Grid(360, 360), 4096, 11, 4, 4, 1),
+    # Llama-3.1-70B, 16-bit, 2048 positions, one region per WSE-3 (755x1170): 22 layers each, 80
+    # layers on four wafers, as the vendor ran it.
+    ("llama3.1-70b", WSE3, Grid(755, 1170), 2048, 22, 4, 1, 4),
+])
+def test_staging_matches_published_setups(name, spec, grid, context, layers_per_stage, stages, per_wafer, wafers):
+    """Layers fill regions of a wafer, then more wafers; bytes from the layout's specs (no trace)."""
+    cfg = preset(name)
+    layout = WaferLayout(with_layers(cfg, 1), grid, context)
+    st = plan_staging(cfg.name, cfg.n_layers, grid, spec, stage_bytes(layout, 1, "bfloat16"),
+                      layout.d * grid.rows * 4)
+    assert (st.layers_per_stage, st.stages, st.stages_per_wafer, st.wafers) == (
+        layers_per_stage, stages, per_wafer, wafers)
