@@ -24,10 +24,11 @@ from model.config import TINY_LLAMA, preset
 from model.trace_decode import kernel_of, layout_specs, profile_layout, trace_decode_step
 from model.wafer_decode import MeshOptions
 from model.wafer_generate import WaferDecoder
-from model.wafer_layout import WaferLayout
+from model.wafer_layout import LayoutMode, WaferLayout
 from model.weights import init_random_params
 
 BIG = emulated_spec(1 << 40)
+HEADS = LayoutMode.HEADS
 
 
 def _gemv_trace(schedule):
@@ -160,23 +161,25 @@ def test_one_layer_scaling_equals_full_trace():
 
 
 def test_llama3_8b_full_wafer_grid():
-    """360x360 (WaferLLM's decode grid): two layers per stage fit 48 KiB; traced, nothing allocated."""
-    p = profile_layout(preset("llama3-8b"), Grid(360, 360), WSE2, Schedule.KTREE)
+    """360x360, whole heads per column (LayoutMode.HEADS; tests/test_wafer_cost.py stages the
+    automatic choice): two layers per stage fit 48 KiB; traced, nothing allocated."""
+    p = profile_layout(preset("llama3-8b"), Grid(360, 360), WSE2, Schedule.KTREE, mode=HEADS)
     assert p.staging.layers_per_stage == 2 and p.plan.per_core_bytes <= 48 * 1024
     # d = ceil(4096/360) = 12; 360 // 8 = 45 columns per KV head allow gc = 1 (rep 4): one copy of
     # a KV head and one query head per column, QKV [12, (1+2)*128] and O [128, 12], in bf16.
     assert p.plan.bytes_by_kind()["weight"] == 2 * 2 * (12 + 12 * 384 + 128 * 12 + 12 + 12 * 2 * 40 + 40 * 12)
     assert 100 < p.tokens_per_s < 1e5
-    psum = profile_layout(preset("llama3-8b"), Grid(360, 360), WSE2, Schedule.PSUM)
+    psum = profile_layout(preset("llama3-8b"), Grid(360, 360), WSE2, Schedule.PSUM, mode=HEADS)
     assert psum.layer_s > p.layer_s  # the pipeline chain pays 360 routing stages per reduction
 
 
 @pytest.mark.parametrize("name, f, bias", [("qwen2-72b", 30, True), ("llama3.1-70b", 29, False)])
 def test_70b_class_traced_at_750x990_fits_with_split_groups(name, f, bias):
     """G = 8: whole KV groups need ceil(8192/750) x (2G+2)H of QKV and O per core, over 48 KiB on
-    any grid; split over 8 columns each (gc 1), a layer's tiles fit twice over."""
+    any grid; split over 8 columns each (gc 1), a layer's tiles fit twice over (whole heads per
+    column, LayoutMode.HEADS)."""
     cfg = preset(name)
-    layout = WaferLayout(dataclass_layers(cfg, 1), Grid(750, 990), 4096)
+    layout = WaferLayout(dataclass_layers(cfg, 1), Grid(750, 990), 4096, mode=HEADS)
     assert (layout.kc, layout.gc, layout.rep, layout.d, layout.f) == (1, 1, 8, 11, f)
     t = trace_decode_step(layout, 1, MeshOptions(Schedule.KTREE), "bfloat16")
     assert t.bytes_by_kind["weight"] == sum(s.local_bytes for s in layout_specs(layout, 1, "bfloat16")
@@ -184,7 +187,7 @@ def test_70b_class_traced_at_750x990_fits_with_split_groups(name, f, bias):
     assert {c.axis_size for c in t.collectives} == {750, 990}
     whole = WaferLayout(dataclass_layers(cfg, 1), Grid(750, 990), 4096, split_groups=False)
     assert sum(s.local_bytes for s in layout_specs(whole, 1, "bfloat16") if s.name.startswith("layers.")) > 48 * 1024
-    p = profile_layout(cfg, Grid(750, 990), WSE2)
+    p = profile_layout(cfg, Grid(750, 990), WSE2, mode=HEADS)
     # One layer per core in bf16: norms, QKV [11, 384] (+ bias), O [128, 11], gate_up, down; and
     # K and V of one KV head at ceil(4096/750) = 6 positions + the scratch slot.
     weights = 2 * (11 + 11 * 384 + (384 if bias else 0) + 128 * 11 + 11 + 11 * 2 * f + f * 11)
@@ -193,12 +196,13 @@ def test_70b_class_traced_at_750x990_fits_with_split_groups(name, f, bias):
 
 
 def test_405b_fits_only_the_full_wse3_wafer():
-    """Llama-3.1-405B (D 16384, F 53248, N 128, K 8): a layer needs the whole 755x1170 wafer."""
+    """Llama-3.1-405B (D 16384, F 53248, N 128, K 8), whole heads per column (LayoutMode.HEADS): a
+    layer needs the whole 755x1170 wafer."""
     cfg = preset("llama3.1-405b")
     with pytest.raises(WaferError, match="does not fit"):
-        profile_layout(cfg, Grid(360, 360), WSE3)
-    p = profile_layout(cfg, Grid(755, 1170), WSE3)
-    layout = WaferLayout(dataclass_layers(cfg, 1), Grid(755, 1170), 4096)
+        profile_layout(cfg, Grid(360, 360), WSE3, mode=HEADS)
+    p = profile_layout(cfg, Grid(755, 1170), WSE3, mode=HEADS)
+    layout = WaferLayout(dataclass_layers(cfg, 1), Grid(755, 1170), 4096, mode=HEADS)
     # 1170 columns over 8 KV heads: rep = G = 16, one query head each; d = ceil(16384/755) = 22,
     # f = ceil(53248/1170) = 46.
     assert (layout.kc, layout.gc, layout.rep, layout.d, layout.f) == (1, 1, 16, 22, 46)
