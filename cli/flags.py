@@ -81,8 +81,15 @@ def add_mesh_args(p: argparse.ArgumentParser) -> None:
                    help="devices: one JAX device per core; vcores: virtual cores on one device")
     p.add_argument("--schedule", choices=["psum", "ring", "ktree"], default="psum", help="all-reduce schedule")
     p.add_argument("--groups", type=int, default=None, help="K-tree groups per mesh axis (default ~sqrt)")
+    add_layout_arg(p)
     p.add_argument("--sram-budget", default=None,
                    help="per-core budget for the SRAM planner, e.g. 48KiB or 64MiB (default: no limit)")
+
+
+def add_layout_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layout", choices=["auto", "heads", "full"], default="auto",
+                   help="attention heads over the columns: heads = whole heads per column, full = each head's "
+                        "dims split over a segment of columns, auto = the one with fewer bytes per core (default)")
 
 
 def setup_mesh(args) -> MeshSetup | None:
@@ -91,11 +98,14 @@ def setup_mesh(args) -> MeshSetup | None:
         for flag in ("groups", "sram_budget"):
             if getattr(args, flag) is not None:
                 raise WaferError(f"--{flag.replace('_', '-')} needs --mesh")
+        if args.layout != "auto":
+            raise WaferError("--layout needs --mesh")
         return None
     from kernels.allreduce import Schedule
     from mesh.devices import ensure_cpu_devices
     from mesh.executors import Executor, Grid
     from mesh.wafer import emulated_spec, parse_bytes
+    from model.wafer_layout import LayoutMode
 
     grid = Grid.parse(args.mesh)
     executor = Executor(args.executor)
@@ -104,7 +114,7 @@ def setup_mesh(args) -> MeshSetup | None:
     if args.groups is not None and args.groups < 1:
         raise WaferError(f"--groups must be positive, got {args.groups}")
     spec = emulated_spec(parse_bytes(args.sram_budget)) if args.sram_budget else None
-    return MeshSetup(grid, executor, Schedule(args.schedule), args.groups, spec)
+    return MeshSetup(grid, executor, Schedule(args.schedule), args.groups, spec, LayoutMode(args.layout))
 
 
 # ------------------------------------------------------------------------------ benchmark harness

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from cli.flags import progress
+from cli.flags import add_layout_arg, progress
 from mesh.errors import WaferError
 
 PROFILE_SCHEDULES = ("psum", "ring", "ktree")
@@ -23,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", default="360x360", help="RxC cores per stage, or 'auto' for the fastest that fits")
     p.add_argument("--schedule", choices=PROFILE_SCHEDULES, default="ktree", help="all-reduce schedule")
     p.add_argument("--groups", type=int, default=None, help="K-tree groups per mesh axis (default ~sqrt)")
+    add_layout_arg(p)
     p.add_argument("--batch", type=int, default=1, help="decode slots (default 1)")
     p.add_argument("--context", type=int, default=4096, help="KV positions per sequence (default 4096)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
@@ -72,6 +73,7 @@ def run(args) -> int:
     from bench.profile_report import format_report, profile_report
     from mesh.executors import Grid
     from model.trace_decode import profile_layout
+    from model.wafer_layout import LayoutMode
 
     if args.calibrate:
         from bench.published import calibrate
@@ -85,7 +87,7 @@ def run(args) -> int:
         profile = _autotune(config, spec, schedule, args)[0]
     else:
         profile = profile_layout(config, Grid.parse(args.grid), spec, schedule, args.groups, args.batch,
-                                 args.context, args.dtype, accounting=_accounting(args))
+                                 args.context, args.dtype, LayoutMode(args.layout), _accounting(args))
     report = profile_report(profile)
     if args.plot:
         from bench.plots import write_plots
@@ -102,6 +104,7 @@ def _run_compare(config, spec, args) -> int:
     from kernels.allreduce import Schedule
     from mesh.executors import Grid
     from model.trace_decode import profile_layout
+    from model.wafer_layout import LayoutMode
 
     grids = [Grid.parse(g) for g in COMPARE_GRIDS]
     if args.grid != "auto" and Grid.parse(args.grid) not in grids:
@@ -113,7 +116,7 @@ def _run_compare(config, spec, args) -> int:
         for s in Schedule:
             try:
                 p = profile_layout(config, g, spec, s, args.groups, args.batch, args.context, args.dtype,
-                                   accounting=_accounting(args))
+                                   LayoutMode(args.layout), _accounting(args))
             except WaferError as e:
                 skipped.append({"grid": str(g), "schedule": s.value, "reason": str(e)})
                 continue
