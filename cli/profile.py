@@ -136,10 +136,10 @@ def _run_compare(config, spec, args) -> int:
     return 0
 
 
-def _fmt(x) -> str:
+def _fmt(x, digits: int = 1) -> str:
     if x is None:
         return "-"
-    return f"{x:,.0f}" if isinstance(x, (int, float)) and x >= 100 else str(x)
+    return f"{x:,.{digits}f}" if isinstance(x, (int, float)) else str(x)
 
 
 def _run_published(args) -> int:
@@ -151,7 +151,7 @@ def _run_published(args) -> int:
         print(json.dumps({"rows": rows, "constants": constants}))
         return 0
     print(table(["figure", "published", "predicted", "ratio", "cell", "setup"],
-                [[r["figure"], _fmt(r["published"]), _fmt(r["predicted"]), _fmt(r["ratio"]), r["cell"], r["setup"]]
+                [[r["figure"], _fmt(r["published"]), _fmt(r["predicted"]), _fmt(r["ratio"], 2), r["cell"], r["setup"]]
                  for r in rows]))
     print()
     for r in rows:

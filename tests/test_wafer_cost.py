@@ -1,17 +1,20 @@
 """The cost model held to published setups: WaferLLM's decode presets, the per-layer accounting
 its benchmark used, hand-counted routing stages and hops, and multi-wafer staging."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import pytest
 
+from bench.published import CALIBRATION_CELLS, constants_note, waferllm_rows
 from kernels.allreduce import Schedule, allreduce
 from mesh.axes import COL
 from mesh.cost_model import kernel_times, price_calls
 from mesh.executors import Grid
 from mesh.staging import plan_staging
 from mesh.trace import trace_program
-from mesh.wafer import WSE2, WSE3, emulated_spec
+from mesh.wafer import CALIBRATED, WSE2, WSE3, emulated_spec
 from model.config import TINY_LLAMA, WAFERLLM_PRESETS, preset, waferllm_config
 from model.trace_decode import Accounting, kernel_of, profile_layout, stage_bytes, trace_decode_step, with_layers
 from model.wafer_decode import MeshOptions
@@ -96,3 +99,33 @@ def test_staging_matches_published_setups(name, spec, grid, context, layers_per_
                       layout.d * grid.rows * 4)
     assert (st.layers_per_stage, st.stages, st.stages_per_wafer, st.wafers) == (
         layers_per_stage, stages, per_wafer, wafers)
+
+
+def test_at_most_two_constants_calibrated_and_every_one_sourced():
+    notes = constants_note()
+    assert {n["constant"] for n in notes if n["calibrated"]} == set(CALIBRATED) == {"stage_cycles",
+                                                                                    "compute_efficiency"}
+    assert all(n["source"] for n in notes)
+    assert CALIBRATION_CELLS == {("waferllm-llama3-8b", 420), ("waferllm-qwen2-72b", 420)}
+
+
+def test_published_json_keeps_published_and_predicted(capsys, monkeypatch):
+    """The CLI's plumbing (the rows themselves are priced in the slow test below)."""
+    import bench.published
+    from cli.main import main
+    row = {"figure": "f", "published": 2699.9, "predicted": 2699.8, "ratio": 1.0, "cell": "calibrated",
+           "setup": "s", "comment": "c"}
+    monkeypatch.setattr(bench.published, "published_table", lambda progress: [row])
+    assert main(["profile", "--published", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["rows"] == [row] and len(d["constants"]) == len(constants_note())
+
+
+@pytest.mark.slow
+def test_waferllm_llama3_8b_cells_within_20_percent_and_trend():
+    """Per-layer accounting of WaferLLM's own shapes: 420^2 is a calibration cell, 660^2 a
+    prediction; both within +-20% of the published figure, and 420^2 faster than 660^2."""
+    rows = waferllm_rows(lambda msg: None, models=("waferllm-llama3-8b",), sides=(420, 660))
+    assert [r["cell"] for r in rows] == ["calibrated", "predicted"]
+    assert all(0.8 <= r["predicted"] / r["published"] <= 1.2 for r in rows), rows
+    assert rows[0]["predicted"] > rows[1]["predicted"]
