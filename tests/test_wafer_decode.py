@@ -16,7 +16,7 @@ from mesh.executors import Executor, Grid, make_core_mesh
 from mesh.wafer import emulated_spec
 from model.cache import empty_cache
 from model.cache_layout import cache_to_decode_layout
-from model.config import SMOLLM2_135M, TINY_QWEN2
+from model.config import SMOLLM2_135M, TINY_LLAMA, TINY_QWEN2
 from model.forward import forward
 from model.generate import CACHE_BUCKET, Generator
 from mesh.extent import round_up
@@ -390,3 +390,24 @@ def test_checkpoints_full_grid_every_schedule_match_hf(tmp_path, arch, grid, seg
     assert len(set(want)) > 5
     for schedule in Schedule:
         assert wafer_tokens(loaded, prompt, grid, Executor.DEVICES, schedule) == want, schedule
+
+
+def test_one_head_spanning_every_column():
+    """WaferLLM's decode configs: one head, head_dim = dim. Here D = H = 64 on 1x12 (one segment of
+    all 12 columns, 3 rotary pairs = 6 dims each: 72 for 64) against the single-device decoder, and
+    Llama3-8B's WaferLLM shape (D = H = 4200) on 420x420: 10 dims on every column, no padding."""
+    import dataclasses
+    cfg = dataclasses.replace(TINY_LLAMA, name="one-head", dim=64, n_heads=1, n_kv_heads=1, head_dim=64)
+    layout = WaferLayout(cfg, Grid(1, 12), 64)
+    assert (layout.seg, layout.segments, layout.kc, layout.gc, layout.hc) == (12, 1, 1, 1, 6)
+    params = init_random_params(cfg, seed=7, scale=0.2)
+    prompt = list(range(5, 14))
+    want = Generator(params, cfg).generate([prompt], 16, stop_on_eos=False).tokens[0]
+    assert len(set(want)) > 3
+    for schedule in (Schedule.PSUM, Schedule.KTREE):
+        dec = WaferDecoder(params, cfg, make_core_mesh(Grid(1, 12), Executor.VCORES), 1, 64, MeshOptions(schedule))
+        assert dec.generate([prompt], 16, stop_on_eos=False).tokens[0] == want, schedule
+    big = dataclasses.replace(cfg, dim=4200, n_heads=1, n_kv_heads=1, head_dim=4200, ffn_dim=14700, max_seq_len=4096)
+    layout = WaferLayout(big, Grid(420, 420), 4096)
+    assert (layout.seg, layout.hc) == (420, 10)
+    assert all(None not in dims for dims in layout.dims_by_column)
