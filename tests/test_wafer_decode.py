@@ -232,8 +232,10 @@ def test_plan_that_does_not_fit_names_the_problem():
                      spec=emulated_spec(48 * 1024))
 
 
-def test_slots_insert_evict_and_keep_decoding():
-    """Three slots: sequences join and leave mid-run; each gets exactly its solo tokens."""
+@pytest.mark.parametrize("grid", ["2x2", "2x6"])
+def test_slots_insert_evict_and_keep_decoding(grid):
+    """Three slots: sequences join and leave mid-run; each gets exactly its solo tokens (2x6: the
+    full-grid layout, caches landing as head-dim slices)."""
     cfg = TINY_QWEN2
     params = init_random_params(cfg, seed=3, scale=0.2)
     rng = np.random.default_rng(4)
@@ -241,7 +243,8 @@ def test_slots_insert_evict_and_keep_decoding():
     solo = [Generator(params, cfg).generate([p], 12, stop_on_eos=False).tokens[0] for p in prompts]
     assert len({tuple(s) for s in solo}) == 3
 
-    dec = WaferDecoder(params, cfg, make_core_mesh(Grid(2, 2), Executor.DEVICES), 3, 64)
+    dec = WaferDecoder(params, cfg, make_core_mesh(Grid.parse(grid), Executor.DEVICES), 3, 64)
+    assert dec.layout.seg == {"2x2": 1, "2x6": 3}[grid]
     pre = Generator(params, cfg)
 
     def insert(i):
