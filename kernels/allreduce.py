@@ -14,10 +14,11 @@ under every executor. The tree's message plan is static Python (`ktree_plan`), s
 can count its hops without running anything.
 
 SEGMENTED all-reduce (`segment=m`): the axis is cut into n // m contiguous segments of m cores and
-each segment reduces on its own (the n % m cores past the last segment keep their own values) (a head's partial dot products over the columns that hold its
-slices, model/wafer_layout.py). PSUM passes `axis_index_groups`; vmap (the vcores executor) has
-no grouped collectives, so there it falls back to a masked psum of a [n/m, ...] buffer, each core
-writing its segment's row (same sums, n/m times the bytes). RING shifts within each segment and
+each segment reduces on its own (a head's partial dot products over the columns that hold its
+slices, model/wafer_layout.py); the n % m cores past the last segment keep their own values. PSUM
+passes `axis_index_groups`; vmap (the vcores executor) has no grouped collectives, so there it
+falls back to a masked psum of a [n // m, ...] buffer, each core writing its segment's row (same
+sums, n // m times the bytes; the profiler traces the grouped form). RING shifts within each segment and
 KTREE runs `ktree_plan(m)` in every segment at once, so both send only within a segment. Every
 segmented call runs in a scope f"{SEGMENT_SCOPE_PREFIX}{m}", which the profiler reads as the
 segment length (mesh/trace.py).
@@ -92,7 +93,9 @@ def _segmented(x: jax.Array, axis: str, n: int, m: int, schedule: Schedule, grou
         prim = jax.lax.psum if op is ReduceOp.SUM else jax.lax.pmax
         try:
             return prim(x, axis, axis_index_groups=segment_groups(n, m))
-        except NotImplementedError:  # vmap: no grouped collectives (see the module docstring)
+        except NotImplementedError:
+            # vmap refuses axis_index_groups when it binds the axis (the vcores executor); the
+            # trace executor and shard_map take them. The choice is made once, at trace time.
             j = jax.lax.axis_index(axis)
             seg = j // m
             fill = 0.0 if op is ReduceOp.SUM else -jnp.inf

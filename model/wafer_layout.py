@@ -9,18 +9,19 @@ GEMV wants its input:
 
   x        [B, D_row]             residual stream: D split over rows, replicated over columns
   w_qkv    [D_row, QKV_col]        reduce over ROW -> q, k, v of column c's heads on every row
-  KV cache [B, K_col, S_row, H]    KV heads over columns, positions over rows (cyclic: p % R)
+  KV cache [B, K_col, S_row, hc]   KV heads over columns, positions over rows (cyclic: p % R)
   w_o      [NH_col, D_row]         reduce over COL -> residual update [D_row]
   w_gate_up[D_row, 2F_col]         reduce over ROW -> [2F_col]
   w_down   [F_col, D_row]          reduce over COL -> [D_row]
   lm       [D_row, V_col]          reduce over ROW -> logits [V_col]; a tied model's embedding too
   embed    [V_col, D_row]          an untied model's embedding table (one column holds each token)
 
-QKV is column c's q | k | v (its nc query heads, then its kc KV heads' k and v, H wide each), NH
+QKV is column c's q | k | v (its nc query heads, then its kc KV heads' k and v, hc wide each:
+hc = H with whole heads, a slice of H in the full-grid layout below), NH
 its nc query heads, 2F its block of the gate projection followed by the same block of the up
 projection. These are the logical axes of the specs (`TensorSpec.axes`).
 
-How heads lie over the C columns (K KV heads, G = N/K query heads each):
+How whole heads lie over the C columns (mode HEADS; K KV heads, G = N/K query heads each):
 
 - C <= K (rep = 1): column c holds kc = ceil(K/C) whole KV groups, KV heads c*kc .. c*kc+kc-1,
   each with all G of its query heads (gc = G); KV heads >= K are zero padding.
@@ -35,14 +36,51 @@ How heads lie over the C columns (K KV heads, G = N/K query heads each):
   reduction over COL after w_o sums the columns' contributions as before).
   rep = ceil(G / gc) rather than min(G, C // K): same per-core shapes, fewer padded query heads.
 
+The full-grid layout (mode FULL; AUTO picks it when it holds fewer bytes per core). Aligning
+whole heads with columns leaves every column past K*rep holding zeros (Llama3-8B on 360 columns:
+32 hold heads). Instead the C columns are cut into `segments` = C // seg head segments of seg
+contiguous columns (the C % seg columns past the last one hold no head: fewer than one segment).
+The heads lie over the segments exactly as whole heads lie over columns above (kc, gc, rep
+computed with `segments` in place of C), and every column of a segment holds the segment's heads,
+each cut to one slice of the head dimension: column j of a segment holds hc = 2*ceil(H/2 / seg)
+dims of each of its nc query heads and kc KV heads (`column_dims`). Slice j holds rotary pairs
+j*hc/2 .. j*hc/2 + hc/2 - 1 (RoPE rotates dim i with dim i + H/2, HF's half split), laid out as a
+half-split head of its own, so RoPE stays local (with those pairs' frequencies). Every tensor
+that touches a head's dims follows the same order: the q, k and v columns of w_qkv (and b_qkv),
+the KV cache's last axis, the rows of w_o.
+
+  QKV      [D_row, QKV_col]   column c: q | k | v of its segment's heads, its hc dims of each
+  KV cache [B, K_col, S_row, hc]
+  w_o      [NH_col, D_row]    rows: its heads' hc dims (those of its slice of v)
+
+Scores q·kᵀ become partial dot products per core, summed by an all-reduce SEGMENTED to the seg
+columns of each segment (kernels/allreduce.py, every schedule); the softmax then runs per head as
+before (max and sum over ROW), p·V gives each column its hc dims of the output, which meet its
+rows of w_o, and the COL reduction after w_o sums segments and slices alike. seg is the m > 1
+(any m <= C, not only divisors) with the fewest attention bytes per core (w_qkv, w_o and the KV
+cache at batch 1), then the fewest idle columns; AUTO also weighs m = 1 (whole heads) and keeps
+it on a tie. WaferLLM's decode configs (one head, head_dim = dim) are one segment of all C columns.
+
+GQA in the full-grid layout: KV head h's slice j lies on column j of each segment that holds h's
+query heads. With more segments than KV heads (segments > K) a KV group's query heads split over
+rep segments and h's slice j is replicated on column j of each of them, exactly as whole KV heads
+are replicated over columns above. Cost of that replication, against one copy: rep-fold bytes of
+the k and v projection weights and of the KV cache over the wafer (per core: 2*kc*hc columns of
+w_qkv and kc*(s+1)*hc cache entries, the same on every core), rep-fold FLOPs of the k and v
+projections and of the cache writes; no message is added for it (each segment attends its own
+query heads against its own copy). What the full-grid layout itself adds is one segmented
+all-reduce per layer: B*nc*(s+1) float32 partial scores per core, over seg cores (2*(seg-1)
+messages per segment in a chain, seg - 1 per core in a ring).
+
 The split is automatic: a core's w_qkv, w_o, KV cache, attention FLOPs and messages are never
 larger than with whole groups (gc <= G, kc = 1 either way once C >= K), so it never loses on a
 wafer, where one core's time is the grid's. `split_groups=False` keeps whole groups for any C
-(the prefill mesh's `tensor_parallel_layout`, whose cache layout and handoff read KV head
-c*kc + i on column c).
+and no head-dim split (the prefill mesh's `tensor_parallel_layout`, whose cache layout and
+handoff read KV head c*kc + i on column c).
 
 Dimensions that do not divide the grid are zero-padded: D to a multiple of R, KV heads and query
-heads as above, F and V to multiples of C, S to a multiple of R. Zero rows and columns contribute
+heads as above, head dims to whole rotary pairs per slice, F and V to multiples of C, S to a
+multiple of R. Zero rows and columns contribute
 exact zeros to every sum (a zero query head's attention output meets zero rows of w_o), norms
 divide by the true D, and padded vocabulary entries are masked out of the argmax, so padding
 never changes a result.

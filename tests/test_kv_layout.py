@@ -76,3 +76,24 @@ def test_prefill_layout_json_round_trip_and_refusals():
     for d, message in bad:
         with pytest.raises(WaferError, match=message):
             PrefillKVLayout.from_json(d, 5)
+
+
+def test_full_grid_cache_lands_head_dim_slices():
+    """tiny-llama (K 2, H 16) on 2x6, full-grid: 2 segments of 3 columns (KV head 0 on columns 0-2,
+    head 1 on 3-5), each column 3 rotary pairs = 6 dims: column j of a segment holds pairs 3j ..
+    3j+2, i.e. dims [3j, 3j+1, 3j+2, 8+3j, 8+3j+1, 8+3j+2], those >= 8 pairs (j = 2: pair 8) zero."""
+    layout = WaferLayout(TINY_LLAMA, Grid(2, 6), 64, mode=LayoutMode.FULL)
+    assert (layout.seg, layout.hc) == (3, 6)
+    assert layout.column_dims(0) == (0, 1, 2, 8, 9, 10)
+    assert layout.column_dims(5) == (6, 7, None, 14, 15, None)
+    dl = decode_kv_layout(layout)
+    k = np.random.default_rng(5).standard_normal((2, 9, 16)).astype(np.float32)
+    cores = cache_to_decode_layout(k, layout)
+    assert cores.shape == (2, 6, 1, layout.s + 1, 6)
+    for c, h in enumerate([0, 0, 0, 1, 1, 1]):
+        dims = [d for d in layout.column_dims(c) if d is not None]
+        n = len(dims)
+        assert np.array_equal(cores[1, c, 0, :4, :n // 2], k[h, 1::2][:, dims[: n // 2]])
+        assert np.array_equal(cores[0, c, 0, :5, 3:3 + n // 2], k[h, 0::2][:, dims[n // 2:]])
+    assert np.array_equal(dl.from_cores(cores, 9), k)
+    assert np.count_nonzero(cores) == np.count_nonzero(k)  # each dim once: no replicated KV here

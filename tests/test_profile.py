@@ -84,6 +84,32 @@ def test_ring_hops_by_hand():
     assert (call.stages, call.hops, call.max_link_words) == (3, 9, 3)
 
 
+def test_segmented_ktree_hops_by_hand():
+    """8 cores in 2 segments of 4, 2 groups each ({0,1} {2,3} roots 1, 3; top 3), both segments at
+    once: reduce 0->1 2->3 (and 4->5 6->7), 1->3 (5->7); broadcast back 3->1, then 1->0 3->2."""
+    t = trace_program(lambda x: allreduce(x, COL, Schedule.KTREE, groups=2, segment=4), Grid(1, 8),
+                      (jax.ShapeDtypeStruct((2,), jnp.float32),), ("x",))
+    assert [(c.level, c.pairs, c.segment) for c in t.collectives] == [
+        (1, ((0, 1), (2, 3), (4, 5), (6, 7)), 4), (2, ((1, 3), (5, 7)), 4), (3, ((3, 1), (7, 5)), 4),
+        (4, ((1, 0), (3, 2), (5, 4), (7, 6)), 4)]
+    (call,) = price_calls(t.collectives, WSE2)
+    # 4 stages, longest hops 1, 2, 2, 1; link 2->3 carries 2->3 and 1->3 (2 messages of 2 words);
+    # 12 messages in all; no route leaves its segment (none crosses link 3->4).
+    assert (call.stages, call.hops, call.max_link_words, call.messages, call.segment) == (4, 6, 4, 12, 4)
+    assert call.cycles == 4 * WSE2.stage_cycles + 6 * WSE2.hop_cycles + 2 * 8 / WSE2.link_bytes_per_cycle
+    assert all(abs(s // 4 - d // 4) == 0 for c in t.collectives for s, d in c.pairs)
+
+
+def test_segmented_psum_priced_over_its_segment():
+    """A psum segmented to 3 of 9 cores: the pipeline chain over 3 cores (2 + 2 stages), 3 copies."""
+    t = trace_program(lambda x: allreduce(x, COL, Schedule.PSUM, segment=3), Grid(1, 9),
+                      (jax.ShapeDtypeStruct((1,), jnp.float32),), ("x",))
+    (c,) = t.collectives
+    assert (c.primitive, c.axis_size, c.segment, c.line, c.segments) == ("psum", 9, 3, 3, 3)
+    (call,) = price_calls(t.collectives, WSE2)
+    assert (call.stages, call.hops, call.messages) == (2, 2, 3 * 4)
+
+
 def test_pipeline_chain_by_hand():
     assert chain_steps(5) == [[(0, 1), (4, 3)], [(1, 2), (3, 2)], [(2, 1), (2, 3)], [(1, 0), (3, 4)]]
     assert chain_steps(2) == [[(0, 1)], [(1, 0)]]
@@ -128,22 +154,80 @@ def _hlo_collectives(text: str) -> dict[str, tuple[int, int]]:
     return out
 
 
+def _hlo_group_sizes(text: str) -> list[int]:
+    """Per all-reduce in compiled HLO, the size of its largest replica group."""
+    sizes = []
+    for m in re.finditer(r"all-reduce(?:-start)?\(.*?replica_groups=(\{\{[\d,{}]*\}\}|\[\d+,(\d+)\]<=\[[\d,]+\])", text):
+        if m.group(2):
+            sizes.append(int(m.group(2)))
+        else:
+            sizes.append(max(len(g.split(",")) for g in re.findall(r"\{([\d,]+)\}", m.group(1))))
+    return sizes
+
+
 @pytest.mark.parametrize("grid, schedule", [("2x2", Schedule.KTREE), ("2x4", Schedule.PSUM), ("4x2", Schedule.RING),
-                                            ("2x6", Schedule.KTREE)], ids=lambda v: getattr(v, "value", v))
+                                            ("2x6", Schedule.KTREE), ("2x6", Schedule.PSUM)],
+                         ids=lambda v: getattr(v, "value", v))
 def test_collectives_equal_compiled_hlo(grid, schedule):
     """The trace's collectives, counted and sized, are exactly those of the devices executor's
-    compiled step (XLA CPU keeps every one of them: no combining at these sizes). 2x4 and 2x6
-    have more columns than KV heads (split groups, replicated KV; 2x6 with 2 columns of padding)."""
+    compiled step (XLA CPU keeps every one of them: no combining at these sizes). 2x4 and 2x6 have
+    more columns than query heads: the full-grid layout (head dims over segments of 2 and 3
+    columns), whose scores are summed by segmented all-reduces; with psum, the compiled replica
+    groups are the traced segments."""
     g = Grid.parse(grid)
     dec = WaferDecoder(init_random_params(TINY_LLAMA), TINY_LLAMA, make_core_mesh(g, Executor.DEVICES), 2, 64,
                        MeshOptions(schedule))
+    assert dec.layout.seg == {"2x2": 1, "2x4": 2, "4x2": 1, "2x6": 3}[grid]
     dec.compile()
-    hlo = _hlo_collectives(dec._compiled_step.as_text())
+    text = dec._compiled_step.as_text()
+    hlo = _hlo_collectives(text)
     trace = trace_decode_step(dec.layout, 2, MeshOptions(schedule))
     counts, nbytes = trace.collective_counts(), trace.collective_bytes()
     for op, prims in HLO_OPS.items():
         assert hlo[op] == (sum(counts.get(p, 0) for p in prims), sum(nbytes.get(p, 0) for p in prims)), op
     assert hlo["collective-permute"][0] > 0 or schedule is Schedule.PSUM
+    segmented = [c for c in trace.collectives if c.segment]
+    assert bool(segmented) == (dec.layout.seg > 1) and {c.segment for c in segmented} <= {dec.layout.seg}
+    if schedule is Schedule.PSUM:
+        assert sorted(_hlo_group_sizes(text)) == sorted(c.line for c in trace.collectives if c.primitive in HLO_OPS["all-reduce"])
+
+
+def test_full_layout_planner_traced_and_placed_bytes_agree():
+    """TINY_LLAMA on 2x6, full-grid: per core d 32, one KV head's 6 dims (16 over 3 columns, rounded
+    to whole rotary pairs), 2 query heads, f 27, v 86, s 32 + 1 slot: by hand, planned, traced, placed."""
+    layout = WaferLayout(TINY_LLAMA, Grid(2, 6), 64)
+    assert (layout.seg, layout.kc, layout.gc, layout.hc, layout.f, layout.v) == (3, 1, 2, 6, 27, 86)
+    qkv = (2 + 2) * 6
+    per_layer = 32 + 32 * qkv + 2 * 6 * 32 + 32 + 32 * 2 * 27 + 27 * 32
+    weights = 4 * (2 * per_layer + 32 + 32 * 86 + 86 * 32)
+    kv = 4 * 2 * 2 * (33 * 6)
+    trace = trace_decode_step(layout, 1, MeshOptions(Schedule.RING))
+    assert (trace.bytes_by_kind["weight"], trace.bytes_by_kind["kv"]) == (weights, kv)
+    plan = plan_sram(layout_specs(layout, 1, "float32"), 2, 6, BIG).bytes_by_kind()
+    assert (plan["weight"], plan["kv"]) == (weights, kv)
+    dec = WaferDecoder(init_random_params(TINY_LLAMA), TINY_LLAMA, make_core_mesh(Grid(2, 6), Executor.DEVICES), 1, 64)
+    placed = {}
+    for a in jax.tree.leaves((dec.tiles, dec.k_cache, dec.v_cache)):
+        for shard in a.addressable_shards:
+            placed[shard.device] = placed.get(shard.device, 0) + shard.data.nbytes
+    assert set(placed.values()) == {weights + kv}
+
+
+@pytest.mark.parametrize("grid, full_at_least", [("360x360", 0.87), ("420x420", 0.84)])
+def test_llama3_8b_useful_fraction_full_vs_heads(grid, full_at_least):
+    """Llama3-8B layers, bf16, context 4096: the heads layout holds heads on 32 columns and
+    zeros on the rest (under 1/3 useful); the full-grid layout puts head dims on every segment. Its
+    ceiling here is the rounding of D = 4096 over the rows (4096/4320 = 0.948 on 360 rows,
+    4096/4200 on 420): no layout with equal tiles per core passes it."""
+    useful = {}
+    for mode in (LayoutMode.HEADS, LayoutMode.FULL):
+        layout = WaferLayout(dataclass_layers(preset("llama3-8b"), 1), Grid.parse(grid), 4096, mode=mode)
+        specs = [s for s in layout_specs(layout, 1, "bfloat16") if s.name.startswith("layers.")
+                 or s.kind.value == "buffer"]  # a middle stage's tensors, as the profile plans them
+        useful[mode] = plan_sram(specs, layout.grid.rows, layout.grid.cols, BIG,
+                                 layout.useful_bytes(specs)).useful_fraction
+    assert useful[LayoutMode.HEADS] < 0.35 and useful[LayoutMode.FULL] >= full_at_least
+    assert useful[LayoutMode.FULL] < 4096 / (layout.d * layout.grid.rows)
 
 
 def test_one_layer_scaling_equals_full_trace():
@@ -244,5 +328,8 @@ def test_cli_json_and_table(capsys):
     assert d["tokens_per_s_per_request"] == pytest.approx(1e6 / d["token_us"])
     assert sum(d["shares"].values()) == pytest.approx(1.0)
     assert set(d["kernels_per_token"]) >= {"attention", "mlp", "lm_head"}
+    # 64 columns over 9 query heads: the full-grid layout (2 segments of 32 columns), not padding.
+    assert d["layout"]["kind"] == "full" and d["layout"]["segment"] == 32 and d["useful_fraction"] > 0.8
+    assert any(c["segment"] == 32 for c in d["collectives_per_layer"])
     rc, out, _ = run_cli(capsys, "profile", "--model", "smollm2-135m", "--grid", "48x64")
     assert rc == 0 and "tokens/s per request" in out and "layer1/mlp/mesh_gemv/allreduce" in out

@@ -16,9 +16,10 @@ from mesh.executors import Executor, Grid, make_core_mesh
 from mesh.wafer import emulated_spec
 from model.cache import empty_cache
 from model.cache_layout import cache_to_decode_layout
-from model.config import SMOLLM2_135M, TINY_QWEN2
+from model.config import SMOLLM2_135M, TINY_LLAMA, TINY_QWEN2
 from model.forward import forward
-from model.generate import Generator
+from model.generate import CACHE_BUCKET, Generator
+from mesh.extent import round_up
 from model.sampling import Sampling
 from model.wafer_decode import MeshOptions
 from model.wafer_generate import WaferDecoder
@@ -231,8 +232,10 @@ def test_plan_that_does_not_fit_names_the_problem():
                      spec=emulated_spec(48 * 1024))
 
 
-def test_slots_insert_evict_and_keep_decoding():
-    """Three slots: sequences join and leave mid-run; each gets exactly its solo tokens."""
+@pytest.mark.parametrize("grid", ["2x2", "2x6"])
+def test_slots_insert_evict_and_keep_decoding(grid):
+    """Three slots: sequences join and leave mid-run; each gets exactly its solo tokens (2x6: the
+    full-grid layout, caches landing as head-dim slices)."""
     cfg = TINY_QWEN2
     params = init_random_params(cfg, seed=3, scale=0.2)
     rng = np.random.default_rng(4)
@@ -240,7 +243,8 @@ def test_slots_insert_evict_and_keep_decoding():
     solo = [Generator(params, cfg).generate([p], 12, stop_on_eos=False).tokens[0] for p in prompts]
     assert len({tuple(s) for s in solo}) == 3
 
-    dec = WaferDecoder(params, cfg, make_core_mesh(Grid(2, 2), Executor.DEVICES), 3, 64)
+    dec = WaferDecoder(params, cfg, make_core_mesh(Grid.parse(grid), Executor.DEVICES), 3, 64)
+    assert dec.layout.seg == {"2x2": 1, "2x6": 3}[grid]
     pre = Generator(params, cfg)
 
     def insert(i):
@@ -286,7 +290,8 @@ import numpy as np
 from kernels.allreduce import Schedule
 from mesh.executors import Executor, Grid, make_core_mesh
 from model.config import TINY_LLAMA
-from model.generate import Generator
+from model.generate import CACHE_BUCKET, Generator
+from mesh.extent import round_up
 from model.wafer_decode import MeshOptions
 from model.wafer_generate import WaferDecoder
 from model.weights import init_random_params
@@ -310,3 +315,102 @@ def test_64_device_mesh_many_steps_without_hang(schedule):
                           timeout=900, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"equal": True, "n": 200}
+
+
+# The full-grid layout: more columns than query heads, each head's dimension split over a segment
+# of columns. SmolLM2 (N 9, K 3, H 64) on 12 columns: 3 segments of 4 columns, one KV group each,
+# 16 of the 64 dims per column; on 36: 3 segments of 12 (hc 2 * ceil(32 / 12) = 6, 72 dims for
+# 64: 12 columns do not divide a head); on 72: 3 of 24 (hc 4).
+FULL_GRIDS = {"1x12": (4, 16), "2x12": (4, 16), "4x36": (12, 6), "8x72": (24, 4)}
+
+
+def _full_grid_layout(config, grid, max_len):
+    """The layout `wafer_tokens` builds for a cache of `max_len` positions, checked: full, no idle column."""
+    layout = WaferLayout(config, Grid.parse(grid), round_up(max_len, CACHE_BUCKET))
+    assert (layout.seg, layout.hc) == FULL_GRIDS[grid]
+    assert all(any(h is not None for h in heads) for heads in layout.q_heads_by_column)  # no idle column
+    return layout
+
+
+def test_smollm2_full_grid_1x12_matches_hf(smollm2, chat_prompt, hf_tokens):
+    _full_grid_layout(smollm2.config, "1x12", len(chat_prompt) + NEW_TOKENS)
+    _check_mesh(smollm2, chat_prompt, hf_tokens, "1x12", Executor.DEVICES, Schedule.PSUM)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("grid, schedule", [("4x36", Schedule.RING), ("8x72", Schedule.KTREE)],
+                         ids=lambda v: getattr(v, "value", v))
+def test_smollm2_full_grid_vcores_matches_hf(smollm2, chat_prompt, hf_tokens, grid, schedule):
+    _full_grid_layout(smollm2.config, grid, len(chat_prompt) + NEW_TOKENS)
+    _check_mesh(smollm2, chat_prompt, hf_tokens, grid, Executor.VCORES, schedule)
+
+
+FULL_GRID_SCRIPT = """
+import json, sys
+from mesh.devices import ensure_cpu_devices
+ensure_cpu_devices(24)
+from kernels.allreduce import Schedule
+from mesh.executors import Executor, Grid, make_core_mesh
+from model.load import load_model
+from model.wafer_decode import MeshOptions
+from model.wafer_generate import WaferDecoder
+loaded = load_model("smollm2-135m")
+prompt, n = json.loads(sys.argv[1]), int(sys.argv[2])
+dec = WaferDecoder(loaded.params, loaded.config, make_core_mesh(Grid(2, 12), Executor.DEVICES), 1, len(prompt) + n,
+                   MeshOptions(Schedule[sys.argv[3]]))
+print(json.dumps({"seg": dec.layout.seg, "tokens": dec.generate([prompt], n, stop_on_eos=False).tokens[0]}))
+"""
+
+
+@pytest.mark.slow
+def test_smollm2_full_grid_2x12_devices_matches_hf(smollm2, chat_prompt, hf_tokens):
+    """24 emulated devices: more than this session's 16, so in a subprocess (as the 64-device test)."""
+    _full_grid_layout(smollm2.config, "2x12", len(chat_prompt) + NEW_TOKENS)
+    env = {k: v for k, v in os.environ.items() if k not in ("PJRT_NPROC", "XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    proc = subprocess.run([sys.executable, "-c", FULL_GRID_SCRIPT, json.dumps(chat_prompt), str(NEW_TOKENS), "KTREE"],
+                          capture_output=True, text=True, timeout=1500, env=env,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"seg": 4, "tokens": hf_tokens}
+
+
+@pytest.mark.parametrize("arch, grid, seg, hc", [("llama3", "2x6", 3, 6), ("qwen2", "2x8", 4, 4)])
+def test_checkpoints_full_grid_every_schedule_match_hf(tmp_path, arch, grid, seg, hc):
+    """Random Llama-3 (N 4, K 2, H 16) on 2x6: 2 segments of 3 columns, 6 dims each (18 for 16:
+    3 columns do not divide the head). Random Qwen2 (N 6, K 2, H 16, QKV bias, untied) on 2x8:
+    2 segments of 4 columns, 4 dims of one KV group (3 query heads) on each."""
+    from bench.hf_peer import hf_greedy, load_hf_model
+    from model.load import load_model
+    from tests.helpers.hf_checkpoints import write_llama3, write_qwen2
+
+    path = (write_llama3(str(tmp_path / arch)) if arch == "llama3" else
+            write_qwen2(str(tmp_path / arch), tie=False, num_attention_heads=6, hidden_size=96))
+    loaded = load_model(checkpoint=path, use_cache=False)
+    prompt = [int(t) for t in np.random.default_rng(2).integers(0, loaded.config.vocab_size, 10)]
+    layout = WaferLayout(loaded.config, Grid.parse(grid), round_up(len(prompt) + NEW_TOKENS, CACHE_BUCKET))
+    assert (layout.seg, layout.hc) == (seg, hc)
+    want = hf_greedy(load_hf_model(path), [prompt], NEW_TOKENS)[0]
+    assert len(set(want)) > 5
+    for schedule in Schedule:
+        assert wafer_tokens(loaded, prompt, grid, Executor.DEVICES, schedule) == want, schedule
+
+
+def test_one_head_spanning_every_column():
+    """WaferLLM's decode configs: one head, head_dim = dim. Here D = H = 64 on 1x12 (one segment of
+    all 12 columns, 3 rotary pairs = 6 dims each: 72 for 64) against the single-device decoder, and
+    Llama3-8B's WaferLLM shape (D = H = 4200) on 420x420: 10 dims on every column, no padding."""
+    import dataclasses
+    cfg = dataclasses.replace(TINY_LLAMA, name="one-head", dim=64, n_heads=1, n_kv_heads=1, head_dim=64)
+    layout = WaferLayout(cfg, Grid(1, 12), 64)
+    assert (layout.seg, layout.segments, layout.kc, layout.gc, layout.hc) == (12, 1, 1, 1, 6)
+    params = init_random_params(cfg, seed=7, scale=0.2)
+    prompt = list(range(5, 14))
+    want = Generator(params, cfg).generate([prompt], 16, stop_on_eos=False).tokens[0]
+    assert len(set(want)) > 3
+    for schedule in (Schedule.PSUM, Schedule.KTREE):
+        dec = WaferDecoder(params, cfg, make_core_mesh(Grid(1, 12), Executor.VCORES), 1, 64, MeshOptions(schedule))
+        assert dec.generate([prompt], 16, stop_on_eos=False).tokens[0] == want, schedule
+    big = dataclasses.replace(cfg, dim=4200, n_heads=1, n_kv_heads=1, head_dim=4200, ffn_dim=14700, max_seq_len=4096)
+    layout = WaferLayout(big, Grid(420, 420), 4096)
+    assert (layout.seg, layout.hc) == (420, 10)
+    assert all(None not in dims for dims in layout.dims_by_column)
