@@ -1,8 +1,10 @@
 """Multi-wafer staging: how a model's layers are cut into stages of one grid each, on how many wafers.
 
-A stage is one grid holding as many layers as fit its cores' SRAM beside the embedding, the LM
-head and the step's buffers; stages are placed side by side on a wafer and, when a wafer is full,
-on more wafers. A token passes every stage in turn, so stages add time, not speed. Like the SRAM
+A stage is one grid, a region of a wafer, holding as many layers as fit its cores' SRAM beside
+the embedding, the LM head and the step's buffers; layers fill a region, regions are placed side
+by side on a wafer ((max_rows // R) x (max_cols // C) of them) and, when a wafer is full, on more
+wafers. With the full-grid layout this gives the published setups: Llama3-8B (16-bit) on one
+WSE-2 (four 360x360 regions) and Llama-3.1-70B (16-bit, 2048 positions) on four WSE-3. A token passes every stage in turn, so stages add time, not speed. Like the SRAM
 planner, staging knows nothing of models: it reads the bytes per core of each placement group.
 """
 
