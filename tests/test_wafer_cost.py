@@ -129,3 +129,12 @@ def test_waferllm_llama3_8b_cells_within_20_percent_and_trend():
     assert [r["cell"] for r in rows] == ["calibrated", "predicted"]
     assert all(0.8 <= r["predicted"] / r["published"] <= 1.2 for r in rows), rows
     assert rows[0]["predicted"] > rows[1]["predicted"]
+
+
+def test_cli_per_layer_accounting(capsys):
+    from cli.main import main
+    assert main(["profile", "--model", "smollm2-135m", "--grid", "48x64", "--accounting", "per-layer", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["accounting"] == "per-layer" and "wafers" in d["staging"]
+    assert d["token_us"] == pytest.approx(30 * d["layer_us"])  # 30 layers, nothing else
+    assert not {"embed", "lm_head", "sample"} & set(d["kernels_per_token"])
