@@ -7,7 +7,7 @@ from mesh.errors import WaferError
 from mesh.executors import Grid
 from mesh.wafer import WaferSpec
 from model.config import ModelConfig
-from model.trace_decode import LayoutProfile, profile_layout
+from model.trace_decode import Accounting, LayoutProfile, profile_layout
 
 # Grids the autotuner tries (rows x columns, clipped to the wafer): a few per side, chosen so a
 # whole search stays under a minute; rows split D, columns split heads, F and V.
@@ -23,13 +23,15 @@ def autotune_candidates(spec: WaferSpec) -> list[Grid]:
 
 
 def autotune_grid(config: ModelConfig, spec: WaferSpec, schedule: Schedule, batch: int, context: int,
-                  dtype: str, candidates: list[Grid] | None = None, groups: int | None = None) -> list[LayoutProfile]:
+                  dtype: str, candidates: list[Grid] | None = None, groups: int | None = None,
+                  accounting: Accounting = Accounting.FULL) -> list[LayoutProfile]:
     """Profiles of every candidate grid that fits (default: `autotune_candidates(spec)`), fastest
     first (raises if none fits)."""
     found, last_error = [], None
     for grid in autotune_candidates(spec) if candidates is None else candidates:
         try:
-            found.append(profile_layout(config, grid, spec, schedule, groups, batch, context, dtype))
+            found.append(profile_layout(config, grid, spec, schedule, groups, batch, context, dtype,
+                                        accounting=accounting))
         except WaferError as e:
             last_error = e
     if not found:

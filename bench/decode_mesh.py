@@ -18,6 +18,10 @@ def mesh_report(decoder, mesh_setup: MeshSetup, result, single) -> dict:
         "executor": mesh_setup.executor.value,
         "schedule": mesh_setup.schedule.value,
         "groups": mesh_setup.groups,
+        "layout": "heads" if decoder.layout.seg == 1 else "full",
+        "layout_mode": decoder.layout.mode.value,
+        "head_segment": decoder.layout.seg,
+        "useful_fraction": round(decoder.plan.useful_fraction, 4),
         "tok_per_s": round(result.tok_per_s, 2),
         "tok_per_s_runs": [round(r, 2) for r in result.runs_tok_per_s],
         "step_ms": round(1e3 / result.tok_per_s, 3),
@@ -34,7 +38,9 @@ def mesh_rows(m: dict) -> list[Row]:
     """Table rows for the mesh figures."""
     sram = m["sram_per_core_bytes"]
     return [
-        Row("mesh", f"{m['grid']} {m['executor']} {m['schedule']}: {m['tok_per_s']:.1f} tok/s per sequence, "
+        Row("mesh", f"{m['grid']} {m['executor']} {m['schedule']} {m['layout']} layout (segments of "
+                    f"{m['head_segment']} columns, {m['useful_fraction']:.0%} not padding): "
+                    f"{m['tok_per_s']:.1f} tok/s per sequence, "
                     f"{m['step_ms']:.2f} ms/step = {m['vs_single_step']:.2f}x the 1x1 step of "
                     f"{m['single_step_ms']:.2f} ms (compile {m['compile_s']:.1f} s; tokens "
                     f"{'match' if m['tokens_match_single'] else 'DIFFER from'} the 1x1 decoder)"),

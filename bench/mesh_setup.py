@@ -11,19 +11,21 @@ if TYPE_CHECKING:
     from mesh.executors import Executor, Grid
     from mesh.wafer import WaferSpec
     from model.load import LoadedModel
+    from model.wafer_layout import LayoutMode
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshSetup:
     """A decode mesh: its grid, how its cores run, the all-reduce schedule, the K-tree groups per
-    mesh axis (None: ~sqrt) and the spec whose per-core budget the SRAM planner checks (None: no
-    limit)."""
+    mesh axis (None: ~sqrt), the spec whose per-core budget the SRAM planner checks (None: no
+    limit) and how heads lie over the columns (None: automatic)."""
 
     grid: Grid
     executor: Executor
     schedule: Schedule
     groups: int | None
     spec: WaferSpec | None
+    layout: LayoutMode | None = None
 
 
 def make_decoder(loaded: LoadedModel, mesh_setup: MeshSetup | None, batch: int, max_len: int, greedy: bool):
@@ -35,6 +37,8 @@ def make_decoder(loaded: LoadedModel, mesh_setup: MeshSetup | None, batch: int, 
     from mesh.executors import make_core_mesh
     from model.wafer_decode import MeshOptions
     from model.wafer_generate import WaferDecoder
+    from model.wafer_layout import LayoutMode
 
     return WaferDecoder(loaded.params, loaded.config, make_core_mesh(mesh_setup.grid, mesh_setup.executor), batch,
-                        max_len, MeshOptions(mesh_setup.schedule, mesh_setup.groups, greedy), mesh_setup.spec)
+                        max_len, MeshOptions(mesh_setup.schedule, mesh_setup.groups, greedy), mesh_setup.spec,
+                        mode=mesh_setup.layout or LayoutMode.AUTO)

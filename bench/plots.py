@@ -74,7 +74,7 @@ def write_plots(profile, out_dir: str, progress) -> list[str]:
         for g in grids:
             try:
                 p = profile_layout(profile.config, g, profile.spec, s, profile.groups, profile.batch,
-                                   profile.context, profile.dtype)
+                                   profile.context, profile.dtype, profile.mode, profile.accounting)
             except WaferError:
                 continue
             xs.append(str(g))

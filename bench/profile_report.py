@@ -21,22 +21,32 @@ def profile_report(p: LayoutProfile) -> dict:
                           "compute_us": k.compute_s * 1e6, "memory_us": k.memory_s * 1e6, "fabric_us": k.fabric_s * 1e6,
                           "time_us": k.time_s * 1e6}
                for name, k in p.per_token.items()}
-    calls = [{"scope": c.scope, "axis": c.axis, "axis_size": c.axis_size, "primitive": c.primitive, "bytes": c.nbytes,
+    calls = [{"scope": c.scope, "axis": c.axis, "axis_size": c.axis_size, "segment": c.segment,
+              "primitive": c.primitive, "bytes": c.nbytes,
                   "stages": c.stages, "hops": c.hops, "max_link_words": c.max_link_words, "messages": c.messages,
                   "time_us": c.cycles / p.spec.clock_hz * 1e6}
              for c in p.collectives_per_layer]
     return {
         "model": p.config.name, "wafer": p.spec.name, "grid": str(p.grid), "schedule": p.schedule.value,
-        "groups": p.groups, "batch": p.batch, "context": p.context, "dtype": p.dtype,
+        "groups": p.groups, "batch": p.batch, "context": p.context, "dtype": p.dtype, "accounting": p.accounting.value,
         "sram_per_core_bytes": p.plan.bytes_by_kind(), "sram_budget_bytes": p.spec.sram_per_core,
+        "useful_fraction": p.useful_fraction, "layout": _layout_report(p.stage_layout()),
         "layer_bytes_per_core": p.layer_bytes, "staging": dataclasses.asdict(p.staging),
         "layer_us": p.layer_s * 1e6, "token_us": p.token_s * 1e6, "tokens_per_s_per_request": p.tokens_per_s,
         "shares": p.shares(), "kernels_per_token": kernels, "collectives_per_layer": calls,
         "constants": {"clock_hz": p.spec.clock_hz, "core_flops_per_cycle": p.spec.core_flops_per_cycle,
                       "core_sram_bytes_per_cycle": p.spec.core_bytes_per_cycle, "hop_cycles": p.spec.hop_cycles,
                       "stage_cycles": p.spec.stage_cycles, "link_bytes_per_cycle": p.spec.link_bytes_per_cycle,
-                      "wafer_hop_us": p.spec.wafer_hop_s * 1e6},
+                      "compute_efficiency": p.spec.compute_efficiency,
+                      "wafer_latency_us": p.spec.wafer_latency_s * 1e6, "io_bytes_per_s": p.spec.io_bytes_per_s},
     }
+
+
+def _layout_report(layout: WaferLayout) -> dict:
+    """How heads lie over the columns (model/wafer_layout.py)."""
+    return {"mode": layout.mode.value, "kind": "heads" if layout.seg == 1 else "full", "segment": layout.seg,
+            "segments": layout.segments, "kv_heads_per_column": layout.kc, "q_heads_per_kv_head": layout.gc,
+            "kv_replicas": layout.rep, "head_dims_per_column": layout.hc}
 
 
 def table(header: list[str], rows: list[list]) -> str:
@@ -54,10 +64,12 @@ def format_report(r: dict) -> str:
     head = (f"{r['model']} on {r['wafer']}, {r['grid']} cores per stage, {r['schedule']} all-reduce, "
             f"batch {r['batch']}, context {r['context']}, {r['dtype']} weights and KV\n"
             f"SRAM per core (middle stage): weights {by_kind['weight']:,} B, KV {by_kind['kv']:,} B, buffers "
-            f"{by_kind['buffer']:,} B of {r['sram_budget_bytes']:,} B; one layer {r['layer_bytes_per_core']:,} B\n"
+            f"{by_kind['buffer']:,} B of {r['sram_budget_bytes']:,} B; one layer {r['layer_bytes_per_core']:,} B; "
+            f"useful (not padding) {r['useful_fraction']:.1%}\n"
+            f"layout: {_layout_line(r['layout'])}\n"
             f"stages: {st['stages']} ({st['layers_per_stage']} layer(s) each), {st['stages_per_wafer']} per wafer, "
             f"{st['wafers']} wafer(s)\n"
-            f"per layer {r['layer_us']:.2f} us, per token {r['token_us']:.1f} us -> "
+            f"per layer {r['layer_us']:.2f} us, per token ({r['accounting']} accounting) {r['token_us']:.1f} us -> "
             f"{r['tokens_per_s_per_request']:,.0f} tokens/s per request; time bound by compute {sh['compute']:.0%}, "
             f"SRAM {sh['memory']:.0%}, fabric {sh['fabric']:.0%}")
     kern = table(["kernel (per token)", "FLOPs/core", "read B/core", "sent B/core", "calls", "compute us",
@@ -65,11 +77,21 @@ def format_report(r: dict) -> str:
                  [[n, f"{k['flops']:,}", f"{k['read_bytes']:,}", f"{k['fabric_bytes']:,}", k["calls"],
                    f"{k['compute_us']:.2f}", f"{k['memory_us']:.2f}", f"{k['fabric_us']:.2f}", f"{k['time_us']:.2f}"]
                   for n, k in r["kernels_per_token"].items()])
-    calls = table(["collective (one layer)", "axis", "n", "prim", "bytes", "stages", "hops", "link words",
+    calls = table(["collective (one layer)", "axis", "n", "seg", "prim", "bytes", "stages", "hops", "link words",
                    "messages", "us"],
-                  [[c["scope"], c["axis"], c["axis_size"], c["primitive"], c["bytes"], c["stages"], c["hops"],
+                  [[c["scope"], c["axis"], c["axis_size"], c["segment"] or "", c["primitive"], c["bytes"], c["stages"],
+                    c["hops"],
                     c["max_link_words"], c["messages"], f"{c['time_us']:.2f}"] for c in r["collectives_per_layer"]])
     return f"{head}\n\n{kern}\n\n{calls}"
+
+
+def _layout_line(lay: dict) -> str:
+    if lay["kind"] == "heads":
+        return (f"heads ({lay['mode']}): whole heads per column, {lay['kv_heads_per_column']} KV head(s) x "
+                f"{lay['q_heads_per_kv_head']} query head(s) per column")
+    return (f"full ({lay['mode']}): head dims over {lay['segments']} segments of {lay['segment']} columns, "
+            f"{lay['head_dims_per_column']} dims of {lay['kv_heads_per_column']} KV head(s) x "
+            f"{lay['q_heads_per_kv_head']} query head(s) per column, each KV head on {lay['kv_replicas']} segment(s)")
 
 
 def sram_map(profile: LayoutProfile) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +117,7 @@ def sram_map(profile: LayoutProfile) -> tuple[np.ndarray, np.ndarray]:
 def fabric_map(profile: LayoutProfile) -> np.ndarray:
     """Bytes each core of one stage sends per token over its layers (and the head), [R, C]."""
     g = profile.grid
-    layout = WaferLayout(with_layers(profile.config, 1), g, profile.context)
+    layout = WaferLayout(with_layers(profile.config, 1), g, profile.context, mode=profile.mode)
     trace = trace_decode_step(layout, profile.batch, MeshOptions(profile.schedule, profile.groups), profile.dtype)
     out = np.zeros((g.rows, g.cols))
     for c in trace.collectives:

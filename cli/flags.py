@@ -81,6 +81,7 @@ def add_mesh_args(p: argparse.ArgumentParser) -> None:
                    help="devices: one JAX device per core; vcores: virtual cores on one device")
     p.add_argument("--schedule", choices=["psum", "ring", "ktree"], default="psum", help="all-reduce schedule")
     p.add_argument("--groups", type=int, default=None, help="K-tree groups per mesh axis (default ~sqrt)")
+    add_layout_arg(p)
     p.add_argument("--sram-budget", default=None,
                    help="per-core budget for the SRAM planner, e.g. 48KiB or 64MiB (default: no limit)")
 
@@ -126,6 +127,12 @@ def join_processes(args, grid, executor) -> None:
                      args.coordinator_timeout)
 
 
+def add_layout_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layout", choices=["auto", "heads", "full"], default="auto",
+                   help="attention heads over the columns: heads = whole heads per column, full = each head's "
+                        "dims split over a segment of columns, auto = the one with fewer bytes per core (default)")
+
+
 def setup_mesh(args) -> MeshSetup | None:
     """Parse the mesh flags and emulate CPU devices before JAX starts (joining the processes of a
     mesh that spans several, when the command has the process flags); None without --mesh."""
@@ -134,6 +141,8 @@ def setup_mesh(args) -> MeshSetup | None:
         for flag in ("groups", "sram_budget"):
             if getattr(args, flag) is not None:
                 raise WaferError(f"--{flag.replace('_', '-')} needs --mesh")
+        if args.layout != "auto":
+            raise WaferError("--layout needs --mesh")
         if has_process_flags:
             join_processes(args, None, None)
         return None
@@ -141,6 +150,7 @@ def setup_mesh(args) -> MeshSetup | None:
     from mesh.devices import ensure_cpu_devices
     from mesh.executors import Executor, Grid
     from mesh.wafer import emulated_spec, parse_bytes
+    from model.wafer_layout import LayoutMode
 
     grid = Grid.parse(args.mesh)
     executor = Executor(args.executor)
@@ -151,7 +161,7 @@ def setup_mesh(args) -> MeshSetup | None:
         join_processes(args, grid, executor)  # sets this process's device count itself
     if executor is Executor.DEVICES and getattr(args, "coordinator", None) is None:
         ensure_cpu_devices(grid.cores)
-    return MeshSetup(grid, executor, Schedule(args.schedule), args.groups, spec)
+    return MeshSetup(grid, executor, Schedule(args.schedule), args.groups, spec, LayoutMode(args.layout))
 
 
 # ------------------------------------------------------------------------------ benchmark harness

@@ -64,7 +64,9 @@ def run(args) -> int:
             "mesh": args.mesh or "1x1 (single device)",
             **({"processes": args.num_processes} if spread else {}),
             **({"executor": args.executor, "schedule": args.schedule,
-                "sram_per_core_bytes": decoder.plan.bytes_by_kind()} if mesh_setup else {}),
+                "layout": "heads" if decoder.layout.seg == 1 else "full", "head_segment": decoder.layout.seg,
+                "sram_per_core_bytes": decoder.plan.bytes_by_kind(),
+                "useful_fraction": decoder.plan.useful_fraction} if mesh_setup else {}),
         }))
     else:
         print(text if text is not None else " ".join(map(str, tokens)))

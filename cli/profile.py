@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from cli.flags import progress
+from cli.flags import add_layout_arg, progress
 from mesh.errors import WaferError
 
 PROFILE_SCHEDULES = ("psum", "ring", "ktree")
@@ -23,12 +23,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", default="360x360", help="RxC cores per stage, or 'auto' for the fastest that fits")
     p.add_argument("--schedule", choices=PROFILE_SCHEDULES, default="ktree", help="all-reduce schedule")
     p.add_argument("--groups", type=int, default=None, help="K-tree groups per mesh axis (default ~sqrt)")
+    add_layout_arg(p)
     p.add_argument("--batch", type=int, default=1, help="decode slots (default 1)")
     p.add_argument("--context", type=int, default=4096, help="KV positions per sequence (default 4096)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="storage of weights and KV cache (default bfloat16, as the published figures)")
+    p.add_argument("--accounting", choices=["full", "per-layer"], default="full",
+                   help="full: the whole step (layers, embedding, LM head, sampling, hand-offs); per-layer: "
+                        "one layer x layers, as WaferLLM's decode benchmark measured (default full)")
     p.add_argument("--compare-layouts", action="store_true", help="rank grids and schedules for the model")
     p.add_argument("--published", action="store_true", help="predicted vs published decode figures")
+    p.add_argument("--calibrate", action="store_true",
+                   help="solve the two calibrated constants on WaferLLM's 8B and 72B rows at 420x420")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots to DIR")
 
@@ -49,11 +55,17 @@ def _setup(args):
     return config, SPECS[args.wafer], Schedule(args.schedule)
 
 
+def _accounting(args):
+    from model.trace_decode import Accounting
+    return Accounting(args.accounting)
+
+
 def _autotune(config, spec, schedule, args):
     from bench.autotune import autotune_candidates, autotune_grid
     candidates = autotune_candidates(spec)
     progress(f"autotuning {config.name} on {spec.name}: {len(candidates)} grids ...")
-    return autotune_grid(config, spec, schedule, args.batch, args.context, args.dtype, candidates, args.groups)
+    return autotune_grid(config, spec, schedule, args.batch, args.context, args.dtype, candidates, args.groups,
+                         _accounting(args))
 
 
 def run(args) -> int:
@@ -61,7 +73,12 @@ def run(args) -> int:
     from bench.profile_report import format_report, profile_report
     from mesh.executors import Grid
     from model.trace_decode import profile_layout
+    from model.wafer_layout import LayoutMode
 
+    if args.calibrate:
+        from bench.published import calibrate
+        print(json.dumps(calibrate(progress), indent=1))
+        return 0
     if args.published:
         return _run_published(args)
     if args.compare_layouts:
@@ -70,7 +87,7 @@ def run(args) -> int:
         profile = _autotune(config, spec, schedule, args)[0]
     else:
         profile = profile_layout(config, Grid.parse(args.grid), spec, schedule, args.groups, args.batch,
-                                 args.context, args.dtype)
+                                 args.context, args.dtype, LayoutMode(args.layout), _accounting(args))
     report = profile_report(profile)
     if args.plot:
         from bench.plots import write_plots
@@ -87,6 +104,7 @@ def _run_compare(config, spec, args) -> int:
     from kernels.allreduce import Schedule
     from mesh.executors import Grid
     from model.trace_decode import profile_layout
+    from model.wafer_layout import LayoutMode
 
     grids = [Grid.parse(g) for g in COMPARE_GRIDS]
     if args.grid != "auto" and Grid.parse(args.grid) not in grids:
@@ -97,7 +115,8 @@ def _run_compare(config, spec, args) -> int:
     for g in grids:
         for s in Schedule:
             try:
-                p = profile_layout(config, g, spec, s, args.groups, args.batch, args.context, args.dtype)
+                p = profile_layout(config, g, spec, s, args.groups, args.batch, args.context, args.dtype,
+                                   LayoutMode(args.layout), _accounting(args))
             except WaferError as e:
                 skipped.append({"grid": str(g), "schedule": s.value, "reason": str(e)})
                 continue
@@ -117,16 +136,28 @@ def _run_compare(config, spec, args) -> int:
     return 0
 
 
+def _fmt(x, digits: int = 1) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.{digits}f}" if isinstance(x, (int, float)) else str(x)
+
+
 def _run_published(args) -> int:
     from bench.profile_report import table
-    from bench.published import published_table
-    rows = published_table(args.batch, args.context, args.dtype, progress)
+    from bench.published import constants_note, published_table
+    rows = published_table(progress)
+    constants = constants_note()
     if args.json:
-        print(json.dumps({"rows": rows}))
+        print(json.dumps({"rows": rows, "constants": constants}))
         return 0
-    print(table(["figure", "published", "predicted", "ratio", "setup"],
-                 [[r["figure"], r["published"], r["predicted"], r["ratio"], r["setup"]] for r in rows]))
+    print(table(["figure", "published", "predicted", "ratio", "cell", "setup"],
+                [[r["figure"], _fmt(r["published"]), _fmt(r["predicted"]), _fmt(r["ratio"], 2), r["cell"], r["setup"]]
+                 for r in rows]))
     print()
     for r in rows:
         print(f"- {r['figure']}: {r['comment']}")
+    print()
+    print(table(["constant", "value", "calibrated", "source"],
+                [[c["constant"], f"{c['value']:.4g}", "yes" if c["calibrated"] else "no", c["source"]]
+                 for c in constants]))
     return 0

@@ -12,6 +12,16 @@
 All schedules are per-core code (they call collectives with the axis name) and run unchanged
 under every executor. The tree's message plan is static Python (`ktree_plan`), so the profiler
 can count its hops without running anything.
+
+SEGMENTED all-reduce (`segment=m`): the axis is cut into n // m contiguous segments of m cores and
+each segment reduces on its own (a head's partial dot products over the columns that hold its
+slices, model/wafer_layout.py); the n % m cores past the last segment keep their own values. PSUM
+passes `axis_index_groups`; vmap (the vcores executor) has no grouped collectives, so there it
+falls back to a masked psum of a [n // m, ...] buffer, each core writing its segment's row (same
+sums, n // m times the bytes; the profiler traces the grouped form). RING shifts within each segment and
+KTREE runs `ktree_plan(m)` in every segment at once, so both send only within a segment. Every
+segmented call runs in a scope f"{SEGMENT_SCOPE_PREFIX}{m}", which the profiler reads as the
+segment length (mesh/trace.py).
 """
 
 from __future__ import annotations
@@ -21,8 +31,9 @@ import enum
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from mesh.axes import ALLREDUCE_SCOPE, ROUTES_SCOPE_PREFIX
+from mesh.axes import ALLREDUCE_SCOPE, ROUTES_SCOPE_PREFIX, SEGMENT_SCOPE_PREFIX
 
 
 class Schedule(enum.Enum):
@@ -40,15 +51,25 @@ _COMBINE = {ReduceOp.SUM: jnp.add, ReduceOp.MAX: jnp.maximum}
 
 
 def allreduce(x: jax.Array, axis: str, schedule: Schedule, groups: int | None = None,
-              op: ReduceOp = ReduceOp.SUM) -> jax.Array:
+              op: ReduceOp = ReduceOp.SUM, segment: int | None = None) -> jax.Array:
     """Sum (or max, with `op`) `x` over the cores along mesh axis `axis`; every core gets the result.
+
+    With `segment=m` (m <= n), over each run of m contiguous cores instead: core j < m*(n // m)
+    gets the reduction over cores m*(j // m) .. m*(j // m) + m - 1, a core past the last whole
+    segment its own value. `groups` then counts K-tree groups per segment.
 
     Every call runs in a named scope `ALLREDUCE_SCOPE`: the profiler (mesh/trace.py) reads one
     call's collectives as one all-reduce.
     """
     n = jax.lax.axis_size(axis)
-    if n == 1:
+    m = n if segment is None else segment
+    if not 1 <= m <= n:
+        raise ValueError(f"segment {m} outside 1 .. {n}, the cores along {axis}")
+    if m == 1:
         return x
+    if m < n:
+        with jax.named_scope(ALLREDUCE_SCOPE), jax.named_scope(f"{SEGMENT_SCOPE_PREFIX}{m}"):
+            return _segmented(x, axis, n, m, schedule, groups, op)
     with jax.named_scope(ALLREDUCE_SCOPE):
         if schedule is Schedule.PSUM:
             return jax.lax.psum(x, axis) if op is ReduceOp.SUM else jax.lax.pmax(x, axis)
@@ -59,14 +80,59 @@ def allreduce(x: jax.Array, axis: str, schedule: Schedule, groups: int | None = 
     raise ValueError(f"unknown schedule {schedule}")
 
 
-def ring_allreduce(x: jax.Array, axis: str, n: int, op: ReduceOp = ReduceOp.SUM) -> jax.Array:
-    shift = [(j, (j + 1) % n) for j in range(n)]
-    received = [x]  # received[i] on core j is the partial sum of core (j - i) mod n
-    for _ in range(n - 1):
+def segment_groups(n: int, m: int) -> list[list[int]]:
+    """The n // m segments of m contiguous cores along an axis of n, then each core past the last
+    segment as a group of its own."""
+    whole = m * (n // m)
+    return [list(range(g, g + m)) for g in range(0, whole, m)] + [[j] for j in range(whole, n)]
+
+
+def _segmented(x: jax.Array, axis: str, n: int, m: int, schedule: Schedule, groups: int | None, op: ReduceOp):
+    k, whole = n // m, m * (n // m)
+    if schedule is Schedule.PSUM:
+        prim = jax.lax.psum if op is ReduceOp.SUM else jax.lax.pmax
+        try:
+            return prim(x, axis, axis_index_groups=segment_groups(n, m))
+        except NotImplementedError:
+            # vmap refuses axis_index_groups when it binds the axis (the vcores executor); the
+            # trace executor and shard_map take them. The choice is made once, at trace time.
+            j = jax.lax.axis_index(axis)
+            seg = j // m
+            fill = 0.0 if op is ReduceOp.SUM else -jnp.inf
+            rows = jnp.where((jnp.arange(k) == seg).reshape((k,) + (1,) * x.ndim), x[None], fill)
+            y = jnp.take(prim(rows, axis), jnp.minimum(seg, k - 1), axis=0)
+            return jnp.where(j < whole, y, x)
+    if schedule is Schedule.RING:
+        y = ring_allreduce(x, axis, n, op, m)
+    elif schedule is Schedule.KTREE:
+        y = ktree_allreduce(x, axis, n, groups, op, m)
+    else:
+        raise ValueError(f"unknown schedule {schedule}")
+    return y if whole == n else jnp.where(jax.lax.axis_index(axis) < whole, y, x)
+
+
+def allreduce_ref(x_nX: np.ndarray, segment: int | None = None, op: ReduceOp = ReduceOp.SUM) -> np.ndarray:
+    """The plain reference: x [n, ...] (core j's operand in row j) -> what every core gets, [n, ...]."""
+    n = x_nX.shape[0]
+    m = n if segment is None else segment
+    out = x_nX.copy()
+    for g in segment_groups(n, m):
+        out[g] = x_nX[g].sum(axis=0) if op is ReduceOp.SUM else x_nX[g].max(axis=0)
+    return out
+
+
+def ring_allreduce(x: jax.Array, axis: str, n: int, op: ReduceOp = ReduceOp.SUM,
+                   segment: int | None = None) -> jax.Array:
+    m = n if segment is None else segment
+    whole = m * (n // m)  # cores past the last whole segment send to themselves (the caller masks them)
+    shift = [(g + j, g + (j + 1) % m) for g in range(0, whole, m) for j in range(m)]
+    shift += [(j, j) for j in range(whole, n)]
+    received = [x]  # received[i] on core j is the partial sum of core (j - i) mod m of its segment
+    for _ in range(m - 1):
         received.append(jax.lax.ppermute(received[-1], axis, shift))
     stacked = jnp.stack(received)
-    j = jax.lax.axis_index(axis)
-    in_core_order = jnp.take(stacked, (j - jnp.arange(n)) % n, axis=0)
+    j = jax.lax.axis_index(axis) % m
+    in_core_order = jnp.take(stacked, (j - jnp.arange(m)) % m, axis=0)
     return jnp.sum(in_core_order, axis=0) if op is ReduceOp.SUM else jnp.max(in_core_order, axis=0)
 
 
@@ -147,16 +213,19 @@ def partial_ppermute(x: jax.Array, axis: str, pairs: list[tuple[int, int]], n: i
 
 
 def ktree_allreduce(x: jax.Array, axis: str, n: int, groups: int | None = None,
-                    op: ReduceOp = ReduceOp.SUM) -> jax.Array:
-    plan = ktree_plan(n, groups)
+                    op: ReduceOp = ReduceOp.SUM, segment: int | None = None) -> jax.Array:
+    m = n if segment is None else segment
+    plan = ktree_plan(m, groups)
+    # Every segment runs the same plan at the same time: one ppermute carries all their routes.
+    shifted = lambda batch: [(g + s, g + d) for g in range(0, m * (n // m), m) for s, d in batch]
     combine = _COMBINE[op]
     acc = x
     for step in plan.reduce_steps:
         for batch in step:
-            received, is_dest = partial_ppermute(acc, axis, batch, n)
+            received, is_dest = partial_ppermute(acc, axis, shifted(batch), n)
             acc = jnp.where(is_dest, combine(acc, received), acc)
     for step in plan.broadcast_steps:
         for batch in step:
-            received, is_dest = partial_ppermute(acc, axis, batch, n)
+            received, is_dest = partial_ppermute(acc, axis, shifted(batch), n)
             acc = jnp.where(is_dest, received, acc)
     return acc

@@ -30,7 +30,8 @@ def gqa_attention_ref(q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
     return out.reshape(B, T, N, H)
 
 
-def decode_attention_partial(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, visible_BS: jax.Array):
+def decode_attention_partial(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, visible_BS: jax.Array,
+                             scale: float | None = None, sum_scores=None):
     """Softmax attention of one new token per sequence over S cached positions, unnormalized.
 
     Written as elementwise products and sums, not `einsum`: XLA on CPU lowered a dot that reads a
@@ -41,13 +42,20 @@ def decode_attention_partial(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.A
       q_BKGH: [B, K, G, H] queries (G per KV head).
       k_BKSH, v_BKSH: [B, K, S, H] the cache.
       visible_BS: [B, S] bool, which positions the token may attend to.
+      scale: the score scale (default H ** -0.5 of q's last axis; a head-dim slice passes the
+        whole head's).
+      sum_scores: completes partial dot products [B, K, G, S] (a segmented all-reduce when each
+        core holds a slice of the head dimension); None: q and k are whole heads.
 
     Returns:
       (m [B, K, G] max score, -inf when nothing is visible; l [B, K, G] sum of exp(score - m);
       o [B, K, G, H] the exp-weighted sum of values). The attention output is o / l.
     """
-    H = q_BKGH.shape[-1]
-    scores = jnp.sum(q_BKGH[:, :, :, None, :] * k_BKSH[:, :, None, :, :], axis=-1) * (H ** -0.5)  # BKGS
+    scale = q_BKGH.shape[-1] ** -0.5 if scale is None else scale
+    scores = jnp.sum(q_BKGH[:, :, :, None, :] * k_BKSH[:, :, None, :, :], axis=-1)  # BKGS
+    if sum_scores is not None:
+        scores = sum_scores(scores)
+    scores = scores * scale
     scores = jnp.where(visible_BS[:, None, None, :], scores.astype(jnp.float32), -jnp.inf)
     m = jnp.max(scores, axis=-1)
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
@@ -57,7 +65,8 @@ def decode_attention_partial(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.A
 
 
 def decode_attention_mesh(q_BKGH: jax.Array, k_BKsH: jax.Array, v_BKsH: jax.Array, visible_Bs: jax.Array,
-                          seq_axis: str, schedule, groups: int | None = None) -> jax.Array:
+                          seq_axis: str, schedule, groups: int | None = None, *, dim_axis: str | None = None,
+                          dim_segment: int = 1, head_dim: int | None = None) -> jax.Array:
     """Per-core decode attention over this core's slice of the cache positions.
 
     Each core computes a partial softmax over its own positions (local max m, local sum l,
@@ -65,16 +74,27 @@ def decode_attention_mesh(q_BKGH: jax.Array, k_BKsH: jax.Array, v_BKsH: jax.Arra
     max M, l = sum l_i e^(m_i - M) and o = sum o_i e^(m_i - M). A core that sees no visible
     position contributes exact zeros.
 
+    With `dim_axis`, each core holds a slice h of every head's dimension (q, k and v alike), the
+    heads' slices lying on `dim_segment` contiguous cores along `dim_axis`: each core's scores are
+    partial dot products, summed by an all-reduce segmented to those cores before the softmax;
+    p·V then gives each core its slice of the output.
+
     Args:
-      q_BKGH: [B, k, G, H] queries of this core's k KV heads (G query heads each).
-      k_BKsH, v_BKsH: [B, k, s, H] this core's cache slice (s positions).
+      q_BKGH: [B, k, G, h] queries of this core's k KV heads (G query heads each); h = H, or
+        the core's head-dim slice.
+      k_BKsH, v_BKsH: [B, k, s, h] this core's cache slice (s positions).
       visible_Bs: [B, s] bool, which local positions the current token may attend to.
+      head_dim: H of the whole head, for the score scale (default: h).
 
     Returns:
-      [B, k, G, H] attention output, identical on every core along `seq_axis`.
+      [B, k, G, h] attention output, identical on every core along `seq_axis`.
     """
     with jax.named_scope("decode_attention"):
-        m_local, l_local, o_local = decode_attention_partial(q_BKGH, k_BKsH, v_BKsH, visible_Bs)
+        sum_scores = None
+        if dim_axis is not None and dim_segment > 1:
+            sum_scores = lambda s: allreduce(s, dim_axis, schedule, groups, segment=dim_segment)
+        scale = None if head_dim is None else head_dim ** -0.5
+        m_local, l_local, o_local = decode_attention_partial(q_BKGH, k_BKsH, v_BKsH, visible_Bs, scale, sum_scores)
         # The max travels by the same schedule as the sums (a native pmax would have no wafer route).
         m_global = allreduce(m_local, seq_axis, schedule, groups, ReduceOp.MAX)
         scale = jnp.where(jnp.isfinite(m_local), jnp.exp(m_local - m_global), 0.0)

@@ -13,6 +13,9 @@ COL = "col"  # mesh columns: the second core axis
 # k pairs are the real routes.
 ALLREDUCE_SCOPE = "allreduce"
 ROUTES_SCOPE_PREFIX = "routes_"
+# A segmented all-reduce (each run of m contiguous cores reduces on its own) runs in
+# f"{SEGMENT_SCOPE_PREFIX}{m}".
+SEGMENT_SCOPE_PREFIX = "segment_"
 
 # The stages of a decode step, the kernels the profiler reports per token.
 EMBED_SCOPE = "embed"

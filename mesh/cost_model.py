@@ -19,7 +19,11 @@ pays per hop), constrained Memory (48 KiB per core: a layout must fit) and const
 
 Collectives without routes of their own (`psum`, `pmax`, `pmin`, `all_gather`: XLA picks the
 algorithm) are priced as the vendor's pipeline reduction that WaferLLM compares against: a chain
-from both ends of the axis toward its middle core and back, one hop per stage.
+from both ends of the axis toward its middle core and back, one hop per stage. A segmented one
+(`Collective.segment`: each run of m cores reduces on its own) is that chain over one segment:
+the segments run side by side on disjoint links, so the latency is the segment's, and the
+messages are every segment's. Segmented ring and K-tree calls carry their real routes, which
+already stay within their segments.
 """
 
 from __future__ import annotations
@@ -59,12 +63,13 @@ def gather_steps(n: int) -> list[list[Route]]:
 
 
 def collective_steps(c: Collective) -> list[list[Route]]:
-    """The routes of one collective as steps of simultaneous messages along its axis."""
+    """The routes of one collective as steps of simultaneous messages along its axis (for a
+    modeled segmented collective, those of its first segment: the others run alike beside it)."""
     if c.primitive == "ppermute":
         return [list(c.pairs)] if c.pairs else []
     if c.primitive == "all_gather":
-        return gather_steps(c.axis_size)
-    return chain_steps(c.axis_size)
+        return gather_steps(c.line)
+    return chain_steps(c.line)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +87,7 @@ class CallCost:
     max_link_words: int  # the most 32-bit words any one directed link carries
     messages: int  # messages sent over the fabric (all cores along one line of the axis)
     cycles: float
+    segment: int | None = None  # a segmented all-reduce: cores per segment (None: the whole axis)
 
 
 def price_calls(collectives: Iterable[Collective], spec: WaferSpec) -> list[CallCost]:
@@ -102,9 +108,10 @@ def price_calls(collectives: Iterable[Collective], spec: WaferSpec) -> list[Call
         link_words: dict[Route, float] = collections.Counter()
         messages = 0
         for c in members:
+            copies = 1 if c.primitive == "ppermute" else c.segments
             for step in collective_steps(c):
                 for s, d in step:
-                    messages += 1
+                    messages += copies
                     direction = 1 if d > s else -1
                     for i in range(s, d, direction):
                         link_words[(i, i + direction)] += words[id(c)]
@@ -117,7 +124,7 @@ def price_calls(collectives: Iterable[Collective], spec: WaferSpec) -> list[Call
         max_link = max(link_words.values(), default=0.0)
         cycles = stages * spec.stage_cycles + hops * spec.hop_cycles + max_link
         out.append(CallCost(first.scope, first.axis, first.axis_size, first.primitive, first.nbytes, first.count,
-                            stages, hops, round(max_link), messages, cycles * first.count))
+                            stages, hops, round(max_link), messages, cycles * first.count, first.segment))
     return out
 
 
@@ -160,8 +167,8 @@ def kernel_times(trace: CoreTrace, spec: WaferSpec, group_of: Callable[[str], st
         fabric[g] += call.cycles / spec.clock_hz
         ncalls[g] += call.count
     for c in trace.collectives:
-        sent[group_of(c.scope)] += c.nbytes * c.count * sum(len(s) for s in collective_steps(c)) // max(
-            1, c.axis_size)
+        span = c.axis_size if c.primitive == "ppermute" else c.line  # the cores the steps' routes cover
+        sent[group_of(c.scope)] += c.nbytes * c.count * sum(len(s) for s in collective_steps(c)) // max(1, span)
     out = {}
     for g in sorted(set(flops) | set(reads) | set(fabric)):
         out[g] = KernelTime(g, flops[g], reads[g], sent[g], ncalls[g],
@@ -173,7 +180,9 @@ def kernel_times(trace: CoreTrace, spec: WaferSpec, group_of: Callable[[str], st
 def sent_bytes_per_position(c: Collective) -> dict[int, int]:
     """Bytes each core position along the collective's axis sends in one run of it."""
     out: dict[int, int] = collections.Counter()
+    copies = [0] if c.primitive == "ppermute" else [g * c.line for g in range(c.segments)]
     for step in collective_steps(c):
         for s, _ in step:
-            out[s] += c.nbytes * c.count
+            for base in copies:
+                out[base + s] += c.nbytes * c.count
     return dict(out)

@@ -19,6 +19,7 @@ class SramPlan:
     cols: int
     tensors: tuple[TensorSpec, ...]
     budget: int
+    useful_bytes: int | None = None  # over the whole grid, bytes that are not padding (the layout's count)
 
     def bytes_by_kind(self) -> dict[str, int]:
         """Bytes per core of each kind (every core holds the same extents in these layouts)."""
@@ -35,16 +36,28 @@ class SramPlan:
     def headroom(self) -> int:
         return self.budget - self.per_core_bytes
 
+    @property
+    def useful_fraction(self) -> float | None:
+        """Non-padding bytes / placed bytes over the grid (None: the layout gave no count)."""
+        if self.useful_bytes is None:
+            return None
+        return self.useful_bytes / (self.per_core_bytes * self.rows * self.cols)
 
-def plan_sram(tensors: list[TensorSpec], rows: int, cols: int, spec: WaferSpec) -> SramPlan:
+
+def plan_sram(tensors: list[TensorSpec], rows: int, cols: int, spec: WaferSpec,
+              useful_bytes: int | None = None) -> SramPlan:
     """Account every tensor on every core; refuse a plan that does not fit the budget.
+
+    `useful_bytes`: the bytes of `tensors` over the grid that are not padding, as the layout that
+    places them counts them (the planner knows nothing of models); the plan reports
+    `useful_fraction` from it.
 
     The error names the grid and core, the largest tensor of the overflowing core, and the
     shortfall, so a user knows what to shrink.
     """
     if rows > spec.max_rows or cols > spec.max_cols:
         raise WaferError(f"grid {rows}x{cols} exceeds {spec.name}'s {spec.max_rows}x{spec.max_cols} cores")
-    plan = SramPlan(rows, cols, tuple(tensors), spec.sram_per_core)
+    plan = SramPlan(rows, cols, tuple(tensors), spec.sram_per_core, useful_bytes)
     if plan.per_core_bytes > spec.sram_per_core:
         biggest = max(tensors, key=lambda t: t.local_bytes)
         raise WaferError(

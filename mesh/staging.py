@@ -1,8 +1,10 @@
 """Multi-wafer staging: how a model's layers are cut into stages of one grid each, on how many wafers.
 
-A stage is one grid holding as many layers as fit its cores' SRAM beside the embedding, the LM
-head and the step's buffers; stages are placed side by side on a wafer and, when a wafer is full,
-on more wafers. A token passes every stage in turn, so stages add time, not speed. Like the SRAM
+A stage is one grid, a region of a wafer, holding as many layers as fit its cores' SRAM beside
+the embedding, the LM head and the step's buffers; layers fill a region, regions are placed side
+by side on a wafer ((max_rows // R) x (max_cols // C) of them) and, when a wafer is full, on more
+wafers. With the full-grid layout this gives the published setups: Llama3-8B (16-bit) on one
+WSE-2 (four 360x360 regions) and Llama-3.1-70B (16-bit, 2048 positions) on four WSE-3. A token passes every stage in turn, so stages add time, not speed. Like the SRAM
 planner, staging knows nothing of models: it reads the bytes per core of each placement group.
 """
 
@@ -45,7 +47,8 @@ class Staging:
 def plan_staging(model: str, n_layers: int, grid: Grid, spec: WaferSpec, groups: StageBytes,
                  x_bytes: int) -> Staging:
     """Stages of `grid` for `n_layers` layers of `model` (a name for errors) on `spec` wafers;
-    `x_bytes`: the activations a stage hands to the next. Raises WaferError if a stage cannot fit."""
+    `x_bytes`: the activations a stage hands to the next (all rows' slices). Raises WaferError if
+    a stage cannot fit."""
     budget, layer, L = spec.sram_per_core, groups.layer, n_layers
     room = budget - groups.buffer
     per_stage = min(L, room // layer) if room > 0 else 0
@@ -66,10 +69,10 @@ def plan_staging(model: str, n_layers: int, grid: Grid, spec: WaferSpec, groups:
     per_wafer = (spec.max_rows // grid.rows) * (spec.max_cols // grid.cols)
     wafers = ceil_div(stages, per_wafer)
     # A hand-off streams each row's slice of x to the next grid: stage start-up, about one grid
-    # side of hops, the slice's words over that row's link; between wafers, the inter-wafer link.
-    # The last stage sends the chosen token back to the first.
+    # side of hops, the slice's words over that row's link; between wafers, the systems' I/O
+    # (`WaferSpec.wafer_hop_s`). The last stage sends the chosen token back to the first.
     on_wafer = (spec.stage_cycles + max(grid.rows, grid.cols) * spec.hop_cycles
-                + x_bytes / spec.link_bytes_per_cycle) / spec.clock_hz
+                + x_bytes / grid.rows / spec.link_bytes_per_cycle) / spec.clock_hz
     handoffs = stages if stages > 1 else 0
     crossings = wafers if wafers > 1 else 0
-    return Staging(per_stage, stages, per_wafer, wafers, handoffs * on_wafer + crossings * spec.wafer_hop_s)
+    return Staging(per_stage, stages, per_wafer, wafers, handoffs * on_wafer + crossings * spec.wafer_hop_s(x_bytes))

@@ -7,8 +7,10 @@ sub-jaxprs included (jit, custom_jvp/vjp, scan, cond, while), collecting:
 - the bytes of the core's operands, by the kind the caller gives each (weights, KV cache, ...);
 - FLOPs per named scope: 2·M·N·K per `dot_general`, one per output element of elementwise
   arithmetic, one per input element of reductions;
-- every collective: primitive, axis, axis length, bytes per core, and for `ppermute` the real
-  routes (source, destination) along the axis, from which hop counts follow. Filler routes that
+- every collective: primitive, axis, axis length, bytes per core, the segment length of a
+  segmented all-reduce (kernels/allreduce.py: psum's `axis_index_groups`, or the scope
+  f"{SEGMENT_SCOPE_PREFIX}{m}" its messages run in), and for `ppermute` the real routes
+  (source, destination) along the axis, from which hop counts follow. Filler routes that
   only complete a permutation for `vmap` (kernels/allreduce.py `partial_ppermute`) are dropped:
   the kernel names their count in its scope.
 
@@ -30,7 +32,7 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
-from mesh.axes import ALLREDUCE_SCOPE, COL, ROUTES_SCOPE_PREFIX, ROW
+from mesh.axes import ALLREDUCE_SCOPE, COL, ROUTES_SCOPE_PREFIX, ROW, SEGMENT_SCOPE_PREFIX
 from mesh.executors import Executor, Grid, make_core_mesh
 
 COLLECTIVES = frozenset({"psum", "pmax", "pmin", "ppermute", "all_gather", "all_to_all", "reduce_scatter",
@@ -55,6 +57,17 @@ class Collective:
     level: int  # 1 + the deepest collective of the same call it waits for
     pairs: tuple[tuple[int, int], ...] = ()  # ppermute: real routes (source, destination) along the axis
     count: int = 1  # times it runs per program run (a scan body's length)
+    segment: int | None = None  # segmented: runs of this many cores reduce on their own (None: the whole axis)
+
+    @property
+    def line(self) -> int:
+        """Cores one instance of the collective spans: the segment, or the whole axis."""
+        return self.segment or self.axis_size
+
+    @property
+    def segments(self) -> int:
+        """Instances side by side along the axis (whole segments; 1 when not segmented)."""
+        return self.axis_size // self.line
 
     @property
     def hops(self) -> tuple[int, ...]:
@@ -159,8 +172,15 @@ class _Walk:
             if routes:  # only the first k pairs are real routes; the rest fill the permutation
                 pairs = tuple((int(s), int(d)) for s, d in p["perm"][: int(routes[-1][len(ROUTES_SCOPE_PREFIX):])])
         nbytes = sum(_aval_bytes(v.aval) for v in eqn.invars)
+        segment = None
+        groups = p.get("axis_index_groups")
+        segs = [f for f in frames if f.startswith(SEGMENT_SCOPE_PREFIX)]
+        if groups:
+            segment = max(len(g) for g in groups)
+        elif segs:
+            segment = int(segs[-1][len(SEGMENT_SCOPE_PREFIX):])
         self.collectives.append(Collective(eqn.primitive.name, ",".join(axes), n, nbytes, scope, call, level,
-                                           pairs, count))
+                                           pairs, count, segment if segment != n else None))
         return call, level
 
     @staticmethod

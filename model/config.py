@@ -12,6 +12,7 @@ import dataclasses
 import enum
 
 from mesh.errors import WaferError
+from mesh.extent import round_up
 
 
 class RopeScaling(enum.Enum):
@@ -131,10 +132,45 @@ QWEN2_72B = ModelConfig(
     qkv_bias=True,
 )
 
+CODELLAMA_34B = ModelConfig(
+    name="codellama-34b", vocab_size=32000, dim=8192, ffn_dim=22016, n_layers=48, n_heads=64,
+    n_kv_heads=8, head_dim=128, max_seq_len=16384, rope_theta=1000000.0,
+)
+
+# WaferLLM's decode benchmark shapes (MeshInfra/WaferLLM, Decode/WSE-2/model_config/*.json): one
+# head of head_dim = dim (n_heads = n_kv_heads = 1), so the score q.K^T is a partial dot product
+# per core all-reduced along a whole mesh axis; no QKV bias (its decode program has none, Qwen2's
+# included); ~4K positions. Its JSON files round dim, ffn_dim and the context up to multiples of
+# the grid side P (`waferllm_config`); the presets keep the models' own widths, which a P x P
+# layout pads to the same per-core extents. Its repository ships Llama3-8B and Qwen2-72B files;
+# the Llama2-13B and CodeLlama-34B rows of its paper's table follow the same rule here.
+WAFERLLM_CONTEXT = 4096
+
+
+def _waferllm(name: str, model: ModelConfig) -> ModelConfig:
+    return dataclasses.replace(model, name=name, n_heads=1, n_kv_heads=1, head_dim=model.dim,
+                               max_seq_len=WAFERLLM_CONTEXT, qkv_bias=False, rope_scaling=RopeScaling.NONE)
+
+
+WAFERLLM_LLAMA3_8B = _waferllm("waferllm-llama3-8b", LLAMA3_8B)
+WAFERLLM_LLAMA2_13B = _waferllm("waferllm-llama2-13b", LLAMA2_13B)
+WAFERLLM_CODELLAMA_34B = _waferllm("waferllm-codellama-34b", CODELLAMA_34B)
+WAFERLLM_QWEN2_72B = _waferllm("waferllm-qwen2-72b", QWEN2_72B)
+WAFERLLM_PRESETS = (WAFERLLM_LLAMA3_8B, WAFERLLM_LLAMA2_13B, WAFERLLM_CODELLAMA_34B, WAFERLLM_QWEN2_72B)
+
+
+def waferllm_config(config: ModelConfig, side: int) -> ModelConfig:
+    """A WaferLLM preset with its widths and context rounded up to multiples of the grid side, as
+    its JSON files are (e.g. Llama3-8B on 420 x 420: dim 4200, ffn_dim 14700, seq_len 4200)."""
+    dim = round_up(config.dim, side)
+    return dataclasses.replace(config, dim=dim, head_dim=dim, ffn_dim=round_up(config.ffn_dim, side),
+                               max_seq_len=round_up(config.max_seq_len, side))
+
+
 PRESETS: dict[str, ModelConfig] = {
     c.name: c
     for c in (SMOLLM2_135M, TINY_LLAMA, TINY_QWEN2, LLAMA3_8B, LLAMA2_13B, LLAMA31_70B, LLAMA31_405B,
-              QWEN2_72B)
+              QWEN2_72B, CODELLAMA_34B) + WAFERLLM_PRESETS
 }
 # Presets whose weights ship with the project (everything else is shapes only).
 EMBEDDED_MODELS = ("smollm2-135m",)

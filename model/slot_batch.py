@@ -27,7 +27,7 @@ from model.config import ModelConfig
 from model.generate import CACHE_BUCKET
 from model.sampling import Sampling, place_knobs
 from model.wafer_decode import MeshOptions, core_decode_step
-from model.wafer_layout import WaferLayout, tile_params
+from model.wafer_layout import LayoutMode, WaferLayout, tile_params
 from model.weights import Params
 
 # Budget of an unconstrained plan (the accounting still happens).
@@ -47,20 +47,23 @@ class SlotBatch:
     """A decode batch of `batch` slots on a core mesh."""
 
     def __init__(self, params: Params, config: ModelConfig, core_mesh: CoreMesh, batch: int, max_len: int,
-                 opts: MeshOptions = MeshOptions(), spec: WaferSpec | None = None):
-        """Plan, tile and place the model; `spec` sets the per-core budget (default: no limit)."""
+                 opts: MeshOptions = MeshOptions(), spec: WaferSpec | None = None,
+                 mode: LayoutMode = LayoutMode.AUTO):
+        """Plan, tile and place the model; `spec` sets the per-core budget (default: no limit),
+        `mode` how heads lie over the columns (model/wafer_layout.py)."""
         if batch < 1:
             raise WaferError(f"decode batch must be at least 1, got {batch}")
         self.config, self.core_mesh, self.batch, self.opts = config, core_mesh, batch, opts
-        self.layout = WaferLayout(config, core_mesh.grid, round_up(max_len, CACHE_BUCKET))
+        self.layout = WaferLayout(config, core_mesh.grid, round_up(max_len, CACHE_BUCKET), mode=mode)
         self.kv_layout = decode_kv_layout(self.layout)  # one slot's cache on the cores
         grid = core_mesh.grid
         # Planning comes first: a layout that does not fit fails before anything is allocated.
-        self.plan = plan_sram(self.layout.tensor_specs(batch), grid.rows, grid.cols,
-                              spec or emulated_spec(UNLIMITED_BUDGET))
+        specs = self.layout.tensor_specs(batch)
+        self.plan = plan_sram(specs, grid.rows, grid.cols, spec or emulated_spec(UNLIMITED_BUDGET),
+                              self.layout.useful_bytes(specs))
         self.params = params  # single-device weights: the model's fingerprint, the prefill
         self.tiles = core_mesh.place(tile_params(params, self.layout))
-        shape = (batch, self.layout.kc, self.layout.s_slots, config.head_dim)
+        shape = (batch, self.layout.kc, self.layout.s_slots, self.layout.hc)
         self.k_cache = tuple(core_mesh.zeros(shape) for _ in range(config.n_layers))
         self.v_cache = tuple(core_mesh.zeros(shape) for _ in range(config.n_layers))
         self.tokens = np.zeros(batch, np.int32)

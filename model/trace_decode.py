@@ -9,7 +9,11 @@ vcores executors run) with the trace executor on abstract operands built from th
   difference is one layer's bytes, FLOPs and messages exactly, and a model of L layers costs
   the one-layer trace plus L - 1 more layers (tests check this against a full trace);
 - the staging reads the bytes per core of one layer, the embedding, the head and the buffers
-  from the same specs.
+  from the same specs;
+- two accountings of a token (`Accounting`): FULL prices the whole step (every layer, the
+  embedding, the LM head and sampling, and the hand-offs between stages and wafers); PER_LAYER
+  prices what WaferLLM's decode benchmark measured: one layer's time x L, nothing else (no
+  embedding, no LM head, no layer-to-layer or wafer-to-wafer hop).
 
 Reports, maps and the grid autotuner built on these profiles live in bench/.
 """
@@ -17,6 +21,7 @@ Reports, maps and the grid autotuner built on these profiles live in bench/.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 
 import jax
@@ -34,7 +39,7 @@ from mesh.trace import CoreTrace, trace_program
 from mesh.wafer import WaferSpec
 from model.config import ModelConfig
 from model.wafer_decode import MeshOptions, core_decode_step
-from model.wafer_layout import LAYERS, LM_HEAD_TILE, WaferLayout, nest_by_name
+from model.wafer_layout import LAYERS, LM_HEAD_TILE, LayoutMode, WaferLayout, nest_by_name
 
 INPUT = "input"  # the kind of the step's inputs (tokens, positions, sampling knobs)
 
@@ -106,6 +111,13 @@ def stage_bytes(layout: WaferLayout, batch: int, dtype: str) -> StageBytes:
     return StageBytes(**out)
 
 
+class Accounting(enum.Enum):
+    """What a token's time counts (module docstring)."""
+
+    FULL = "full"
+    PER_LAYER = "per-layer"
+
+
 @dataclasses.dataclass(frozen=True)
 class LayoutProfile:
     config: ModelConfig
@@ -120,13 +132,20 @@ class LayoutProfile:
     layer_bytes: int  # per core, one layer (weights + KV)
     staging: Staging
     per_layer: dict[str, KernelTime]
-    per_token: dict[str, KernelTime]  # every layer, embedding, head, sampling; one token
+    per_token: dict[str, KernelTime]  # what one token costs under `accounting`
     collectives_per_layer: list  # priced calls of one layer (mesh.cost_model.CallCost)
     trace_eqns: int
+    mode: LayoutMode = LayoutMode.AUTO  # the layout mode asked for (`layout` says what it chose)
+    accounting: Accounting = Accounting.FULL
+
+    @property
+    def handoff_s(self) -> float:
+        """Hand-offs between stages and wafers per token (none under PER_LAYER accounting)."""
+        return self.staging.handoff_s if self.accounting is Accounting.FULL else 0.0
 
     @property
     def token_s(self) -> float:
-        return sum(k.time_s for k in self.per_token.values()) + self.staging.handoff_s
+        return sum(k.time_s for k in self.per_token.values()) + self.handoff_s
 
     @property
     def tokens_per_s(self) -> float:
@@ -141,13 +160,19 @@ class LayoutProfile:
         """Share of the token's time bound by compute, by SRAM reads and by the fabric."""
         compute = sum(k.compute_s for k in self.per_token.values() if k.compute_s >= k.memory_s)
         memory = sum(k.memory_s for k in self.per_token.values() if k.memory_s > k.compute_s)
-        fabric = sum(k.fabric_s for k in self.per_token.values()) + self.staging.handoff_s
+        fabric = sum(k.fabric_s for k in self.per_token.values()) + self.handoff_s
         total = compute + memory + fabric
         return {"compute": compute / total, "memory": memory / total, "fabric": fabric / total}
 
     def stage_layout(self) -> WaferLayout:
         """The layout of a middle stage: its layers on the profile's grid."""
-        return WaferLayout(with_layers(self.config, self.staging.layers_per_stage), self.grid, self.context)
+        return WaferLayout(with_layers(self.config, self.staging.layers_per_stage), self.grid, self.context,
+                           mode=self.mode)
+
+    @property
+    def useful_fraction(self) -> float:
+        """Non-padding bytes / placed bytes of a middle stage (the plan's count)."""
+        return self.plan.useful_fraction
 
 
 def _combine(a: KernelTime, b: KernelTime, wa: float, wb: float) -> KernelTime:
@@ -168,22 +193,25 @@ def with_layers(config: ModelConfig, n: int) -> ModelConfig:
 
 def profile_layout(config: ModelConfig, grid: Grid, spec: WaferSpec, schedule: Schedule = Schedule.KTREE,
                    groups: int | None = None, batch: int = 1, context: int = 4096,
-                   dtype: str = "bfloat16") -> LayoutProfile:
-    """Trace, plan and price decode of `config` with stages of `grid` cores on `spec` wafers."""
+                   dtype: str = "bfloat16", mode: LayoutMode = LayoutMode.AUTO,
+                   accounting: Accounting = Accounting.FULL) -> LayoutProfile:
+    """Trace, plan and price decode of `config` with stages of `grid` cores on `spec` wafers,
+    heads laid over the columns as `mode` says (model/wafer_layout.py); `accounting` says what a
+    token's time counts (`Accounting`)."""
     if grid.rows > spec.max_rows or grid.cols > spec.max_cols:
         raise WaferError(f"grid {grid} exceeds {spec.name}'s {spec.max_rows}x{spec.max_cols} cores")
     if context > config.max_seq_len:
         raise WaferError(f"context {context} exceeds {config.name}'s {config.max_seq_len} positions")
     opts = MeshOptions(schedule, groups, greedy=True)
-    one, two = (WaferLayout(with_layers(config, n), grid, context) for n in (1, 2))
+    one, two = (WaferLayout(with_layers(config, n), grid, context, mode=mode) for n in (1, 2))
     groups_bytes = stage_bytes(one, batch, dtype)
-    staging = plan_staging(config.name, config.n_layers, grid, spec, groups_bytes, batch * one.d * 4)
+    staging = plan_staging(config.name, config.n_layers, grid, spec, groups_bytes, batch * one.d * grid.rows * 4)
     # The plan of a middle stage: its layers and the buffers (the first and last stages hold
     # fewer layers beside the embedding or the head, within the same budget).
-    stage_layout = WaferLayout(with_layers(config, staging.layers_per_stage), grid, context)
+    stage_layout = WaferLayout(with_layers(config, staging.layers_per_stage), grid, context, mode=mode)
     middle = [s for s in layout_specs(stage_layout, batch, dtype) if s.name.startswith(f"{LAYERS}.")
               or s.kind is Kind.BUFFER]
-    plan = plan_sram(middle, grid.rows, grid.cols, spec)
+    plan = plan_sram(middle, grid.rows, grid.cols, spec, stage_layout.useful_bytes(middle))
 
     t1, t2 = (trace_decode_step(lay, batch, opts, dtype) for lay in (one, two))
     k1, k2 = (kernel_times(t, spec, kernel_of) for t in (t1, t2))
@@ -191,7 +219,11 @@ def profile_layout(config: ModelConfig, grid: Grid, spec: WaferSpec, schedule: S
     per_layer = {g: _combine(k2.get(g, _zero(g)), k1.get(g, _zero(g)), 1, -1) for g in names}
     per_layer = {g: k for g, k in per_layer.items() if k.time_s > 0 or k.flops > 0}
     L = config.n_layers
-    per_token = {g: _combine(k1.get(g, _zero(g)), per_layer.get(g, _zero(g)), 1, L - 1) for g in names}
+    if accounting is Accounting.FULL:
+        per_token = {g: _combine(k1.get(g, _zero(g)), per_layer.get(g, _zero(g)), 1, L - 1) for g in names}
+    else:
+        per_token = {g: _combine(k, k, L, 0) for g, k in per_layer.items()}
     layer_calls = price_calls([c for c in t2.collectives if c.scope.startswith(f"{layer_scope(1)}/")], spec)
     return LayoutProfile(config, spec, grid, schedule, groups, batch, context, dtype, plan, groups_bytes.layer,
-                         staging, per_layer, per_token, layer_calls, t1.jaxpr_eqns + t2.jaxpr_eqns)
+                         staging, per_layer, per_token, layer_calls, t1.jaxpr_eqns + t2.jaxpr_eqns, mode,
+                         accounting)

@@ -12,6 +12,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kernels.allreduce import Schedule, allreduce
 from kernels.attention import decode_attention_mesh
@@ -49,13 +50,25 @@ def mesh_ops(config: ModelConfig, opts: MeshOptions, attend) -> BlockOps:
         attend=attend)
 
 
+def local_inv_freq(layout: WaferLayout):
+    """Per-core: the RoPE inverse frequencies [hc/2] of this core's rotary pairs (all H/2 with
+    whole heads; the pairs of its head-dim slice in the full-grid layout, zero for padding)."""
+    inv_freq = inv_freq_for(layout.config)
+    if layout.seg == 1:
+        return inv_freq
+    pairs = layout.rope_pairs()  # [seg, hc/2]
+    table = np.where(pairs >= 0, inv_freq[np.maximum(pairs, 0)], 0.0).astype(np.float32)
+    return jnp.asarray(table)[jax.lax.axis_index(COL) % layout.seg]
+
+
 def core_decode_step(tiles, k_cache, v_cache, tokens_B, pos_B, active_B, seed_B, temperature_B, top_k_B, top_p_B,
                      *, layout: WaferLayout, opts: MeshOptions):
     """One decode step of one core.
 
     Args (all local to this core):
       tiles: this core's weight tiles (wafer_layout.tile_params, without the [R, C] axes).
-      k_cache, v_cache: L arrays [B, kc, s+1, H]: this core's KV heads and cache positions.
+      k_cache, v_cache: L arrays [B, kc, s+1, hc]: this core's KV heads, head dimensions and cache
+        positions.
       tokens_B: [B] the tokens to feed (the same on every core).
       pos_B: [B] their positions; active_B: [B] bool, which slots hold a live sequence.
       seed_B, temperature_B, top_k_B, top_p_B: each slot's sampling knobs [B] (the same on every
@@ -68,16 +81,16 @@ def core_decode_step(tiles, k_cache, v_cache, tokens_B, pos_B, active_B, seed_B,
     cfg: ModelConfig = layout.config
     R = layout.grid.rows
     B = tokens_B.shape[0]
-    kc, gc, H, d = layout.kc, layout.gc, cfg.head_dim, layout.d
+    kc, gc, hc, d = layout.kc, layout.gc, layout.hc, layout.d
     sched, groups = opts.schedule, opts.groups
     r = jax.lax.axis_index(ROW)
     assert tiles["lm"].shape == (d, layout.v), tiles["lm"].shape
-    assert k_cache[0].shape == (B, kc, layout.s_slots, H), k_cache[0].shape
+    assert k_cache[0].shape == (B, kc, layout.s_slots, hc), k_cache[0].shape
 
     with jax.named_scope(EMBED_SCOPE):
         x_Bd = embed_from_vocab_shard(tiles, tokens_B, layout.v, lambda a: allreduce(a, COL, sched, groups))
 
-    cos_BH, sin_BH = rope_cos_sin(pos_B, inv_freq_for(cfg))
+    cos_BH, sin_BH = rope_cos_sin(pos_B, local_inv_freq(layout))
     # Cache positions are dealt cyclically over rows: position p lives on row p % R at p // R.
     mine_B = (pos_B % R == r) & active_B
     slot_B = jnp.where(mine_B, pos_B // R, layout.s)  # layout.s: the scratch slot
@@ -87,9 +100,11 @@ def core_decode_step(tiles, k_cache, v_cache, tokens_B, pos_B, active_B, seed_B,
     def attend(q, k, v, k_cache_i, v_cache_i):
         kcache = write_kv(k_cache_i, k[:, :, None], slot_B)
         vcache = write_kv(v_cache_i, v[:, :, None], slot_B)
-        return decode_attention_mesh(q, kcache, vcache, visible_Bs, ROW, sched, groups), kcache, vcache
+        out = decode_attention_mesh(q, kcache, vcache, visible_Bs, ROW, sched, groups, dim_axis=COL,
+                                    dim_segment=layout.seg, head_dim=cfg.head_dim)
+        return out, kcache, vcache
 
-    shape = BlockShape((kc, gc), kc, H, layout.f)
+    shape = BlockShape((kc, gc), kc, hc, layout.f)
     ops = mesh_ops(cfg, opts, attend)
     new_k, new_v = [], []
     for i, t in enumerate(tiles["layers"]):

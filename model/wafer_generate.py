@@ -17,6 +17,7 @@ from model.prefill import Prefiller
 from model.sampling import Sampling
 from model.slot_batch import SlotBatch, core_copy
 from model.wafer_decode import MeshOptions
+from model.wafer_layout import LayoutMode
 from model.weights import Params
 
 
@@ -26,10 +27,10 @@ class WaferDecoder(SlotBatch):
 
     def __init__(self, params: Params, config: ModelConfig, core_mesh: CoreMesh, batch: int, max_len: int,
                  opts: MeshOptions = MeshOptions(), spec: WaferSpec | None = None,
-                 prefill_mesh: CoreMesh | None = None):
+                 prefill_mesh: CoreMesh | None = None, mode: LayoutMode = LayoutMode.AUTO):
         """`prefill_mesh`: where prompts are prefilled (default: a 1x1 mesh on this process's first
         device, placed when `generate` first needs it)."""
-        super().__init__(params, config, core_mesh, batch, max_len, opts, spec)
+        super().__init__(params, config, core_mesh, batch, max_len, opts, spec, mode)
         self._prefill_mesh = prefill_mesh
         self._prefiller: Prefiller | None = None
 

@@ -156,12 +156,14 @@ def test_compare_hf_table(capsys, tiny_checkpoint, small_machine):
 def test_mesh_json(capsys, tiny_checkpoint, small_machine):
     rc, out, _ = run_cli(capsys, "bench", "decode", "--checkpoint", tiny_checkpoint, "--batch", "2",
                          "--context", "8", "--steps", "4", "--repeats", "1", "--mesh", "2x2",
-                         "--schedule", "ktree", "--json")
+                         "--schedule", "ktree", "--layout", "full", "--json")
     assert rc == 0
     r = json.loads(out)
     m = r["mesh"]
     assert (m["grid"], m["cores"], m["executor"], m["schedule"]) == ("2x2", 4, "devices", "ktree")
     assert m["tokens_match_single"] is True
+    # --layout full on 2 columns: each head's 16 dims split over one segment of both columns.
+    assert (m["layout"], m["layout_mode"], m["head_segment"]) == ("full", "full", 2)
     assert m["vs_single_step"] == pytest.approx(m["step_ms"] / m["single_step_ms"], rel=1e-2)
     assert m["sram_per_core_total"] == sum(m["sram_per_core_bytes"].values())
     assert m["sram_per_core_bytes"]["weight"] > 0 and m["sram_per_core_bytes"]["kv"] > 0

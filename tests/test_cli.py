@@ -131,6 +131,9 @@ def test_generate_on_a_mesh_matches_single_device(capsys):
     assert mesh["tokens"] == single["tokens"]
     assert mesh["mesh"] == "2x2" and mesh["schedule"] == "ktree"
     assert mesh["sram_per_core_bytes"]["weight"] > 0 and mesh["sram_per_core_bytes"]["kv"] > 0
+    # 2 columns, 3 KV groups: whole heads would pad to 4 KV heads; one segment of both columns
+    # (32 of the 64 dims of every head on each) holds fewer bytes per core.
+    assert mesh["layout"] == "full" and mesh["head_segment"] == 2 and 0.9 < mesh["useful_fraction"] <= 1
 
 
 @pytest.mark.parametrize("argv, fragments", [
@@ -142,6 +145,8 @@ def test_generate_on_a_mesh_matches_single_device(capsys):
     (["--mesh", "2x2", "--sram-budget", "lots"], ["size 'lots'"]),
     (["--mesh", "2x2", "--groups", "0"], ["--groups must be positive"]),
     (["--sram-budget", "1MiB"], ["--sram-budget needs --mesh"]),
+    (["--layout", "full"], ["--layout needs --mesh"]),
+    (["--mesh", "2x2", "--layout", "diagonal"], ["invalid choice: 'diagonal'"]),
 ])
 def test_bad_mesh_flags_are_one_line(capsys, argv, fragments):
     rc, _, err = run_cli(capsys, "generate", "--prompt-ids", "1,2", "--max-new-tokens", "2", *argv)

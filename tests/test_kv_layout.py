@@ -8,7 +8,7 @@ from mesh.errors import WaferError
 from mesh.executors import Grid
 from model.config import TINY_LLAMA
 from model.cache_layout import DecodeKVLayout, cache_to_decode_layout, decode_kv_layout
-from model.wafer_layout import WaferLayout
+from model.wafer_layout import LayoutMode, WaferLayout
 
 PREFILL_GRIDS = ["1x1", "1x2", "2x2", "1x3", "3x4"]
 DECODE_GRIDS = ["1x1", "2x2", "3x3", "1x4", "5x2", "4x1"]
@@ -41,7 +41,7 @@ def test_decode_layout_by_hand():
 
 
 def test_decoder_uses_the_decode_layout():
-    layout = WaferLayout(TINY_LLAMA, Grid(3, 3), 64)
+    layout = WaferLayout(TINY_LLAMA, Grid(3, 3), 64, mode=LayoutMode.HEADS)
     k = np.random.default_rng(1).standard_normal((2, 20, 16)).astype(np.float32)
     want = DecodeKVLayout(Grid(3, 3), 2, layout.s).to_cores(k)
     assert np.array_equal(cache_to_decode_layout(k, layout), want)
@@ -49,7 +49,7 @@ def test_decoder_uses_the_decode_layout():
 
 def test_replicated_kv_heads_land_on_every_column_that_holds_them():
     """tiny-llama (K 2, G 2) on 2x4: each KV head lies on two columns (one query head each)."""
-    layout = WaferLayout(TINY_LLAMA, Grid(2, 4), 64)
+    layout = WaferLayout(TINY_LLAMA, Grid(2, 4), 64, mode=LayoutMode.HEADS)
     dl = decode_kv_layout(layout)
     assert dl.column_heads == ((0,), (0,), (1,), (1,))  # by hand: rep 2, gc 1
     k = np.random.default_rng(2).standard_normal((2, 9, 16)).astype(np.float32)
@@ -76,3 +76,24 @@ def test_prefill_layout_json_round_trip_and_refusals():
     for d, message in bad:
         with pytest.raises(WaferError, match=message):
             PrefillKVLayout.from_json(d, 5)
+
+
+def test_full_grid_cache_lands_head_dim_slices():
+    """tiny-llama (K 2, H 16) on 2x6, full-grid: 2 segments of 3 columns (KV head 0 on columns 0-2,
+    head 1 on 3-5), each column 3 rotary pairs = 6 dims: column j of a segment holds pairs 3j ..
+    3j+2, i.e. dims [3j, 3j+1, 3j+2, 8+3j, 8+3j+1, 8+3j+2], those >= 8 pairs (j = 2: pair 8) zero."""
+    layout = WaferLayout(TINY_LLAMA, Grid(2, 6), 64, mode=LayoutMode.FULL)
+    assert (layout.seg, layout.hc) == (3, 6)
+    assert layout.column_dims(0) == (0, 1, 2, 8, 9, 10)
+    assert layout.column_dims(5) == (6, 7, None, 14, 15, None)
+    dl = decode_kv_layout(layout)
+    k = np.random.default_rng(5).standard_normal((2, 9, 16)).astype(np.float32)
+    cores = cache_to_decode_layout(k, layout)
+    assert cores.shape == (2, 6, 1, layout.s + 1, 6)
+    for c, h in enumerate([0, 0, 0, 1, 1, 1]):
+        dims = [d for d in layout.column_dims(c) if d is not None]
+        n = len(dims)
+        assert np.array_equal(cores[1, c, 0, :4, :n // 2], k[h, 1::2][:, dims[: n // 2]])
+        assert np.array_equal(cores[0, c, 0, :5, 3:3 + n // 2], k[h, 0::2][:, dims[n // 2:]])
+    assert np.array_equal(dl.from_cores(cores, 9), k)
+    assert np.count_nonzero(cores) == np.count_nonzero(k)  # each dim once: no replicated KV here

@@ -5,7 +5,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from kernels.allreduce import Schedule, allreduce, ktree_plan
+from kernels.allreduce import Schedule, allreduce, allreduce_ref, ktree_plan
 from kernels.attention import decode_attention_mesh, gqa_attention_ref
 from kernels.lm_head import argmax_mesh
 from kernels.mesh_gemv import mesh_gemv, mesh_gemv_ref
@@ -42,6 +42,26 @@ def test_allreduce_sums_and_agrees_everywhere(executor, schedule, rows, cols):
         # Every core along the axis holds the bit-identical total (cores never drift apart).
         first = np.take(y, [0], axis=a)
         assert (y == first).all()
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+@pytest.mark.parametrize("schedule", list(Schedule), ids=lambda s: s.value)
+@pytest.mark.parametrize("cols, segment", [(8, 4), (7, 3), (6, 6)])
+def test_segmented_allreduce_matches_reference(executor, schedule, cols, segment):
+    """Each run of `segment` columns sums on its own (7 = 2 x 3 + 1: core 6 keeps its value;
+    6 of 6: the plain all-reduce); devices use psum's groups, vcores the masked psum."""
+    cm = make_core_mesh(Grid(2, cols), executor)
+    x = np.random.default_rng(1).standard_normal((2, cols, 3)).astype(np.float32)
+    y = np.asarray(jax.jit(cm.run(lambda v: allreduce(v, COL, schedule, segment=segment)))(cm.place(x)))
+    want = np.stack([allreduce_ref(x[r], segment) for r in range(2)])
+    # float32 sums of <= 4 terms in some order: a few ulps.
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+
+
+def test_allreduce_ref_by_hand():
+    x = np.arange(7.0)[:, None]
+    assert allreduce_ref(x, 3)[:, 0].tolist() == [3, 3, 3, 12, 12, 12, 6]
+    assert allreduce_ref(x)[:, 0].tolist() == [21] * 7
 
 
 def test_ktree_plan_by_hand():
@@ -135,6 +155,39 @@ def test_decode_attention_mesh_matches_reference(executor, schedule):
                                         jnp.asarray(visible[:, None])))[:, 0].reshape(B, K, G, H)
     # float32 softmax over 12 positions merged by log-sum-exp: a few ulps of O(1) values.
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+@pytest.mark.parametrize("schedule", list(Schedule), ids=lambda s: s.value)
+def test_decode_attention_head_dim_split_matches_reference(executor, schedule):
+    """Head dims over segments of 3 columns (2 segments, one KV head each, 2 query heads per KV
+    head): partial scores summed within each segment, positions over 2 rows."""
+    grid, seg = Grid(2, 6), 3
+    cm = make_core_mesh(grid, executor)
+    rng = np.random.default_rng(4)
+    B, K, G, S, H = 2, 2, 2, 8, 6  # each column: h = H / seg = 2 dims of one KV head
+    q = rng.standard_normal((B, K, G, H)).astype(np.float32)
+    k = rng.standard_normal((B, K, S, H)).astype(np.float32)
+    v = rng.standard_normal((B, K, S, H)).astype(np.float32)
+    visible = np.arange(S)[None] <= np.array([3, 7])[:, None]
+    h = H // seg
+    def core(a, r, c, positions):  # core (r, c): KV head c // seg, dims (c % seg) * h ..; position p on row p % R
+        piece = a[:, c // seg: c // seg + 1, ..., (c % seg) * h: (c % seg + 1) * h]
+        return piece[:, :, r::grid.rows] if positions else piece
+
+    tiles = lambda a, positions: np.stack([np.stack([core(a, r, c, positions) for c in range(grid.cols)])
+                                           for r in range(grid.rows)])
+    vis = np.stack([np.stack([visible[:, r::grid.rows]] * grid.cols) for r in range(grid.rows)])
+    run = cm.run(lambda qq, kk, vv, mm: decode_attention_mesh(qq, kk, vv, mm, ROW, schedule, dim_axis=COL,
+                                                               dim_segment=seg, head_dim=H))
+    out = np.asarray(jax.jit(run)(cm.place(tiles(q, False)), cm.place(tiles(k, True)), cm.place(tiles(v, True)),
+                                  cm.place(vis)))  # [R, C, B, 1, G, h]
+    got = np.concatenate([np.concatenate([out[0, g * seg + j] for j in range(seg)], -1) for g in range(K)], 1)
+    want = np.asarray(gqa_attention_ref(jnp.asarray(q.reshape(B, 1, K * G, H)), jnp.asarray(k), jnp.asarray(v),
+                                        jnp.asarray(visible[:, None])))[:, 0].reshape(B, K, G, H)
+    # float32 dots of 6 terms summed in 3 partials, softmax over 8 positions: a few ulps.
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert all((out[r] == out[0]).all() for r in range(grid.rows))
 
 
 @pytest.mark.parametrize("executor", EXECUTORS)

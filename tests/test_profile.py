@@ -24,10 +24,11 @@ from model.config import TINY_LLAMA, preset
 from model.trace_decode import kernel_of, layout_specs, profile_layout, trace_decode_step
 from model.wafer_decode import MeshOptions
 from model.wafer_generate import WaferDecoder
-from model.wafer_layout import WaferLayout
+from model.wafer_layout import LayoutMode, WaferLayout
 from model.weights import init_random_params
 
 BIG = emulated_spec(1 << 40)
+HEADS = LayoutMode.HEADS
 
 
 def _gemv_trace(schedule):
@@ -52,9 +53,11 @@ def test_gemv_2x2_by_hand(schedule):
     }[schedule]
     assert all(c.axis == ROW and c.axis_size == 2 for c in t.collectives)
     (call,) = price_calls(t.collectives, WSE2)
-    # K-tree and the pipeline chain both: 2 stages of 20 cycles, 2 hops, 5 words on each link.
-    # Ring: one stage, one hop, 5 words each way.
-    assert call.cycles == {Schedule.PSUM: 47, Schedule.KTREE: 47, Schedule.RING: 26}[schedule]
+    # K-tree and the pipeline chain both: 2 stages, 2 hops, 5 words on each link. Ring: one stage,
+    # one hop, 5 words each way.
+    stages, hops = {Schedule.PSUM: (2, 2), Schedule.KTREE: (2, 2), Schedule.RING: (1, 1)}[schedule]
+    assert (call.stages, call.hops, call.max_link_words) == (stages, hops, 5)
+    assert call.cycles == stages * WSE2.stage_cycles + hops * WSE2.hop_cycles + 5
 
 
 def test_ktree_routes_and_hops_by_hand():
@@ -68,7 +71,7 @@ def test_ktree_routes_and_hops_by_hand():
     # 8 stages; longest hops 1, 1, 3, 3, 3, 3, 1, 1; link 1->4 carries the 2 words once each way
     # per phase, links 3->4 carry a level-1 and a level-2 message: 2 messages of 2 words.
     assert (call.stages, call.hops, call.max_link_words, call.messages) == (8, 16, 4, 16)
-    assert call.cycles == 8 * 20 + 16 + 4
+    assert call.cycles == 8 * WSE2.stage_cycles + 16 * WSE2.hop_cycles + 4
 
 
 def test_ring_hops_by_hand():
@@ -79,6 +82,32 @@ def test_ring_hops_by_hand():
     (call,) = price_calls(t.collectives, WSE2)
     # Every link carries 3 one-word messages (one per shift), rightward and leftward alike.
     assert (call.stages, call.hops, call.max_link_words) == (3, 9, 3)
+
+
+def test_segmented_ktree_hops_by_hand():
+    """8 cores in 2 segments of 4, 2 groups each ({0,1} {2,3} roots 1, 3; top 3), both segments at
+    once: reduce 0->1 2->3 (and 4->5 6->7), 1->3 (5->7); broadcast back 3->1, then 1->0 3->2."""
+    t = trace_program(lambda x: allreduce(x, COL, Schedule.KTREE, groups=2, segment=4), Grid(1, 8),
+                      (jax.ShapeDtypeStruct((2,), jnp.float32),), ("x",))
+    assert [(c.level, c.pairs, c.segment) for c in t.collectives] == [
+        (1, ((0, 1), (2, 3), (4, 5), (6, 7)), 4), (2, ((1, 3), (5, 7)), 4), (3, ((3, 1), (7, 5)), 4),
+        (4, ((1, 0), (3, 2), (5, 4), (7, 6)), 4)]
+    (call,) = price_calls(t.collectives, WSE2)
+    # 4 stages, longest hops 1, 2, 2, 1; link 2->3 carries 2->3 and 1->3 (2 messages of 2 words);
+    # 12 messages in all; no route leaves its segment (none crosses link 3->4).
+    assert (call.stages, call.hops, call.max_link_words, call.messages, call.segment) == (4, 6, 4, 12, 4)
+    assert call.cycles == 4 * WSE2.stage_cycles + 6 * WSE2.hop_cycles + 2 * 8 / WSE2.link_bytes_per_cycle
+    assert all(abs(s // 4 - d // 4) == 0 for c in t.collectives for s, d in c.pairs)
+
+
+def test_segmented_psum_priced_over_its_segment():
+    """A psum segmented to 3 of 9 cores: the pipeline chain over 3 cores (2 + 2 stages), 3 copies."""
+    t = trace_program(lambda x: allreduce(x, COL, Schedule.PSUM, segment=3), Grid(1, 9),
+                      (jax.ShapeDtypeStruct((1,), jnp.float32),), ("x",))
+    (c,) = t.collectives
+    assert (c.primitive, c.axis_size, c.segment, c.line, c.segments) == ("psum", 9, 3, 3, 3)
+    (call,) = price_calls(t.collectives, WSE2)
+    assert (call.stages, call.hops, call.messages) == (2, 2, 3 * 4)
 
 
 def test_pipeline_chain_by_hand():
@@ -125,22 +154,80 @@ def _hlo_collectives(text: str) -> dict[str, tuple[int, int]]:
     return out
 
 
+def _hlo_group_sizes(text: str) -> list[int]:
+    """Per all-reduce in compiled HLO, the size of its largest replica group."""
+    sizes = []
+    for m in re.finditer(r"all-reduce(?:-start)?\(.*?replica_groups=(\{\{[\d,{}]*\}\}|\[\d+,(\d+)\]<=\[[\d,]+\])", text):
+        if m.group(2):
+            sizes.append(int(m.group(2)))
+        else:
+            sizes.append(max(len(g.split(",")) for g in re.findall(r"\{([\d,]+)\}", m.group(1))))
+    return sizes
+
+
 @pytest.mark.parametrize("grid, schedule", [("2x2", Schedule.KTREE), ("2x4", Schedule.PSUM), ("4x2", Schedule.RING),
-                                            ("2x6", Schedule.KTREE)], ids=lambda v: getattr(v, "value", v))
+                                            ("2x6", Schedule.KTREE), ("2x6", Schedule.PSUM)],
+                         ids=lambda v: getattr(v, "value", v))
 def test_collectives_equal_compiled_hlo(grid, schedule):
     """The trace's collectives, counted and sized, are exactly those of the devices executor's
-    compiled step (XLA CPU keeps every one of them: no combining at these sizes). 2x4 and 2x6
-    have more columns than KV heads (split groups, replicated KV; 2x6 with 2 columns of padding)."""
+    compiled step (XLA CPU keeps every one of them: no combining at these sizes). 2x4 and 2x6 have
+    more columns than query heads: the full-grid layout (head dims over segments of 2 and 3
+    columns), whose scores are summed by segmented all-reduces; with psum, the compiled replica
+    groups are the traced segments."""
     g = Grid.parse(grid)
     dec = WaferDecoder(init_random_params(TINY_LLAMA), TINY_LLAMA, make_core_mesh(g, Executor.DEVICES), 2, 64,
                        MeshOptions(schedule))
+    assert dec.layout.seg == {"2x2": 1, "2x4": 2, "4x2": 1, "2x6": 3}[grid]
     dec.compile()
-    hlo = _hlo_collectives(dec._compiled_step.as_text())
+    text = dec._compiled_step.as_text()
+    hlo = _hlo_collectives(text)
     trace = trace_decode_step(dec.layout, 2, MeshOptions(schedule))
     counts, nbytes = trace.collective_counts(), trace.collective_bytes()
     for op, prims in HLO_OPS.items():
         assert hlo[op] == (sum(counts.get(p, 0) for p in prims), sum(nbytes.get(p, 0) for p in prims)), op
     assert hlo["collective-permute"][0] > 0 or schedule is Schedule.PSUM
+    segmented = [c for c in trace.collectives if c.segment]
+    assert bool(segmented) == (dec.layout.seg > 1) and {c.segment for c in segmented} <= {dec.layout.seg}
+    if schedule is Schedule.PSUM:
+        assert sorted(_hlo_group_sizes(text)) == sorted(c.line for c in trace.collectives if c.primitive in HLO_OPS["all-reduce"])
+
+
+def test_full_layout_planner_traced_and_placed_bytes_agree():
+    """TINY_LLAMA on 2x6, full-grid: per core d 32, one KV head's 6 dims (16 over 3 columns, rounded
+    to whole rotary pairs), 2 query heads, f 27, v 86, s 32 + 1 slot: by hand, planned, traced, placed."""
+    layout = WaferLayout(TINY_LLAMA, Grid(2, 6), 64)
+    assert (layout.seg, layout.kc, layout.gc, layout.hc, layout.f, layout.v) == (3, 1, 2, 6, 27, 86)
+    qkv = (2 + 2) * 6
+    per_layer = 32 + 32 * qkv + 2 * 6 * 32 + 32 + 32 * 2 * 27 + 27 * 32
+    weights = 4 * (2 * per_layer + 32 + 32 * 86 + 86 * 32)
+    kv = 4 * 2 * 2 * (33 * 6)
+    trace = trace_decode_step(layout, 1, MeshOptions(Schedule.RING))
+    assert (trace.bytes_by_kind["weight"], trace.bytes_by_kind["kv"]) == (weights, kv)
+    plan = plan_sram(layout_specs(layout, 1, "float32"), 2, 6, BIG).bytes_by_kind()
+    assert (plan["weight"], plan["kv"]) == (weights, kv)
+    dec = WaferDecoder(init_random_params(TINY_LLAMA), TINY_LLAMA, make_core_mesh(Grid(2, 6), Executor.DEVICES), 1, 64)
+    placed = {}
+    for a in jax.tree.leaves((dec.tiles, dec.k_cache, dec.v_cache)):
+        for shard in a.addressable_shards:
+            placed[shard.device] = placed.get(shard.device, 0) + shard.data.nbytes
+    assert set(placed.values()) == {weights + kv}
+
+
+@pytest.mark.parametrize("grid, full_at_least", [("360x360", 0.87), ("420x420", 0.84)])
+def test_llama3_8b_useful_fraction_full_vs_heads(grid, full_at_least):
+    """Llama3-8B layers, bf16, context 4096: the heads layout holds heads on 32 columns and
+    zeros on the rest (under 1/3 useful); the full-grid layout puts head dims on every segment. Its
+    ceiling here is the rounding of D = 4096 over the rows (4096/4320 = 0.948 on 360 rows,
+    4096/4200 on 420): no layout with equal tiles per core passes it."""
+    useful = {}
+    for mode in (LayoutMode.HEADS, LayoutMode.FULL):
+        layout = WaferLayout(dataclass_layers(preset("llama3-8b"), 1), Grid.parse(grid), 4096, mode=mode)
+        specs = [s for s in layout_specs(layout, 1, "bfloat16") if s.name.startswith("layers.")
+                 or s.kind.value == "buffer"]  # a middle stage's tensors, as the profile plans them
+        useful[mode] = plan_sram(specs, layout.grid.rows, layout.grid.cols, BIG,
+                                 layout.useful_bytes(specs)).useful_fraction
+    assert useful[LayoutMode.HEADS] < 0.35 and useful[LayoutMode.FULL] >= full_at_least
+    assert useful[LayoutMode.FULL] < 4096 / (layout.d * layout.grid.rows)
 
 
 def test_one_layer_scaling_equals_full_trace():
@@ -158,23 +245,25 @@ def test_one_layer_scaling_equals_full_trace():
 
 
 def test_llama3_8b_full_wafer_grid():
-    """360x360 (WaferLLM's decode grid): two layers per stage fit 48 KiB; traced, nothing allocated."""
-    p = profile_layout(preset("llama3-8b"), Grid(360, 360), WSE2, Schedule.KTREE)
+    """360x360, whole heads per column (LayoutMode.HEADS; tests/test_wafer_cost.py stages the
+    automatic choice): two layers per stage fit 48 KiB; traced, nothing allocated."""
+    p = profile_layout(preset("llama3-8b"), Grid(360, 360), WSE2, Schedule.KTREE, mode=HEADS)
     assert p.staging.layers_per_stage == 2 and p.plan.per_core_bytes <= 48 * 1024
     # d = ceil(4096/360) = 12; 360 // 8 = 45 columns per KV head allow gc = 1 (rep 4): one copy of
     # a KV head and one query head per column, QKV [12, (1+2)*128] and O [128, 12], in bf16.
     assert p.plan.bytes_by_kind()["weight"] == 2 * 2 * (12 + 12 * 384 + 128 * 12 + 12 + 12 * 2 * 40 + 40 * 12)
     assert 100 < p.tokens_per_s < 1e5
-    psum = profile_layout(preset("llama3-8b"), Grid(360, 360), WSE2, Schedule.PSUM)
+    psum = profile_layout(preset("llama3-8b"), Grid(360, 360), WSE2, Schedule.PSUM, mode=HEADS)
     assert psum.layer_s > p.layer_s  # the pipeline chain pays 360 routing stages per reduction
 
 
 @pytest.mark.parametrize("name, f, bias", [("qwen2-72b", 30, True), ("llama3.1-70b", 29, False)])
 def test_70b_class_traced_at_750x990_fits_with_split_groups(name, f, bias):
     """G = 8: whole KV groups need ceil(8192/750) x (2G+2)H of QKV and O per core, over 48 KiB on
-    any grid; split over 8 columns each (gc 1), a layer's tiles fit twice over."""
+    any grid; split over 8 columns each (gc 1), a layer's tiles fit twice over (whole heads per
+    column, LayoutMode.HEADS)."""
     cfg = preset(name)
-    layout = WaferLayout(dataclass_layers(cfg, 1), Grid(750, 990), 4096)
+    layout = WaferLayout(dataclass_layers(cfg, 1), Grid(750, 990), 4096, mode=HEADS)
     assert (layout.kc, layout.gc, layout.rep, layout.d, layout.f) == (1, 1, 8, 11, f)
     t = trace_decode_step(layout, 1, MeshOptions(Schedule.KTREE), "bfloat16")
     assert t.bytes_by_kind["weight"] == sum(s.local_bytes for s in layout_specs(layout, 1, "bfloat16")
@@ -182,7 +271,7 @@ def test_70b_class_traced_at_750x990_fits_with_split_groups(name, f, bias):
     assert {c.axis_size for c in t.collectives} == {750, 990}
     whole = WaferLayout(dataclass_layers(cfg, 1), Grid(750, 990), 4096, split_groups=False)
     assert sum(s.local_bytes for s in layout_specs(whole, 1, "bfloat16") if s.name.startswith("layers.")) > 48 * 1024
-    p = profile_layout(cfg, Grid(750, 990), WSE2)
+    p = profile_layout(cfg, Grid(750, 990), WSE2, mode=HEADS)
     # One layer per core in bf16: norms, QKV [11, 384] (+ bias), O [128, 11], gate_up, down; and
     # K and V of one KV head at ceil(4096/750) = 6 positions + the scratch slot.
     weights = 2 * (11 + 11 * 384 + (384 if bias else 0) + 128 * 11 + 11 + 11 * 2 * f + f * 11)
@@ -191,15 +280,16 @@ def test_70b_class_traced_at_750x990_fits_with_split_groups(name, f, bias):
 
 
 def test_405b_fits_only_the_full_wse3_wafer():
-    """Llama-3.1-405B (D 16384, F 53248, N 128, K 8): a layer needs the whole 750x1200 wafer."""
+    """Llama-3.1-405B (D 16384, F 53248, N 128, K 8), whole heads per column (LayoutMode.HEADS): a
+    layer needs the whole 755x1170 wafer."""
     cfg = preset("llama3.1-405b")
     with pytest.raises(WaferError, match="does not fit"):
-        profile_layout(cfg, Grid(360, 360), WSE3)
-    p = profile_layout(cfg, Grid(750, 1200), WSE3)
-    layout = WaferLayout(dataclass_layers(cfg, 1), Grid(750, 1200), 4096)
-    # 1200 columns over 8 KV heads: rep = G = 16, one query head each; d = ceil(16384/750) = 22,
-    # f = ceil(53248/1200) = 45.
-    assert (layout.kc, layout.gc, layout.rep, layout.d, layout.f) == (1, 1, 16, 22, 45)
+        profile_layout(cfg, Grid(360, 360), WSE3, mode=HEADS)
+    p = profile_layout(cfg, Grid(755, 1170), WSE3, mode=HEADS)
+    layout = WaferLayout(dataclass_layers(cfg, 1), Grid(755, 1170), 4096, mode=HEADS)
+    # 1170 columns over 8 KV heads: rep = G = 16, one query head each; d = ceil(16384/755) = 22,
+    # f = ceil(53248/1170) = 46.
+    assert (layout.kc, layout.gc, layout.rep, layout.d, layout.f) == (1, 1, 16, 22, 46)
     assert p.staging.layers_per_stage == 1 and p.staging.wafers == 126
     assert p.plan.per_core_bytes <= 48 * 1024 and p.tokens_per_s > 0
 
@@ -238,5 +328,8 @@ def test_cli_json_and_table(capsys):
     assert d["tokens_per_s_per_request"] == pytest.approx(1e6 / d["token_us"])
     assert sum(d["shares"].values()) == pytest.approx(1.0)
     assert set(d["kernels_per_token"]) >= {"attention", "mlp", "lm_head"}
+    # 64 columns over 9 query heads: the full-grid layout (2 segments of 32 columns), not padding.
+    assert d["layout"]["kind"] == "full" and d["layout"]["segment"] == 32 and d["useful_fraction"] > 0.8
+    assert any(c["segment"] == 32 for c in d["collectives_per_layer"])
     rc, out, _ = run_cli(capsys, "profile", "--model", "smollm2-135m", "--grid", "48x64")
     assert rc == 0 and "tokens/s per request" in out and "layer1/mlp/mesh_gemv/allreduce" in out
