@@ -81,9 +81,9 @@ def abstract_operands(layout: WaferLayout, batch: int, dtype: str = "float32") -
     k_cache, v_cache = (tuple(a for a, _ in caches[w]) for w in ("k_cache", "v_cache"))
     k_kinds, v_kinds = (tuple(k for _, k in caches[w]) for w in ("k_cache", "v_cache"))
     B = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    scalar = functools.partial(jax.ShapeDtypeStruct, ())
-    inputs = (B, B, jax.ShapeDtypeStruct((batch,), jnp.bool_), scalar(jnp.uint32), scalar(jnp.float32),
-              scalar(jnp.int32), scalar(jnp.float32))
+    per_slot = functools.partial(jax.ShapeDtypeStruct, (batch,))  # each slot's sampling knobs
+    inputs = (B, B, per_slot(jnp.bool_), per_slot(jnp.uint32), per_slot(jnp.float32), per_slot(jnp.int32),
+              per_slot(jnp.float32))
     return StepOperands((nest_by_name(weights, L), k_cache, v_cache) + inputs,
                         (nest_by_name(weight_kinds, L), k_kinds, v_kinds) + (INPUT,) * len(inputs))
 
