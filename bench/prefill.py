@@ -115,7 +115,7 @@ def build_report(config: ModelConfig, bench: PrefillBench, grid: Grid, executor:
         "prefill_s": round(ours["seconds"], 4),
         "compile_s": round(ours["compile_s"], 2),
         "flops": flops,
-        "achieved_gflops": round(achieved / 1e9, 1),
+        "achieved_gflops": round(achieved / 1e9, 3),
         "matmul_peak_gflops": round(peak.per_s / 1e9, 1),
         "matmul_peak_source": peak.name,
         "mfu": round(achieved / peak.per_s, 4),
