@@ -162,8 +162,8 @@ class Server:
     `stop()`, which SIGTERMs it and checks the exit code and that no process it started is left."""
 
     def __init__(self, checkpoint: str, *flags: str):
-        self.proc = subprocess.Popen(wafer("serve", "--checkpoint", checkpoint, "--port", "0", "--max-len",
-                                           str(MAX_LEN), "--served-model-name", "ckpt", *flags),
+        self.flags = ["--checkpoint", checkpoint, "--max-len", str(MAX_LEN), "--served-model-name", "ckpt", *flags]
+        self.proc = subprocess.Popen(wafer("serve", "--port", "0", *self.flags),
                                      cwd=REPO, env=worker_env(), stderr=subprocess.PIPE, text=True)
         self.log: list[str] = []
         # Read stderr in a thread: the pipe never fills, and the wait below has a deadline.
@@ -406,3 +406,17 @@ def test_a_client_that_disconnects_frees_the_only_slot(one_slot, reference):
     # The abandoned request stopped within a few steps of its client leaving, far from its limit.
     assert s.metric("wafer_decode_step_seconds_count") - steps < LONG // 2
     wait_for(lambda: s.metric("wafer_slots_in_use") == 0, "the slot to be free")
+
+
+@pytest.mark.slow
+def test_the_overhead_bench_measures_a_running_server(server):
+    """`wafer bench serve-overhead` with the server's own flags: figures for both sides (no target
+    is asserted: a benchmark is a command, and these are wall-clock times on shared CPUs)."""
+    out = subprocess.run(wafer("bench", "serve-overhead", "--url", server.url, *server.flags, "--input-len", "8",
+                               "--output-len", "6", "--repeats", "2", "--json"),
+                         cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=START_S)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["served_model"] == "ckpt" and (r["input_len"], r["output_len"]) == (8, 6)
+    assert all(r[k] > 0 for k in ("ttft_ms", "tpot_ms", "prefill_ms", "step_ms", "ttft_ratio", "tpot_ratio"))
+    assert (r["handoff_ms"] > 0) == (r["mode"] == "disaggregated")
