@@ -42,7 +42,10 @@ CHAT_TEXT = "t010 t200 t300 t042"
 # Eight prompts of different lengths and limits, so requests join and leave the batch at
 # different steps, and with 4 slots half of them wait for a slot another request held.
 CONCURRENT = [([11 + i, 250 - i, 400 + i, 7][: 1 + i % 4] + [100 + 9 * i] * (i % 3), 6 + 2 * i) for i in range(8)]
-LONG = 200  # tokens of a request still decoding when its worker is killed or its client leaves
+# A request still decoding when its worker is killed or its client leaves: it ignores EOS (greedy
+# decoding of this prompt meets EOS at its 62nd token), so only the fault can end it early.
+LONG_PROMPT = [5, 6, 7]
+LONG = 200
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 WORDS = ["[UNK]", "user", "assistant", "system"]
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -262,9 +265,10 @@ def one_slot(checkpoint):
 # ------------------------------------------------------------------------------------ requests
 
 
-def completion(client: openai.OpenAI, stream: bool, prompt, max_tokens: int = NEW_TOKENS, chat: bool = False):
+def completion(client: openai.OpenAI, stream: bool, prompt, max_tokens: int = NEW_TOKENS, chat: bool = False,
+               ignore_eos: bool = False):
     """(text, finish_reason, usage) of a greedy request, streamed (usage from the last chunk) or not."""
-    kw = dict(model="ckpt", max_tokens=max_tokens, temperature=0)
+    kw = dict(model="ckpt", max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": ignore_eos})
     if chat:
         call, kw["messages"] = client.chat.completions.create, [{"role": "user", "content": prompt}]
     else:
@@ -334,10 +338,10 @@ async def sse(resp: aiohttp.ClientResponse):
             yield payload if payload == "[DONE]" else json.loads(payload)
 
 
-async def open_stream(session: aiohttp.ClientSession, url: str, prompt, max_tokens: int):
+async def open_stream(session: aiohttp.ClientSession, url: str, prompt, max_tokens: int, ignore_eos: bool = False):
     """A streamed greedy completion, its response and its events (after the first one, returned)."""
     resp = await session.post(f"{url}/v1/completions", json=dict(model="ckpt", prompt=prompt, max_tokens=max_tokens,
-                                                                  temperature=0, stream=True))
+                                                                  temperature=0, stream=True, ignore_eos=ignore_eos))
     assert resp.status == 200, await resp.text()
     events = sse(resp)
     return resp, events, await anext(events)
@@ -354,7 +358,7 @@ def test_a_killed_decode_worker_fails_its_stream_and_the_server_recovers(one_slo
 
     async def scenario():
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2 * WAIT_S)) as session:
-            a, a_events, a_first = await open_stream(session, s.url, [5, 6, 7], LONG)
+            a, a_events, a_first = await open_stream(session, s.url, LONG_PROMPT, LONG, ignore_eos=True)
             a_second = await anext(a_events)  # a token of a decode step: its cache landed, it decodes
             # The second request's first token comes from the prefill worker: once it is here, the
             # request waits for the only slot, which the first one holds.
@@ -386,6 +390,9 @@ def test_a_killed_decode_worker_fails_its_stream_and_the_server_recovers(one_slo
     assert s.metric("wafer_worker_restarts_total", {"worker": "decode"}) == restarts + 1
     text, _, _ = completion(s.client(), True, COMPLETION_PROMPT)
     assert text == reference["completion"]["text"]
+    # What the killed request got before the kill was right: a prefix of its text run again.
+    whole, _, _ = completion(s.client(), False, LONG_PROMPT, LONG, ignore_eos=True)
+    assert whole.startswith("".join(e["choices"][0]["text"] for e in a_events[:-2]))
 
 
 def test_a_client_that_disconnects_frees_the_only_slot(one_slot, reference):
@@ -395,7 +402,7 @@ def test_a_client_that_disconnects_frees_the_only_slot(one_slot, reference):
 
     async def scenario():
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as session:
-            resp, events, _ = await open_stream(session, s.url, [5, 6, 7], LONG)
+            resp, events, _ = await open_stream(session, s.url, LONG_PROMPT, LONG, ignore_eos=True)
             await anext(events)  # a token from a decode step: the request holds the slot
             resp.close()  # drops the connection, mid-stream
         # The next request would wait for LONG tokens if the slot were not freed.
