@@ -19,6 +19,17 @@ INHERITED_JAX_SETTINGS = ("JAX_NUM_CPU_DEVICES", "JAX_COORDINATOR_ADDRESS", "JAX
                           "JAX_LOCAL_DEVICE_IDS", "JAX_PROCESS_ID", "JAX_NUM_PROCESSES", "PJRT_NPROC")
 
 
+def name_process(name: str) -> None:
+    """Set the name `ps`, `top` and /proc/PID/comm show (Linux; 15 characters at most), so an
+    operator, or a test that kills one worker, tells the workers apart: their command lines are
+    multiprocessing's, the same for every role."""
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name[:15])
+    except OSError:
+        pass  # not Linux: the name is only a convenience
+
+
 def worker_main(cpus: tuple[int, ...], payload: bytes, conn) -> None:
     """The worker process: pin, set up devices, load, report Ready, serve commands until Shutdown
     or until the engine's end of the pipe closes (the engine is gone)."""
@@ -31,6 +42,7 @@ def worker_main(cpus: tuple[int, ...], payload: bytes, conn) -> None:
     # The meshes are emulated CPU devices unless the operator chose a platform.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     spec: WorkerSpec = pickle.loads(payload)
+    name_process(f"wafer-{spec.role.value}")
     from mesh.devices import ensure_cpu_devices
     ensure_cpu_devices(spec.devices)
     # A restarted worker compiles the same programs again: XLA's persistent cache turns its ~20 s
