@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import pickle
 
-from serve.worker_spec import WorkerSpec
+from serve.worker_spec import Role, WorkerSpec
 
 # Settings a worker's JAX must not inherit from its parent: each worker sets its own device count.
 INHERITED_JAX_SETTINGS = ("JAX_NUM_CPU_DEVICES", "JAX_COORDINATOR_ADDRESS", "JAX_COORDINATOR_BIND_ADDRESS",
@@ -31,8 +31,16 @@ def worker_main(cpus: tuple[int, ...], payload: bytes, conn) -> None:
     # The meshes are emulated CPU devices unless the operator chose a platform.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     spec: WorkerSpec = pickle.loads(payload)
-    from mesh.devices import ensure_cpu_devices
-    ensure_cpu_devices(spec.devices)
+    distributed = spec.options.distributed
+    if spec.role is Role.DECODE and distributed is not None:
+        # Process 0 of a decode mesh spanning processes: it serves the coordinator, and waits for
+        # the peers (`wafer serve-decode-peer`) to join before JAX starts here.
+        from mesh.distributed import init_cpu_process
+        init_cpu_process(distributed.coordinator, distributed.num_processes, distributed.process_id, spec.devices,
+                         distributed.timeout_s)
+    else:
+        from mesh.devices import ensure_cpu_devices
+        ensure_cpu_devices(spec.devices)
     # A restarted worker compiles the same programs again: XLA's persistent cache turns its ~20 s
     # of compilation (SmolLM2-sized meshes on 2 busy CPUs) into a few seconds of loading.
     import jax

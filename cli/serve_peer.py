@@ -1,0 +1,43 @@
+"""`wafer serve-decode-peer`: process 1..N-1 of a `wafer serve` decode mesh that spans processes.
+
+The server's decode worker is process 0 (`wafer serve --coordinator HOST:PORT --num-processes N
+--process-id 0`); each peer joins the same mesh, takes the batch's settings (slots, max length,
+schedule) from the server, and replays every operation of the decode worker on its own share of
+the cores (serve/decode_peers.py) until the server's decode worker stops or goes away.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cli.flags import add_model_args, add_process_args, join_processes, progress
+from mesh.errors import WaferError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--decode-mesh", default="2x2", help="the server's --decode-mesh (RxC; default 2x2)")
+    add_process_args(p)
+
+
+def run(args) -> int:
+    from mesh.executors import Executor, Grid
+    from model.load import resolve_source
+
+    if args.coordinator is None:
+        raise WaferError("serve-decode-peer needs --coordinator HOST:PORT, --num-processes and --process-id")
+    if args.process_id == 0:
+        raise WaferError("process 0 is the server's decode worker (wafer serve --process-id 0); "
+                         "a peer is 1..N-1")
+    grid = Grid.parse(args.decode_mesh)
+    resolve_source(args.model, args.checkpoint)  # a missing checkpoint fails before the mesh waits on us
+    join_processes(args, grid, Executor.DEVICES)
+
+    from model.load import load_model
+    from serve.decode_peers import follow
+    from serve.workers import decode_batch
+
+    follow(args.process_id, args.coordinator, grid, lambda: load_model(args.model, args.checkpoint), decode_batch,
+           progress)
+    progress(f"process {args.process_id}: the server's decode worker closed the mesh")
+    return 0
