@@ -9,6 +9,7 @@ the cores (serve/decode_peers.py) until the server's decode worker stops or goes
 from __future__ import annotations
 
 import argparse
+import os
 
 from cli.flags import add_model_args, add_process_args, join_processes, progress
 from mesh.errors import WaferError
@@ -32,8 +33,12 @@ def run(args) -> int:
     grid = Grid.parse(args.decode_mesh)
     resolve_source(args.model, args.checkpoint)  # a missing checkpoint fails before the mesh waits on us
     join_processes(args, grid, Executor.DEVICES)
+    # A peer started again compiles the same programs again, as a restarted decode worker does:
+    # the same persistent cache (serve/worker_process.py) turns that into loading.
+    import jax
 
-    from model.load import load_model
+    from model.load import cache_dir, load_model
+    jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir(), "xla"))
     from serve.decode_peers import follow
     from serve.workers import decode_batch
 
