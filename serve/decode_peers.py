@@ -13,9 +13,12 @@ programs otherwise.
 The stream is one TCP connection from process 0 to each peer, length-prefixed pickles, process 0
 writing and the peers reading (trusted hosts only: it is a pickle stream, as JAX's own processes
 trust each other). Why not `multihost_utils.broadcast_one_to_all` for every operation: each call is
-a collective program of its own shape (one compile per frame size) and leaves a peer no way to tell
-a silent process 0 from an idle one. It carries one value here: the port of process 0's listener,
-right after the processes join.
+a collective program of its own shape, compiled per frame size, and slow. Measured between two
+processes on this 2-CPU machine (gloo over 127.0.0.1), one SmolLM2 KV layer of 64 / 512 positions:
+broadcast_one_to_all of K alone, median 5.2 / 8.1 ms (92-317 ms for a new shape); this stream, K
+and V together plus a 1-byte ack, 0.19 / 0.40 ms round trip. And a broadcast leaves a peer no way
+to tell a silent process 0 from an idle one. It carries one value here: the port of process 0's
+listener, right after the processes join.
 
 Setup, in order: every process joins the mesh; process 0 listens on the coordinator's host and
 broadcasts the port; each peer connects and says which process it is; process 0 sends each peer its
