@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from cli.flags import add_model_args, add_process_args, join_processes, progress
 from mesh.errors import WaferError
+
+EXIT_FAILED = 2  # the exit code of every WaferError (cli/main.py)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,7 +45,13 @@ def run(args) -> int:
     from serve.decode_peers import follow
     from serve.workers import decode_batch
 
-    follow(args.process_id, args.coordinator, grid, lambda: load_model(args.model, args.checkpoint), decode_batch,
-           progress)
+    try:
+        follow(args.process_id, args.coordinator, grid, lambda: load_model(args.model, args.checkpoint),
+               decode_batch, progress)
+    except WaferError as e:
+        # The decode worker is gone: JAX's exit handler would wait for it at the shutdown barrier
+        # (30 s) before this peer can be started again for the next decode worker. Leave now.
+        print(f"wafer: error: {e}", file=sys.stderr, flush=True)
+        os._exit(EXIT_FAILED)
     progress(f"process {args.process_id}: the server's decode worker closed the mesh")
     return 0

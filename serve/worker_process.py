@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
+import traceback
 
 from serve.worker_spec import Role, WorkerSpec
 
@@ -53,5 +55,15 @@ def worker_main(cpus: tuple[int, ...], payload: bytes, conn) -> None:
         run_worker(spec, conn)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the engine went away: nothing left to report to
+    except BaseException:
+        if distributed is None or spec.role is not Role.DECODE:
+            raise
+        # A mesh that lost a process: JAX's exit handler would wait for it at the shutdown barrier
+        # (mesh.distributed.SHUTDOWN_TIMEOUT_S) while the engine waits to reap this process, so
+        # leave at once, with the report multiprocessing would have written.
+        conn.close()
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
     finally:
         conn.close()

@@ -91,38 +91,54 @@ def wait_ready(running: Running, peer_log) -> None:
 
 
 @needs_gloo
-@pytest.mark.slow  # 45-60 s on 2 busy cores: two starts of the decode worker and its peer
-def test_a_dead_peer_fails_the_decode_worker_and_a_new_peer_brings_it_back(sharp_checkpoint, reference, tmp_path):
+@pytest.mark.slow  # 40-50 s on 2 busy cores with a warm compile cache, more cold: four decode worker starts
+def test_a_lost_process_fails_the_decode_worker_and_a_new_peer_brings_it_back(sharp_checkpoint, reference, tmp_path):
     coordinator = f"127.0.0.1:{free_port()}"
     opts = dataclasses.replace(options(sharp_checkpoint, Mode.DISAGGREGATED),
                                distributed=Distributed(coordinator, 2, 0, 120))
-    logs = [tmp_path / f"peer{i}.log" for i in range(3)]
+    logs = [tmp_path / f"peer{i}.log" for i in range(4)]
     peers = [start_peer(sharp_checkpoint, coordinator, logs[0])]
+
+    def new_peer():
+        peers.append(start_peer(sharp_checkpoint, coordinator, logs[len(peers)]))
+        wait_ready(running, logs[len(peers) - 1])
+
     try:
         running = Running(opts)
         try:
-            decode_pid = running.engine.pids()["decode"]
             assert_done(running.generate(PROMPTS[1]), reference(PROMPTS[1]))
-            peers[0].send_signal(signal.SIGKILL)
+
+            # The peer dies while a request decodes: the step's all-reduce across the processes fails.
+            async def killed_mid_decode():
+                outputs = []
+                async for out in running.engine.submit(request(PROMPTS[0], 100)):
+                    outputs.append(out)
+                    if len(outputs) == 5:
+                        peers[0].send_signal(signal.SIGKILL)
+                return outputs
+            end = running.lt.run(killed_mid_decode())[-1]
+            assert isinstance(end, Failed) and end.reason is FailReason.WORKER_DIED, end
             peers[0].wait(30)
-            # The decode worker's next operation finds the peer gone: the worker exits, its request fails.
+            # The operator starts the peer again; the engine's restarted decode worker takes it in.
+            new_peer()
+            assert_done(running.generate(PROMPTS[0]), reference(PROMPTS[0]))
+
+            # The peer dies while the worker is idle: the worker's next send to it fails.
+            peers[1].send_signal(signal.SIGKILL)
+            peers[1].wait(30)
             tokens, end = running.generate(PROMPTS[2])
             assert isinstance(end, Failed) and end.reason is FailReason.WORKER_DIED, end
-            # The operator starts the peer again; the engine's restarted decode worker takes it in.
-            peers.append(start_peer(sharp_checkpoint, coordinator, logs[1]))
-            wait_ready(running, logs[1])
-            assert running.engine.pids()["decode"] != decode_pid
-            assert_done(running.generate(PROMPTS[0]), reference(PROMPTS[0]))
+
             # The other way round: the decode worker dies, its peer ends, and a new peer joins the new worker.
+            new_peer()
             os.kill(running.engine.pids()["decode"], signal.SIGKILL)
-            assert peers[1].wait(PEER_TIMEOUT_S) != 0
-            assert "the decode worker went away" in logs[1].read_text()
-            peers.append(start_peer(sharp_checkpoint, coordinator, logs[2]))
-            wait_ready(running, logs[2])
+            assert peers[2].wait(PEER_TIMEOUT_S) != 0
+            assert "the decode worker went away" in logs[2].read_text()
+            new_peer()
             assert_done(running.generate(PROMPTS[3]), reference(PROMPTS[3]))
         finally:
             running.stop()
-        assert peers[2].wait(60) == 0, logs[2].read_text()[-3000:]
+        assert peers[3].wait(60) == 0, logs[3].read_text()[-3000:]
     finally:
         for peer in peers:
             stop_peer(peer)
