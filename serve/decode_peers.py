@@ -134,6 +134,11 @@ class PeerLink:
                 sock.settimeout(SEND_TIMEOUT_S)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 process_id = _recv(sock)
+                if not isinstance(process_id, int) or not 0 < process_id < distributed.num_processes \
+                        or process_id in socks:
+                    sock.close()
+                    raise PeerLost(f"a decode peer said it is process {process_id!r}: expected one of "
+                                   f"1..{distributed.num_processes - 1}, each once")
                 socks[process_id] = sock
                 _send(sock, Hello(spec, fingerprint))
         except (OSError, EOFError) as e:
