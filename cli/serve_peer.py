@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from cli.flags import add_model_args, add_process_args, join_processes, progress
+from cli.flags import add_model_args, int_at_least, join_processes, positive_int, progress
 from mesh.errors import WaferError
 
 EXIT_FAILED = 2  # the exit code of every WaferError (cli/main.py)
@@ -20,8 +20,18 @@ EXIT_FAILED = 2  # the exit code of every WaferError (cli/main.py)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
+    from mesh.distributed import INIT_TIMEOUT_S
+
     p.add_argument("--decode-mesh", default="2x2", help="the server's --decode-mesh (RxC; default 2x2)")
-    add_process_args(p)
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="the server's --coordinator (its decode worker, process 0, listens there)")
+    p.add_argument("--num-processes", type=positive_int, default=None, metavar="N",
+                   help="processes in the decode mesh; each brings cores/N devices")
+    p.add_argument("--process-id", type=int_at_least(1, "1..N-1 (process 0 is the server's decode worker)"),
+                   default=None, metavar="I", help="this process, 1..N-1")
+    p.add_argument("--coordinator-timeout", type=positive_int, default=INIT_TIMEOUT_S, metavar="SECONDS",
+                   help=f"how long to wait for the server's decode worker and the other peers (default "
+                        f"{INIT_TIMEOUT_S})")
 
 
 def run(args) -> int:
@@ -30,9 +40,6 @@ def run(args) -> int:
 
     if args.coordinator is None:
         raise WaferError("serve-decode-peer needs --coordinator HOST:PORT, --num-processes and --process-id")
-    if args.process_id == 0:
-        raise WaferError("process 0 is the server's decode worker (wafer serve --process-id 0); "
-                         "a peer is 1..N-1")
     grid = Grid.parse(args.decode_mesh)
     resolve_source(args.model, args.checkpoint)  # a missing checkpoint fails before the mesh waits on us
     join_processes(args, grid, Executor.DEVICES)
