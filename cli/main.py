@@ -14,6 +14,7 @@ from cli import bench_decode, bench_kv, bench_prefill, bench_serve, bench_serve_
 from cli import kv as kv_cmd
 from cli import profile as profile_cmd
 from cli import serve as serve_cmd
+from cli import serve_peer
 from cli import simulate as simulate_cmd
 from mesh.errors import WaferError
 
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_command(sub, "serve", "the OpenAI-compatible server: prefill and wafer decode workers behind HTTP",
                 serve_cmd.add_arguments, serve_cmd.run)
+    add_command(sub, "serve-decode-peer", "one more process of a wafer serve decode mesh spanning processes",
+                serve_peer.add_arguments, serve_peer.run)
 
     add_command(sub, "profile", "what a decode layout costs on a real wafer (traced, nothing run)",
                 profile_cmd.add_arguments, profile_cmd.run)

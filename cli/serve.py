@@ -15,7 +15,7 @@ MAX_PORT = 65535
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from serve.events import Mode, SchedulerConfig
-    from serve.options import EngineOptions
+    from serve.options import Distributed, EngineOptions
 
     add_model_args(p)
     p.add_argument("--served-model-name", default=None,
@@ -44,7 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="decode mesh over several processes: the jax.distributed coordinator")
     p.add_argument("--num-processes", type=positive_int, default=None, help="processes of the decode mesh")
-    p.add_argument("--process-id", type=int_at_least(0, "non-negative"), default=None, help="this process's index")
+    p.add_argument("--process-id", type=int_at_least(0, "non-negative"), default=None,
+                   help="this process's index: 0 (the decode worker); the others run wafer serve-decode-peer")
+    p.add_argument("--coordinator-timeout", type=positive_int, default=Distributed.timeout_s, metavar="SECONDS",
+                   help="how long the decode worker waits for its peers to join (default %(default)s)")
 
 
 def parse_cpus(text: str, flag: str) -> tuple[int, ...]:
@@ -97,7 +100,7 @@ def parse_distributed(args):
         raise WaferError(f"--coordinator {args.coordinator!r}: expected HOST:PORT")
     if args.process_id >= args.num_processes:
         raise WaferError(f"--process-id {args.process_id} must be below --num-processes {args.num_processes}")
-    return Distributed(args.coordinator, args.num_processes, args.process_id)
+    return Distributed(args.coordinator, args.num_processes, args.process_id, args.coordinator_timeout)
 
 
 def options_from_args(args):

@@ -26,7 +26,7 @@ LOCAL_TOPOLOGY_TIMEOUT_MIN = 1
 GLOBAL_TOPOLOGY_TIMEOUT_MIN = 2
 
 
-def _split_address(coordinator: str) -> tuple[str, int]:
+def split_address(coordinator: str) -> tuple[str, int]:
     host, sep, port = coordinator.rpartition(":")
     if not sep or not host:
         raise WaferError(f"coordinator {coordinator!r}: expected HOST:PORT such as 127.0.0.1:12345")
@@ -42,7 +42,7 @@ def _split_address(coordinator: str) -> tuple[str, int]:
 def _check_can_listen(coordinator: str) -> None:
     """Process 0 serves the coordinator: refuse an address it cannot bind, before JAX tries (JAX
     aborts the process instead of raising)."""
-    host, port = _split_address(coordinator)
+    host, port = split_address(coordinator)
     try:
         with socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET):
             pass
@@ -53,7 +53,7 @@ def _check_can_listen(coordinator: str) -> None:
 def _wait_for_coordinator(coordinator: str, timeout_s: float) -> None:
     """Wait until something listens at the coordinator's address. A process whose coordinator never
     answers then fails with a sentence, not JAX's abort (DEADLINE_EXCEEDED and a C++ stack)."""
-    host, port = _split_address(coordinator)
+    host, port = split_address(coordinator)
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -68,7 +68,7 @@ def _wait_for_coordinator(coordinator: str, timeout_s: float) -> None:
 
 def check_process_args(coordinator: str, num_processes: int, process_id: int) -> None:
     """Refuse a malformed coordinator address, process count or process id (nothing started)."""
-    _split_address(coordinator)
+    split_address(coordinator)
     if num_processes < 1:
         raise WaferError(f"process count must be positive, got {num_processes}")
     if not 0 <= process_id < num_processes:

@@ -86,13 +86,33 @@ def check_options(options: EngineOptions) -> None:
     if options.transport not in ("tcp", "jax"):
         raise WaferError(f"KV transport {options.transport!r}: expected tcp or jax")
     if options.distributed is not None:
-        raise WaferError("a decode mesh spanning processes (jax.distributed) is not supported by the serving "
-                         "engine yet")
+        check_distributed(options)
     if options.executor is Executor.TRACE:
         raise WaferError("the trace executor runs nothing; serve with devices or vcores")
     if options.max_len < 2:
         raise WaferError(f"max_len must be at least 2 positions, got {options.max_len}")
     resolve_source(options.model, options.checkpoint)  # a missing checkpoint or unknown preset fails here
+
+
+def check_distributed(options: EngineOptions) -> None:
+    """A decode mesh spanning processes: the decode worker is process 0, of a devices mesh that the
+    processes split evenly; the other processes are `wafer serve-decode-peer`s."""
+    from mesh.distributed import check_process_args
+    d = options.distributed
+    check_process_args(d.coordinator, d.num_processes, d.process_id)
+    if d.process_id != 0:
+        raise WaferError(f"the server's decode worker is process 0 of the decode mesh, not {d.process_id}: start "
+                         "the other processes with wafer serve-decode-peer")
+    if options.mode is not Mode.DISAGGREGATED:
+        raise WaferError("a decode mesh spanning processes needs --mode disaggregated (the integrated worker "
+                         "keeps both meshes in one process)")
+    if options.executor is not Executor.DEVICES:
+        raise WaferError("a decode mesh spanning processes needs --executor devices (virtual cores live on one "
+                         "device)")
+    grid = options.decode_grid
+    if grid.cores % d.num_processes:
+        raise WaferError(f"a {grid} decode mesh ({grid.cores} cores) does not split evenly over {d.num_processes} "
+                         "processes")
 
 
 class WorkerEngine:

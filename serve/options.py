@@ -13,11 +13,13 @@ from serve.events import Mode, SchedulerConfig
 
 @dataclasses.dataclass(frozen=True)
 class Distributed:
-    """The decode worker's mesh spans processes through `jax.distributed` (mesh/distributed.py)."""
+    """The decode worker's mesh spans processes through `jax.distributed` (mesh/distributed.py): the
+    decode worker is process 0, `wafer serve-decode-peer` runs the others (serve/decode_peers.py)."""
 
     coordinator: str  # HOST:PORT
     num_processes: int
     process_id: int
+    timeout_s: int = 60  # how long process 0 waits for the peers to join (mesh.distributed.INIT_TIMEOUT_S)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
+import traceback
 
-from serve.worker_spec import WorkerSpec
+from serve.worker_spec import Role, WorkerSpec
 
 # Settings a worker's JAX must not inherit from its parent: each worker sets its own device count.
 INHERITED_JAX_SETTINGS = ("JAX_NUM_CPU_DEVICES", "JAX_COORDINATOR_ADDRESS", "JAX_COORDINATOR_BIND_ADDRESS",
@@ -43,8 +45,16 @@ def worker_main(cpus: tuple[int, ...], payload: bytes, conn) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     spec: WorkerSpec = pickle.loads(payload)
     name_process(f"wafer-{spec.role.value}")
-    from mesh.devices import ensure_cpu_devices
-    ensure_cpu_devices(spec.devices)
+    distributed = spec.options.distributed
+    if spec.role is Role.DECODE and distributed is not None:
+        # Process 0 of a decode mesh spanning processes: it serves the coordinator, and waits for
+        # the peers (`wafer serve-decode-peer`) to join before JAX starts here.
+        from mesh.distributed import init_cpu_process
+        init_cpu_process(distributed.coordinator, distributed.num_processes, distributed.process_id, spec.devices,
+                         distributed.timeout_s)
+    else:
+        from mesh.devices import ensure_cpu_devices
+        ensure_cpu_devices(spec.devices)
     # A restarted worker compiles the same programs again: XLA's persistent cache turns its ~20 s
     # of compilation (SmolLM2-sized meshes on 2 busy CPUs) into a few seconds of loading.
     import jax
@@ -57,5 +67,15 @@ def worker_main(cpus: tuple[int, ...], payload: bytes, conn) -> None:
         run_worker(spec, conn)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the engine went away: nothing left to report to
+    except BaseException:
+        if distributed is None or spec.role is not Role.DECODE:
+            raise
+        # A mesh that lost a process: JAX's exit handler would wait for it at the shutdown barrier
+        # (mesh.distributed.SHUTDOWN_TIMEOUT_S) while the engine waits to reap this process, so
+        # leave at once, with the report multiprocessing would have written.
+        conn.close()
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
     finally:
         conn.close()

@@ -35,5 +35,7 @@ class WorkerSpec:
         from mesh.executors import Executor
         opts = self.options
         decode = opts.decode_grid.cores if opts.executor is Executor.DEVICES else 1
+        if opts.distributed is not None:  # this process's share of a mesh spanning processes
+            decode //= opts.distributed.num_processes
         return {Role.PREFILL: opts.prefill_grid.cores, Role.DECODE: decode,
                 Role.INTEGRATED: max(decode, opts.prefill_grid.cores)}[self.role]

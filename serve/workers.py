@@ -39,6 +39,7 @@ from model.prefill import Prefiller
 from model.sampling import Sampling
 from model.slot_batch import SlotBatch
 from model.wafer_decode import MeshOptions
+from serve.decode_peers import LeaderSlotBatch, PeerLink
 from serve.kv_intake import KVIntake
 from serve.worker_messages import (Discard, Evict, Expect, Landed, LandFailed, Listening, PrefillBatch, PrefillReport,
                                    Ready, Ship, ShipFailed, Shipped, Shutdown, SramUse, Step, StepReport,
@@ -199,19 +200,37 @@ class PrefillWorker:
         self._shipper.join(IO_TIMEOUT_S)
 
 
+def decode_batch(loaded: LoadedModel, spec: WorkerSpec) -> SlotBatch:
+    """The decode worker's batch of slots on its wafer mesh, compiled (process 0 and the peers of a
+    mesh spanning processes build it alike)."""
+    import jax
+    opts = spec.options
+    mesh = make_core_mesh(opts.decode_grid, opts.executor, jax.devices())
+    budget = emulated_spec(opts.sram_budget) if opts.sram_budget else None
+    batch = SlotBatch(loaded.params, loaded.config, mesh, opts.scheduler.slots, opts.max_len,
+                      MeshOptions(opts.schedule, opts.groups, greedy=False), budget)
+    batch.compile()
+    return batch
+
+
 class DecodeSlots:
     """The decode batch and which request each committed slot decodes."""
 
     def __init__(self, loaded: LoadedModel, spec: WorkerSpec, channel: Channel):
-        import jax
-        opts = spec.options
-        mesh = make_core_mesh(opts.decode_grid, opts.executor, jax.devices())
-        budget = emulated_spec(opts.sram_budget) if opts.sram_budget else None
-        self.batch = SlotBatch(loaded.params, loaded.config, mesh, opts.scheduler.slots, opts.max_len,
-                               MeshOptions(opts.schedule, opts.groups, greedy=False), budget)
-        self.batch.compile()
+        distributed = spec.options.distributed
+        self.link = None
+        if distributed is None:
+            self.batch = decode_batch(loaded, spec)
+        else:  # this process leads the peers that hold the rest of the mesh (serve/decode_peers.py)
+            self.link = PeerLink.open(distributed, spec, model_fingerprint(loaded.config, loaded.params))
+            self.batch = LeaderSlotBatch(decode_batch(loaded, spec), self.link)
+            self.link.wait_ready()
         self.channel = channel
         self.request: dict[int, str] = {}  # committed slot -> request id
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.close()
 
     def warm_up(self, layer_by_layer: bool) -> None:
         """Compile the program that fills a slot (`place_layer`'s, or `insert`'s), so the first
@@ -352,6 +371,7 @@ class DecodeWorker:
             self.ended.append(inc.intake)
         for intake in self.ended:
             intake.join(IO_TIMEOUT_S)
+        self.slots.close()
 
 
 class IntegratedWorker:
