@@ -37,6 +37,7 @@ def test_plain_text_output(capsys):
     assert "tok/s" in err
 
 
+@pytest.mark.slow  # ~40 s on 2 cores; tests/test_hf_parity.py checks seeded sampling by default
 def test_sampling_is_seeded(capsys):
     args = ("generate", "--prompt", "Once upon a time", "--max-new-tokens", "12", "--temperature", "1.0",
             "--top-k", "50", "--top-p", "0.95", "--json")
@@ -122,6 +123,7 @@ def test_console_script_exit_code(tmp_path):
                                                  + ", ".join(__import__("model.config").config.PRESETS)]
 
 
+@pytest.mark.slow  # ~32 s; the CLI mesh path stays covered by bench decode --mesh and the two-process generate test
 def test_generate_on_a_mesh_matches_single_device(capsys):
     args = ("generate", "--prompt-ids", "1,9690,198,2683", "--max-new-tokens", "6", "--json")
     single = json.loads(run_cli(capsys, *args)[1])
@@ -153,6 +155,7 @@ def test_bad_mesh_flags_are_one_line(capsys, argv, fragments):
     assert_one_line_error(rc, err, *fragments)
 
 
+@pytest.mark.slow  # ~28 s on 2 cores (a profiler trace of a whole generate)
 def test_trace_writes_a_profile(capsys, tmp_path):
     rc, _, _ = run_cli(capsys, "generate", "--prompt-ids", "1,2", "--max-new-tokens", "3", "--mesh", "1x2",
                        "--trace", str(tmp_path / "trace"))
