@@ -12,19 +12,16 @@ import math
 import os
 import sys
 
-from cli.flags import busy_check, int_at_least, positive_int, progress
+from cli.flags import busy_check, int_at_least, positive_float, positive_int, progress
 from mesh.errors import WaferError
 
 
 def positive_rate(text: str) -> float:
     """A request rate in req/s: a positive number or `inf` (every request at once)."""
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid rate: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"a rate must be positive (or inf), got {text}")
-    return value
+        return positive_float(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"invalid rate {text!r}: {e}") from None
 
 
 def rate_list(text: str) -> tuple[float, ...]:

@@ -33,6 +33,17 @@ positive_int = int_at_least(1, "a positive integer")
 # ------------------------------------------------------------------------------- model and prompt
 
 
+def positive_float(text: str) -> float:
+    """A positive number (`inf` included) for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, help="preset name (default: smollm2-135m, the embedded model)")

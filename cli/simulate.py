@@ -16,7 +16,7 @@ import json
 import sys
 import time
 
-from cli.flags import positive_int, progress
+from cli.flags import positive_float, positive_int, progress
 from mesh.errors import WaferError
 
 # Without fleet flags: 8 prefill accelerators and 4 decode replicas (as many wafers as that takes).
@@ -24,21 +24,11 @@ DEFAULT_PREFILL = 8
 DEFAULT_REPLICAS = 4
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
-    return v
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     w = p.add_argument_group("workload")
     w.add_argument("--requests", type=positive_int, default=10000, help="requests to simulate (default 10000)")
-    w.add_argument("--rate", type=_positive_float, default=10.0, help="arrivals per second (default 10)")
-    w.add_argument("--burstiness", type=_positive_float, default=1.0,
+    w.add_argument("--rate", type=positive_float, default=10.0, help="arrivals per second (default 10)")
+    w.add_argument("--burstiness", type=positive_float, default=1.0,
                    help="gamma shape of the gaps: 1 Poisson, <1 burstier (default 1)")
     w.add_argument("--profile", choices=["chat", "code", "agentic"], default="chat",
                    help="input/output lengths: chat 256/128, code 2048/32, agentic 256/1920 (default chat)")
@@ -48,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="lengths around their means (default fixed)")
     w.add_argument("--trace", default=None, metavar="FILE",
                    help="an Azure LLM trace CSV, or 'code'/'conv' for the shipped ones (replayed to --requests)")
-    w.add_argument("--time-scale", type=_positive_float, default=1.0,
+    w.add_argument("--time-scale", type=positive_float, default=1.0,
                    help="multiply trace arrival times (0.5 doubles the rate)")
     w.add_argument("--seed", type=int, default=0)
 
@@ -68,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="decode batch per replica (default: the most that fit the wafers' SRAM)")
     f.add_argument("--context", type=positive_int, default=4096, help="KV positions reserved per slot")
     f.add_argument("--link", default="efa3", help="KV link: efa1..efa4 (default efa3)")
-    f.add_argument("--mfu", type=_positive_float, default=0.5, help="prefill model-FLOPs utilisation (assumption)")
+    f.add_argument("--mfu", type=positive_float, default=0.5, help="prefill model-FLOPs utilisation (assumption)")
     f.add_argument("--measured", default=None, metavar="FILE", help="a measured cost file instead of presets")
     f.add_argument("--mode", choices=["disaggregated", "integrated"], default="disaggregated",
                    help="with --measured: the scheduler's mode")
@@ -77,17 +67,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--processes", type=positive_int, default=1,
                    help="simulate the units in this many processes (needs --router round-robin)")
     f.add_argument("--max-waiting", type=positive_int, default=4096, help="waiting queue bound per unit")
-    f.add_argument("--prefill-cost-h", type=_positive_float, default=None, help="$/h per prefill accelerator")
-    f.add_argument("--decode-cost-h", type=_positive_float, default=None, help="$/h per wafer")
+    f.add_argument("--prefill-cost-h", type=positive_float, default=None, help="$/h per prefill accelerator")
+    f.add_argument("--decode-cost-h", type=positive_float, default=None, help="$/h per wafer")
 
     s = p.add_argument_group("SLOs and reports")
-    s.add_argument("--ttft-slo", type=_positive_float, default=2.0, help="seconds (default 2)")
-    s.add_argument("--tpot-slo", type=_positive_float, default=0.1, help="seconds (default 0.1)")
-    s.add_argument("--fast-speed", type=_positive_float, default=20.0,
+    s.add_argument("--ttft-slo", type=positive_float, default=2.0, help="seconds (default 2)")
+    s.add_argument("--tpot-slo", type=positive_float, default=0.1, help="seconds (default 0.1)")
+    s.add_argument("--fast-speed", type=positive_float, default=20.0,
                    help="tokens/s per user above which tokens count as fast (default 20)")
     s.add_argument("--sweep", choices=["ratio", "crossover"], default=None,
                    help="ratio: best prefill:decode split of --power-kw; crossover: vs integrated by input:output")
-    s.add_argument("--power-kw", type=_positive_float, default=None, help="footprint for --sweep, in kW")
+    s.add_argument("--power-kw", type=positive_float, default=None, help="footprint for --sweep, in kW")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots to DIR")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
