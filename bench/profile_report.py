@@ -9,7 +9,6 @@ import numpy as np
 
 from mesh.axes import COL, ROW, layer_scope
 from mesh.cost_model import sent_bytes_per_position
-from mesh.tensor_spec import Kind
 from model.trace_decode import LayoutProfile, trace_decode_step, with_layers
 from model.wafer_decode import MeshOptions
 from model.wafer_layout import WaferLayout
@@ -101,16 +100,13 @@ def sram_map(profile: LayoutProfile) -> tuple[np.ndarray, np.ndarray]:
     heads, F and V over columns, cache positions over rows) leaves some cores holding zeros. The
     useful part of each weight and KV tile follows from its spec's logical axes
     (`WaferLayout.real_elements`; a replicated KV head counts as useful on each of its columns,
-    each needs its copy); buffers count whole.
+    each needs its copy); a buffer's likewise (its rounding of D, V or the query heads is padding).
     """
     layout, g = profile.stage_layout(), profile.grid
     allocated = np.full((g.rows, g.cols), profile.plan.per_core_bytes, dtype=np.int64)
     useful = np.zeros((g.rows, g.cols), dtype=np.int64)
     for s in profile.plan.tensors:
-        if s.kind is Kind.BUFFER:
-            useful += s.local_bytes
-        else:
-            useful += layout.real_elements(s) * np.dtype(s.dtype).itemsize
+        useful += layout.real_elements(s) * np.dtype(s.dtype).itemsize
     return allocated, useful
 
 

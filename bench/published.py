@@ -154,7 +154,8 @@ def vendor_row(v: VendorFigure, progress, grids=VENDOR_GRIDS) -> dict:
         f"{best.staging.wafers} wafer(s), full step",
         f"{fit}; stage hand-offs and wafer crossings add {best.staging.handoff_s * 1e6:.1f} us of "
         f"{best.token_s * 1e6:.0f} us per token; time shares compute {sh['compute']:.0%}, SRAM {sh['memory']:.0%}, "
-        f"fabric {sh['fabric']:.0%} (WSE-3's 125 PFLOP/s peak counts sparsity; decode is fabric-bound either way); "
+        f"fabric {sh['fabric']:.0%} (WSE-3 priced at its dense 16-bit peak, 8-wide FMAC per core; the vendor's "
+        f"125 PFLOP/s counts sparsity); "
         f"{v.note}", "predicted", model=v.model, grid=str(best.grid), wafers=best.staging.wafers)
 
 

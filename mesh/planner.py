@@ -38,7 +38,14 @@ class SramPlan:
 
     @property
     def useful_fraction(self) -> float | None:
-        """Non-padding bytes / placed bytes over the grid (None: the layout gave no count)."""
+        """Non-padding bytes / placed bytes over the grid, every placed tensor counted (None: the
+        layout gave no count).
+
+        Placed bytes are the plan's: weights, KV cache and activation buffers alike. The layout
+        counts what is not padding: the elements its logical extents fill, in buffers as in
+        weights (a buffer is not padding, but its rounding of D or V is). A replicated KV head
+        counts on each core that holds it (each attends with its own copy); the cache's scratch
+        slot is not useful (model/wafer_layout.py)."""
         if self.useful_bytes is None:
             return None
         return self.useful_bytes / (self.per_core_bytes * self.rows * self.cols)

@@ -80,14 +80,16 @@ class WaferSpec:
 # Program grid 750 x 994: WaferLLM compiles on a 757 x 996 fabric, less the memcpy halo of 7
 # columns and 2 rows (Decode/WSE-2/compile.py; Cerebras SDK fabric-dimension rules).
 # Peak: 4-wide 16-bit FMAC per core per cycle, 8 FLOP/cycle: 7.5 PFLOP/s over the wafer.
-# WSE-3: 900,000 cores, 44 GB, 21 PB/s, 125 PFLOP/s (vendor; the peak counts sparsity, and decode
-# is bound by the fabric, not by it). Program grid 755 x 1170: WaferLLM's WSE-3 fabric 762 x 1172
+# WSE-3: 900,000 cores, 44 GB, 21 PB/s (vendor). Peak: 8-wide 16-bit FMAC per core per cycle, up
+# from WSE-2's 4-wide (The Next Platform, 2024-03-14; the vendor's "2x WSE-2"), 16 FLOP/cycle:
+# 15.84 PFLOP/s dense over the wafer. The vendor's 125 PFLOP/s counts sparsity; taking it as the
+# dense rate made a WSE-3 core 16x a WSE-2 core and priced decode's GEMVs at ~0. Program grid 755 x 1170: WaferLLM's WSE-3 fabric 762 x 1172
 # less the same halo (Decode/WSE-3/compile.py). Clock: the vendor gives none; WaferLLM converts
 # WSE-3 cycles at 1.1 GHz too (Decode/WSE-3/launch_wse3.py).
 WSE2 = WaferSpec("wse2", max_rows=750, max_cols=994, sram_per_core=48 * KIB, clock_hz=1.1e9,
                  vendor_cores=850_000, sram_bandwidth=20e15, peak_flops=7.5e15)
 WSE3 = WaferSpec("wse3", max_rows=755, max_cols=1170, sram_per_core=48 * KIB, clock_hz=1.1e9,
-                 vendor_cores=900_000, sram_bandwidth=21e15, peak_flops=125e15)
+                 vendor_cores=900_000, sram_bandwidth=21e15, peak_flops=16 * 900_000 * 1.1e9)
 SPECS = {s.name: s for s in (WSE2, WSE3)}
 
 # Where each constant comes from, for reports (the comments above say the same at more length).
@@ -100,7 +102,8 @@ CONSTANT_SOURCES = {
     "compute_efficiency": "calibrated 0.356 on WaferLLM 8B+72B at 420^2: share of the 4-wide 16-bit FMAC peak "
                           "(8 FLOP/cycle) on decode's short rows",
     "core_sram_bytes_per_cycle": "vendor aggregate SRAM bandwidth / cores / clock (20 PB/s WSE-2, 21 PB/s WSE-3)",
-    "core_flops_per_cycle": "vendor peak / cores / clock x compute_efficiency",
+    "core_flops_per_cycle": "dense 16-bit FMAC width x 2 (4-wide WSE-2, 8-wide WSE-3: The Next Platform 2024-03-14) "
+                            "x compute_efficiency",
     "io_bytes_per_s": "1.2 Tb/s system I/O per CS-2/CS-3 (12 x 100 GbE)",
     "wafer_latency_s": "5 us per wafer-to-wafer hand-off: an assumption, not a vendor figure",
 }

@@ -335,12 +335,10 @@ class WaferLayout:
         return out
 
     def useful_bytes(self, specs: list[TensorSpec]) -> int:
-        """Bytes of `specs` over the whole grid that are not padding (buffers count whole)."""
+        """Bytes of `specs` over the whole grid that are not padding (`real_elements`; buffers too:
+        the residual buffer's rounding of D, the logits buffer's of V are padding like a weight's)."""
         total, cache = 0, {}
         for s in specs:
-            if s.kind is Kind.BUFFER:
-                total += s.local_bytes * self.grid.cores
-                continue
             key = (s.local_shape, s.axes)
             if key not in cache:
                 cache[key] = int(self.real_elements(s).sum())

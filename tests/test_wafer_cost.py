@@ -78,6 +78,14 @@ def test_ktree_420_stages_and_hops_by_hand():
     assert call.cycles == 78 * WSE2.stage_cycles + 838 * WSE2.hop_cycles + 2
 
 
+def test_wse3_core_peak_is_dense_and_twice_wse2():
+    """A WSE-3 core does an 8-wide 16-bit FMAC per cycle, a WSE-2 core a 4-wide one: 16 and 8
+    FLOP/cycle dense (the vendor's 125 PFLOP/s for WSE-3 counts sparsity and would make a WSE-3
+    core ~16x a WSE-2 core)."""
+    peak = lambda s: s.core_flops_per_cycle / s.compute_efficiency
+    assert peak(WSE3) == pytest.approx(16) and peak(WSE2) == pytest.approx(8, rel=0.01)
+
+
 def test_wafer_hand_off_from_system_io():
     """1.2 Tb/s of system I/O: 150 kB take 1 us, plus the assumed latency."""
     assert WSE3.wafer_hop_s(150_000) == pytest.approx(WSE3.wafer_latency_s + 1e-6)
