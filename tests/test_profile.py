@@ -221,7 +221,7 @@ def test_llama3_8b_useful_fraction_full_vs_heads(grid, full_at_least):
     4096/4200 on 420): no layout with equal tiles per core passes it. (A middle stage of 11
     layers, with every head dimension rounded only to whole dims per column, fused q|k|v rounded
     once, still holds 0.932 on 360 and 0.949 on 420: the cache's rows and scratch slot and F's
-    columns round too; docs/profile/published.txt's note.)"""
+    columns round too; model/wafer_layout.py, "Where the padding lies".)"""
     useful = {}
     for mode in (LayoutMode.HEADS, LayoutMode.FULL):
         layout = WaferLayout(dataclass_layers(preset("llama3-8b"), 1), Grid.parse(grid), 4096, mode=mode)
