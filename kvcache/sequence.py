@@ -22,6 +22,7 @@ from model.config import ModelConfig
 from model.load import config_to_json
 from model.prefill import PrefillResult, Prefiller
 from model.sampling import Sampling
+from model.wafer_layout import tensor_parallel_layout
 from model.weights import Params, flatten_params
 
 
@@ -108,18 +109,38 @@ def sequence_from_prefill(result: PrefillResult, i: int) -> SequenceKV:
     [K_col, S, H] over the C devices of the sequence's mesh row, built from views of those
     devices' shards (no host copy; the serializer and JAX transfer read the shards). On `vcores`
     (one device) they are host arrays.
+
+    The wire layout (`PrefillKVLayout`: KV head c*kc + i on column c) is the prefill cache's
+    below 2K columns. From 2K on the prefill replicates each KV head over rep columns
+    (`tensor_parallel_layout`): wire column h < K takes KV head h from its first copy (a copy
+    between devices where that copy lies on another column), columns >= K are zero padding.
     """
     R, C, b, kc = result.k_cache[0].shape[:4]
     n, row, j = int(result.lengths[i]), i // b, i % b
-    layout = PrefillKVLayout(result.grid, result.config.n_kv_heads, row=row)
+    K = result.config.n_kv_heads
+    layout = PrefillKVLayout(result.grid, K, row=row)
     H = result.config.head_dim
+    sources = tensor_parallel_layout(result.config, C).kv_head_sources
+    if sources == tuple((h // kc, h % kc) for h in range(K)):  # whole groups: the wire's own layout
+        column_of = None
+    elif kc == layout.kc == 1:  # replicated KV heads: wire column h reads prefill column sources[h]
+        column_of = [sources[c][0] if c < K else None for c in range(C)]
+    else:
+        raise WaferError(f"prefill cache of {kc} KV heads per column on {C} columns has no wire layout")
 
     def sequence_layer(a: jax.Array):
         if len(a.sharding.device_set) == 1:
-            return np.asarray(a[row, :, j, :, :n]).reshape(C * kc, n, H)
+            host = np.asarray(a[row, :, j, :, :n])  # [C, kc, n, H]
+            if column_of is not None:
+                host = np.stack([host[c] if c is not None else np.zeros_like(host[0]) for c in column_of])
+            return host.reshape(C * kc, n, H)
         by_core = {(s.index[0].start or 0, s.index[1].start or 0): s for s in a.addressable_shards}
-        pieces = [by_core[(row, c)].data[0, 0, j, :, :n] for c in range(C)]
         devices = [by_core[(row, c)].device for c in range(C)]
+        pieces = [by_core[(row, c)].data[0, 0, j, :, :n] for c in range(C)]
+        if column_of is not None:
+            pieces = [jax.device_put(pieces[src], d) if src is not None else
+                      jax.device_put(np.zeros(pieces[0].shape, pieces[0].dtype), d)
+                      for src, d in zip(column_of, devices)]
         mesh = Mesh(np.array(devices, dtype=object).reshape(1, C), (ROW, COL))
         return jax.make_array_from_single_device_arrays((C * kc, n, H), NamedSharding(mesh, P(COL, None, None)),
                                                         pieces)

@@ -4,8 +4,10 @@ The prefill mesh is an R×C grid run by the same executors as decode (mesh/execu
 the division of work a dense accelerator cluster uses rather than the wafer's:
 
 - rows split the batch: row r prefills sequences r*b .. r*b + b - 1 of the batch padded to R*b;
-- columns split the model (Megatron-style): column c holds the query heads of its kc KV heads,
-  block c of the feed-forward width F and block c of the vocabulary. Each layer then needs two
+- columns split the model (Megatron-style): column c holds the query heads of its kc KV heads
+  (with C >= 2K columns a KV group's query heads split over several columns, each with a copy of
+  the KV head: `tensor_parallel_layout`), block c of the feed-forward width F and block c of the
+  vocabulary. Each layer then needs two
   all-reduces over COL (after the output projection and after the down projection); the
   residual stream [b, T, D] is replicated over columns.
 
@@ -23,6 +25,8 @@ Prefill layout of the KV cache (what the handoff reads), per layer, for K and fo
 
     [R, C, b, kc, S, H]   entry [r, c, j, i, p] = sequence r*b + j, KV head c*kc + i, position p
 
+(KV head `layout.kv_heads_by_column[c][i]` in general: c*kc + i below 2K columns; from 2K on, c //
+rep, each head on rep neighbouring columns; the handoff reads one copy, `kv_head_sources`.)
 KV heads >= K are zero padding; positions >= the prompt's length are zero; S is the prompt
 length rounded up to whole chunks (or a longer cache length the caller asks for).
 """
@@ -84,8 +88,7 @@ def core_prefill_chunk(tiles, k_cache, v_cache, tokens_bT, lengths_b, start, x_l
     """
     cfg = layout.config
     b, T = tokens_bT.shape
-    kc, G, H, D = layout.kc, cfg.q_per_kv, cfg.head_dim, cfg.dim
-    nc = kc * G
+    kc, nc, H, D = layout.kc, layout.nc, cfg.head_dim, cfg.dim
     S = k_cache[0].shape[2]
     assert k_cache[0].shape == (b, kc, S, H), k_cache[0].shape
     assert x_last_bD.shape == (b, D), x_last_bD.shape
@@ -172,9 +175,11 @@ class PrefillResult:
             cfg, B = self.config, len(self.lengths)
             R, C, b, kc, S, H = self.k_cache[0].shape
             arrays = self.k_cache if which == "k" else self.v_cache
-            # [R, C, b, kc, S, H] -> [R, b, C, kc, S, H] -> [R b, C kc, S, H], then drop the padding.
+            heads = [c * kc + i for c, i in tensor_parallel_layout(cfg, C).kv_head_sources]
+            # [R, C, b, kc, S, H] -> [R, b, C, kc, S, H] -> [R b, C kc, S, H], then one copy of
+            # each true KV head (padding and replicas dropped).
             self._host[which] = [np.asarray(a).transpose(0, 2, 1, 3, 4, 5).reshape(R * b, C * kc, S, H)
-                                 [:B, : cfg.n_kv_heads] for a in arrays]
+                                 [:B, heads] for a in arrays]
         return self._host[which]
 
     def sequence_kv(self, i: int) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -75,8 +75,25 @@ messages per segment in a chain, seg - 1 per core in a ring).
 The split is automatic: a core's w_qkv, w_o, KV cache, attention FLOPs and messages are never
 larger than with whole groups (gc <= G, kc = 1 either way once C >= K), so it never loses on a
 wafer, where one core's time is the grid's. `split_groups=False` keeps whole groups for any C
-and no head-dim split (the prefill mesh's `tensor_parallel_layout`, whose cache layout and
-handoff read KV head c*kc + i on column c).
+and no head-dim split. The prefill mesh's `tensor_parallel_layout` is mode HEADS: whole heads,
+KV groups split over columns once C >= 2K (C // K > 1), as above.
+
+Where the padding lies (the useful fraction, `SramPlan.useful_fraction`: non-padding bytes /
+placed bytes). Llama3-8B, bf16, context 4096, a middle stage on 360x360 (seg 45, hc 4): 0.869;
+every tensor with a D axis is capped by D's rounding over the rows (4096 / (12 x 360) = 0.948),
+the FFN (2/3 of the bytes) stands at 0.944, and w_qkv, w_o and the KV cache at 0.67, 0.67 and
+0.62: 64 rotary pairs over 45 columns round to 2 per column (90 pairs' room), and the cache has
+its scratch slot. On 420x420 (seg 105, 2 KV groups per segment, hc 2: 64 pairs over 105
+columns): 0.84, attention 0.59. Whole rotary pairs cost each KV group at least one 12-dim column
+slice (4 query heads, k and v, 2 dims each) per pair, and 8 x 64 group-pairs over 360 or 420
+columns round to 2 per column: 24 dims of w_qkv per column for 6144 / C needed (17.1, 14.6). No
+choice of seg does better with equal tiles per core (segments of 32 or 64 columns fill every
+slice but leave columns idle: the same bytes per core). More replication packs w_qkv and w_o
+better but holds more bytes per core (420x420, 32 segments of 13 columns, one query head each, KV
+4x: 38,888 B against 36,268; it reads 0.94 only because each replica counts as useful). Even
+with every width rounded only to whole dims (fused q|k|v at ceil(6144 / C), no pairs, no head
+grouping) a stage holds 0.932 on 360x360 and 0.949 on 420x420: F over the columns, the cache's
+positions over the rows and its scratch slot round too.
 
 Dimensions that do not divide the grid are zero-padded: D to a multiple of R, KV heads and query
 heads as above, head dims to whole rotary pairs per slice, F and V to multiples of C, S to a
@@ -234,6 +251,17 @@ class WaferLayout:
         return np.where(idx < half, idx, -1)
 
     @property
+    def kv_head_sources(self) -> tuple[tuple[int, int], ...]:
+        """Per true KV head h, (column, slot) of its first copy: where a handoff reads it (a
+        replicated head is read once; the other copies hold the same values)."""
+        first: dict[int, tuple[int, int]] = {}
+        for c, heads in enumerate(self.kv_heads_by_column):
+            for i, h in enumerate(heads):
+                if h is not None:
+                    first.setdefault(h, (c, i))
+        return tuple(first[h] for h in range(self.config.n_kv_heads))
+
+    @property
     def kv_heads_by_column(self) -> tuple[tuple[int | None, ...], ...]:
         """Per column, its kc KV heads (None: padding): the map a decode cache layout needs."""
         return tuple(tuple(self.column_heads(c)[0]) for c in range(self.grid.cols))
@@ -350,10 +378,15 @@ def tensor_parallel_layout(config: ModelConfig, cols: int) -> WaferLayout:
     """The prefill mesh's tensor-parallel split over `cols` columns (the weight tiles of a one-row
     grid; extents kc, nc, f, v).
 
-    Whole KV groups per column at any C (no replicated KV heads): the prefill cache layout and
-    its handoff read KV head c*kc + i on column c. The prefill cache is not this layout's: its one
-    cache position is a placeholder."""
-    return WaferLayout(config, Grid(1, cols), max_len=1, split_groups=False, mode=LayoutMode.HEADS)
+    Whole heads per column (mode HEADS, no head-dim split: prefill's attention is a local
+    matmul per column). With C >= 2K columns a KV group's query heads split over rep = ceil(G /
+    gc) columns, each holding a copy of the KV head and computing its k and v (the decode
+    layout's replication), so no column holds zero attention tiles while another holds whole
+    groups: SmolLM2 (K = 3, G = 3) on 6 columns holds 2 query heads per column, not 3 on half of
+    them. Column c's cache holds KV heads `kv_heads_by_column[c]` (c*kc + i below 2K columns, c //
+    rep above); the handoff ships one copy of each (`kv_head_sources`). The prefill cache is not
+    this layout's: its one cache position is a placeholder."""
+    return WaferLayout(config, Grid(1, cols), max_len=1, mode=LayoutMode.HEADS)
 
 
 def _pad_to(a: np.ndarray, axis: int, size: int) -> np.ndarray:

@@ -73,7 +73,9 @@ def smollm2_reference(hf_smollm2, smollm2_batch):
 # splits the longest prompt over three chunks that extend the cache. The default run covers
 # 1, 2 and 4 devices with TP and DP; the other shapes run in `make test-all`.
 SMOLLM2_MESHES = [("1x1", 2048), ("2x1", 64), ("2x2", 64),
-                  pytest.param("1x2", 2048, marks=pytest.mark.slow), pytest.param("1x4", 2048, marks=pytest.mark.slow)]
+                  pytest.param("1x2", 2048, marks=pytest.mark.slow), pytest.param("1x4", 2048, marks=pytest.mark.slow),
+                  # 6 columns for 3 KV groups of 3: each KV head on 2 columns (tensor_parallel_layout)
+                  pytest.param("1x6", 2048, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("grid, chunk", SMOLLM2_MESHES)
@@ -182,6 +184,35 @@ def test_prefill_layout_is_documented_one(tiny_llama):
             for j in range(b):
                 seq, n = r * b + j, len(prompts[r * b + j])
                 np.testing.assert_allclose(raw[r, c, j, :, :n], k_single[1][seq, c * kc:(c + 1) * kc, :n], atol=2e-5)
+
+
+@pytest.mark.parametrize("executor", [Executor.DEVICES, Executor.VCORES])
+def test_prefill_splits_kv_groups_from_2k_columns(tiny_llama, executor):
+    """tiny-llama (2 KV heads of 2 query heads) on 4 columns: one query head per column and each
+    KV head on two columns, so no column holds zero attention tiles. The first tokens and the
+    cache equal the single-device prefill's, and the handoff's sequence carries the wire layout
+    (`PrefillKVLayout`: KV head h on column h, columns 2 and 3 zero padding), one copy each."""
+    from kvcache.sequence import sequence_from_prefill
+    from model.wafer_layout import tensor_parallel_layout
+    cfg, params = tiny_llama
+    layout = tensor_parallel_layout(cfg, 4)
+    assert (layout.kc, layout.nc, layout.rep) == (1, 1, 2)
+    assert layout.kv_heads_by_column == ((0,), (0,), (1,), (1,)) and layout.kv_head_sources == ((0, 0), (2, 0))
+    prompts = [[1, 2, 3], list(range(4, 44))]
+    result = Prefiller(params, cfg, make_core_mesh(Grid(1, 4), executor), chunk=32).prefill(prompts)
+    single = Generator(params, cfg).prefill(prompts, result.max_len, Sampling())
+    np.testing.assert_array_equal(result.first_tokens, np.asarray(single.first_B))
+    for i, n in enumerate(result.lengths):
+        seq = sequence_from_prefill(result, i)
+        assert seq.layout.padded_heads == 4
+        for which, ref in (("k", single.cache.k_LBKSH), ("v", single.cache.v_LBKSH)):
+            host, wire = result.host_cache(which), (seq.k_LKSH if which == "k" else seq.v_LKSH)
+            for layer in range(cfg.n_layers):
+                want = np.asarray(ref[layer])[i, :, :n]
+                np.testing.assert_allclose(host[layer][i, :, :n], want, atol=2e-5)
+                got = np.asarray(wire[layer])
+                np.testing.assert_allclose(got[:2], want, atol=2e-5)
+                assert not got[2:].any()
 
 
 def test_prefill_memory_grows_linearly_with_the_prompt(tiny_llama):
