@@ -12,7 +12,8 @@ the division of work a dense accelerator cluster uses rather than the wafer's:
   residual stream [b, T, D] is replicated over columns.
 
 The column tiles are the decode tiles of a one-row grid (`tile_params` on `Grid(1, C)`):
-KV heads zero-padded to a multiple of C with their query heads, F and V padded to multiples of C.
+KV heads zero-padded to a multiple of C with their query heads (from 2K columns on, split and
+replicated instead: `tensor_parallel_layout`), F and V padded to multiples of C.
 Zero heads attend to zero keys and add zero through zero rows of w_o, so padding changes nothing.
 
 Prompts are right-padded to a common length; padding positions are computed (their rows are
