@@ -83,7 +83,8 @@ class WaferSpec:
 # WSE-3: 900,000 cores, 44 GB, 21 PB/s (vendor). Peak: 8-wide 16-bit FMAC per core per cycle, up
 # from WSE-2's 4-wide (The Next Platform, 2024-03-14; the vendor's "2x WSE-2"), 16 FLOP/cycle:
 # 15.84 PFLOP/s dense over the wafer. The vendor's 125 PFLOP/s counts sparsity; taking it as the
-# dense rate made a WSE-3 core 16x a WSE-2 core and priced decode's GEMVs at ~0. Program grid 755 x 1170: WaferLLM's WSE-3 fabric 762 x 1172
+# dense rate made a WSE-3 core 16x a WSE-2 core and priced decode's GEMVs at ~0.
+# Program grid 755 x 1170: WaferLLM's WSE-3 fabric 762 x 1172
 # less the same halo (Decode/WSE-3/compile.py). Clock: the vendor gives none; WaferLLM converts
 # WSE-3 cycles at 1.1 GHz too (Decode/WSE-3/launch_wse3.py).
 WSE2 = WaferSpec("wse2", max_rows=750, max_cols=994, sram_per_core=48 * KIB, clock_hz=1.1e9,
