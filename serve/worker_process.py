@@ -9,6 +9,7 @@ XLA's) would keep the parent's CPUs. The spec travels pickled, as bytes, for the
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import sys
@@ -45,6 +46,11 @@ def worker_main(cpus: tuple[int, ...], payload: bytes, conn) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     spec: WorkerSpec = pickle.loads(payload)
     name_process(f"wafer-{spec.role.value}")
+    # The worker's progress notes (its precompilation) go to the server's stderr, named.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s wafer-{spec.role.value} %(message)s"))
+    logging.getLogger("serve.workers").addHandler(handler)
+    logging.getLogger("serve.workers").setLevel(logging.INFO)
     distributed = spec.options.distributed
     if spec.role is Role.DECODE and distributed is not None:
         # Process 0 of a decode mesh spanning processes: it serves the coordinator, and waits for
