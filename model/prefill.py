@@ -266,17 +266,20 @@ class Prefiller:
                     out.append(key)
         return out
 
-    def precompile(self, max_prompt_len: int, batch_sizes: Sequence[int] = (1,), stop=None) -> int:
+    def precompile(self, max_prompt_len: int, batch_sizes: Sequence[int] = (1,), go_on=None) -> int:
         """Compile ahead of time every program a batch of prompts of up to `max_prompt_len` tokens
         needs (the chunk program of each length bucket, the heads greedy and sampled), so that no
-        later `prefill` of such a batch compiles. Thread-safe; `stop` (a threading.Event) ends it
-        early. Returns the number of programs compiled here."""
+        later `prefill` of such a batch compiles. Thread-safe; `go_on()`, called before each
+        program, may wait, and ends it early by returning False. Returns the number of programs
+        compiled here."""
         before = self.compiles
         for b in sorted({self.shapes([[0]] * n)[0] for n in batch_sizes}):
             for greedy in (True, False):
+                if go_on is not None and not go_on():
+                    return self.compiles - before
                 self._head_program(b, greedy)
         for b, T, S in self.precompile_shapes(max_prompt_len, batch_sizes):
-            if stop is not None and stop.is_set():
+            if go_on is not None and not go_on():
                 break
             self._chunk_program(b, T, S)
         return self.compiles - before

@@ -13,6 +13,7 @@ import logging
 import os
 import pickle
 import sys
+import threading
 import traceback
 
 from serve.worker_spec import Role, WorkerSpec
@@ -68,9 +69,15 @@ def worker_main(cpus: tuple[int, ...], payload: bytes, conn) -> None:
     from model.load import cache_dir
     jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir(), "xla"))
 
-    from serve.workers import run_worker
+    from serve.workers import PRECOMPILE_THREAD, run_worker
     try:
         run_worker(spec, conn)
+        if any(t.name == PRECOMPILE_THREAD and t.is_alive() for t in threading.enumerate()):
+            # Still compiling a program: the interpreter's exit would pull XLA down under it
+            # ("terminate called ..."); nothing is left to finish, so leave at once.
+            conn.close()
+            sys.stderr.flush()
+            os._exit(0)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the engine went away: nothing left to report to
     except BaseException:

@@ -51,8 +51,10 @@ from serve.worker_spec import Role, WorkerSpec
 # flight (its frames are placed between commands, so the wait bounds their latency).
 IDLE_POLL_S = 1.0
 LANDING_POLL_S = 0.002
-# A worker shutting down waits this long for the precompiling thread to finish its program.
+# A worker shutting down waits this long for the precompiling thread to finish its program (then
+# leaves without it: worker_process.worker_main).
 PRECOMPILE_JOIN_S = 5.0
+PRECOMPILE_THREAD = "prefill-precompile"
 # A listener outlives the handoff deadline by this much, so the scheduler's deadline fires first.
 ACCEPT_GRACE_S = 5.0
 
@@ -84,13 +86,18 @@ def run_worker(spec: WorkerSpec, conn) -> None:
     worker = {Role.PREFILL: PrefillWorker, Role.DECODE: DecodeWorker,
               Role.INTEGRATED: IntegratedWorker}[spec.role](loaded, spec, channel)
     channel.send(Ready(loaded.config, worker.capacity, worker_site(spec, worker)))
+    precompiler = getattr(worker, "precompiler", None)
     try:
         while True:
             if conn.poll(worker.poll_timeout()):
+                if precompiler is not None:
+                    precompiler.busy()
                 command = conn.recv()
                 if isinstance(command, Shutdown):
                     break
                 worker.apply(command)
+            elif precompiler is not None:
+                precompiler.idle()
             worker.between_commands()
     finally:
         worker.close()
@@ -122,36 +129,47 @@ def prefill_batch_sizes(spec: WorkerSpec) -> tuple[int, ...]:
 
 class Precompiler:
     """Compiles the prefill program of every prompt-length bucket up to the longest prompt a slot
-    can take (`--max-len` - 1), for every batch size, on a thread of its own at the lowest CPU
-    priority, batch size 1 first and shortest prompts first.
+    can take (`--max-len` - 1), for every batch size, on a thread of its own, batch size 1 first
+    and shortest prompts first, one program at a time while the worker is idle.
 
-    Without it the first prompt of each new 32-token bucket compiled mid-serve (seconds on a CPU,
-    on the critical path of every request behind it). Compiling all of them before reporting
-    Ready would delay the start by minutes for a long `--max-len` (about 6 s per program for
-    SmolLM2 on one busy CPU, 3 s from XLA's persistent cache), so the worker starts serving at
-    once and the programs appear in its idle time; a request needing one not compiled yet
-    compiles it (or waits for this thread's compilation of it), as before.
+    Without it the first prompt of each new 32-token bucket (and of each batch size) compiled
+    mid-serve: seconds on a CPU, on the critical path of every request behind it. Compiling all
+    of them before reporting Ready would delay the start by minutes for a long `--max-len` (about
+    6 s per program for SmolLM2 on one CPU, 3 s from XLA's persistent cache), so the worker
+    serves at once and the programs appear in its idle time (the worker's loop says when it is:
+    `idle`, `busy`). A program being compiled when a command arrives is finished, at the same
+    priority (a lower one would let the worker's loop wait on the GIL behind a starved thread).
+    A request needing a program not compiled yet compiles it (or waits for this thread's
+    compilation of it), as before; an integrated worker that never idles compiles on demand.
     """
 
     def __init__(self, prefiller: Prefiller, max_prompt_len: int, batch_sizes: tuple[int, ...]):
         self.prefiller, self.max_prompt_len, self.batch_sizes = prefiller, max_prompt_len, batch_sizes
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="prefill-precompile")
+        self._stop, self._idle = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=PRECOMPILE_THREAD)
         self._thread.start()
 
+    def idle(self) -> None:
+        self._idle.set()
+
+    def busy(self) -> None:
+        self._idle.clear()
+
+    def _go_on(self) -> bool:
+        while not self._stop.is_set():
+            if self._idle.wait(IDLE_POLL_S):
+                return True
+        return False
+
     def _run(self) -> None:
-        try:  # Linux: a thread's priority is its own; elsewhere it shares the process's
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except (OSError, AttributeError):
-            pass
         t0 = time.perf_counter()
         try:
             for b in self.batch_sizes:
-                n = self.prefiller.precompile(self.max_prompt_len, (b,), self._stop)
-                log.info("prefill programs for batches of %d, prompts up to %d tokens: %d compiled, %.1f s "
-                         "since start", b, self.max_prompt_len, n, time.perf_counter() - t0)
+                n = self.prefiller.precompile(self.max_prompt_len, (b,), self._go_on)
                 if self._stop.is_set():
                     return
+                log.info("prefill programs for batches of %d, prompts up to %d tokens: %d compiled, %.1f s "
+                         "since start", b, self.max_prompt_len, n, time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001 (a request needing the program compiles it, and reports)
             log.warning("prefill precompilation stopped: %s", one_line(e))
 
