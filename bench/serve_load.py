@@ -29,6 +29,8 @@ from mesh.errors import WaferError
 # DistServe's SLO attainment target: the rate search keeps at least this fraction of requests
 # within every SLO.
 TARGET_ATTAINMENT = 0.9
+# Output tokens a warm-up request asks for at most (its prompt has the workload's length).
+WARMUP_OUTPUT_LEN = 16
 
 
 class Bar(Protocol):
@@ -132,8 +134,11 @@ def warm_up(bench: ServeBench, progress: Callable[[str], None]) -> None:
     costs (compilation, allocation, lazy loading) stay out of the figures; and stop with one line
     if every one fails, rather than measure a load that will only fail (vLLM's initial test run)."""
     progress(f"warm-up: {bench.warmup} request(s), one at a time, not measured")
-    # Prompts of their own (another seed), so no measured request finds its prompt cached.
-    warm = make_requests(dataclasses.replace(bench.workload, requests=bench.warmup, seed=bench.workload.seed + 1))
+    # Prompts of their own (another seed), so no measured request finds its prompt cached; the
+    # workload's prompt lengths (the prefill programs they use) but few output tokens: a decode
+    # step is the same program at any length, and a decode-heavy warm-up would take minutes.
+    warm = make_requests(dataclasses.replace(bench.workload, requests=bench.warmup, seed=bench.workload.seed + 1,
+                                             output_len=min(bench.workload.output_len, WARMUP_OUTPUT_LEN)))
     load = run_load(dataclasses.replace(bench.target, max_concurrency=1), warm, np.zeros(len(warm)))
     if not any(rec.ok for rec in load.records):
         raise WaferError(f"the warm-up request to {bench.target.url} failed, so the load would too: "

@@ -42,12 +42,14 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from kernels.lm_head import mask_padded_vocab
 from kernels.prefill_attention import blocked_causal_attention
 from kernels.rmsnorm import rmsnorm_ref
 from kernels.rope import rope_cos_sin
-from mesh.axes import COL, EMBED_SCOPE, LM_HEAD_SCOPE, layer_scope
+from mesh.axes import COL, EMBED_SCOPE, LM_HEAD_SCOPE, ROW, layer_scope
 from mesh.errors import WaferError
 from mesh.executors import CoreMesh, Grid
 from mesh.extent import ceil_div, round_up
@@ -225,7 +227,68 @@ class Prefiller:
         self._chunk_fn = jax.jit(core_mesh.run(functools.partial(core_prefill_chunk, layout=self.layout,
                                                                  block=attention_block)),
                                  donate_argnums=(1, 2, 6))
+        self._head_fn = {greedy: jax.jit(core_mesh.run(functools.partial(core_prefill_head, layout=self.layout,
+                                                                         greedy=greedy)))
+                         for greedy in (True, False)}
         self._compiled = CompileCache()
+
+    @property
+    def compiles(self) -> int:
+        """Programs compiled so far (by `prefill` or `precompile`)."""
+        return self._compiled.compiles
+
+    def _abstract(self, local_shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
+        """What `core_mesh.zeros(local_shape)` would make, without making it (for compiling)."""
+        shape = (self.core_mesh.grid.rows, self.core_mesh.grid.cols) + tuple(local_shape)
+        sharding = None if self.core_mesh.mesh is None else NamedSharding(self.core_mesh.mesh, P(ROW, COL))
+        return jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=sharding)
+
+    def _chunk_program(self, b: int, T: int, S: int, args=None) -> tuple[object, float]:
+        """The compiled chunk program of b sequences per row, T-token chunks, S cache positions;
+        `args` are its operands (their shapes), abstract ones when not given."""
+        if args is None:
+            cache = tuple(self._abstract((b, self.layout.kc, S, self.config.head_dim), np.float32)
+                          for _ in range(self.config.n_layers))
+            args = (cache, cache, self._abstract((b, T), np.int32), self._abstract((b,), np.int32),
+                    self._abstract((), np.int32), self._abstract((b, self.config.dim), np.float32))
+        return self._compiled.get(("chunk", b, T, S), self._chunk_fn, self.tiles, *args)
+
+    def _head_program(self, b: int, greedy: bool, args=None) -> tuple[object, float]:
+        """The compiled head (final norm, logits, first token) of b sequences per row."""
+        if args is None:
+            args = (self._abstract((b, self.config.dim), np.float32), self._abstract((b,), np.int32),
+                    *(self._abstract((b,), a.dtype) for a in knob_rows([Sampling()])))
+        return self._compiled.get(("head", b, greedy), self._head_fn[greedy], self.head_tiles, *args)
+
+    def precompile_shapes(self, max_prompt_len: int, batch_sizes: Sequence[int] = (1,)) -> list[tuple[int, int, int]]:
+        """(b, T, S) of the chunk programs that prompts of 1 .. `max_prompt_len` tokens use, in
+        batches of the given sizes (smallest batch first, then shortest prompt first), as `shapes`
+        chooses them."""
+        out = []
+        for n in sorted(set(batch_sizes)):
+            for length in range(PROMPT_BUCKET, round_up(max_prompt_len, PROMPT_BUCKET) + 1, PROMPT_BUCKET):
+                b, T, _, S = self.shapes([[0] * length] * n)
+                if (key := (b, T, S)) not in out:
+                    out.append(key)
+        return out
+
+    def precompile(self, max_prompt_len: int, batch_sizes: Sequence[int] = (1,), go_on=None) -> int:
+        """Compile ahead of time every program a batch of prompts of up to `max_prompt_len` tokens
+        needs (the chunk program of each length bucket, the heads greedy and sampled), so that no
+        later `prefill` of such a batch compiles. Thread-safe; `go_on()`, called before each
+        program, may wait, and ends it early by returning False. Returns the number of programs
+        compiled here."""
+        before = self.compiles
+        for b in sorted({self.shapes([[0]] * n)[0] for n in batch_sizes}):
+            for greedy in (True, False):
+                if go_on is not None and not go_on():
+                    return self.compiles - before
+                self._head_program(b, greedy)
+        for b, T, S in self.precompile_shapes(max_prompt_len, batch_sizes):
+            if go_on is not None and not go_on():
+                break
+            self._chunk_program(b, T, S)
+        return self.compiles - before
 
     def _rows(self, a: np.ndarray) -> jax.Array:
         """Per-sequence values [R*b, ...] placed row by row, the same on every column: [R, C, b, ...]."""
@@ -273,11 +336,9 @@ class Prefiller:
         starts = [self.core_mesh.broadcast(np.int32(i * T)) for i in range(n_chunks)]
         # Batch padding rows choose greedily (their tokens are dropped).
         knobs = [self._rows(a) for a in knob_rows(samplings + [Sampling()] * (g.rows * b - B))]
-        chunk_fn, compile_s = self._compiled.get(("chunk", b, T, S), self._chunk_fn, self.tiles, k_cache, v_cache,
-                                                chunk_args[0], lengths_d, starts[0], x_last)
-        head = jax.jit(self.core_mesh.run(functools.partial(core_prefill_head, layout=self.layout, greedy=greedy)))
-        head_fn, c = self._compiled.get(("head", b, greedy), head, self.head_tiles, x_last, lengths_d,
-                                       *knobs)
+        chunk_fn, compile_s = self._chunk_program(b, T, S, (k_cache, v_cache, chunk_args[0], lengths_d, starts[0],
+                                                            x_last))
+        head_fn, c = self._head_program(b, greedy, (x_last, lengths_d, *knobs))
         compile_s += c
 
         t0 = time.perf_counter()

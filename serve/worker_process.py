@@ -9,9 +9,11 @@ XLA's) would keep the parent's CPUs. The spec travels pickled, as bytes, for the
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import sys
+import threading
 import traceback
 
 from serve.worker_spec import Role, WorkerSpec
@@ -45,6 +47,11 @@ def worker_main(cpus: tuple[int, ...], payload: bytes, conn) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     spec: WorkerSpec = pickle.loads(payload)
     name_process(f"wafer-{spec.role.value}")
+    # The worker's progress notes (its precompilation) go to the server's stderr, named.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s wafer-{spec.role.value} %(message)s"))
+    logging.getLogger("serve.workers").addHandler(handler)
+    logging.getLogger("serve.workers").setLevel(logging.INFO)
     distributed = spec.options.distributed
     if spec.role is Role.DECODE and distributed is not None:
         # Process 0 of a decode mesh spanning processes: it serves the coordinator, and waits for
@@ -62,9 +69,15 @@ def worker_main(cpus: tuple[int, ...], payload: bytes, conn) -> None:
     from model.load import cache_dir
     jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir(), "xla"))
 
-    from serve.workers import run_worker
+    from serve.workers import PRECOMPILE_THREAD, run_worker
     try:
         run_worker(spec, conn)
+        if any(t.name == PRECOMPILE_THREAD and t.is_alive() for t in threading.enumerate()):
+            # Still compiling a program: the interpreter's exit would pull XLA down under it
+            # ("terminate called ..."); nothing is left to finish, so leave at once.
+            conn.close()
+            sys.stderr.flush()
+            os._exit(0)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the engine went away: nothing left to report to
     except BaseException:

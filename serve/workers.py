@@ -19,6 +19,7 @@ touches the meshes; the threads it starts do network I/O only (sending a cache, 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import queue
 import threading
@@ -50,8 +51,14 @@ from serve.worker_spec import Role, WorkerSpec
 # flight (its frames are placed between commands, so the wait bounds their latency).
 IDLE_POLL_S = 1.0
 LANDING_POLL_S = 0.002
+# A worker shutting down waits this long for the precompiling thread to finish its program (then
+# leaves without it: worker_process.worker_main).
+PRECOMPILE_JOIN_S = 5.0
+PRECOMPILE_THREAD = "prefill-precompile"
 # A listener outlives the handoff deadline by this much, so the scheduler's deadline fires first.
 ACCEPT_GRACE_S = 5.0
+
+log = logging.getLogger(__name__)
 
 
 def one_line(e: BaseException) -> str:
@@ -79,13 +86,18 @@ def run_worker(spec: WorkerSpec, conn) -> None:
     worker = {Role.PREFILL: PrefillWorker, Role.DECODE: DecodeWorker,
               Role.INTEGRATED: IntegratedWorker}[spec.role](loaded, spec, channel)
     channel.send(Ready(loaded.config, worker.capacity, worker_site(spec, worker)))
+    precompiler = getattr(worker, "precompiler", None)
     try:
         while True:
             if conn.poll(worker.poll_timeout()):
+                if precompiler is not None:
+                    precompiler.busy()
                 command = conn.recv()
                 if isinstance(command, Shutdown):
                     break
                 worker.apply(command)
+            elif precompiler is not None:
+                precompiler.idle()
             worker.between_commands()
     finally:
         worker.close()
@@ -105,14 +117,78 @@ def worker_site(spec: WorkerSpec, worker) -> WorkerSite:
     return WorkerSite(os.getpid(), tuple(sorted(os.sched_getaffinity(0))), tuple(meshes), sram)
 
 
-def _prefiller(loaded: LoadedModel, spec: WorkerSpec) -> Prefiller:
+def prefill_batch_sizes(spec: WorkerSpec) -> tuple[int, ...]:
+    """The batch sizes the worker prefills: powers of two (`_prefill` pads to one) up to the
+    largest batch the scheduler sends (a prefill batch, capped by the free slots in integrated
+    mode and by the caches the prefill side may hold in disaggregated mode)."""
+    sched = spec.options.scheduler
+    cap = sched.slots if spec.role is Role.INTEGRATED else sched.max_prefilled
+    most = min(sched.max_prefill_batch, cap)
+    return tuple(1 << i for i in range((most - 1).bit_length() + 1))
+
+
+class Precompiler:
+    """Compiles the prefill program of every prompt-length bucket up to the longest prompt a slot
+    can take (`--max-len` - 1), for every batch size, on a thread of its own, batch size 1 first
+    and shortest prompts first, one program at a time while the worker is idle.
+
+    Without it the first prompt of each new 32-token bucket (and of each batch size) compiled
+    mid-serve: seconds on a CPU, on the critical path of every request behind it. Compiling all
+    of them before reporting Ready would delay the start by minutes for a long `--max-len` (about
+    6 s per program for SmolLM2 on one CPU, 3 s from XLA's persistent cache), so the worker
+    serves at once and the programs appear in its idle time (the worker's loop says when it is:
+    `idle`, `busy`). A program being compiled when a command arrives is finished, at the same
+    priority (a lower one would let the worker's loop wait on the GIL behind a starved thread).
+    A request needing a program not compiled yet compiles it (or waits for this thread's
+    compilation of it), as before; an integrated worker that never idles compiles on demand.
+    """
+
+    def __init__(self, prefiller: Prefiller, max_prompt_len: int, batch_sizes: tuple[int, ...]):
+        self.prefiller, self.max_prompt_len, self.batch_sizes = prefiller, max_prompt_len, batch_sizes
+        self._stop, self._idle = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=PRECOMPILE_THREAD)
+        self._thread.start()
+
+    def idle(self) -> None:
+        self._idle.set()
+
+    def busy(self) -> None:
+        self._idle.clear()
+
+    def _go_on(self) -> bool:
+        while not self._stop.is_set():
+            if self._idle.wait(IDLE_POLL_S):
+                return True
+        return False
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            for b in self.batch_sizes:
+                n = self.prefiller.precompile(self.max_prompt_len, (b,), self._go_on)
+                if self._stop.is_set():
+                    return
+                log.info("prefill programs for batches of %d, prompts up to %d tokens: %d compiled, %.1f s "
+                         "since start", b, self.max_prompt_len, n, time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 (a request needing the program compiles it, and reports)
+            log.warning("prefill precompilation stopped: %s", one_line(e))
+
+    def close(self) -> None:
+        """Stop after the program being compiled (a worker shutting down waits for at most one)."""
+        self._stop.set()
+        self._thread.join(PRECOMPILE_JOIN_S)
+
+
+def _prefiller(loaded: LoadedModel, spec: WorkerSpec) -> tuple[Prefiller, Precompiler]:
     import jax
     mesh = make_core_mesh(spec.options.prefill_grid, Executor.DEVICES, jax.devices())
     prefiller = Prefiller(loaded.params, loaded.config, mesh)
-    # Compile the smallest shape, greedy and sampled, so the first request does not pay for it.
+    # Compile the smallest shape, greedy and sampled, so the first request does not pay for it;
+    # the other buckets follow in the background.
     prefiller.prefill([[0]])
     prefiller.prefill([[0]], [Sampling(temperature=1.0)])
-    return prefiller
+    longest = min(spec.options.max_len, loaded.config.max_seq_len) - 1
+    return prefiller, Precompiler(prefiller, longest, prefill_batch_sizes(spec))
 
 
 def _prefill(prefiller: Prefiller, batch: PrefillBatch):
@@ -139,7 +215,7 @@ class PrefillWorker:
     def __init__(self, loaded: LoadedModel, spec: WorkerSpec, channel: Channel):
         self.config, self.channel, self.faults = loaded.config, channel, spec.faults
         self.jax_transfer = spec.options.transport == "jax"
-        self.prefiller = _prefiller(loaded, spec)
+        self.prefiller, self.precompiler = _prefiller(loaded, spec)
         self.fingerprint = model_fingerprint(loaded.config, loaded.params)
         self.held: dict[str, tuple] = {}  # request id -> (SequenceKV, KVHeader)
         self._ships: queue.SimpleQueue = queue.SimpleQueue()
@@ -196,6 +272,7 @@ class PrefillWorker:
         pass
 
     def close(self) -> None:
+        self.precompiler.close()
         self._ships.put(None)
         self._shipper.join(IO_TIMEOUT_S)
 
@@ -378,7 +455,7 @@ class IntegratedWorker:
     def __init__(self, loaded: LoadedModel, spec: WorkerSpec, channel: Channel):
         self.slots = DecodeSlots(loaded, spec, channel)  # the decode mesh first: it may need more devices
         self.slots.warm_up(layer_by_layer=False)
-        self.prefiller = _prefiller(loaded, spec)
+        self.prefiller, self.precompiler = _prefiller(loaded, spec)
         self.channel = channel
         self.capacity = self.slots.batch.capacity
 
@@ -417,4 +494,4 @@ class IntegratedWorker:
         pass
 
     def close(self) -> None:
-        pass
+        self.precompiler.close()

@@ -324,6 +324,16 @@ def test_every_request_failing_exits_1_with_the_table(capsys):
     assert "3 x HTTP 429: queue full" in out
 
 
+def test_warm_up_asks_for_few_output_tokens(capsys):
+    """The warm-up request has the workload's prompt length but asks for at most 16 tokens (a
+    decode-heavy warm-up would otherwise take minutes); the measured requests ask for all."""
+    with serving() as fake:
+        rc, r, _ = bench_json(capsys, fake.url, "--input-len", "9", "--output-len", "40", "--requests", "2")
+    assert rc == 0 and r["runs"][0]["completed"] == 2
+    assert [len(b["prompt"]) for b in fake.bodies] == [9, 9, 9]
+    assert [b["max_tokens"] for b in fake.bodies] == [16, 40, 40]
+
+
 def test_a_failed_warm_up_stops_before_the_load(capsys):
     with serving(fail_every=1) as fake:
         rc, _, err = run_cli(capsys, "bench", "serve", "--url", fake.url, "--requests", "50", "--warmup", "2")

@@ -232,6 +232,26 @@ def test_prefill_memory_grows_linearly_with_the_prompt(tiny_llama):
     assert temp[4096] < scores_4096 / 8, (temp, scores_4096)
 
 
+def test_precompile_covers_every_length_bucket(tiny_llama):
+    """After `precompile(max_prompt_len, batch sizes)` (run on another thread, as a serving worker
+    does), no prefill of a batch of that size with prompts up to that length compiles anything,
+    greedy or sampled, chunked or not; a batch size it did not cover still compiles."""
+    import threading
+    cfg, params = tiny_llama
+    prefiller = Prefiller(params, cfg, make_core_mesh(Grid(1, 1), Executor.DEVICES), chunk=32)
+    assert prefiller.precompile_shapes(64, (1, 2)) == [(1, 32, 32), (1, 32, 64), (2, 32, 32), (2, 32, 64)]
+    worker = threading.Thread(target=prefiller.precompile, args=(64, (2,)))
+    worker.start()
+    worker.join()
+    compiled = prefiller.compiles
+    assert compiled == 2 + 2  # the 2 chunk shapes, a greedy and a sampled head
+    for length in (1, 33, 64):
+        sampling = Sampling(temperature=1.0, seed=length) if length % 2 else Sampling()
+        assert prefiller.prefill([[7] * length] * 2, sampling).compile_s == 0.0, length
+    assert prefiller.compiles == compiled
+    assert prefiller.prefill([[7] * 5]).compile_s > 0 and prefiller.compiles == compiled + 2  # batch size 1
+
+
 def test_sampled_first_token(tiny_llama):
     """top_k = 1 is the argmax; a seeded draw repeats and stays inside the top k."""
     cfg, params = tiny_llama
