@@ -69,9 +69,12 @@ class Assumptions:
             raise WaferError(f"{chip.name} has no system power in its preset: a power footprint needs one")
         return chip.system_watts / 1e3
 
-    def sim_key(self) -> tuple:
-        """The fields a unit's simulation depends on (power figures only scale units)."""
-        return dataclasses.astuple(dataclasses.replace(self, wafer_kw=0.0, accelerator_kw=None))
+    def sim_key(self, mode: str = "") -> tuple:
+        """The fields a unit's simulation depends on, for a side (`mode`) or both ("") (power
+        figures only scale units; the group bound only chooses among integrated units)."""
+        fields = {"integrated": ("link", "grid"), "disaggregated": ("bw_efficiency", "chunked")}.get(mode, ())
+        return tuple(v for k, v in dataclasses.asdict(self).items()
+                     if k not in ("wafer_kw", "accelerator_kw", "max_group") + fields)
 
 
 def units_in(power_kw: float, unit_kw: float) -> int:
@@ -178,7 +181,7 @@ class _Runner:
         self.cache: dict[tuple, dict] = {}
 
     def run(self, unit: Unit, chip: Accelerator, mix: str, a: Assumptions) -> dict:
-        key = (unit.mode, unit.size, chip.name, mix, a.sim_key())
+        key = (unit.mode, unit.size, chip.name, mix, a.sim_key(unit.mode))
         if key not in self.cache:
             self.cache[key] = unit_capacity(unit, mix, self.requests[mix], a, self.seed)
         if self.progress:

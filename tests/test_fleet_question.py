@@ -57,6 +57,9 @@ def test_power_figures_and_slo_of_the_assumptions():
     # Power figures do not change a unit's simulation; everything else does.
     assert q.Assumptions(wafer_kw=30.0).sim_key() == q.Assumptions().sim_key()
     assert q.Assumptions(mfu=0.3).sim_key() != q.Assumptions().sim_key()
+    assert q.Assumptions(link="efa1").sim_key("integrated") == q.Assumptions().sim_key("integrated")
+    assert q.Assumptions(link="efa1").sim_key("disaggregated") != q.Assumptions().sim_key("disaggregated")
+    assert q.Assumptions(chunked=True).sim_key("disaggregated") == q.Assumptions().sim_key("disaggregated")
     assert q.min_prefill(LLAMA70, H100) == 2 and q.min_prefill(LLAMA70, B200) == 1
 
 
