@@ -84,6 +84,7 @@ def write_question_plot(out: dict, out_dir: str) -> str:
                         fontsize=8)
         ax.set_xticks(x, labels, fontsize=8)
         ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_ylim(0, 10 * max([max(r["disaggregated"][key], r["integrated"][key]) for r in rows] + [1.0]))
         ax.set_title(title)
         ax.grid(True, axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)

@@ -192,10 +192,8 @@ class _Runner:
         """Both sides' best unit per kW at `a`, sized to `power_kw`, and the ratios."""
         chip_kw = a.chip_kw(chip)
         sides = {}
-        low = group_size(self.config, chip, a.context)
-        groups = [g for g in (low * 2 ** i for i in range(12)) if g <= max(low, a.max_group)]
         cands = []
-        for g in groups:
+        for g in integrated_groups(self.config, chip, a):
             u = integrated_unit(self.config, chip, g, mix, a)
             cands.append((u, g * chip_kw))
         sides["integrated"] = self._pick(cands, chip, mix, a, power_kw)
@@ -234,9 +232,15 @@ def _describe(u: Unit, chip: Accelerator) -> str:
     return f"{u.size} x {chip.name} + {u.wafers} x wafer"
 
 
-def question_jobs(accelerators: list[str], mixes: list[str]) -> int:
-    """Upper bound on unit searches of `question` (for a progress bar): two or three a side."""
-    return len(accelerators) * len(mixes) * 7
+def integrated_groups(config: ModelConfig, chip: Accelerator, a: Assumptions) -> list[int]:
+    """The integrated group sizes tried: powers of two from the smallest that fits to `max_group`."""
+    low = group_size(config, chip, a.context)
+    return [g for g in (low * 2 ** i for i in range(12)) if g <= max(low, a.max_group)]
+
+
+def question_jobs(config: ModelConfig, accelerators: list[str], mixes: list[str], a: Assumptions) -> int:
+    """Unit searches of `question` (for a progress bar): each integrated group, three prefill counts."""
+    return len(mixes) * sum(len(integrated_groups(config, accelerator(c), a)) + 3 for c in accelerators)
 
 
 def question(config: ModelConfig, spec: WaferSpec, accelerators: list[str], mixes: list[str], power_kw: float,
@@ -301,8 +305,10 @@ SENSITIVITY: tuple[tuple[str, str, tuple], ...] = (
 )
 
 
-def sensitivity_jobs() -> int:
-    return 3 * (1 + sum(len(v) for _, _, v in SENSITIVITY))
+def sensitivity_jobs(config: ModelConfig, accelerator_name: str, a: Assumptions) -> int:
+    """Unit searches of `sensitivity` (for a progress bar; a moved group bound or context can change it)."""
+    per = len(integrated_groups(config, accelerator(accelerator_name), a)) + 1
+    return per * (1 + sum(len(v) for _, _, v in SENSITIVITY))
 
 
 def sensitivity(config: ModelConfig, spec: WaferSpec, accelerator_name: str, mix: str, power_kw: float,

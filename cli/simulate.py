@@ -306,7 +306,8 @@ def _run_question(args) -> int:
                     context=args.context, grid=args.grid, wafer_kw=args.wafer_kw or Assumptions.wafer_kw,
                     accelerator_kw=args.accelerator_kw, chunked=args.chunked_prefill)
     config, spec = preset(args.model), SPECS[args.wafer]
-    bar = _bar(question_jobs(chips, mixes) if args.sweep == "question" else sensitivity_jobs(), args.no_progress)
+    bar = _bar(question_jobs(config, chips, mixes, a) if args.sweep == "question"
+               else sensitivity_jobs(config, chips[0], a), args.no_progress)
     bar.unit = "unit"
 
     def note(label: str) -> None:
@@ -319,6 +320,7 @@ def _run_question(args) -> int:
     else:
         out = sensitivity(config, spec, chips[0], mixes[0], args.power_kw, a, default_requests(args.requests),
                           args.seed, note)
+    bar.total = bar.n  # the count above is exact for the question, close for the sensitivity
     bar.close()
     out["sweep"] = args.sweep
     out["wall_s"] = time.perf_counter() - start

@@ -61,6 +61,12 @@ def test_power_figures_and_slo_of_the_assumptions():
     assert q.Assumptions(link="efa1").sim_key("disaggregated") != q.Assumptions().sim_key("disaggregated")
     assert q.Assumptions(chunked=True).sim_key("disaggregated") == q.Assumptions().sim_key("disaggregated")
     assert q.min_prefill(LLAMA70, H100) == 2 and q.min_prefill(LLAMA70, B200) == 1
+    # 141 GB of weights and 8 caches of 4096 x 320 KiB: 4 H100s (288 GB usable) or 1 B200 (162 GB)
+    # at least; groups double up to one 8-GPU node.
+    assert q.integrated_groups(LLAMA70, H100, q.Assumptions()) == [4, 8]
+    assert q.integrated_groups(LLAMA70, B200, q.Assumptions()) == [1, 2, 4, 8]
+    assert q.integrated_groups(LLAMA70, H100, q.Assumptions(max_group=2)) == [4]
+    assert q.question_jobs(LLAMA70, ["h100", "b200"], ["chat", "code"], q.Assumptions()) == 2 * ((2 + 3) + (4 + 3))
 
 
 def test_a_unit_whose_step_misses_the_tpot_slo_serves_nothing_unsimulated():
