@@ -91,7 +91,7 @@ def write_question_plot(out: dict, out_dir: str) -> str:
     a = out["assumptions"]
     fig.suptitle(f"{out['model']}: {out['power_kw']:g} kW each; fast = {a['fast_speed']:g} tok/s per user "
                  f"(TPOT SLO), TTFT SLO {a['ttft_s']:g} s; label: disaggregated / integrated", fontsize=10)
-    path = os.path.join(out_dir, "question.png")
+    path = os.path.join(out_dir, f"question_fast{a['fast_speed']:g}.png")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -13,7 +13,8 @@ A unit's goodput capacity is the highest Poisson arrival rate at which 90% of re
 SLOs (TTFT, and TPOT = 1 / the fast per-user speed, so "good" and "fast" are the same bar; bracketing
 and bisection, `bench.fleet.capacity`); its fast-token capacity is the fast tokens per second of
 that run. A footprint of P kW holds floor(P / unit kW) units (`units_in`), and the fleet's figures
-are the unit's times its units: capacity taken as linear in the units, which a least-loaded router
+are the unit's times its units (a wafer replica is ~330 kW, so a footprint leaves part of itself
+unused: the ratio per kW of the units themselves is reported beside it): capacity taken as linear in the units, which a least-loaded router
 over many units only improves, and more so for the side with more, smaller units (the integrated
 one), so the ratio errs towards the wafers by that much.
 
@@ -208,6 +209,7 @@ class _Runner:
         return {"accelerator": chip.name, "mix": mix, "power_kw": power_kw, **sides,
                 "goodput_ratio": _ratio(d["goodput_req_s"], i["goodput_req_s"]),
                 "fast_tokens_ratio": _ratio(d["fast_tokens_s"], i["fast_tokens_s"]),
+                "goodput_ratio_per_kw": _ratio(d["per_mw"]["goodput_req_s"], i["per_mw"]["goodput_req_s"]),
                 "capped": bool(d["sim"].get("capped") or i["sim"].get("capped"))}
 
     def _pick(self, cands: list[tuple[Unit, float]], chip: Accelerator, mix: str, a: Assumptions,

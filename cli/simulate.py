@@ -337,6 +337,11 @@ def _x(r) -> str:
     return "integrated serves none" if r is None else f"{r:.3g}x"
 
 
+def _per_kw(r: dict):
+    i = r["integrated"]["per_mw"]["goodput_req_s"]
+    return r["disaggregated"]["per_mw"]["goodput_req_s"] / i if i > 0 else None
+
+
 def _question_table(out: dict) -> str:
     f = out["footprint"]
     lines = [f"{out['model']} on {out['wafer']}, {out['power_kw']:g} kW footprint ({f['unit']}): "
@@ -344,15 +349,16 @@ def _question_table(out: dict) -> str:
              f"SLOs: TTFT {out['assumptions']['ttft_s']:g} s, TPOT {1e3 / out['assumptions']['fast_speed']:g} ms "
              f"(fast = {out['assumptions']['fast_speed']:g} tok/s per user), {out['attainment']:.0%} attainment",
              "| accelerator | mix | disaggregated fleet | integrated fleet | goodput req/s disagg / integ | "
-             "fast tok/s disagg / integ | goodput ratio | fast-token ratio |",
-             "|---|---|---|---|---|---|---|---|"]
+             "fast tok/s disagg / integ | goodput ratio | fast-token ratio | goodput ratio per kW |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in out["rows"]:
         d, i = r["disaggregated"], r["integrated"]
         lines.append(f"| {r['accelerator']} | {r['mix']} | {d['units']} x ({d['unit']}), {d['fleet_kw']:,.0f} kW | "
                      f"{i['units']} x ({i['unit']}), {i['fleet_kw']:,.0f} kW | "
                      f"{d['goodput_req_s']:,.1f} / {i['goodput_req_s']:,.1f} | "
                      f"{d['fast_tokens_s']:,.0f} / {i['fast_tokens_s']:,.0f} | {_x(r['goodput_ratio'])} | "
-                     f"{_x(r['fast_tokens_ratio'])} |")
+                     f"{_x(r['fast_tokens_ratio'])} | {_x(_per_kw(r))}"
+                     + (" (a capacity is only a lower bound: capped)" if r.get("capped") else "") + " |")
     return "\n".join(lines)
 
 
