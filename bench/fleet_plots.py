@@ -108,13 +108,15 @@ def write_sensitivity_plot(out: dict, out_dir: str) -> str:
     lo, hi = (min(vals) / 2, max(vals) * 4) if vals else (0.01, 100.0)
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.5))
     for y, r in enumerate(rows):
-        for m in r["moves"]:
+        n = len(r["moves"])
+        for k, m in enumerate(r["moves"]):
             v = m["goodput_ratio"]
             end = hi if v is None else max(v, lo)
             start = base if base else lo
-            ax.plot([start, end], [y, y], color="tab:red" if v is None else "tab:gray", lw=6, alpha=0.6,
-                    solid_capstyle="butt")
-            ax.annotate(f"{m['value']}: " + ("integ. 0" if v is None else f"{v:.2g}x"), (end, y), fontsize=7,
+            yk = y + (k - (n - 1) / 2) * min(0.22, 0.8 / n)  # several moves of one assumption side by side
+            ax.plot([start, end], [yk, yk], color="tab:red" if v is None else "tab:gray", lw=max(2, 8 / n),
+                    alpha=0.6, solid_capstyle="butt")
+            ax.annotate(f"{m['value']}: " + ("integ. 0" if v is None else f"{v:.2g}x"), (end, yk), fontsize=7,
                         va="center", ha="left" if end >= (base or lo) else "right")
     if base:
         ax.axvline(base, color="k", lw=1)

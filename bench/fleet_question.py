@@ -341,7 +341,7 @@ def sensitivity(config: ModelConfig, spec: WaferSpec, accelerator_name: str, mix
                 shown = f"board {chip.watts / 1e3:g} kW"
             else:
                 x = dataclasses.replace(a, **{field: v})
-                shown = str(v)
+                shown = f"{v:g}" if isinstance(v, float) else str(v)
             moved.append({"value": shown, **ratios(x)})
         rows.append({"assumption": label, "field": field, "moves": moved, "swing": _swing(base, moved)})
     rows.sort(key=lambda r: -r["swing"])
