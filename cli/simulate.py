@@ -106,6 +106,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _defaults(args) -> None:
     """Flags whose defaults differ between one simulation and the question's sweeps."""
     question = args.sweep in ("question", "sensitivity")
+    if question:
+        given = [f"--{k.replace('_', '-')}" for k in ("trace", "measured", "prefill", "decode", "integrated", "slots",
+                                                     "input_len", "output_len") if getattr(args, k) is not None]
+        if given:
+            raise WaferError(f"--sweep {args.sweep} sizes its own fleets and mixes; drop {', '.join(given)}")
     if question and args.tpot_slo is not None:
         raise WaferError(f"--sweep {args.sweep} sets the TPOT SLO to 1 / --fast-speed; drop --tpot-slo")
     if not question and (args.mixes is not None or args.wafer_kw is not None or args.accelerator_kw is not None):

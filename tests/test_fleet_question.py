@@ -128,6 +128,7 @@ def test_sensitivity_swing_and_order(fixed_wafer):
     (("--sweep", "question", "--power-kw", "500", "--accelerator", "trainium2"), ("no system power",)),
     (("--sweep", "sensitivity", "--power-kw", "500", "--mixes", "chat,code"), ("one mix",)),
     (("--mixes", "chat"), ("go with --sweep question",)),
+    (("--sweep", "question", "--power-kw", "500", "--trace", "code", "--prefill", "4"), ("drop --trace, --prefill",)),
     (("--accelerator", "h100,b200"), ("comma list",)),
 ])
 def test_question_cli_bad_input(capsys, argv, fragments):
