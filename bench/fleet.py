@@ -155,13 +155,13 @@ def capacity(plan: FleetPlan, make: Callable[[float], Workload], slo: SLO, rate:
         for _ in range(12):
             if max_rate is not None and lo >= max_rate:
                 return lo, dict(best, capped=True)
-            s = run(2 * lo if max_rate is None else min(2 * lo, max_rate))
+            hi = 2 * lo if max_rate is None else min(2 * lo, max_rate)
+            s = run(hi)
             if not ok(s):
                 break
-            lo, best = (2 * lo if max_rate is None else min(2 * lo, max_rate)), s
+            lo, best = hi, s
         else:
             return lo, dict(best, capped=True)  # still passing after 12 doublings: a lower bound
-        hi = 2 * lo
     else:
         hi, lo, best = rate, None, None
         for _ in range(12):

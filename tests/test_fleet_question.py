@@ -87,6 +87,27 @@ def test_capacity_stops_at_the_rate_cap():
     assert q.max_rate(1000, q.Assumptions(ttft_s=2.0)) == 1000 / (q.SPAN_TTFTS * 2.0)
 
 
+def test_capacity_bisects_below_the_rate_cap(monkeypatch):
+    """Passing up to 6.5 req/s: from 5 with the cap at 7, 7 fails, so the bracket is [5, 7] (not
+    [5, 10]) and bisection tries 6, 6.5, 6.75: 6.5. With the cap at 5, the start is capped."""
+    tried = []
+
+    def simulate(fleet_, workload, slo):
+        tried.append(float(workload.name))
+        good = 1.0 if float(workload.name) <= 6.5 else 0.0
+        return type("R", (), {"summary": lambda self: {"slo_attainment": good, "goodput_req_s": 0.0,
+                                                      "fast_tokens_s": 0.0}})()
+    monkeypatch.setattr(fleet, "simulate", simulate)
+    plan = fleet.measured(MeasuredCost({}, {}, {}, 8), Mode.INTEGRATED)
+
+    def make(r):
+        return synthetic(3, r, 8, 4, name=str(r))
+    rate, s = fleet.capacity(plan, make, SLO(), 5.0, steps=3, max_rate=7.0)
+    assert tried == [5.0, 7.0, 6.0, 6.5, 6.75] and rate == 6.5 and not s.get("capped")
+    rate, s = fleet.capacity(plan, make, SLO(), 5.0, steps=3, max_rate=5.0)
+    assert rate == 5.0 and s["capped"]
+
+
 def test_question_figures_come_from_the_unit_simulations(fixed_wafer):
     small = {"chat": 60, "code": 60, "agentic": 30}
     out = q.question(LLAMA70, SPECS["wse3"], ["h100"], ["chat"], 1000.0, q.Assumptions(fast_speed=50.0), small)
