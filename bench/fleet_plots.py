@@ -114,6 +114,9 @@ def write_sensitivity_plot(out: dict, out_dir: str) -> str:
             end = hi if v is None else max(v, lo)
             start = base if base else lo
             yk = y + (k - (n - 1) / 2) * min(0.22, 0.8 / n)  # several moves of one assumption side by side
+            if m.get("disaggregated_goodput_req_s") == 0 and m.get("integrated_goodput_req_s") == 0:
+                ax.annotate(f"{m['value']}: neither serves", (start, yk), fontsize=7, va="center", ha="left")
+                continue
             ax.plot([start, end], [yk, yk], color="tab:red" if v is None else "tab:gray", lw=max(2, 8 / n),
                     alpha=0.6, solid_capstyle="butt")
             ax.annotate(f"{m['value']}: " + ("integ. 0" if v is None else f"{v:.2g}x"), (end, yk), fontsize=7,

@@ -351,10 +351,14 @@ def sensitivity(config: ModelConfig, spec: WaferSpec, accelerator_name: str, mix
 
 def _swing(base: dict, moved: list[dict]) -> float:
     """How far the goodput ratio moves from the base: the largest |ln(moved / base)|; a ratio that
-    becomes or stops being defined or zero (a side serving nothing) counts as `UNBOUNDED_SWING`."""
+    becomes or stops being defined or zero (a side serving nothing) counts as `UNBOUNDED_SWING`; a
+    move after which neither side serves (e.g. prompts longer than the reserved context) is no
+    move of the ratio and is left out."""
     b = base["goodput_ratio"]
     widest = 0.0
     for m in moved:
+        if m.get("disaggregated_goodput_req_s") == 0 and m.get("integrated_goodput_req_s") == 0:
+            continue
         r = m["goodput_ratio"]
         if not r or not b:
             if bool(r) != bool(b):

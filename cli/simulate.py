@@ -375,6 +375,9 @@ def _sensitivity_table(out: dict) -> str:
              "|---|---|---|---|---|"]
     for r in out["rows"]:
         for m in r["moves"]:
+            if m["disaggregated_goodput_req_s"] == 0 and m["integrated_goodput_req_s"] == 0:
+                lines.append(f"| {r['assumption']} | {m['value']} | neither serves | neither serves | - |")
+                continue
             lines.append(f"| {r['assumption']} | {m['value']} | {_x(m['goodput_ratio'])} | "
                          f"{_x(m['fast_tokens_ratio'])} | {m['integrated'] if m['integrated_goodput_req_s'] > 0 else '-'} |")
     return "\n".join(lines)

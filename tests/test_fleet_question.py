@@ -132,6 +132,8 @@ def test_sensitivity_swing_and_order(fixed_wafer):
     assert q._swing({"goodput_ratio": 2.0}, [{"goodput_ratio": 4.0}, {"goodput_ratio": 1.0}]) == pytest.approx(math.log(2))
     assert q._swing({"goodput_ratio": 2.0}, [{"goodput_ratio": None}]) == q.UNBOUNDED_SWING
     assert q._swing({"goodput_ratio": None}, [{"goodput_ratio": None}]) == 0.0
+    neither = {"goodput_ratio": None, "disaggregated_goodput_req_s": 0.0, "integrated_goodput_req_s": 0.0}
+    assert q._swing({"goodput_ratio": 2.0}, [neither, {"goodput_ratio": 3.0}]) == pytest.approx(math.log(1.5))
     # Only power figures moved: no new simulation, the ratio scales with the units that fit.
     table = (("wafer power", "wafer_kw", (11.5,)), ("accelerator power", "accelerator_kw", ("board",)))
     out = q.sensitivity(LLAMA70, SPECS["wse3"], "h100", "chat", 1000.0, q.Assumptions(fast_speed=50.0),
