@@ -87,8 +87,15 @@ def disaggregated(config: ModelConfig, chip: Accelerator, prefill_chips: int, sp
 
 def integrated(config: ModelConfig, chip: Accelerator, chips: int, context: int, chunked: bool = False,
                mfu: float = 0.5, bw_efficiency: float = 0.8, policy: Policy = Policy(),
-               cost_h: float | None = None) -> FleetPlan:
-    group = group_size(config, chip, context)
+               cost_h: float | None = None, group: int | None = None) -> FleetPlan:
+    """`chips` in replicas of `group` accelerators (None: the smallest that holds the weights and
+    8 caches, `group_size`)."""
+    least = group_size(config, chip, context)
+    if group is None:
+        group = least
+    elif group < least:
+        raise WaferError(f"{config.name} at {context} context needs groups of at least {least} {chip.name}s, "
+                         f"not {group}")
     replicas = chips // group
     if replicas < 1:
         raise WaferError(f"{config.name} needs groups of {group} {chip.name}s at {context} context; "
@@ -127,29 +134,34 @@ def report(plan: FleetPlan, result: SimResult) -> dict:
 
 
 def capacity(plan: FleetPlan, make: Callable[[float], Workload], slo: SLO, rate: float, attainment: float = 0.9,
-             steps: int = 6) -> tuple[float, dict]:
+             steps: int = 6, max_rate: float | None = None) -> tuple[float, dict]:
     """DistServe's goodput capacity: the highest arrival rate at which at least `attainment` of the
     requests meet both SLOs, for workloads `make(rate)`. Doubles or halves from `rate` to bracket
     it (at most 12 times), then bisects `steps` times (to within 2**-steps of the bracket).
     Returns the rate (0 if even rate / 4096 fails) and the summary of the run at that rate, marked
-    `capped` when the rate is only a lower bound (it still passed at rate x 4096)."""
+    `capped` when the rate is only a lower bound (it still passed at rate x 4096, or at `max_rate`:
+    past it a finite workload arrives faster than the SLOs can tell, e.g. within the TTFT SLO)."""
     def run(r: float) -> dict:
         return report(plan, simulate(plan.fleet, make(r), slo))
 
     def ok(s: dict) -> bool:
         return s["slo_attainment"] >= attainment
 
+    if max_rate is not None:
+        rate = min(rate, max_rate)
     s = run(rate)
     if ok(s):
         lo, best = rate, s
         for _ in range(12):
-            s = run(2 * lo)
+            if max_rate is not None and lo >= max_rate:
+                return lo, dict(best, capped=True)
+            hi = 2 * lo if max_rate is None else min(2 * lo, max_rate)
+            s = run(hi)
             if not ok(s):
                 break
-            lo, best = 2 * lo, s
+            lo, best = hi, s
         else:
             return lo, dict(best, capped=True)  # still passing after 12 doublings: a lower bound
-        hi = 2 * lo
     else:
         hi, lo, best = rate, None, None
         for _ in range(12):

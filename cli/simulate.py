@@ -6,7 +6,10 @@ accelerators; or `--measured FILE` with `--units`), SLOs. Reports TTFT/TPOT/E2E 
 goodput, fast-token capacity, utilisation per pool, and power or cost per unit of goodput; one
 JSON object with `--json`, PNGs with `--plot DIR`. `--sweep ratio` finds the best prefill:decode
 split of a power footprint; `--sweep crossover` compares it with an integrated fleet of the same
-power as the input:output ratio varies. A progress bar runs on stderr.
+power as the input:output ratio varies. `--sweep question` answers issue 14 (disaggregated onto
+wafers vs integrated, equal power, per accelerator and mix: goodput, fast-token capacity, their
+ratios); `--sweep sensitivity` moves its assumptions one at a time (bench/fleet_question.py).
+A progress bar runs on stderr.
 """
 
 from __future__ import annotations
@@ -22,11 +25,16 @@ from mesh.errors import WaferError
 # Without fleet flags: 8 prefill accelerators and 4 decode replicas (as many wafers as that takes).
 DEFAULT_PREFILL = 8
 DEFAULT_REPLICAS = 4
+DEFAULT_REQUESTS = 10000
+QUESTION_REQUESTS = 1000
+QUESTION_FAST_SPEED = 100.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     w = p.add_argument_group("workload")
-    w.add_argument("--requests", type=positive_int, default=10000, help="requests to simulate (default 10000)")
+    w.add_argument("--requests", type=positive_int, default=None,
+                   help="requests to simulate (default 10000; question/sensitivity: per simulation, default "
+                        f"{QUESTION_REQUESTS} for chat and code, half for agentic)")
     w.add_argument("--rate", type=positive_float, default=10.0, help="arrivals per second (default 10)")
     w.add_argument("--burstiness", type=positive_float, default=1.0,
                    help="gamma shape of the gaps: 1 Poisson, <1 burstier (default 1)")
@@ -51,7 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--integrated", type=positive_int, default=None,
                    help="accelerators doing both phases (the integrated baseline)")
     f.add_argument("--chunked-prefill", action="store_true", help="integrated: price prefill as chunks")
-    f.add_argument("--accelerator", default="h100", help="h100, b200, trainium2, trainium3 (default h100)")
+    f.add_argument("--accelerator", default=None,
+                   help="h100, b200, trainium2, trainium3 (default h100; --sweep question: a comma list, "
+                        "default h100,b200)")
     f.add_argument("--wafer", default="wse3", help="wafer spec (default wse3)")
     f.add_argument("--grid", default="360x360", help="RxC cores per decode stage (default 360x360)")
     f.add_argument("--slots", type=positive_int, default=None,
@@ -72,15 +82,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     s = p.add_argument_group("SLOs and reports")
     s.add_argument("--ttft-slo", type=positive_float, default=2.0, help="seconds (default 2)")
-    s.add_argument("--tpot-slo", type=positive_float, default=0.1, help="seconds (default 0.1)")
-    s.add_argument("--fast-speed", type=positive_float, default=20.0,
-                   help="tokens/s per user above which tokens count as fast (default 20)")
-    s.add_argument("--sweep", choices=["ratio", "crossover"], default=None,
-                   help="ratio: best prefill:decode split of --power-kw; crossover: vs integrated by input:output")
+    s.add_argument("--tpot-slo", type=positive_float, default=None,
+                   help="seconds (default 0.1; question/sensitivity: 1 / --fast-speed)")
+    s.add_argument("--fast-speed", type=positive_float, default=None,
+                   help=f"tokens/s per user above which tokens count as fast (default 20; question/sensitivity: "
+                        f"{QUESTION_FAST_SPEED:g})")
+    s.add_argument("--sweep", choices=["ratio", "crossover", "question", "sensitivity"], default=None,
+                   help="ratio: best prefill:decode split of --power-kw; crossover: vs integrated by input:output; "
+                        "question: disaggregated onto wafers vs integrated per mix at equal power; sensitivity: "
+                        "the question's ratio with one assumption moved at a time")
+    s.add_argument("--mixes", default=None,
+                   help="question: comma list of chat,code,agentic (default all); sensitivity: one (default chat)")
+    s.add_argument("--wafer-kw", type=positive_float, default=None,
+                   help="question/sensitivity: kW per wafer system (default 23, CS-3 datasheet)")
+    s.add_argument("--accelerator-kw", type=positive_float, default=None,
+                   help="question/sensitivity: kW per accelerator (default its preset's system share)")
     s.add_argument("--power-kw", type=positive_float, default=None, help="footprint for --sweep, in kW")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots to DIR")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _defaults(args) -> None:
+    """Flags whose defaults differ between one simulation and the question's sweeps."""
+    question = args.sweep in ("question", "sensitivity")
+    if question:
+        given = [f"--{k.replace('_', '-')}" for k in ("trace", "measured", "prefill", "decode", "integrated", "slots",
+                                                     "input_len", "output_len") if getattr(args, k) is not None]
+        if given:
+            raise WaferError(f"--sweep {args.sweep} sizes its own fleets and mixes; drop {', '.join(given)}")
+    if question and args.tpot_slo is not None:
+        raise WaferError(f"--sweep {args.sweep} sets the TPOT SLO to 1 / --fast-speed; drop --tpot-slo")
+    if not question and (args.mixes is not None or args.wafer_kw is not None or args.accelerator_kw is not None):
+        raise WaferError("--mixes, --wafer-kw and --accelerator-kw go with --sweep question or sensitivity")
+    if args.fast_speed is None:
+        args.fast_speed = QUESTION_FAST_SPEED if question else 20.0
+    if args.tpot_slo is None:
+        args.tpot_slo = 1.0 / args.fast_speed if question else 0.1
+    if args.requests is None:
+        args.requests = QUESTION_REQUESTS if question else DEFAULT_REQUESTS
+    if args.accelerator is None:
+        args.accelerator = "h100,b200" if args.sweep == "question" else "h100"
+    elif "," in args.accelerator and args.sweep != "question":
+        raise WaferError("a comma list of accelerators goes with --sweep question only")
 
 
 def _workload(args, rate: float | None = None):
@@ -167,6 +211,9 @@ def _bar(total: int, disable: bool):
 
 
 def run(args) -> int:
+    _defaults(args)
+    if args.sweep in ("question", "sensitivity"):
+        return _run_question(args)
     if args.sweep:
         return _run_sweep(args)
     from bench.fleet import report
@@ -237,3 +284,100 @@ def _run_sweep(args) -> int:
         for r in rows:
             print("  ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys))
     return 0
+
+
+def _run_question(args) -> int:
+    from bench.fleet_question import (MIXES, Assumptions, default_requests, question, question_jobs, sensitivity,
+                                      sensitivity_jobs)
+    from mesh.wafer import SPECS
+    from model.config import preset
+    from serve.costs import accelerator, link
+
+    if args.power_kw is None:
+        raise WaferError(f"--sweep {args.sweep} needs --power-kw (the footprint both fleets fill)")
+    if args.wafer not in SPECS:
+        raise WaferError(f"unknown wafer {args.wafer!r}; known: {', '.join(SPECS)}")
+    mixes = [m.strip() for m in (args.mixes or ",".join(MIXES if args.sweep == "question" else ["chat"])).split(",")]
+    for m in mixes:
+        if m not in MIXES:
+            raise WaferError(f"unknown mix {m!r}; known: {', '.join(MIXES)}")
+    chips = [c.strip() for c in args.accelerator.split(",")]
+    for c in chips:
+        accelerator(c)
+    link(args.link)
+    if args.sweep == "sensitivity" and len(mixes) != 1:
+        raise WaferError("--sweep sensitivity takes one mix")
+    a = Assumptions(mfu=args.mfu, link=args.link, fast_speed=args.fast_speed, ttft_s=args.ttft_slo,
+                    context=args.context, grid=args.grid, wafer_kw=args.wafer_kw or Assumptions.wafer_kw,
+                    accelerator_kw=args.accelerator_kw, chunked=args.chunked_prefill)
+    config, spec = preset(args.model), SPECS[args.wafer]
+    bar = _bar(question_jobs(config, chips, mixes, a) if args.sweep == "question"
+               else sensitivity_jobs(config, chips[0], a), args.no_progress)
+    bar.unit = "unit"
+
+    def note(label: str) -> None:
+        bar.set_postfix_str(label, refresh=False)
+        bar.update(1)
+
+    start = time.perf_counter()
+    if args.sweep == "question":
+        out = question(config, spec, chips, mixes, args.power_kw, a, default_requests(args.requests), args.seed, note)
+    else:
+        out = sensitivity(config, spec, chips[0], mixes[0], args.power_kw, a, default_requests(args.requests),
+                          args.seed, note)
+    bar.total = bar.n  # the count above is exact for the question, close for the sensitivity
+    bar.close()
+    out["sweep"] = args.sweep
+    out["wall_s"] = time.perf_counter() - start
+    if args.plot:
+        from bench.fleet_plots import write_question_plot, write_sensitivity_plot
+        out["plots"] = [write_question_plot(out, args.plot) if args.sweep == "question"
+                        else write_sensitivity_plot(out, args.plot)]
+    print(json.dumps(out) if args.json else (_question_table(out) if args.sweep == "question"
+                                              else _sensitivity_table(out)))
+    return 0
+
+
+def _x(r) -> str:
+    return "integrated serves none" if r is None else f"{r:.3g}x"
+
+
+def _per_kw(r: dict):
+    i = r["integrated"]["per_mw"]["goodput_req_s"]
+    return r["disaggregated"]["per_mw"]["goodput_req_s"] / i if i > 0 else None
+
+
+def _question_table(out: dict) -> str:
+    f = out["footprint"]
+    lines = [f"{out['model']} on {out['wafer']}, {out['power_kw']:g} kW footprint ({f['unit']}): "
+             + "; ".join(f"{k}: {v}" for k, v in f.items() if k != "unit"),
+             f"SLOs: TTFT {out['assumptions']['ttft_s']:g} s, TPOT {1e3 / out['assumptions']['fast_speed']:g} ms "
+             f"(fast = {out['assumptions']['fast_speed']:g} tok/s per user), {out['attainment']:.0%} attainment",
+             "| accelerator | mix | disaggregated fleet | integrated fleet | goodput req/s disagg / integ | "
+             "fast tok/s disagg / integ | goodput ratio | fast-token ratio | goodput ratio per kW |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in out["rows"]:
+        d, i = r["disaggregated"], r["integrated"]
+        lines.append(f"| {r['accelerator']} | {r['mix']} | {d['units']} x ({d['unit']}), {d['fleet_kw']:,.0f} kW | "
+                     f"{i['units']} x ({i['unit']}), {i['fleet_kw']:,.0f} kW | "
+                     f"{d['goodput_req_s']:,.1f} / {i['goodput_req_s']:,.1f} | "
+                     f"{d['fast_tokens_s']:,.0f} / {i['fast_tokens_s']:,.0f} | {_x(r['goodput_ratio'])} | "
+                     f"{_x(r['fast_tokens_ratio'])} | {_x(_per_kw(r))}"
+                     + (" (a capacity is only a lower bound: capped)" if r.get("capped") else "") + " |")
+    return "\n".join(lines)
+
+
+def _sensitivity_table(out: dict) -> str:
+    b = out["base"]
+    lines = [f"{out['accelerator']}, {out['mix']}, {out['power_kw']:g} kW: base goodput ratio {_x(b['goodput_ratio'])}, "
+             f"fast-token ratio {_x(b['fast_tokens_ratio'])} ({b['disaggregated']} vs {b['integrated']})",
+             "| assumption (base) | moved to | goodput ratio | fast-token ratio | integrated unit |",
+             "|---|---|---|---|---|"]
+    for r in out["rows"]:
+        for m in r["moves"]:
+            if m["disaggregated_goodput_req_s"] == 0 and m["integrated_goodput_req_s"] == 0:
+                lines.append(f"| {r['assumption']} | {m['value']} | neither serves | neither serves | - |")
+                continue
+            lines.append(f"| {r['assumption']} | {m['value']} | {_x(m['goodput_ratio'])} | "
+                         f"{_x(m['fast_tokens_ratio'])} | {m['integrated'] if m['integrated_goodput_req_s'] > 0 else '-'} |")
+    return "\n".join(lines)

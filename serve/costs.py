@@ -100,12 +100,19 @@ class Accelerator:
     memory_bytes: float
     watts: float | None = None  # board power, where the vendor states it
     source: str = ""
+    # Power of the system the accelerator is sold in, per accelerator (host CPUs, NICs, fans and
+    # power supplies included): the figure to set against a CS-3's system power at equal footprint.
+    system_watts: float | None = None
+    system_source: str = ""
 
 
 GB, TB = 1e9, 1e12
 GIB = 1 << 30
-H100 = Accelerator("h100", 989e12, 3.35 * TB, 80 * GB, 700.0, "NVIDIA H100 SXM5 datasheet")
-B200 = Accelerator("b200", 2.25e15, 8.0 * TB, 180 * GB, 1000.0, "NVIDIA HGX B200 datasheet (per GPU)")
+H100 = Accelerator("h100", 989e12, 3.35 * TB, 80 * GB, 700.0, "NVIDIA H100 SXM5 datasheet",
+                   10.2e3 / 8, "NVIDIA DGX H100 datasheet: ~10.2 kW max system power for 8 GPUs")
+B200 = Accelerator("b200", 2.25e15, 8.0 * TB, 180 * GB, 1000.0, "NVIDIA HGX B200 datasheet (per GPU)",
+                   14.3e3 / 8, "NVIDIA DGX B200 datasheet: ~14.3 kW max system power for 8 GPUs")
+# Trainium2/3: AWS publishes no chip, server or UltraServer power, so no footprint in kW is offered.
 TRAINIUM2 = Accelerator("trainium2", 667e12, 2.9 * TB, 96 * GIB, None, "AWS Neuron docs, Trainium2 architecture")
 TRAINIUM3 = Accelerator("trainium3", 671e12, 4.9 * TB, 144 * GIB, None, "AWS Neuron docs, Trainium3 architecture")
 ACCELERATORS = {a.name: a for a in (H100, B200, TRAINIUM2, TRAINIUM3)}
