@@ -156,8 +156,20 @@ class SlotToken:
 
 @dataclasses.dataclass(frozen=True)
 class StepDone:
+    """A decode step's tokens, or the last of `steps` consecutive steps over the same slots.
+
+    Several steps in one event are for a driver that only counts tokens (the simulator, with a
+    `Scheduler(..., stream=False)`): each slot gets `steps` tokens, the last at `time`, and
+    `last_start` is when the last step was dispatched (the end of the one before it). The driver
+    sends them only when nothing else would have reached the scheduler between them, so every
+    boundary in between would have decided one more step and nothing else: no other event, no
+    request reaching its token limit before the last step, no deadline passing before `time`.
+    """
+
     time: float
     tokens: tuple[SlotToken, ...]
+    steps: int = 1
+    last_start: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)

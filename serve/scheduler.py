@@ -44,13 +44,18 @@ class _Request:
     stage: Stage = Stage.WAITING
     since: float = 0.0  # when it entered its stage; while decoding, its last token's time
     slot: int | None = None
-    token_times: list[float] = dataclasses.field(default_factory=list)
+    tokens: int = 0  # output tokens so far
+    first_token: float | None = None
+    token_times: list[float] | None = None  # every token's time, when the scheduler streams
 
     def times(self, finish: float) -> RequestTimes:
-        return RequestTimes(self.arrival, tuple(self.token_times), finish)
+        if self.token_times is not None:
+            return RequestTimes(self.arrival, tuple(self.token_times), finish)
+        return RequestTimes(self.arrival, (), finish, self.tokens, self.first_token)
 
 
-_DECISION_FIELDS = tuple(f.name for f in dataclasses.fields(Decision))
+assert tuple(f.name for f in dataclasses.fields(Decision)) == (
+    "restart", "evict", "discard", "placements", "prefill", "decode_step", "tokens", "finished", "failed")
 
 
 @dataclasses.dataclass
@@ -68,15 +73,29 @@ class _Out:
     failed: list = dataclasses.field(default_factory=list)
 
     def freeze(self) -> Decision:
-        fields = {name: getattr(self, name) for name in _DECISION_FIELDS}
-        return Decision(**{k: v if isinstance(v, bool) else tuple(v) for k, v in fields.items()})
+        if not (self.restart or self.evict or self.discard or self.placements or self.prefill or self.tokens
+                or self.finished or self.failed):
+            return _STEP if self.decode_step else _NOTHING  # the common decisions, shared (they are frozen)
+        return Decision(tuple(self.restart), tuple(self.evict), tuple(self.discard), tuple(self.placements),
+                        tuple(self.prefill), self.decode_step, tuple(self.tokens), tuple(self.finished),
+                        tuple(self.failed))
+
+
+_NOTHING, _STEP = Decision(), Decision(decode_step=True)
 
 
 class Scheduler:
-    """Admission, prefill batching, slot assignment, the handoff queue and continuous batching."""
+    """Admission, prefill batching, slot assignment, the handoff queue and continuous batching.
 
-    def __init__(self, config: SchedulerConfig):
+    With `stream` (the live server) every output token is a `Token` in its decision and every
+    token's time is kept for `RequestTimes`; without it (the simulator) tokens are only counted,
+    with the first one's time, and a `StepDone` may stand for several steps. The policy is the
+    same either way: only what is recorded about tokens differs.
+    """
+
+    def __init__(self, config: SchedulerConfig, stream: bool = True):
         self.config = config
+        self.stream = stream
         self.now = float("-inf")
         self._requests: dict[RequestId, _Request] = {}  # live requests only
         # The live requests of each stage, in the order they entered it (so by deadline). The
@@ -135,6 +154,8 @@ class Scheduler:
         """Apply one event; returns what to do now."""
         if event.time < self.now:
             raise ValueError(f"event at {event.time} is earlier than the last one, at {self.now}")
+        if type(event) is StepDone and event.steps != 1:
+            self._steps_before_last(event)
         self.now = event.time
         out = _Out()
         self._expire(out)
@@ -179,7 +200,8 @@ class Scheduler:
             out.failed.append(Failure(e.request_id, FailReason.QUEUE_FULL, None, RequestTimes(e.time, (), e.time),
                                       retry_after_s=self.config.retry_after_s))
             return
-        self._requests[e.request_id] = _Request(e.request_id, e.prompt_len, e.max_new_tokens, e.time, since=e.time)
+        self._requests[e.request_id] = _Request(e.request_id, e.prompt_len, e.max_new_tokens, e.time, since=e.time,
+                                                token_times=[] if self.stream else None)
         self._in[Stage.WAITING][e.request_id] = None
 
     def _prefill_done(self, e: PrefillDone, out: _Out) -> None:
@@ -215,11 +237,39 @@ class Scheduler:
             if r and r.stage is Stage.DECODING and r.slot == t.slot:
                 self._emit(r, t.token, t.finish, out)
 
+    def _steps_before_last(self, e: StepDone) -> None:
+        """Of a `StepDone` of several steps, apply all but the last, as their own events would have
+        (the driver guarantees that nothing else happened at their boundaries); `handle` then
+        applies the last step as a one-step event."""
+        if self.stream:
+            raise ValueError("a StepDone of several steps needs a scheduler that counts tokens (stream=False)")
+        if e.steps < 1 or e.last_start is None or not self.now <= e.last_start <= e.time:
+            raise ValueError(f"a StepDone of {e.steps} steps needs its last step's start between the last "
+                             f"event ({self.now}) and its time ({e.time}), got {e.last_start}")
+        if self._step_start is None:
+            return  # from a worker already declared dead or hung: handle drops the event
+        self.now = self._step_start = e.last_start
+        before = e.steps - 1
+        decoding = self._in[Stage.DECODING]
+        for t in e.tokens:
+            r = self._requests.get(t.request_id)
+            if r and r.stage is Stage.DECODING and r.slot == t.slot:
+                if r.tokens + before >= r.max_new_tokens:
+                    raise ValueError(f"a StepDone of {e.steps} steps runs request {r.id!r} past its "
+                                     f"{r.max_new_tokens} tokens before its last step")
+                r.tokens += before
+                r.since = e.last_start
+                decoding.move_to_end(r.id)
+
     def _emit(self, r: _Request, token: int, finish: FinishReason | None, out: _Out) -> bool:
         """Record an output token; ends the request if it finishes it. Returns whether it did."""
-        r.token_times.append(self.now)
-        out.tokens.append(Token(r.id, token))
-        if finish is None and len(r.token_times) >= r.max_new_tokens:
+        r.tokens += 1
+        if r.first_token is None:
+            r.first_token = self.now
+        if r.token_times is not None:
+            r.token_times.append(self.now)
+            out.tokens.append(Token(r.id, token))
+        if finish is None and r.tokens >= r.max_new_tokens:
             finish = FinishReason.LENGTH
         if finish is not None:
             out.finished.append(Finished(r.id, finish, r.times(self.now)))
