@@ -27,12 +27,16 @@ class Mode(enum.Enum):
 class Worker(enum.Enum):
     """A worker process. In integrated mode both names mean the one worker."""
 
+    __hash__ = object.__hash__  # by identity: the scheduler looks these up on every event
+
     PREFILL = "prefill"
     DECODE = "decode"
 
 
 class Stage(enum.Enum):
     """Where a live request is."""
+
+    __hash__ = object.__hash__  # by identity: the scheduler looks these up on every event
 
     WAITING = "waiting"  # in the bounded waiting queue
     PREFILLING = "prefilling"  # in the prefill batch in flight

@@ -58,19 +58,23 @@ assert tuple(f.name for f in dataclasses.fields(Decision)) == (
     "restart", "evict", "discard", "placements", "prefill", "decode_step", "tokens", "finished", "failed")
 
 
-@dataclasses.dataclass
 class _Out:
     """A decision being built."""
 
-    restart: list = dataclasses.field(default_factory=list)
-    evict: list = dataclasses.field(default_factory=list)
-    discard: list = dataclasses.field(default_factory=list)
-    placements: list = dataclasses.field(default_factory=list)
-    prefill: list = dataclasses.field(default_factory=list)
-    decode_step: bool = False
-    tokens: list = dataclasses.field(default_factory=list)
-    finished: list = dataclasses.field(default_factory=list)
-    failed: list = dataclasses.field(default_factory=list)
+    __slots__ = ("restart", "evict", "discard", "placements", "prefill", "decode_step", "tokens", "finished", "failed")
+
+    def __init__(self):
+        self.restart, self.evict, self.discard, self.placements, self.prefill = [], [], [], [], []
+        self.decode_step = False
+        self.tokens, self.finished, self.failed = [], [], []
+
+    def reset(self) -> None:
+        """Empty again (one `_Out` serves every event: most decisions leave it empty)."""
+        if self.restart or self.evict or self.discard or self.placements:
+            self.restart, self.evict, self.discard, self.placements = [], [], [], []
+        if self.prefill or self.tokens or self.finished or self.failed:
+            self.prefill, self.tokens, self.finished, self.failed = [], [], [], []
+        self.decode_step = False
 
     def freeze(self) -> Decision:
         if not (self.restart or self.evict or self.discard or self.placements or self.prefill or self.tokens
@@ -107,6 +111,10 @@ class Scheduler:
         self._batch_start: float | None = None  # the prefill batch in flight, even if all its requests ended
         self._step_start: float | None = None  # the decode step in flight
         self._up = {Worker.PREFILL: True, Worker.DECODE: True}
+        self._out = _Out()  # the decision being built (see `handle`)
+        d = config.deadlines
+        self._limits = ((Stage.WAITING, d.queue_s), (Stage.PREFILLED, d.handoff_s), (Stage.TRANSFERRING, d.handoff_s),
+                        (Stage.DECODING, d.token_s))
 
     @property
     def integrated(self) -> bool:
@@ -144,9 +152,7 @@ class Scheduler:
 
     def _stage_limits(self) -> tuple[tuple[Stage, float], ...]:
         """Each stage's deadline but PREFILLING's, which is its batch's (a hung prefill worker)."""
-        d = self.config.deadlines
-        return ((Stage.WAITING, d.queue_s), (Stage.PREFILLED, d.handoff_s), (Stage.TRANSFERRING, d.handoff_s),
-                (Stage.DECODING, d.token_s))
+        return self._limits
 
     # Events.
 
@@ -157,38 +163,40 @@ class Scheduler:
         if type(event) is StepDone and event.steps != 1:
             self._steps_before_last(event)
         self.now = event.time
-        out = _Out()
+        out = self._out
+        out.reset()
         self._expire(out)
-        match event:
-            case Arrival():
-                self._arrive(event, out)
-            case PrefillDone():
-                self._prefill_done(event, out)
-            case HandoffDone():
-                r = self._requests.get(event.request_id)
-                if r and r.stage is Stage.TRANSFERRING and r.slot == event.slot:
-                    self._move(r, Stage.DECODING)
-            case HandoffFailed():
-                r = self._requests.get(event.request_id)
-                if r and r.stage is Stage.TRANSFERRING:
-                    self._fail(r, FailReason.HANDOFF_REFUSED, out, detail=event.detail)
-            case StepDone():
-                self._step_done(event, out)
-            case Disconnect():
-                r = self._requests.get(event.request_id)
-                if r:
-                    self._fail(r, FailReason.DISCONNECTED, out)
-            case WorkerDied():
-                self._lose_worker(event.worker, FailReason.WORKER_DIED, out)
-            case WorkerReady():
-                for w in self._same_process(event.worker):
-                    self._up[w] = True
-            case Tick():
-                pass
-            case _:
-                raise TypeError(f"not a scheduler event: {event!r}")
+        apply = _APPLY.get(type(event)) or next((f for t, f in _APPLY.items() if isinstance(event, t)), None)
+        if apply is None:
+            raise TypeError(f"not a scheduler event: {event!r}")
+        apply(self, event, out)
         self._schedule(out)
         return out.freeze()
+
+    def _handoff_done(self, e: HandoffDone, out: _Out) -> None:
+        r = self._requests.get(e.request_id)
+        if r and r.stage is Stage.TRANSFERRING and r.slot == e.slot:
+            self._move(r, Stage.DECODING)
+
+    def _handoff_failed(self, e: HandoffFailed, out: _Out) -> None:
+        r = self._requests.get(e.request_id)
+        if r and r.stage is Stage.TRANSFERRING:
+            self._fail(r, FailReason.HANDOFF_REFUSED, out, detail=e.detail)
+
+    def _disconnect(self, e: Disconnect, out: _Out) -> None:
+        r = self._requests.get(e.request_id)
+        if r:
+            self._fail(r, FailReason.DISCONNECTED, out)
+
+    def _worker_died(self, e: WorkerDied, out: _Out) -> None:
+        self._lose_worker(e.worker, FailReason.WORKER_DIED, out)
+
+    def _worker_ready(self, e: WorkerReady, out: _Out) -> None:
+        for w in self._same_process(e.worker):
+            self._up[w] = True
+
+    def _tick(self, e: Tick, out: _Out) -> None:
+        pass
 
     def _arrive(self, e: Arrival, out: _Out) -> None:
         if e.request_id in self._requests:
@@ -232,10 +240,17 @@ class Scheduler:
         if self._step_start is None:
             return  # from a worker already declared dead or hung
         self._step_start = None
+        requests, decoding, now, counting = self._requests, self._in[Stage.DECODING], self.now, not self.stream
         for t in e.tokens:
-            r = self._requests.get(t.request_id)
+            r = requests.get(t.request_id)
             if r and r.stage is Stage.DECODING and r.slot == t.slot:
-                self._emit(r, t.token, t.finish, out)
+                if counting and t.finish is None and r.tokens + 1 < r.max_new_tokens:
+                    # _emit's common case, inlined (a simulation makes this call per token)
+                    r.tokens += 1
+                    r.since = now
+                    decoding.move_to_end(r.id)
+                else:
+                    self._emit(r, t.token, t.finish, out)
 
     def _steps_before_last(self, e: StepDone) -> None:
         """Of a `StepDone` of several steps, apply all but the last, as their own events would have
@@ -339,7 +354,7 @@ class Scheduler:
         if self._step_start is not None and self._step_start + d.token_s <= now:
             out.restart.append(Worker.DECODE)
             self._lose_worker(Worker.DECODE, FailReason.DEADLINE, out)
-        for stage, limit in self._stage_limits():
+        for stage, limit in self._limits:
             queue = self._in[stage]
             while queue and self._requests[next(iter(queue))].since + limit <= now:
                 self._fail(self._requests[next(iter(queue))], FailReason.DEADLINE, out)
@@ -359,7 +374,7 @@ class Scheduler:
             self._place(self._requests[next(iter(prefilled))], Stage.TRANSFERRING, out)
         # A batch only starts if the prefill side has room to hold all its caches until slots free up.
         room = self.config.max_prefilled - len(prefilled)
-        if self._up[Worker.PREFILL] and self._batch_start is None and room > 0:
+        if self._up[Worker.PREFILL] and self._batch_start is None and room > 0 and self._in[Stage.WAITING]:
             self._start_prefill(room, out)
         if self._up[Worker.DECODE] and self._step_start is None and self._in[Stage.DECODING]:
             out.decode_step, self._step_start = True, self.now
@@ -401,3 +416,9 @@ class Scheduler:
             self._batch_start = self.now
             out.prefill.extend(batch)
         return batch
+
+
+# How `Scheduler.handle` applies each kind of event (after deadlines, before scheduling).
+_APPLY = {Arrival: Scheduler._arrive, PrefillDone: Scheduler._prefill_done, HandoffDone: Scheduler._handoff_done,
+          HandoffFailed: Scheduler._handoff_failed, StepDone: Scheduler._step_done, Disconnect: Scheduler._disconnect,
+          WorkerDied: Scheduler._worker_died, WorkerReady: Scheduler._worker_ready, Tick: Scheduler._tick}

@@ -63,6 +63,7 @@ from serve.workload import Workload
 
 TOO_LONG = "too_long"  # the failure count of requests refused for their length
 _CHUNK = 1 << 16  # arrivals converted from numpy to Python at a time
+_DURATIONS_KEPT = 4096  # plans' step times remembered
 
 # Event kinds on the heap, in the order ties at one instant are broken by (then by push order).
 _PREFILL_DONE, _HANDOFF_DONE, _STEP_DONE, _CONTROL, _TICK = range(5)
@@ -259,12 +260,16 @@ class Simulator:
         self.ids = request_ids  # the requests' numbers (default: their index in the workload)
         self.units = [_Unit(i, fleet) for i in range(fleet.units)]
         self.heap: list = []
+        self.durations: dict[tuple[int, int, int], list[float]] = {}  # see _durations
         self.seq = itertools.count()
         self.result = SimResult(requests=len(workload), units=fleet.units, mode=fleet.config.mode.value,
                                 records=[] if keep_records else None)
         self.progress, self.progress_every = progress, progress_every
         self.ended = 0
         self.rr = 0
+        # Least-loaded routing: (load, index) of every unit, and superseded entries that are dropped
+        # when they reach the top (an entry is current when its load is the unit's load).
+        self.by_load = [(0, i) for i in range(fleet.units)]
         deadlines = fleet.config.deadlines
         self.shortest_limit = min(getattr(deadlines, f.name) for f in dataclasses.fields(deadlines))
 
@@ -303,7 +308,18 @@ class Simulator:
             unit = self.units[self.rr]
             self.rr = (self.rr + 1) % len(self.units)
             return unit
-        return min(self.units, key=lambda u: u.load)
+        heap, units = self.by_load, self.units
+        while heap[0][0] != units[heap[0][1]].load:
+            heapq.heappop(heap)
+        return units[heap[0][1]]  # the fewest live requests, ties to the lowest index
+
+    def _load(self, unit: _Unit, change: int) -> None:
+        unit.load += change
+        if self.fleet.router is Router.LEAST_LOADED and len(self.units) > 1:
+            heapq.heappush(self.by_load, (unit.load, unit.index))
+            if len(self.by_load) > 4 * len(self.units) + 64:  # drop the superseded entries
+                self.by_load = [(u.load, u.index) for u in self.units]
+                heapq.heapify(self.by_load)
 
     def _arrive(self, rid: str, t: float, prompt_len: int, output_len: int) -> None:
         limit = self.fleet.max_context
@@ -316,7 +332,7 @@ class Simulator:
             self._count_end()
             return
         unit = self.units[0] if len(self.units) == 1 else self._route()
-        unit.load += 1
+        self._load(unit, 1)
         unit.prompt[rid] = prompt_len
         unit.output[rid] = output_len
         in_flight = self._catch_up(unit, t, True)  # arrivals follow completions at one instant
@@ -419,14 +435,23 @@ class Simulator:
         unit.step_in_flight = True
         self._count_steps(p, p.done + 1)
 
-    @staticmethod
-    def _durations(unit: _Unit, batch: int, n: int) -> list[float]:
-        """The next `n` steps' times over `batch` sequences: each reads `batch` more positions."""
-        cost, context = unit.cost, unit.context
-        many = getattr(cost, "decode_steps_s", None)
-        if n > 1 and many is not None:
-            return many(batch, context + batch * np.arange(1, n + 1, dtype=np.int64)).tolist()
-        return [cost.decode_step_s(batch, context + batch * j) for j in range(1, n + 1)]
+    def _durations(self, unit: _Unit, batch: int, n: int) -> list[float]:
+        """The next `n` steps' times over `batch` sequences: each reads `batch` more positions.
+        Remembered (a workload of fixed lengths asks for the same ones again and again); the
+        lists are shared, so they are never changed."""
+        key = (batch, unit.context, n)
+        d = self.durations.get(key)
+        if d is None:
+            cost, context = unit.cost, unit.context
+            many = getattr(cost, "decode_steps_s", None)
+            if n > 1 and many is not None:
+                d = many(batch, context + batch * np.arange(1, n + 1, dtype=np.int64)).tolist()
+            else:
+                d = [cost.decode_step_s(batch, context + batch * j) for j in range(1, n + 1)]
+            if len(self.durations) >= _DURATIONS_KEPT:
+                self.durations.clear()
+            self.durations[key] = d
+        return d
 
     def _count_steps(self, p: _Plan, upto: int) -> None:
         """Count steps up to `upto` of `p` as dispatched in the result."""
@@ -514,7 +539,7 @@ class Simulator:
 
     def _end(self, unit: _Unit, rid: str) -> None:
         self.result.last_end = unit.sched.now
-        unit.load -= 1
+        self._load(unit, -1)
         unit.prompt.pop(rid, None)
         unit.output.pop(rid, None)
         unit.pending_slot.pop(rid, None)
