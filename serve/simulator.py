@@ -12,7 +12,11 @@ whose times come from a cost source (serve/costs.py):
   joins the decode batch at the next step boundary;
 - a decode step over the committed slots ends `decode_step_s(batch, context positions)` later and
   gives every slot one token (`StepDone`: one event for the whole batch); a request ends when the
-  scheduler sees its output length (`max_new_tokens` = the workload's output length);
+  scheduler sees its output length (`max_new_tokens` = the workload's output length). Steps over
+  the same slots that nothing else interrupts go to the scheduler as one `StepDone` of several
+  steps (see `_catch_up`), and its scheduler counts tokens rather than streaming them, so a
+  simulation costs what its requests' events cost, not what their tokens cost; the report is
+  the one a step per event gives (`bulk_steps=False`, tests/test_simulator.py);
 - a `Tick` goes in at `Scheduler.next_deadline()` when nothing else would reach the unit first;
 - a restart drops the worker's work in flight, then sends `WorkerDied` at once and `WorkerReady`
   `restart_s` later; `discard` needs nothing (the prefill side's cache memory is not modelled
