@@ -68,6 +68,7 @@ from serve.workload import Workload
 TOO_LONG = "too_long"  # the failure count of requests refused for their length
 _CHUNK = 1 << 16  # arrivals converted from numpy to Python at a time
 _DURATIONS_KEPT = 4096  # plans' step times remembered
+_HORIZON_MIN, _HORIZON_MAX = 8, 1 << 14  # steps a plan covers (see _Unit.horizon)
 
 # Event kinds on the heap, in the order ties at one instant are broken by (then by push order).
 _PREFILL_DONE, _HANDOFF_DONE, _STEP_DONE, _CONTROL, _TICK = range(5)
@@ -215,6 +216,9 @@ class _Unit:
         # value of `steps_done` after which it has all its tokens].
         self.committed: dict[int, list] = {}
         self.plan: _Plan | None = None  # the decode steps in flight
+        # Steps a plan covers at most: doubled when a plan runs to its end, cut to twice what ran
+        # when another event cuts it (step times computed past the cut are wasted).
+        self.horizon = _HORIZON_MIN
         self.step_tokens: tuple[SlotToken, ...] | None = None  # the committed slots' tokens, cached
         self.context = 0  # context positions over the committed slots
         self.steps_done = 0
@@ -402,6 +406,7 @@ class Simulator:
         """After another event: the plan in flight before it stops at the step in flight."""
         if p is not None and unit.plan is p and p.final > p.done + 1:
             p.final = p.done + 1
+            unit.horizon = max(_HORIZON_MIN, 2 * p.final)
             self._push_plan(unit, p)
 
     def _push_plan(self, unit: _Unit, p: _Plan) -> None:
@@ -430,7 +435,11 @@ class Simulator:
             tokens = unit.step_tokens
             if tokens is None:
                 tokens = unit.step_tokens = tuple(c[0] for c in unit.committed.values())
-            n = max(1, min(c[3] for c in unit.committed.values()) - unit.steps_done) if self.bulk_steps else 1
+            n = 1
+            if self.bulk_steps:
+                if p is not None and p.done == len(p.durations) == p.final:  # the last plan ran to its end
+                    unit.horizon = min(_HORIZON_MAX, 2 * unit.horizon)
+                n = max(1, min(unit.horizon, min(c[3] for c in unit.committed.values()) - unit.steps_done))
             p = unit.plan = _Plan(unit.gen[Worker.DECODE], tokens, self._durations(unit, len(tokens), n), now)
             self._push_plan(unit, p)
         elif p.final < len(p.durations):  # cut short by an event that changed nothing for it: go on
