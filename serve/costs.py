@@ -44,6 +44,10 @@ class CostSource(Protocol):
 
     def decode_step_s(self, batch: int, context_tokens: int) -> float: ...
 
+    # Optional, for the simulator's steps in bulk: decode_step_s at each of `contexts` (an int64
+    # array), elementwise with the same float operations, so the results are the same bits.
+    # def decode_steps_s(self, batch: int, contexts: np.ndarray) -> np.ndarray: ...
+
     def handoff_s(self, tokens: int) -> float: ...
 
 
@@ -215,6 +219,9 @@ class WaferDecodeCost:
             return self.step_1_s
         return self.step_1_s + (self.step_slots_s - self.step_1_s) * (batch - 1) / (self.slots - 1)
 
+    def decode_steps_s(self, batch: int, contexts: np.ndarray) -> np.ndarray:
+        return np.full(contexts.shape, self.decode_step_s(batch, 0))  # the same at every context
+
 
 @functools.lru_cache(maxsize=64)
 def _profile(config: ModelConfig, grid: str, spec: WaferSpec, batch: int, context: int) -> tuple[float, int]:
@@ -279,6 +286,10 @@ class RooflineDecodeCost:
         memory = weights_s + ctx_byte_s * context_tokens
         return self.overhead_s + max(compute, memory)
 
+    def decode_steps_s(self, batch: int, contexts: np.ndarray) -> np.ndarray:
+        seq_s, ctx_flop_s, weights_s, ctx_byte_s = self._per
+        return self.overhead_s + np.maximum(seq_s * batch + ctx_flop_s * contexts, weights_s + ctx_byte_s * contexts)
+
 
 def integrated_slots(config: ModelConfig, chip: Accelerator, count: int, context: int, most: int = 256,
                      usable: float = 0.9) -> int:
@@ -320,6 +331,9 @@ class IntegratedCost:
     def decode_step_s(self, batch: int, context_tokens: int) -> float:
         return self.decode.decode_step_s(batch, context_tokens)
 
+    def decode_steps_s(self, batch: int, contexts: np.ndarray) -> np.ndarray:
+        return self.decode.decode_steps_s(batch, contexts)
+
     def handoff_s(self, tokens: int) -> float:
         return 0.0
 
@@ -337,6 +351,9 @@ class DisaggregatedCost:
 
     def decode_step_s(self, batch: int, context_tokens: int) -> float:
         return self.decode.decode_step_s(batch, context_tokens)
+
+    def decode_steps_s(self, batch: int, contexts: np.ndarray) -> np.ndarray:
+        return self.decode.decode_steps_s(batch, contexts)
 
     def handoff_s(self, tokens: int) -> float:
         return self.link.handoff_s(tokens)
@@ -370,6 +387,9 @@ class MeasuredCost:
     def decode_step_s(self, batch: int, context_tokens: int) -> float:
         d = self.decode
         return d.get("fixed_s", 0.0) + d.get("per_seq_s", 0.0) * batch + d.get("per_context_token_s", 0.0) * context_tokens
+
+    def decode_steps_s(self, batch: int, contexts: np.ndarray) -> np.ndarray:
+        return self.decode_step_s(batch, contexts)  # the same expression works elementwise
 
     def handoff_s(self, tokens: int) -> float:
         h = self.handoff

@@ -27,12 +27,16 @@ class Mode(enum.Enum):
 class Worker(enum.Enum):
     """A worker process. In integrated mode both names mean the one worker."""
 
+    __hash__ = object.__hash__  # by identity: the scheduler looks these up on every event
+
     PREFILL = "prefill"
     DECODE = "decode"
 
 
 class Stage(enum.Enum):
     """Where a live request is."""
+
+    __hash__ = object.__hash__  # by identity: the scheduler looks these up on every event
 
     WAITING = "waiting"  # in the bounded waiting queue
     PREFILLING = "prefilling"  # in the prefill batch in flight
@@ -156,8 +160,20 @@ class SlotToken:
 
 @dataclasses.dataclass(frozen=True)
 class StepDone:
+    """A decode step's tokens, or the last of `steps` consecutive steps over the same slots.
+
+    Several steps in one event are for a driver that only counts tokens (the simulator, with a
+    `Scheduler(..., stream=False)`): each slot gets `steps` tokens, the last at `time`, and
+    `last_start` is when the last step was dispatched (the end of the one before it). The driver
+    sends them only when nothing else would have reached the scheduler between them, so every
+    boundary in between would have decided one more step and nothing else: no other event, no
+    request reaching its token limit before the last step, no deadline passing before `time`.
+    """
+
     time: float
     tokens: tuple[SlotToken, ...]
+    steps: int = 1
+    last_start: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,39 +44,62 @@ class _Request:
     stage: Stage = Stage.WAITING
     since: float = 0.0  # when it entered its stage; while decoding, its last token's time
     slot: int | None = None
-    token_times: list[float] = dataclasses.field(default_factory=list)
+    tokens: int = 0  # output tokens so far
+    first_token: float | None = None
+    token_times: list[float] | None = None  # every token's time, when the scheduler streams
 
     def times(self, finish: float) -> RequestTimes:
-        return RequestTimes(self.arrival, tuple(self.token_times), finish)
+        if self.token_times is not None:
+            return RequestTimes(self.arrival, tuple(self.token_times), finish)
+        return RequestTimes(self.arrival, (), finish, self.tokens, self.first_token)
 
 
-_DECISION_FIELDS = tuple(f.name for f in dataclasses.fields(Decision))
+assert tuple(f.name for f in dataclasses.fields(Decision)) == (
+    "restart", "evict", "discard", "placements", "prefill", "decode_step", "tokens", "finished", "failed")
 
 
-@dataclasses.dataclass
 class _Out:
     """A decision being built."""
 
-    restart: list = dataclasses.field(default_factory=list)
-    evict: list = dataclasses.field(default_factory=list)
-    discard: list = dataclasses.field(default_factory=list)
-    placements: list = dataclasses.field(default_factory=list)
-    prefill: list = dataclasses.field(default_factory=list)
-    decode_step: bool = False
-    tokens: list = dataclasses.field(default_factory=list)
-    finished: list = dataclasses.field(default_factory=list)
-    failed: list = dataclasses.field(default_factory=list)
+    __slots__ = ("restart", "evict", "discard", "placements", "prefill", "decode_step", "tokens", "finished", "failed")
+
+    def __init__(self):
+        self.restart, self.evict, self.discard, self.placements, self.prefill = [], [], [], [], []
+        self.decode_step = False
+        self.tokens, self.finished, self.failed = [], [], []
+
+    def reset(self) -> None:
+        """Empty again (one `_Out` serves every event: most decisions leave it empty)."""
+        if self.restart or self.evict or self.discard or self.placements:
+            self.restart, self.evict, self.discard, self.placements = [], [], [], []
+        if self.prefill or self.tokens or self.finished or self.failed:
+            self.prefill, self.tokens, self.finished, self.failed = [], [], [], []
+        self.decode_step = False
 
     def freeze(self) -> Decision:
-        fields = {name: getattr(self, name) for name in _DECISION_FIELDS}
-        return Decision(**{k: v if isinstance(v, bool) else tuple(v) for k, v in fields.items()})
+        if not (self.restart or self.evict or self.discard or self.placements or self.prefill or self.tokens
+                or self.finished or self.failed):
+            return _STEP if self.decode_step else _NOTHING  # the common decisions, shared (they are frozen)
+        return Decision(tuple(self.restart), tuple(self.evict), tuple(self.discard), tuple(self.placements),
+                        tuple(self.prefill), self.decode_step, tuple(self.tokens), tuple(self.finished),
+                        tuple(self.failed))
+
+
+_NOTHING, _STEP = Decision(), Decision(decode_step=True)
 
 
 class Scheduler:
-    """Admission, prefill batching, slot assignment, the handoff queue and continuous batching."""
+    """Admission, prefill batching, slot assignment, the handoff queue and continuous batching.
 
-    def __init__(self, config: SchedulerConfig):
+    With `stream` (the live server) every output token is a `Token` in its decision and every
+    token's time is kept for `RequestTimes`; without it (the simulator) tokens are only counted,
+    with the first one's time, and a `StepDone` may stand for several steps. The policy is the
+    same either way: only what is recorded about tokens differs.
+    """
+
+    def __init__(self, config: SchedulerConfig, stream: bool = True):
         self.config = config
+        self.stream = stream
         self.now = float("-inf")
         self._requests: dict[RequestId, _Request] = {}  # live requests only
         # The live requests of each stage, in the order they entered it (so by deadline). The
@@ -88,6 +111,10 @@ class Scheduler:
         self._batch_start: float | None = None  # the prefill batch in flight, even if all its requests ended
         self._step_start: float | None = None  # the decode step in flight
         self._up = {Worker.PREFILL: True, Worker.DECODE: True}
+        self._out = _Out()  # the decision being built (see `handle`)
+        d = config.deadlines
+        self._limits = ((Stage.WAITING, d.queue_s), (Stage.PREFILLED, d.handoff_s), (Stage.TRANSFERRING, d.handoff_s),
+                        (Stage.DECODING, d.token_s))
 
     @property
     def integrated(self) -> bool:
@@ -125,9 +152,7 @@ class Scheduler:
 
     def _stage_limits(self) -> tuple[tuple[Stage, float], ...]:
         """Each stage's deadline but PREFILLING's, which is its batch's (a hung prefill worker)."""
-        d = self.config.deadlines
-        return ((Stage.WAITING, d.queue_s), (Stage.PREFILLED, d.handoff_s), (Stage.TRANSFERRING, d.handoff_s),
-                (Stage.DECODING, d.token_s))
+        return self._limits
 
     # Events.
 
@@ -135,39 +160,43 @@ class Scheduler:
         """Apply one event; returns what to do now."""
         if event.time < self.now:
             raise ValueError(f"event at {event.time} is earlier than the last one, at {self.now}")
+        if type(event) is StepDone and event.steps != 1:
+            self._steps_before_last(event)
         self.now = event.time
-        out = _Out()
+        out = self._out
+        out.reset()
         self._expire(out)
-        match event:
-            case Arrival():
-                self._arrive(event, out)
-            case PrefillDone():
-                self._prefill_done(event, out)
-            case HandoffDone():
-                r = self._requests.get(event.request_id)
-                if r and r.stage is Stage.TRANSFERRING and r.slot == event.slot:
-                    self._move(r, Stage.DECODING)
-            case HandoffFailed():
-                r = self._requests.get(event.request_id)
-                if r and r.stage is Stage.TRANSFERRING:
-                    self._fail(r, FailReason.HANDOFF_REFUSED, out, detail=event.detail)
-            case StepDone():
-                self._step_done(event, out)
-            case Disconnect():
-                r = self._requests.get(event.request_id)
-                if r:
-                    self._fail(r, FailReason.DISCONNECTED, out)
-            case WorkerDied():
-                self._lose_worker(event.worker, FailReason.WORKER_DIED, out)
-            case WorkerReady():
-                for w in self._same_process(event.worker):
-                    self._up[w] = True
-            case Tick():
-                pass
-            case _:
-                raise TypeError(f"not a scheduler event: {event!r}")
+        apply = _APPLY.get(type(event)) or next((f for t, f in _APPLY.items() if isinstance(event, t)), None)
+        if apply is None:
+            raise TypeError(f"not a scheduler event: {event!r}")
+        apply(self, event, out)
         self._schedule(out)
         return out.freeze()
+
+    def _handoff_done(self, e: HandoffDone, out: _Out) -> None:
+        r = self._requests.get(e.request_id)
+        if r and r.stage is Stage.TRANSFERRING and r.slot == e.slot:
+            self._move(r, Stage.DECODING)
+
+    def _handoff_failed(self, e: HandoffFailed, out: _Out) -> None:
+        r = self._requests.get(e.request_id)
+        if r and r.stage is Stage.TRANSFERRING:
+            self._fail(r, FailReason.HANDOFF_REFUSED, out, detail=e.detail)
+
+    def _disconnect(self, e: Disconnect, out: _Out) -> None:
+        r = self._requests.get(e.request_id)
+        if r:
+            self._fail(r, FailReason.DISCONNECTED, out)
+
+    def _worker_died(self, e: WorkerDied, out: _Out) -> None:
+        self._lose_worker(e.worker, FailReason.WORKER_DIED, out)
+
+    def _worker_ready(self, e: WorkerReady, out: _Out) -> None:
+        for w in self._same_process(e.worker):
+            self._up[w] = True
+
+    def _tick(self, e: Tick, out: _Out) -> None:
+        pass
 
     def _arrive(self, e: Arrival, out: _Out) -> None:
         if e.request_id in self._requests:
@@ -179,7 +208,8 @@ class Scheduler:
             out.failed.append(Failure(e.request_id, FailReason.QUEUE_FULL, None, RequestTimes(e.time, (), e.time),
                                       retry_after_s=self.config.retry_after_s))
             return
-        self._requests[e.request_id] = _Request(e.request_id, e.prompt_len, e.max_new_tokens, e.time, since=e.time)
+        self._requests[e.request_id] = _Request(e.request_id, e.prompt_len, e.max_new_tokens, e.time, since=e.time,
+                                                token_times=[] if self.stream else None)
         self._in[Stage.WAITING][e.request_id] = None
 
     def _prefill_done(self, e: PrefillDone, out: _Out) -> None:
@@ -210,16 +240,51 @@ class Scheduler:
         if self._step_start is None:
             return  # from a worker already declared dead or hung
         self._step_start = None
+        requests, decoding, now, counting = self._requests, self._in[Stage.DECODING], self.now, not self.stream
+        for t in e.tokens:
+            r = requests.get(t.request_id)
+            if r and r.stage is Stage.DECODING and r.slot == t.slot:
+                if counting and t.finish is None and r.tokens + 1 < r.max_new_tokens:
+                    # _emit's common case, inlined (a simulation makes this call per token)
+                    r.tokens += 1
+                    r.since = now
+                    decoding.move_to_end(r.id)
+                else:
+                    self._emit(r, t.token, t.finish, out)
+
+    def _steps_before_last(self, e: StepDone) -> None:
+        """Of a `StepDone` of several steps, apply all but the last, as their own events would have
+        (the driver guarantees that nothing else happened at their boundaries); `handle` then
+        applies the last step as a one-step event."""
+        if self.stream:
+            raise ValueError("a StepDone of several steps needs a scheduler that counts tokens (stream=False)")
+        if e.steps < 1 or e.last_start is None or not self.now <= e.last_start <= e.time:
+            raise ValueError(f"a StepDone of {e.steps} steps needs its last step's start between the last "
+                             f"event ({self.now}) and its time ({e.time}), got {e.last_start}")
+        if self._step_start is None:
+            return  # from a worker already declared dead or hung: handle drops the event
+        self.now = self._step_start = e.last_start
+        before = e.steps - 1
+        decoding = self._in[Stage.DECODING]
         for t in e.tokens:
             r = self._requests.get(t.request_id)
             if r and r.stage is Stage.DECODING and r.slot == t.slot:
-                self._emit(r, t.token, t.finish, out)
+                if r.tokens + before >= r.max_new_tokens:
+                    raise ValueError(f"a StepDone of {e.steps} steps runs request {r.id!r} past its "
+                                     f"{r.max_new_tokens} tokens before its last step")
+                r.tokens += before
+                r.since = e.last_start
+                decoding.move_to_end(r.id)
 
     def _emit(self, r: _Request, token: int, finish: FinishReason | None, out: _Out) -> bool:
         """Record an output token; ends the request if it finishes it. Returns whether it did."""
-        r.token_times.append(self.now)
-        out.tokens.append(Token(r.id, token))
-        if finish is None and len(r.token_times) >= r.max_new_tokens:
+        r.tokens += 1
+        if r.first_token is None:
+            r.first_token = self.now
+        if r.token_times is not None:
+            r.token_times.append(self.now)
+            out.tokens.append(Token(r.id, token))
+        if finish is None and r.tokens >= r.max_new_tokens:
             finish = FinishReason.LENGTH
         if finish is not None:
             out.finished.append(Finished(r.id, finish, r.times(self.now)))
@@ -289,7 +354,7 @@ class Scheduler:
         if self._step_start is not None and self._step_start + d.token_s <= now:
             out.restart.append(Worker.DECODE)
             self._lose_worker(Worker.DECODE, FailReason.DEADLINE, out)
-        for stage, limit in self._stage_limits():
+        for stage, limit in self._limits:
             queue = self._in[stage]
             while queue and self._requests[next(iter(queue))].since + limit <= now:
                 self._fail(self._requests[next(iter(queue))], FailReason.DEADLINE, out)
@@ -309,7 +374,7 @@ class Scheduler:
             self._place(self._requests[next(iter(prefilled))], Stage.TRANSFERRING, out)
         # A batch only starts if the prefill side has room to hold all its caches until slots free up.
         room = self.config.max_prefilled - len(prefilled)
-        if self._up[Worker.PREFILL] and self._batch_start is None and room > 0:
+        if self._up[Worker.PREFILL] and self._batch_start is None and room > 0 and self._in[Stage.WAITING]:
             self._start_prefill(room, out)
         if self._up[Worker.DECODE] and self._step_start is None and self._in[Stage.DECODING]:
             out.decode_step, self._step_start = True, self.now
@@ -351,3 +416,9 @@ class Scheduler:
             self._batch_start = self.now
             out.prefill.extend(batch)
         return batch
+
+
+# How `Scheduler.handle` applies each kind of event (after deadlines, before scheduling).
+_APPLY = {Arrival: Scheduler._arrive, PrefillDone: Scheduler._prefill_done, HandoffDone: Scheduler._handoff_done,
+          HandoffFailed: Scheduler._handoff_failed, StepDone: Scheduler._step_done, Disconnect: Scheduler._disconnect,
+          WorkerDied: Scheduler._worker_died, WorkerReady: Scheduler._worker_ready, Tick: Scheduler._tick}

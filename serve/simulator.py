@@ -12,7 +12,11 @@ whose times come from a cost source (serve/costs.py):
   joins the decode batch at the next step boundary;
 - a decode step over the committed slots ends `decode_step_s(batch, context positions)` later and
   gives every slot one token (`StepDone`: one event for the whole batch); a request ends when the
-  scheduler sees its output length (`max_new_tokens` = the workload's output length);
+  scheduler sees its output length (`max_new_tokens` = the workload's output length). Steps over
+  the same slots that nothing else interrupts go to the scheduler as one `StepDone` of several
+  steps (see `_catch_up`), and its scheduler counts tokens rather than streaming them, so a
+  simulation costs what its requests' events cost, not what their tokens cost; the report is
+  the one a step per event gives (`bulk_steps=False`, tests/test_simulator.py);
 - a `Tick` goes in at `Scheduler.next_deadline()` when nothing else would reach the unit first;
 - a restart drops the worker's work in flight, then sends `WorkerDied` at once and `WorkerReady`
   `restart_s` later; `discard` needs nothing (the prefill side's cache memory is not modelled
@@ -43,6 +47,7 @@ Memory is bounded by the live requests: latencies go into streaming histograms
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import dataclasses
 import enum
@@ -62,6 +67,8 @@ from serve.workload import Workload
 
 TOO_LONG = "too_long"  # the failure count of requests refused for their length
 _CHUNK = 1 << 16  # arrivals converted from numpy to Python at a time
+_DURATIONS_KEPT = 4096  # plans' step times remembered
+_HORIZON_MIN, _HORIZON_MAX = 8, 1 << 14  # steps a plan covers (see _Unit.horizon)
 
 # Event kinds on the heap, in the order ties at one instant are broken by (then by push order).
 _PREFILL_DONE, _HANDOFF_DONE, _STEP_DONE, _CONTROL, _TICK = range(5)
@@ -176,19 +183,42 @@ def merge(results: list[SimResult]) -> SimResult:
     return out
 
 
+class _Plan:
+    """Decode steps over one batch (the same committed slots) that the decode worker runs back to
+    back while nothing else reaches its scheduler: step j (1-based) ends at `ends[j]` (`ends[0]`
+    is when the first was dispatched); the scheduler has been told of steps 1..`done`; the event
+    in the heap delivers steps up to `final` (`version` tells it from superseded ones)."""
+
+    __slots__ = ("gen", "tokens", "batch", "durations", "ends", "done", "final", "counted", "version")
+
+    def __init__(self, gen: int, tokens: tuple, durations: list[float], start: float):
+        self.gen, self.tokens, self.batch, self.durations = gen, tokens, len(tokens), durations
+        self.ends = list(itertools.accumulate(durations, initial=start))  # as step after step would add them
+        self.done = 0
+        self.final = len(durations)
+        self.counted = 0  # steps already counted as dispatched in the result
+        self.version = 0
+
+
 class _Unit:
     """The simulated workers of one unit: the prefill side, the link, the decode batch."""
 
     def __init__(self, index: int, fleet: Fleet):
         self.index = index
-        self.sched = Scheduler(fleet.config)
+        self.sched = Scheduler(fleet.config, stream=False)
         self.cost = fleet.cost
         self.integrated = fleet.config.mode is Mode.INTEGRATED
         self.prompt: dict[str, int] = {}  # live request -> prompt tokens
+        self.output: dict[str, int] = {}  # live request -> output tokens it will produce
         self.owner: list[str | None] = [None] * fleet.config.slots  # slot -> the request it is reserved for
         self.pending_slot: dict[str, int] = {}  # integrated: request in the prefill batch -> its slot
-        # Committed slots: slot -> [SlotToken, context positions at commit, first step it is in].
+        # Committed slots: slot -> [SlotToken, context positions at commit, first step it is in, the
+        # value of `steps_done` after which it has all its tokens].
         self.committed: dict[int, list] = {}
+        self.plan: _Plan | None = None  # the decode steps in flight
+        # Steps a plan covers at most: doubled when a plan runs to its end, cut to twice what ran
+        # when another event cuts it (step times computed past the cut are wasted).
+        self.horizon = _HORIZON_MIN
         self.step_tokens: tuple[SlotToken, ...] | None = None  # the committed slots' tokens, cached
         self.context = 0  # context positions over the committed slots
         self.steps_done = 0
@@ -201,7 +231,8 @@ class _Unit:
 
     def commit(self, slot: int, rid: str) -> None:
         start = self.steps_done + (1 if self.step_in_flight else 0)
-        self.committed[slot] = [SlotToken(rid, slot, 0), self.prompt[rid], start]
+        # The first token comes from the prefill, then one per step.
+        self.committed[slot] = [SlotToken(rid, slot, 0), self.prompt[rid], start, start + self.output[rid] - 1]
         self.context += self.prompt[rid]
         self.step_tokens = None
 
@@ -210,7 +241,7 @@ class _Unit:
         c = self.committed.pop(slot, None)
         if c is None:
             return
-        _, base, start = c
+        _, base, start, _ = c
         self.context -= base + max(0, self.steps_done - start)
         if self.step_in_flight and start <= self.steps_done:
             self.evicted_in_flight += 1
@@ -222,6 +253,7 @@ class _Unit:
         self.owner = [None] * len(self.owner)
         self.step_in_flight = False
         self.evicted_in_flight = 0
+        self.plan = None
         self.gen[Worker.DECODE] += 1
 
 
@@ -230,17 +262,22 @@ class Simulator:
 
     def __init__(self, fleet: Fleet, workload: Workload, slo: SLO = SLO(), keep_records: bool = False,
                  progress: Callable[[int], None] | None = None, progress_every: int = 4096,
-                 request_ids: np.ndarray | None = None):
+                 request_ids: np.ndarray | None = None, bulk_steps: bool = True):
         self.fleet, self.workload, self.slo = fleet, workload, slo
+        self.bulk_steps = bulk_steps  # False: one event per decode step (the reference for tests)
         self.ids = request_ids  # the requests' numbers (default: their index in the workload)
         self.units = [_Unit(i, fleet) for i in range(fleet.units)]
         self.heap: list = []
+        self.durations: dict[tuple[int, int, int], list[float]] = {}  # see _durations
         self.seq = itertools.count()
         self.result = SimResult(requests=len(workload), units=fleet.units, mode=fleet.config.mode.value,
                                 records=[] if keep_records else None)
         self.progress, self.progress_every = progress, progress_every
         self.ended = 0
         self.rr = 0
+        # Least-loaded routing: (load, index) of every unit, and superseded entries that are dropped
+        # when they reach the top (an entry is current when its load is the unit's load).
+        self.by_load = [(0, i) for i in range(fleet.units)]
         deadlines = fleet.config.deadlines
         self.shortest_limit = min(getattr(deadlines, f.name) for f in dataclasses.fields(deadlines))
 
@@ -279,7 +316,18 @@ class Simulator:
             unit = self.units[self.rr]
             self.rr = (self.rr + 1) % len(self.units)
             return unit
-        return min(self.units, key=lambda u: u.load)
+        heap, units = self.by_load, self.units
+        while heap[0][0] != units[heap[0][1]].load:
+            heapq.heappop(heap)
+        return units[heap[0][1]]  # the fewest live requests, ties to the lowest index
+
+    def _load(self, unit: _Unit, change: int) -> None:
+        unit.load += change
+        if self.fleet.router is Router.LEAST_LOADED and len(self.units) > 1:
+            heapq.heappush(self.by_load, (unit.load, unit.index))
+            if len(self.by_load) > 4 * len(self.units) + 64:  # drop the superseded entries
+                self.by_load = [(u.load, u.index) for u in self.units]
+                heapq.heapify(self.by_load)
 
     def _arrive(self, rid: str, t: float, prompt_len: int, output_len: int) -> None:
         limit = self.fleet.max_context
@@ -292,29 +340,33 @@ class Simulator:
             self._count_end()
             return
         unit = self.units[0] if len(self.units) == 1 else self._route()
-        unit.load += 1
+        self._load(unit, 1)
         unit.prompt[rid] = prompt_len
+        unit.output[rid] = output_len
+        in_flight = self._catch_up(unit, t, True)  # arrivals follow completions at one instant
         self._handle(unit, Arrival(t, rid, prompt_len, output_len))
+        self._cut(unit, in_flight)
 
     def _complete(self, unit: _Unit, t: float, kind: int, payload) -> None:
         if kind == _STEP_DONE:
-            gen, tokens = payload
-            if gen != unit.gen[Worker.DECODE]:
+            gen, plan, version = payload
+            if gen == unit.gen[Worker.DECODE] and plan is unit.plan and version == plan.version:
+                self._deliver(unit, plan, plan.final)
+            return
+        if kind == _PREFILL_DONE and payload[0] != unit.gen[Worker.PREFILL]:
+            return
+        if kind == _TICK:  # only if it is still the unit's next one
+            if unit.tick_at != t:
                 return
-            unit.step_in_flight = False
-            unit.context += len(tokens) - unit.evicted_in_flight
-            unit.evicted_in_flight = 0
-            unit.steps_done += 1
-            self._handle(unit, StepDone(t, tokens))
-        elif kind == _HANDOFF_DONE:
+            unit.tick_at = None
+        in_flight = self._catch_up(unit, t, kind > _STEP_DONE)
+        if kind == _HANDOFF_DONE:
             rid, slot = payload
             if unit.owner[slot] == rid and slot not in unit.committed:
                 unit.commit(slot, rid)
             self._handle(unit, HandoffDone(t, rid, slot))
         elif kind == _PREFILL_DONE:
-            gen, batch = payload
-            if gen != unit.gen[Worker.PREFILL]:
-                return
+            batch = payload[1]
             if unit.integrated:
                 for rid in batch:
                     slot = unit.pending_slot.pop(rid, None)
@@ -323,10 +375,105 @@ class Simulator:
             self._handle(unit, PrefillDone(t, tuple(PrefillOutcome(rid, 0) for rid in batch)))
         elif kind == _CONTROL:
             self._handle(unit, payload)
-        else:  # a tick: only if it is still the unit's next one
-            if unit.tick_at == t:
-                unit.tick_at = None
-                self._handle(unit, Tick(t))
+        else:
+            self._handle(unit, Tick(t))
+        self._cut(unit, in_flight)
+
+    # Decode steps in bulk. A plan runs its batch until the first of its requests has all its
+    # tokens; the scheduler hears of its steps in one StepDone at the end, or when another event
+    # reaches the unit first (it then hears of the steps ended by then, and the plan is cut to the
+    # step in flight, since that event may change what the next boundary decides). At every
+    # boundary it is told of, the scheduler decides again; a plan only goes on if it decided one
+    # more step over the same slots. So the scheduler sees the events one step per event would
+    # give it, less the boundaries at which nothing could happen but another step.
+
+    def _catch_up(self, unit: _Unit, t: float, inclusive: bool) -> _Plan | None:
+        """Before another event at `t` reaches the unit: tell its scheduler of the decode steps that
+        ended before `t` (at `t` too when `inclusive`: that event's kind comes after step ends at one
+        instant). Returns the plan still in flight then, for `_cut`."""
+        p = unit.plan
+        if p is None:
+            return None
+        last = p.final - 1  # the final step comes by its own event
+        if last > p.done:
+            find = bisect.bisect_right if inclusive else bisect.bisect_left
+            j = find(p.ends, t, p.done + 1, last + 1) - 1
+            if j > p.done:
+                self._deliver(unit, p, j)
+        return p if unit.plan is p else None
+
+    def _cut(self, unit: _Unit, p: _Plan | None) -> None:
+        """After another event: the plan in flight before it stops at the step in flight."""
+        if p is not None and unit.plan is p and p.final > p.done + 1:
+            p.final = p.done + 1
+            unit.horizon = max(_HORIZON_MIN, 2 * p.final)
+            self._push_plan(unit, p)
+
+    def _push_plan(self, unit: _Unit, p: _Plan) -> None:
+        p.version += 1
+        self._push(p.ends[p.final], _STEP_DONE, unit.index, (p.gen, p, p.version))
+
+    def _deliver(self, unit: _Unit, p: _Plan, j: int) -> None:
+        """Steps `p.done + 1` to `j` have ended: one StepDone tells the scheduler."""
+        self._count_steps(p, j)
+        k = j - p.done
+        unit.step_in_flight = False
+        unit.context += k * p.batch - unit.evicted_in_flight
+        unit.evicted_in_flight = 0
+        unit.steps_done += k
+        p.done = j
+        self._handle(unit, StepDone(p.ends[j], p.tokens, k, p.ends[j - 1] if k > 1 else None))
+        if unit.plan is p and not unit.step_in_flight:
+            unit.plan = None
+
+    def _dispatch(self, unit: _Unit, now: float) -> None:
+        """The scheduler decided a decode step: go on with the plan if its slots are the same,
+        or plan anew."""
+        p = unit.plan
+        if p is None or p.gen != unit.gen[Worker.DECODE] or unit.step_tokens is not p.tokens \
+                or p.done == len(p.durations):
+            tokens = unit.step_tokens
+            if tokens is None:
+                tokens = unit.step_tokens = tuple(c[0] for c in unit.committed.values())
+            n = 1
+            if self.bulk_steps:
+                if p is not None and p.done == len(p.durations) == p.final:  # the last plan ran to its end
+                    unit.horizon = min(_HORIZON_MAX, 2 * unit.horizon)
+                n = max(1, min(unit.horizon, min(c[3] for c in unit.committed.values()) - unit.steps_done))
+            p = unit.plan = _Plan(unit.gen[Worker.DECODE], tokens, self._durations(unit, len(tokens), n), now)
+            self._push_plan(unit, p)
+        elif p.final < len(p.durations):  # cut short by an event that changed nothing for it: go on
+            p.final = len(p.durations)
+            self._push_plan(unit, p)
+        unit.step_in_flight = True
+        self._count_steps(p, p.done + 1)
+
+    def _durations(self, unit: _Unit, batch: int, n: int) -> list[float]:
+        """The next `n` steps' times over `batch` sequences: each reads `batch` more positions.
+        Remembered (a workload of fixed lengths asks for the same ones again and again); the
+        lists are shared, so they are never changed."""
+        key = (batch, unit.context, n)
+        d = self.durations.get(key)
+        if d is None:
+            cost, context = unit.cost, unit.context
+            many = getattr(cost, "decode_steps_s", None)
+            if n > 1 and many is not None:
+                d = many(batch, context + batch * np.arange(1, n + 1, dtype=np.int64)).tolist()
+            else:
+                d = [cost.decode_step_s(batch, context + batch * j) for j in range(1, n + 1)]
+            if len(self.durations) >= _DURATIONS_KEPT:
+                self.durations.clear()
+            self.durations[key] = d
+        return d
+
+    def _count_steps(self, p: _Plan, upto: int) -> None:
+        """Count steps up to `upto` of `p` as dispatched in the result."""
+        if upto > p.counted:
+            res = self.result
+            res.decode_steps += upto - p.counted
+            res.decode_batch_sum += (upto - p.counted) * p.batch
+            res.decode_busy_s += p.durations[p.counted] if upto == p.counted + 1 else sum(p.durations[p.counted:upto])
+            p.counted = upto
 
     def _handle(self, unit: _Unit, event) -> None:
         self.result.events += 1
@@ -353,16 +500,7 @@ class Simulator:
             self.result.prefill_batches += 1
             self._push(now + dt, _PREFILL_DONE, unit.index, (unit.gen[Worker.PREFILL], d.prefill))
         if d.decode_step:
-            tokens = unit.step_tokens
-            if tokens is None:
-                tokens = unit.step_tokens = tuple(c[0] for c in unit.committed.values())
-            b = len(tokens)
-            dt = cost.decode_step_s(b, unit.context + b)
-            unit.step_in_flight = True
-            self.result.decode_busy_s += dt
-            self.result.decode_steps += 1
-            self.result.decode_batch_sum += b
-            self._push(now + dt, _STEP_DONE, unit.index, (unit.gen[Worker.DECODE], tokens))
+            self._dispatch(unit, now)
         if d.finished or d.failed:
             self._record(unit, d)
         # A deadline set by this event is at least `now + shortest limit` away; while the unit's tick
@@ -388,8 +526,8 @@ class Simulator:
         res, slo = self.result, self.slo
         for f in d.finished:
             t = f.times
-            n = len(t.token_times)
-            ttft = t.token_times[0] - t.arrival
+            n = t.output_tokens
+            ttft = t.first_token - t.arrival
             e2e = t.finish - t.arrival
             tpot = (e2e - ttft) / (n - 1) if n > 1 else None
             res.finished += 1
@@ -414,8 +552,9 @@ class Simulator:
 
     def _end(self, unit: _Unit, rid: str) -> None:
         self.result.last_end = unit.sched.now
-        unit.load -= 1
+        self._load(unit, -1)
         unit.prompt.pop(rid, None)
+        unit.output.pop(rid, None)
         unit.pending_slot.pop(rid, None)
         self._count_end()
 

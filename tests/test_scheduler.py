@@ -535,3 +535,56 @@ def test_invariants_hold_under_random_events(mode, data):
     for _ in range(data.draw(st.integers(1, 60))):
         world.send(world.draw_event(data))
     world.drain()
+
+
+def _decoding_pair(stream=False):
+    """Requests a (6 tokens) and b (9 tokens) decoding in slots 0 and 1 from time 1.0, counted."""
+    s = Scheduler(SchedulerConfig(mode=INT, slots=2, deadlines=SHORT), stream=stream)
+    s.handle(WorkerDied(0.0, Worker.PREFILL))  # so that both arrivals make one prefill batch
+    s.handle(Arrival(0.0, "a", 4, 6))
+    s.handle(Arrival(0.0, "b", 4, 9))
+    assert s.handle(WorkerReady(0.0, Worker.PREFILL)).prefill == ("a", "b")
+    assert s.handle(prefilled(1.0, ("a", 7), ("b", 8))).decode_step  # the first step starts at 1.0
+    return s
+
+
+def test_a_step_done_of_several_steps_equals_them_one_by_one():
+    """Four steps as one StepDone (last dispatched at 4.0, ended at 5.0) leave the scheduler as
+    four StepDones would; then single steps finish both requests with the same times."""
+    tokens = (SlotToken("a", 0, 0), SlotToken("b", 1, 0))
+    one, bulk = _decoding_pair(), _decoding_pair()
+    for t in (2.0, 3.0, 4.0, 5.0):
+        last = one.handle(StepDone(t, tokens))
+    assert bulk.handle(StepDone(5.0, tokens, steps=4, last_start=4.0)) == last
+    assert bulk.next_deadline() == one.next_deadline() == 5.0 + SHORT.token_s
+    ended = []
+    for s in (one, bulk):
+        ds = [s.handle(StepDone(t, tokens)) for t in (6.0, 7.0, 8.0, 9.0)]
+        ended.append([f for d in ds for f in d.finished])
+    assert ended[0] == ended[1]
+    a, b = ended[0]
+    assert (a.request_id, a.times.output_tokens, a.times.finish) == ("a", 6, 6.0)
+    assert (b.request_id, b.times.output_tokens, b.times.first_token, b.times.finish) == ("b", 9, 1.0, 9.0)
+    assert b.times.token_times == () and tpot(b.times) == 1.0 and ttft(b.times) == 1.0
+
+
+def test_a_step_done_of_several_steps_is_refused_where_it_cannot_hold():
+    tokens = (SlotToken("a", 0, 0), SlotToken("b", 1, 0))
+    with pytest.raises(ValueError, match="counts tokens"):
+        _decoding_pair(stream=True).handle(StepDone(3.0, tokens, steps=2, last_start=2.0))
+    with pytest.raises(ValueError, match="last step's start"):
+        _decoding_pair().handle(StepDone(3.0, tokens, steps=2))
+    with pytest.raises(ValueError, match="past its 6 tokens"):  # a would end at the end of its 5th step
+        _decoding_pair().handle(StepDone(7.0, tokens, steps=6, last_start=6.0))
+
+
+def test_counted_request_times():
+    t = RequestTimes(1.0, (), 4.0, output_tokens=4, first_token=1.5)
+    assert (ttft(t), tpot(t), e2e_latency(t)) == (0.5, 2.5 / 3, 3.0)
+    with pytest.raises(ValueError, match="every token's time"):
+        itl(t)
+    assert times(1.0, (1.5, 2.0), 2.0).first_token == 1.5
+    with pytest.raises(ValueError, match="token times"):
+        RequestTimes(1.0, (1.5,), 2.0, output_tokens=2)
+    with pytest.raises(ValueError, match="first token"):
+        RequestTimes(1.0, (), 2.0, output_tokens=2)

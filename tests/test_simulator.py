@@ -317,3 +317,49 @@ def test_requests_beyond_the_context_are_refused_before_the_scheduler():
     r = simulate(Fleet(config(), cost(0.01, step=0.01), max_context=4096), w, keep_records=True)
     assert r.failed == {"too_long": 1} and r.finished == 2
     assert [rec.request_id for rec in r.records if rec.unit == -1] == ["1"]
+
+
+def _assert_bulk_equals_step_by_step(fleet, w):
+    """Decode steps in bulk (the default) against one event per decode step: the same report and
+    the same per-request records. Returns both results."""
+    bulk = Simulator(fleet, w, keep_records=True).run()
+    step = Simulator(fleet, w, keep_records=True, bulk_steps=False).run()
+    key = lambda r: int(r.request_id)
+    assert sorted(bulk.records, key=key) == sorted(step.records, key=key)
+    a, b = bulk.summary(), step.summary()
+    a.pop("events"), b.pop("events")
+    # Decode busy time is the same steps' times summed in another order.
+    assert a.pop("utilisation") == pytest.approx(b.pop("utilisation"), rel=1e-9)
+    assert a == b
+    return bulk, step
+
+
+@pytest.mark.parametrize("mode", [Mode.DISAGGREGATED, Mode.INTEGRATED])
+@pytest.mark.parametrize("deadlines", [LONG, Deadlines(queue_s=0.5, prefill_s=5.0, handoff_s=0.3, token_s=0.0051)],
+                         ids=["no-deadlines", "tight"])
+def test_decode_steps_in_bulk_equal_one_event_per_step(mode, deadlines):
+    """A loaded fleet of two least-loaded units, exponential lengths, steps priced by batch and
+    context. The tight token deadline sits inside the range of step times, so bigger batches hang
+    the decode worker (restarts) and queues and handoffs overrun theirs."""
+    cfg = SchedulerConfig(mode=mode, slots=8, max_waiting=64, max_prefill_batch=4, max_prefilled=16,
+                          deadlines=deadlines)
+    c = MeasuredCost({"fixed_s": 0.005, "per_token_s": 2e-6},
+                     {"fixed_s": 0.005, "per_seq_s": 1e-5, "per_context_token_s": 1e-8}, {"fixed_s": 0.001}, 8)
+    w = synthetic(500, rate=120.0, input_len=300, output_len=30, seed=1, length_dist=LengthDist.EXPONENTIAL)
+    bulk, step = _assert_bulk_equals_step_by_step(Fleet(cfg, c, units=2, restart_s=0.5), w)
+    assert bulk.finished > 50 and (deadlines is LONG or bulk.failed.get("deadline", 0) > 0)
+    if deadlines is LONG:  # (when steps hang, plans are a step long and catching up costs events)
+        assert bulk.events < step.events
+
+
+@pytest.mark.parametrize("mode", [Mode.DISAGGREGATED, Mode.INTEGRATED])
+@pytest.mark.parametrize("token_s", [0.25, 0.5])
+def test_decode_steps_in_bulk_equal_one_event_per_step_at_tied_times(mode, token_s):
+    """Round step, prefill and handoff times and arrivals on a quarter-second grid: events tie
+    with step ends (and, at token_s = 0.25, a step's end ties with its own deadline)."""
+    cfg = SchedulerConfig(mode=mode, slots=4, max_waiting=32, max_prefill_batch=3, max_prefilled=6,
+                          deadlines=Deadlines(queue_s=2.0, prefill_s=5.0, handoff_s=1.0, token_s=token_s))
+    w = synthetic(300, rate=3.0, input_len=200, output_len=12, seed=2, length_dist=LengthDist.UNIFORM)
+    w = Workload(np.round(w.arrival_s * 4) / 4, w.prompt_len, w.output_len)
+    _assert_bulk_equals_step_by_step(Fleet(cfg, cost(0.5, step=0.25, handoff=0.25, slots=4), units=2,
+                                           restart_s=0.75), w)
