@@ -252,6 +252,18 @@ def padded_lens(prompt_lens, bucket: int) -> list[int]:
     return [longest] * (1 << (n - 1).bit_length())
 
 
+def fit_samples(samples: dict, slots: int, bucket: int):
+    """A `PaddedMeasuredCost` fitted (serve.costs.fit_measured) to samples as `_measure` takes them:
+    prefill [prompt lengths, s] (fitted over their padded shapes), decode [batch, context, s],
+    handoff [tokens, s] (none: integrated, a zero cost)."""
+    from serve.costs import PaddedMeasuredCost, fit_measured
+
+    handoff = samples["handoff"] or [[1, 0.0], [2, 0.0]]
+    fitted = fit_measured([(padded_lens(lens, bucket), s) for lens, s in samples["prefill"]],
+                          [tuple(x) for x in samples["decode"]], [tuple(x) for x in handoff], slots)
+    return PaddedMeasuredCost(fitted.prefill, fitted.decode, fitted.handoff, fitted.slots, "", bucket=bucket)
+
+
 def residuals(cost, samples: dict) -> dict:
     """The largest relative error of each fit over its own samples."""
     def worst(pairs):
@@ -265,7 +277,6 @@ def run_costs_bench(bench: CostsBench, on_sample: Callable[[], None] = lambda: N
     """Measure, fit, and return the measured cost file's contents (serve.costs.MeasuredCost's
     format plus `padding`, `scheduler`, `samples`, `residuals` and `env`)."""
     from model.generate import PROMPT_BUCKET
-    from serve.costs import PaddedMeasuredCost, fit_measured
     from serve.engine import split_cpus
     from serve.worker_spec import Role
 
@@ -282,11 +293,7 @@ def run_costs_bench(bench: CostsBench, on_sample: Callable[[], None] = lambda: N
         samples = _run_phase(cpus[Role.DECODE], bench, "decode", ("handoff", "decode"), on_sample)
         samples["prefill"] = pre["prefill"]
         where = {"prefill": pre["cpus"], "decode": samples.pop("cpus")}
-    handoff = samples["handoff"] or [[1, 0.0], [2, 0.0]]  # integrated: no handoff, zero cost
-    fitted = fit_measured([(padded_lens(lens, PROMPT_BUCKET), s) for lens, s in samples["prefill"]],
-                          [tuple(x) for x in samples["decode"]], [tuple(x) for x in handoff],
-                          opts.scheduler.slots)
-    cost = PaddedMeasuredCost(fitted.prefill, fitted.decode, fitted.handoff, fitted.slots, "", bucket=PROMPT_BUCKET)
+    cost = fit_samples(samples, opts.scheduler.slots, PROMPT_BUCKET)
     grid = f"prefill mesh {opts.prefill_grid.rows}x{opts.prefill_grid.cols}, decode mesh " \
            f"{opts.decode_grid.rows}x{opts.decode_grid.cols} ({opts.executor.value})"
     note = (f"wafer bench serve-costs, {started}, {platform.node()}: {opts.mode.value} workers of "

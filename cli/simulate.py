@@ -1,7 +1,8 @@
 """`wafer simulate`: the serving scheduler on a simulated clock, over a fleet built from presets.
 
 A workload (synthetic arrivals with `--rate`, `--requests`, lengths or a `--profile`; or an Azure
-`--trace`), a fleet (`--prefill N --decode M` accelerators and wafers, or `--integrated N`
+`--trace`; or `--replay REPORT`, the exact requests of a `wafer bench serve --per-request` run,
+compared figure by figure with that run's), a fleet (`--prefill N --decode M` accelerators and wafers, or `--integrated N`
 accelerators; or `--measured FILE` with `--units`), SLOs. Reports TTFT/TPOT/E2E percentiles,
 goodput, fast-token capacity, utilisation per pool, and power or cost per unit of goodput; one
 JSON object with `--json`, PNGs with `--plot DIR`. `--sweep ratio` finds the best prefill:decode
@@ -207,12 +208,13 @@ def run(args) -> int:
         bar.update(done - last[0])
         last[0] = done
 
+    replay = args.replay is not None
     if args.processes > 1:
         if plan.fleet.router is not Router.ROUND_ROBIN:
             raise WaferError("--processes needs --router round-robin (least-loaded routing couples the units)")
-        result = simulate_parallel(plan.fleet, workload, _slo(args), args.processes)
+        result = simulate_parallel(plan.fleet, workload, _slo(args), args.processes, keep_records=replay)
     else:
-        result = simulate(plan.fleet, workload, _slo(args), progress=tick)
+        result = simulate(plan.fleet, workload, _slo(args), keep_records=replay, progress=tick)
     wall = time.perf_counter() - start
     bar.update(result.requests - last[0])
     bar.close()
@@ -222,7 +224,15 @@ def run(args) -> int:
     if args.plot:
         from bench.fleet_plots import write_latency_plot
         s["plots"] = [write_latency_plot(result, args.plot)]
-    print(json.dumps(s) if args.json else _format(s))
+    text = None if args.json else _format(s)
+    if replay:  # the run it replays, figure by figure
+        from bench.sim_validation import compare, format_comparison, real_figures, simulated_figures
+        from serve.workload import bench_report_run
+        rows = compare(real_figures(bench_report_run(args.replay, args.replay_rate)),
+                       simulated_figures(result.records, result.duration_s))
+        s["replay"] = {"report": args.replay, "rows": rows}
+        text = None if args.json else text + "\n" + format_comparison(rows)
+    print(json.dumps(s) if args.json else text)
     return 0
 
 
