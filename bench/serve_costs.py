@@ -253,14 +253,16 @@ def padded_lens(prompt_lens, bucket: int) -> list[int]:
 
 
 def fit_samples(samples: dict, slots: int, bucket: int):
-    """A `PaddedMeasuredCost` fitted (serve.costs.fit_measured) to samples as `_measure` takes them:
+    """A `PaddedMeasuredCost` fitted (serve.costs.fit_measured, non-negative coefficients of least
+    relative error) to samples as `_measure` takes them:
     prefill [prompt lengths, s] (fitted over their padded shapes), decode [batch, context, s],
     handoff [tokens, s] (none: integrated, a zero cost)."""
-    from serve.costs import PaddedMeasuredCost, fit_measured
+    from serve.costs import PaddedMeasuredCost, fit_measured, nonneg_relative_fit
 
     handoff = samples["handoff"] or [[1, 0.0], [2, 0.0]]
     fitted = fit_measured([(padded_lens(lens, bucket), s) for lens, s in samples["prefill"]],
-                          [tuple(x) for x in samples["decode"]], [tuple(x) for x in handoff], slots)
+                          [tuple(x) for x in samples["decode"]], [tuple(x) for x in handoff], slots,
+                          solve=nonneg_relative_fit)
     return PaddedMeasuredCost(fitted.prefill, fitted.decode, fitted.handoff, fitted.slots, "", bucket=bucket)
 
 

@@ -389,16 +389,18 @@ def _lstsq(columns: list[np.ndarray], y: np.ndarray) -> list[float]:
 
 
 def fit_measured(prefill: Sequence[tuple[Sequence[int], float]], decode: Sequence[tuple[int, int, float]],
-                 handoff: Sequence[tuple[int, float]], slots: int | None = None, note: str = "") -> MeasuredCost:
+                 handoff: Sequence[tuple[int, float]], slots: int | None = None, note: str = "",
+                 solve=_lstsq) -> MeasuredCost:
     """Least-squares fits of the `MeasuredCost` forms to samples: prefill (prompt lengths, seconds),
-    decode (batch, context positions, seconds), handoff (prompt tokens, seconds)."""
+    decode (batch, context positions, seconds), handoff (prompt tokens, seconds). `solve(columns, y)`
+    fits one form (default: plain least squares; `nonneg_relative_fit`: non-negative, relative)."""
     lens = [np.asarray(l, np.float64) for l, _ in prefill]
-    p = _lstsq([np.ones(len(lens)), np.array([l.sum() for l in lens]), np.array([(l * l).sum() for l in lens])],
-               np.array([s for _, s in prefill]))
+    p = solve([np.ones(len(lens)), np.array([l.sum() for l in lens]), np.array([(l * l).sum() for l in lens])],
+              np.array([s for _, s in prefill]))
     d_arr = np.asarray(decode, np.float64).reshape(-1, 3)
-    d = _lstsq([np.ones(len(d_arr)), d_arr[:, 0], d_arr[:, 1]], d_arr[:, 2])
+    d = solve([np.ones(len(d_arr)), d_arr[:, 0], d_arr[:, 1]], d_arr[:, 2])
     h_arr = np.asarray(handoff, np.float64).reshape(-1, 2)
-    h = _lstsq([np.ones(len(h_arr)), h_arr[:, 0]], h_arr[:, 1])
+    h = solve([np.ones(len(h_arr)), h_arr[:, 0]], h_arr[:, 1])
     return MeasuredCost({"fixed_s": p[0], "per_token_s": p[1], "per_token2_s": p[2]},
                         {"fixed_s": d[0], "per_seq_s": d[1], "per_context_token_s": d[2]},
                         {"fixed_s": h[0], "per_token_s": h[1]}, slots, note)
@@ -446,3 +448,15 @@ def measured_policy(path: str | pathlib.Path) -> dict | None:
         return None if sched is None else dict(sched)
     except (OSError, ValueError, TypeError, AttributeError) as e:
         raise WaferError(f"measured cost file {path}: {e}") from None
+
+
+def nonneg_relative_fit(columns: list[np.ndarray], y: np.ndarray) -> list[float]:
+    """Non-negative coefficients minimising the relative error (each sample weighted by 1/y; a
+    zero sample by 1). Samples spanning 50x (a 64-token prefill and four of 448) make plain least
+    squares fit the largest and give the smallest a negative time; a cost never runs backwards."""
+    from scipy.optimize import nnls  # scipy comes with JAX
+
+    a = np.stack(columns, axis=1)
+    w = np.where(y > 0, 1.0 / np.where(y > 0, y, 1.0), 1.0)
+    coef, _ = nnls(a * w[:, None], y * w)
+    return [float(c) for c in coef]
