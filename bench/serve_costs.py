@@ -198,7 +198,8 @@ def _child(cpus: tuple[int, ...], bench: CostsBench, role_name: str, phases: tup
     try:
         from mesh.devices import ensure_cpu_devices
         from serve.worker_spec import Role, WorkerSpec
-        roles = [Role(role_name)] if role_name == "integrated" else [Role.PREFILL, Role.DECODE]
+        # The devices of the worker measured (the decode process also prefills the caches it ships).
+        roles = [Role(role_name)] if role_name != "decode" else [Role.PREFILL, Role.DECODE]
         ensure_cpu_devices(max(WorkerSpec(r, bench.options).devices for r in roles))
         import jax
 
