@@ -39,6 +39,7 @@ class Policy:
     max_prefill_tokens: int = 16384
     deadlines: Deadlines = Deadlines(queue_s=600.0, prefill_s=600.0, handoff_s=600.0, token_s=600.0)
     router: Router = Router.LEAST_LOADED
+    max_prefilled: int | None = None  # caches the prefill side holds; None: twice the slots
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +55,7 @@ class FleetPlan:
 def _config(policy: Policy, mode: Mode, slots: int) -> SchedulerConfig:
     return SchedulerConfig(mode=mode, slots=slots, max_waiting=policy.max_waiting,
                            max_prefill_batch=policy.max_prefill_batch, max_prefill_tokens=policy.max_prefill_tokens,
-                           max_prefilled=2 * slots, deadlines=policy.deadlines)
+                           max_prefilled=policy.max_prefilled or 2 * slots, deadlines=policy.deadlines)
 
 
 def disaggregated(config: ModelConfig, chip: Accelerator, prefill_chips: int, spec: WaferSpec, grid: str,

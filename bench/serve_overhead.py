@@ -115,10 +115,9 @@ def _timed(fn) -> float:
 def direct(options: EngineOptions, loaded, prompt: tuple[int, ...], output_len: int, repeats: int) -> dict:
     """Median prefill, handoff and decode step times (seconds) of the workers' own code."""
     from model.sampling import Sampling
-    from serve.worker_messages import (Evict, Expect, Landed, Listening, PrefillBatch, PrefillItem, PrefillReport,
-                                       Ship, Step, StepReport)
+    from serve.worker_messages import Evict, PrefillBatch, PrefillItem, PrefillReport, Step, StepReport
     from serve.worker_spec import Role, WorkerSpec
-    from serve.workers import LANDING_POLL_S, DecodeWorker, IntegratedWorker, PrefillWorker
+    from serve.workers import DecodeWorker, IntegratedWorker, PrefillWorker
 
     reports = Reports()
     integrated = options.mode is Mode.INTEGRATED
@@ -135,16 +134,7 @@ def direct(options: EngineOptions, loaded, prompt: tuple[int, ...], output_len: 
             prefills.append(_timed(lambda: prefill.apply(PrefillBatch((item,)))))
             reports.take(PrefillReport)
             if not integrated:
-                decode.apply(Expect(rid, 0, len(prompt), Sampling()))
-                port = reports.take(Listening).port
-                t0 = time.perf_counter()
-                prefill.apply(Ship(rid, port))  # a thread of the prefill worker sends it
-                while not any(isinstance(r, Landed) for r in _drain(reports)):
-                    if time.perf_counter() - t0 > LANDING_DEADLINE_S:
-                        raise WaferError(f"the cache did not land within {LANDING_DEADLINE_S:g} s")
-                    decode.between_commands()
-                    time.sleep(LANDING_POLL_S)  # as the decode worker waits between two looks (and yields the GIL)
-                handoffs.append(time.perf_counter() - t0)
+                handoffs.append(ship_and_land(prefill, decode, reports, rid, 0, len(prompt)))
             for _ in range(output_len - 1):
                 steps.append(_timed(lambda: decode.apply(Step())))
                 reports.take(StepReport)
@@ -157,6 +147,26 @@ def direct(options: EngineOptions, loaded, prompt: tuple[int, ...], output_len: 
     return {"prefill_s": statistics.median(prefills[1:]),
             "handoff_s": statistics.median(handoffs[1:]) if handoffs else 0.0,
             "step_s": statistics.median(steps[warm:])}
+
+
+def ship_and_land(prefill, decode, reports: Reports, rid: str, slot: int, tokens: int) -> float:
+    """Seconds from `Ship` to `Landed` of the cache the prefill worker holds for `rid` (`tokens`
+    positions) into `slot` of the decode worker, which places layers between looks as it does in
+    the server (serve/workers.py)."""
+    from model.sampling import Sampling
+    from serve.worker_messages import Expect, Landed, Listening, Ship
+    from serve.workers import LANDING_POLL_S
+
+    decode.apply(Expect(rid, slot, tokens, Sampling()))
+    port = reports.take(Listening).port
+    t0 = time.perf_counter()
+    prefill.apply(Ship(rid, port))  # a thread of the prefill worker sends it
+    while not any(isinstance(r, Landed) for r in _drain(reports)):
+        if time.perf_counter() - t0 > LANDING_DEADLINE_S:
+            raise WaferError(f"the cache did not land within {LANDING_DEADLINE_S:g} s")
+        decode.between_commands()
+        time.sleep(LANDING_POLL_S)  # as the decode worker waits between two looks (and yields the GIL)
+    return time.perf_counter() - t0
 
 
 def _drain(reports: Reports) -> list:

@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Callable
 
-from cli import bench_decode, bench_kv, bench_prefill, bench_serve, bench_serve_overhead, demo, generate
+from cli import bench_decode, bench_kv, bench_prefill, bench_serve, bench_serve_costs, bench_serve_overhead, demo, generate
 from cli import kv as kv_cmd
 from cli import profile as profile_cmd
 from cli import serve as serve_cmd
@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                 bench_serve.add_arguments, bench_serve.run)
     add_command(bench_sub, "serve-overhead", "a running server's TTFT/TPOT vs prefill+handoff and the decode step",
                 bench_serve_overhead.add_arguments, bench_serve_overhead.run)
+    add_command(bench_sub, "serve-costs", "profile the serving workers into a measured cost file for wafer simulate",
+                bench_serve_costs.add_arguments, bench_serve_costs.run)
 
     add_command(sub, "serve", "the OpenAI-compatible server: prefill and wafer decode workers behind HTTP",
                 serve_cmd.add_arguments, serve_cmd.run)

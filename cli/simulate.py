@@ -1,7 +1,8 @@
 """`wafer simulate`: the serving scheduler on a simulated clock, over a fleet built from presets.
 
 A workload (synthetic arrivals with `--rate`, `--requests`, lengths or a `--profile`; or an Azure
-`--trace`), a fleet (`--prefill N --decode M` accelerators and wafers, or `--integrated N`
+`--trace`; or `--replay REPORT`, the exact requests of a `wafer bench serve --per-request` run,
+compared figure by figure with that run's), a fleet (`--prefill N --decode M` accelerators and wafers, or `--integrated N`
 accelerators; or `--measured FILE` with `--units`), SLOs. Reports TTFT/TPOT/E2E percentiles,
 goodput, fast-token capacity, utilisation per pool, and power or cost per unit of goodput; one
 JSON object with `--json`, PNGs with `--plot DIR`. `--sweep ratio` finds the best prefill:decode
@@ -46,6 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="lengths around their means (default fixed)")
     w.add_argument("--trace", default=None, metavar="FILE",
                    help="an Azure LLM trace CSV, or 'code'/'conv' for the shipped ones (replayed to --requests)")
+    w.add_argument("--replay", default=None, metavar="FILE",
+                   help="the requests a `wafer bench serve --json --per-request` run sent: same arrivals and lengths")
+    w.add_argument("--replay-rate", type=positive_float, default=None,
+                   help="with --replay: the rate of the run to replay, when the report holds several")
     w.add_argument("--time-scale", type=positive_float, default=1.0,
                    help="multiply trace arrival times (0.5 doubles the rate)")
     w.add_argument("--seed", type=int, default=0)
@@ -70,13 +75,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--link", default="efa3", help="KV link: efa1..efa4 (default efa3)")
     f.add_argument("--mfu", type=positive_float, default=0.5, help="prefill model-FLOPs utilisation (assumption)")
     f.add_argument("--measured", default=None, metavar="FILE", help="a measured cost file instead of presets")
-    f.add_argument("--mode", choices=["disaggregated", "integrated"], default="disaggregated",
-                   help="with --measured: the scheduler's mode")
+    f.add_argument("--mode", choices=["disaggregated", "integrated"], default=None,
+                   help="with --measured: the scheduler's mode (default: the file's, else disaggregated)")
     f.add_argument("--units", type=positive_int, default=1, help="with --measured: worker pairs")
     f.add_argument("--router", choices=["least-loaded", "round-robin"], default="least-loaded")
     f.add_argument("--processes", type=positive_int, default=1,
                    help="simulate the units in this many processes (needs --router round-robin)")
-    f.add_argument("--max-waiting", type=positive_int, default=4096, help="waiting queue bound per unit")
+    f.add_argument("--max-waiting", type=positive_int, default=None,
+                   help="waiting queue bound per unit (default 4096, or the measured file's server's)")
     f.add_argument("--prefill-cost-h", type=positive_float, default=None, help="$/h per prefill accelerator")
     f.add_argument("--decode-cost-h", type=positive_float, default=None, help="$/h per wafer")
 
@@ -129,7 +135,13 @@ def _defaults(args) -> None:
 
 def _workload(args, rate: float | None = None):
     """The workload of the flags; `rate` (sweeps) overrides --rate, and rescales a trace to it."""
-    from serve.workload import PROFILES, LengthDist, read_azure_trace, synthetic
+    from serve.workload import PROFILES, LengthDist, read_azure_trace, read_bench_report, synthetic
+    if args.replay is not None:
+        if args.trace is not None or rate is not None:
+            raise WaferError("--replay replays one bench run as it was: no --trace, no --sweep")
+        return read_bench_report(args.replay, args.replay_rate)
+    if args.replay_rate is not None:
+        raise WaferError("--replay-rate needs --replay")
     if args.trace is not None:
         w = read_azure_trace(args.trace, args.requests, args.time_scale)
         if rate is not None and w.span_s > 0:
@@ -141,21 +153,35 @@ def _workload(args, rate: float | None = None):
 
 
 def _policy(args):
+    """The scheduler knobs: the flags', or with a measured cost file that records its server's
+    policy (`wafer bench serve-costs`), that server's (what it is validated against)."""
     from bench.fleet import Policy
+    from serve.costs import measured_policy
+    from serve.events import Deadlines
     from serve.simulator import Router
-    return Policy(max_waiting=args.max_waiting, router=Router(args.router))
+    server = measured_policy(args.measured) if args.measured else None
+    if server is None:
+        return Policy(max_waiting=args.max_waiting or 4096, router=Router(args.router))
+    try:
+        return Policy(max_waiting=args.max_waiting or server["max_waiting"], max_prefill_batch=server["max_prefill_batch"],
+                      max_prefill_tokens=server["max_prefill_tokens"], deadlines=Deadlines(**server["deadlines"]),
+                      router=Router(args.router), max_prefilled=server["max_prefilled"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise WaferError(f"measured cost file {args.measured}: scheduler {e}") from None
 
 
 def _plan(args):
     from bench.fleet import disaggregated, integrated, measured
     from mesh.wafer import SPECS
     from model.config import preset
-    from serve.costs import accelerator, link, load_measured, wafer_decode
+    from serve.costs import accelerator, link, load_measured_file, measured_policy, wafer_decode
     from serve.events import Mode
 
     policy = _policy(args)
     if args.measured:
-        return measured(load_measured(args.measured), Mode(args.mode), args.units, policy)
+        cost = load_measured_file(args.measured)
+        server = measured_policy(args.measured) or {}
+        return measured(cost, Mode(args.mode or server.get("mode", Mode.DISAGGREGATED.value)), args.units, policy)
     config, chip = preset(args.model), accelerator(args.accelerator)
     if args.integrated is not None:
         if args.prefill is not None or args.decode is not None:
@@ -229,12 +255,13 @@ def run(args) -> int:
         bar.update(done - last[0])
         last[0] = done
 
+    replay = args.replay is not None
     if args.processes > 1:
         if plan.fleet.router is not Router.ROUND_ROBIN:
             raise WaferError("--processes needs --router round-robin (least-loaded routing couples the units)")
-        result = simulate_parallel(plan.fleet, workload, _slo(args), args.processes)
+        result = simulate_parallel(plan.fleet, workload, _slo(args), args.processes, keep_records=replay)
     else:
-        result = simulate(plan.fleet, workload, _slo(args), progress=tick)
+        result = simulate(plan.fleet, workload, _slo(args), keep_records=replay, progress=tick)
     wall = time.perf_counter() - start
     bar.update(result.requests - last[0])
     bar.close()
@@ -244,7 +271,15 @@ def run(args) -> int:
     if args.plot:
         from bench.fleet_plots import write_latency_plot
         s["plots"] = [write_latency_plot(result, args.plot)]
-    print(json.dumps(s) if args.json else _format(s))
+    text = None if args.json else _format(s)
+    if replay:  # the run it replays, figure by figure
+        from bench.sim_validation import compare, format_comparison, real_figures, simulated_figures
+        from serve.workload import bench_report_run
+        rows = compare(real_figures(bench_report_run(args.replay, args.replay_rate)),
+                       simulated_figures(result.records, result.duration_s))
+        s["replay"] = {"report": args.replay, "rows": rows}
+        text = None if args.json else text + "\n" + format_comparison(rows)
+    print(json.dumps(s) if args.json else text)
     return 0
 
 

@@ -416,16 +416,74 @@ def _lstsq(columns: list[np.ndarray], y: np.ndarray) -> list[float]:
 
 
 def fit_measured(prefill: Sequence[tuple[Sequence[int], float]], decode: Sequence[tuple[int, int, float]],
-                 handoff: Sequence[tuple[int, float]], slots: int | None = None, note: str = "") -> MeasuredCost:
+                 handoff: Sequence[tuple[int, float]], slots: int | None = None, note: str = "",
+                 solve=_lstsq) -> MeasuredCost:
     """Least-squares fits of the `MeasuredCost` forms to samples: prefill (prompt lengths, seconds),
-    decode (batch, context positions, seconds), handoff (prompt tokens, seconds)."""
+    decode (batch, context positions, seconds), handoff (prompt tokens, seconds). `solve(columns, y)`
+    fits one form (default: plain least squares; `nonneg_relative_fit`: non-negative, relative)."""
     lens = [np.asarray(l, np.float64) for l, _ in prefill]
-    p = _lstsq([np.ones(len(lens)), np.array([l.sum() for l in lens]), np.array([(l * l).sum() for l in lens])],
-               np.array([s for _, s in prefill]))
+    p = solve([np.ones(len(lens)), np.array([l.sum() for l in lens]), np.array([(l * l).sum() for l in lens])],
+              np.array([s for _, s in prefill]))
     d_arr = np.asarray(decode, np.float64).reshape(-1, 3)
-    d = _lstsq([np.ones(len(d_arr)), d_arr[:, 0], d_arr[:, 1]], d_arr[:, 2])
+    d = solve([np.ones(len(d_arr)), d_arr[:, 0], d_arr[:, 1]], d_arr[:, 2])
     h_arr = np.asarray(handoff, np.float64).reshape(-1, 2)
-    h = _lstsq([np.ones(len(h_arr)), h_arr[:, 0]], h_arr[:, 1])
+    h = solve([np.ones(len(h_arr)), h_arr[:, 0]], h_arr[:, 1])
     return MeasuredCost({"fixed_s": p[0], "per_token_s": p[1], "per_token2_s": p[2]},
                         {"fixed_s": d[0], "per_seq_s": d[1], "per_context_token_s": d[2]},
                         {"fixed_s": h[0], "per_token_s": h[1]}, slots, note)
+
+
+@dataclasses.dataclass(frozen=True)
+class PaddedMeasuredCost(MeasuredCost):
+    """A `MeasuredCost` whose prefill is priced over the shapes the serving workers compute: they
+    pad a batch to a power of two of prompts, each as long as the batch's longest rounded up to
+    `bucket` tokens (serve/workers.py, model/prefill.py), so a batch of a 32- and a 200-token
+    prompt costs what two 224-token prompts cost. `wafer bench serve-costs` fits its samples in
+    these terms and writes `"padding": {"batch": "pow2", "bucket": N}` into the file."""
+
+    bucket: int = 32
+
+    def prefill_s(self, prompt_lens: Sequence[int]) -> float:
+        n = len(prompt_lens)
+        longest = -(-max(prompt_lens) // self.bucket) * self.bucket
+        return super().prefill_s([longest] * (1 << (n - 1).bit_length()))
+
+    def to_json(self) -> dict:
+        return dict(super().to_json(), padding={"batch": "pow2", "bucket": self.bucket})
+
+
+def load_measured_file(path: str | pathlib.Path) -> MeasuredCost:
+    """A measured cost file: a `PaddedMeasuredCost` when it names the workers' padding (as the
+    files of `wafer bench serve-costs` do), else a plain `MeasuredCost`."""
+    m = load_measured(path)
+    try:
+        padding = json.loads(pathlib.Path(path).read_text()).get("padding")
+        if padding is None:
+            return m
+        if padding.get("batch") != "pow2" or int(padding["bucket"]) < 1:
+            raise ValueError(f"padding {padding}: expected batch 'pow2' and a positive bucket")
+        return PaddedMeasuredCost(m.prefill, m.decode, m.handoff, m.slots, m.note, int(padding["bucket"]))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise WaferError(f"measured cost file {path}: {e}") from None
+
+
+def measured_policy(path: str | pathlib.Path) -> dict | None:
+    """The scheduler policy (mode, slots, queue and batch bounds, deadlines) a measured cost file
+    records for the server it was measured on (`wafer bench serve-costs` writes it), or None."""
+    try:
+        sched = json.loads(pathlib.Path(path).read_text()).get("scheduler")
+        return None if sched is None else dict(sched)
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise WaferError(f"measured cost file {path}: {e}") from None
+
+
+def nonneg_relative_fit(columns: list[np.ndarray], y: np.ndarray) -> list[float]:
+    """Non-negative coefficients minimising the relative error (each sample weighted by 1/y; a
+    zero sample by 1). Samples spanning 50x (a 64-token prefill and four of 448) make plain least
+    squares fit the largest and give the smallest a negative time; a cost never runs backwards."""
+    from scipy.optimize import nnls  # scipy comes with JAX
+
+    a = np.stack(columns, axis=1)
+    w = np.where(y > 0, 1.0 / np.where(y > 0, y, 1.0), 1.0)
+    coef, _ = nnls(a * w[:, None], y * w)
+    return [float(c) for c in coef]

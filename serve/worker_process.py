@@ -34,9 +34,9 @@ def name_process(name: str) -> None:
         pass  # not Linux: the name is only a convenience
 
 
-def worker_main(cpus: tuple[int, ...], payload: bytes, conn) -> None:
-    """The worker process: pin, set up devices, load, report Ready, serve commands until Shutdown
-    or until the engine's end of the pipe closes (the engine is gone)."""
+def pin_fresh_process(cpus: tuple[int, ...]) -> None:
+    """Pin this fresh process to `cpus` (none: leave it) and clear the JAX settings a worker must
+    not inherit; before anything starts JAX (bench/serve_costs.py's measuring processes use it too)."""
     if cpus:
         os.sched_setaffinity(0, cpus)
     for name in INHERITED_JAX_SETTINGS:
@@ -45,6 +45,12 @@ def worker_main(cpus: tuple[int, ...], payload: bytes, conn) -> None:
                                        if not f.startswith("--xla_force_host_platform_device_count"))
     # The meshes are emulated CPU devices unless the operator chose a platform.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def worker_main(cpus: tuple[int, ...], payload: bytes, conn) -> None:
+    """The worker process: pin, set up devices, load, report Ready, serve commands until Shutdown
+    or until the engine's end of the pipe closes (the engine is gone)."""
+    pin_fresh_process(cpus)
     spec: WorkerSpec = pickle.loads(payload)
     name_process(f"wafer-{spec.role.value}")
     # The worker's progress notes (its precompilation) go to the server's stderr, named.

@@ -127,3 +127,51 @@ def read_azure_trace(path: str | pathlib.Path, requests: int | None = None, time
         t = np.concatenate([t + i * period for i in range(copies)])
         prompt, output = np.tile(prompt, copies), np.tile(output, copies)
     return Workload(t[:n] * time_scale, prompt[:n], output[:n], path.stem)
+
+
+
+def bench_report_run(path: str | pathlib.Path, rate: float | None = None) -> dict:
+    """One run (one rate) of a `wafer bench serve --json --per-request` report, with its
+    per-request rows; a report of several rates needs `rate`."""
+    import json
+    import math
+
+    path = pathlib.Path(path)
+    try:
+        runs = json.loads(path.read_text())["runs"]
+        rates = [r["rate"] for r in runs]
+        if rate is None:
+            if len(runs) != 1:
+                raise WaferError(f"{len(runs)} runs (rates {rates}): choose one with --replay-rate")
+            run = runs[0]
+        else:
+            found = [r for r in runs if r["rate"] != "inf" and math.isclose(float(r["rate"]), rate, rel_tol=1e-3)]
+            if not found:
+                raise WaferError(f"no run at rate {rate:g} (rates {rates})")
+            run = found[0]
+        if not isinstance(run.get("per_request"), list):
+            raise WaferError("no per-request rows: write it with wafer bench serve --json --per-request")
+        return run
+    except WaferError as e:
+        raise WaferError(f"bench report {path}: {e}") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise WaferError(f"bench report {path}: {type(e).__name__}: {e}") from None
+
+
+def read_bench_report(path: str | pathlib.Path, rate: float | None = None) -> Workload:
+    """The requests one run of `wafer bench serve --json --per-request` sent: each one's arrival
+    (seconds from the run's start), prompt and output lengths, so the simulator replays exactly
+    that load (`bench_report_run` picks the run)."""
+    run = bench_report_run(path, rate)
+    if not run["per_request"]:
+        raise WaferError(f"bench report {path}: the run holds no requests")
+    try:
+        rows = sorted(run["per_request"], key=lambda r: (r["scheduled_s"], r["index"]))
+        t = np.array([float(r["scheduled_s"]) for r in rows], np.float64)
+        prompt = np.array([int(r["input_len"]) for r in rows], np.int64)
+        output = np.array([int(r["output_len"]) for r in rows], np.int64)
+    except (ValueError, KeyError, TypeError) as e:
+        raise WaferError(f"bench report {path}: a per-request row: {type(e).__name__}: {e}") from None
+    if t.min() < 0 or prompt.min() < 1 or output.min() < 1:
+        raise WaferError(f"bench report {path}: negative arrival times or lengths below 1")
+    return Workload(t - t[0], prompt, output, f"replay of {pathlib.Path(path).name} at rate {run['rate']}")

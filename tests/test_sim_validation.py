@@ -1,0 +1,292 @@
+"""The simulator against the real server (issue 14).
+
+Fast: the measured cost file of `wafer bench serve-costs` (padding, fitting, reading it back), the
+replay of a `wafer bench serve --per-request` run (`serve.workload.read_bench_report`), the
+figure-by-figure comparison, and the commands' bad input.
+
+Slow: end to end on SmolLM2 with short lengths, both modes: `wafer bench serve-costs`, then
+`wafer serve` loaded by `wafer bench serve` on two profiles, then `wafer simulate --measured
+--replay` of each run; TTFT and TPOT p50 and p90 within 15% and throughput within 10%.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from bench.serve_costs import fit_samples, padded_lens, residuals
+from bench.sim_validation import compare, real_figures, simulated_figures
+from mesh.errors import WaferError
+from serve.costs import MeasuredCost, PaddedMeasuredCost, load_measured_file, measured_policy
+from serve.simulator import RequestRecord
+from serve.workload import read_bench_report
+from tests.helpers.cli_runner import assert_one_line_error, run_cli
+
+
+# ------------------------------------------------------------------------------ the measured costs
+
+
+def test_padded_lens_are_the_workers_shapes():
+    # A power of two of prompts, each as long as the longest rounded up to the 32-token bucket.
+    assert padded_lens([5], 32) == [32]
+    assert padded_lens([32, 40], 32) == [64, 64]
+    assert padded_lens([10, 200, 33], 32) == [224, 224, 224, 224]
+    assert padded_lens([64] * 5, 32) == [64] * 8
+
+
+def test_padded_cost_prices_the_padded_batch():
+    cost = PaddedMeasuredCost({"fixed_s": 0.01, "per_token_s": 1e-3, "per_token2_s": 1e-6}, {}, {}, bucket=32)
+    # Three prompts, longest 200 -> four rows of 224: 0.01 + 4 * 224 * 1e-3 + 4 * 224^2 * 1e-6.
+    assert cost.prefill_s([10, 200, 33]) == pytest.approx(0.01 + 0.896 + 0.200704)
+    plain = MeasuredCost(cost.prefill, {}, {})
+    assert plain.prefill_s([10, 200, 33]) == pytest.approx(0.01 + 0.243 + (100 + 40000 + 1089) * 1e-6)
+
+
+def exact_samples() -> dict:
+    """Samples of known linear laws: prefill 20 ms + 2 us/token + 1 ns/token^2 (padded), decode
+    5 ms + 0.5 ms/sequence + 1 us/position, handoff 3 ms + 10 us/token."""
+    prefill = []
+    for b in (1, 2, 4):
+        for t in (32, 100, 256):
+            lens = padded_lens([t] * b, 32)
+            prefill.append([[t] * b, 0.02 + 2e-6 * sum(lens) + 1e-9 * sum(x * x for x in lens)])
+    decode = [[b, b * c, 0.005 + 5e-4 * b + 1e-6 * b * c] for b in (1, 4, 8) for c in (64, 256)]
+    handoff = [[t, 0.003 + 1e-5 * t] for t in (32, 128, 256)]
+    return {"prefill": prefill, "decode": decode, "handoff": handoff}
+
+
+def test_fit_recovers_known_laws():
+    samples = exact_samples()
+    cost = fit_samples(samples, 8, 32)
+    assert cost.prefill == pytest.approx({"fixed_s": 0.02, "per_token_s": 2e-6, "per_token2_s": 1e-9}, rel=1e-6)
+    assert cost.decode == pytest.approx({"fixed_s": 0.005, "per_seq_s": 5e-4, "per_context_token_s": 1e-6}, rel=1e-6)
+    assert cost.handoff == pytest.approx({"fixed_s": 0.003, "per_token_s": 1e-5}, rel=1e-6)
+    assert max(residuals(cost, samples).values()) < 1e-9
+    # Integrated: no handoff samples, a zero handoff.
+    cost = fit_samples(dict(samples, handoff=[]), 8, 32)
+    assert cost.handoff_s(500) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cost_file_round_trip(tmp_path):
+    cost = fit_samples(exact_samples(), 8, 32)
+    data = dict(cost.to_json(), scheduler={"mode": "integrated", "slots": 8, "max_waiting": 64})
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps(data))
+    back = load_measured_file(path)
+    assert isinstance(back, PaddedMeasuredCost) and back.bucket == 32 and back.slots == 8
+    assert back.prefill_s([10, 200, 33]) == pytest.approx(cost.prefill_s([10, 200, 33]))
+    assert measured_policy(path)["mode"] == "integrated"
+    # A file without padding (written by hand, as before) stays a plain MeasuredCost.
+    data.pop("padding")
+    data.pop("scheduler")
+    path.write_text(json.dumps(data))
+    assert type(load_measured_file(path)) is MeasuredCost and measured_policy(path) is None
+    path.write_text(json.dumps(dict(data, padding={"batch": "pow3", "bucket": 32})))
+    with pytest.raises(WaferError, match="padding"):
+        load_measured_file(path)
+
+
+# ------------------------------------------------------------------------------ the replay reader
+
+
+def report(runs: list[dict]) -> dict:
+    return {"runs": runs}
+
+
+def run_of(rate, rows) -> dict:
+    return {"rate": rate, "completed": len(rows), "per_request": rows, "request_throughput": 0.5,
+            "output_throughput": 4.0, "ttft_ms": {"median": 100.0, "p90": 200.0},
+            "tpot_ms": {"median": 10.0, "p90": 12.0}}
+
+
+def row(i, t, n_in, n_out) -> dict:
+    return {"index": i, "scheduled_s": t, "input_len": n_in, "output_len": n_out}
+
+
+def test_replay_reads_arrivals_and_lengths_in_order(tmp_path):
+    path = tmp_path / "bench.json"
+    rows = [row(2, 1.5, 30, 4), row(0, 0.0, 10, 2), row(1, 0.25, 20, 3)]
+    path.write_text(json.dumps(report([run_of(0.5, rows), run_of(2.0, rows[:1])])))
+    w = read_bench_report(path, 0.5)
+    assert w.arrival_s.tolist() == [0.0, 0.25, 1.5]
+    assert w.prompt_len.tolist() == [10, 20, 30] and w.output_len.tolist() == [2, 3, 4]
+    assert len(read_bench_report(path, 2.0)) == 1
+    with pytest.raises(WaferError, match="--replay-rate"):
+        read_bench_report(path)
+    with pytest.raises(WaferError, match="no run at rate 3"):
+        read_bench_report(path, 3.0)
+
+
+def test_replay_refuses_what_it_cannot_replay(tmp_path):
+    path = tmp_path / "bench.json"
+    run = run_of(1.0, [])
+    run.pop("per_request")
+    path.write_text(json.dumps(report([run])))
+    with pytest.raises(WaferError, match="--per-request"):
+        read_bench_report(path)
+    path.write_text(json.dumps(report([run_of(1.0, [row(0, 0.0, 0, 5)])])))
+    with pytest.raises(WaferError, match="lengths below 1"):
+        read_bench_report(path)
+    path.write_text("{not json")
+    with pytest.raises(WaferError, match="bench report"):
+        read_bench_report(path)
+
+
+# ------------------------------------------------------------------------------ the comparison
+
+
+def test_compare_figures_by_hand():
+    recs = [RequestRecord(str(i), 0, 0.0, ttft, tpot, 1.0, 5) for i, (ttft, tpot) in
+            enumerate([(0.1, 0.010), (0.2, 0.020), (0.3, 0.030)])]
+    recs.append(RequestRecord("x", 0, 0.0, None, None, 0.5, 0, failed=None))  # not finished: not counted
+    sim = simulated_figures(recs, duration_s=2.0)
+    assert sim["ttft_p50_ms"] == pytest.approx(200.0) and sim["ttft_p90_ms"] == pytest.approx(280.0)
+    assert sim["tpot_p90_ms"] == pytest.approx(28.0)
+    assert sim["request_throughput"] == pytest.approx(1.5) and sim["output_throughput"] == pytest.approx(7.5)
+    real = {"ttft_p50_ms": 200.0, "ttft_p90_ms": 250.0, "tpot_p50_ms": 20.0, "tpot_p90_ms": 28.0,
+            "request_throughput": 1.5, "output_throughput": 8.5}
+    rows = {r["figure"]: r for r in compare(real, sim)}
+    assert rows["ttft_p50_ms"]["within"] and rows["ttft_p90_ms"]["ratio"] == pytest.approx(1.12)
+    assert rows["ttft_p90_ms"]["within"]  # 12% off, within 15%
+    assert not rows["output_throughput"]["within"]  # 7.5 / 8.5: 11.8% off, over 10%
+    assert real_figures(run_of(1.0, []))["tpot_p90_ms"] == 12.0
+
+
+def test_simulate_replays_a_bench_run(tmp_path, capsys):
+    """One lone request priced by hand: TTFT = prefill (100 ms), TPOT = handoff-free steps of 10 ms
+    in integrated mode (its first step follows the prefill at once)."""
+    costs = tmp_path / "costs.json"
+    costs.write_text(json.dumps({"prefill": {"fixed_s": 0.1}, "decode": {"fixed_s": 0.01}, "handoff": {},
+                                 "slots": 2, "scheduler": {"mode": "integrated", "slots": 2, "max_waiting": 4,
+                                                           "max_prefill_batch": 2, "max_prefill_tokens": 512,
+                                                           "max_prefilled": 4, "deadlines": {}}}))
+    bench = tmp_path / "bench.json"
+    run = run_of(1.0, [row(0, 0.0, 16, 5)])
+    run.update(ttft_ms={"median": 100.0, "p90": 100.0}, tpot_ms={"median": 11.0, "p90": 11.0},
+               request_throughput=1 / 0.14, output_throughput=5 / 0.14)
+    bench.write_text(json.dumps(report([run])))
+    rc, out, _ = run_cli(capsys, "simulate", "--measured", str(costs), "--replay", str(bench), "--json",
+                         "--no-progress")
+    assert rc == 0
+    s = json.loads(out)
+    assert s["fleet"]["mode"] == "integrated" and s["requests"] == 1
+    rows = {r["figure"]: r for r in s["replay"]["rows"]}
+    assert rows["ttft_p50_ms"]["simulated"] == pytest.approx(100.0)
+    assert rows["tpot_p50_ms"]["simulated"] == pytest.approx(10.0)
+    assert rows["tpot_p50_ms"]["ratio"] == pytest.approx(10 / 11) and rows["tpot_p50_ms"]["within"]
+    assert rows["request_throughput"]["simulated"] == pytest.approx(1 / 0.14)
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--prompt-lens", "0,5"], ["--prompt-lens", "positive integers"]),
+    (["--occupancies", "16"], ["occupancy 16 exceeds the 8 decode slots"]),
+    (["--contexts", "600"], ["--max-len 512"]),
+    (["--mode", "integrated", "--prefill-batches", "16"], ["needs as many slots"]),
+])
+def test_serve_costs_bad_input(tmp_path, capsys, flags, fragments):
+    rc, _, err = run_cli(capsys, "bench", "serve-costs", "--max-len", "512", "--out", str(tmp_path / "c.json"), *flags)
+    assert_one_line_error(rc, err, *fragments)
+
+
+def test_serve_costs_needs_an_existing_folder(capsys):
+    rc, _, err = run_cli(capsys, "bench", "serve-costs", "--out", "/nonexistent/dir/c.json")
+    assert_one_line_error(rc, err, "does not exist")
+
+
+def test_simulate_replay_bad_input(tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "simulate", "--replay", str(tmp_path / "missing.json"), "--no-progress")
+    assert_one_line_error(rc, err, "bench report", "missing.json")
+    rc, _, err = run_cli(capsys, "simulate", "--replay-rate", "2", "--no-progress")
+    assert_one_line_error(rc, err, "--replay-rate needs --replay")
+
+
+# ------------------------------------------------------------------------------ end to end (slow)
+
+SLOW_MAX_LEN = 256
+START_S = 600.0  # the server imports JAX, then its workers load SmolLM2 and compile
+RUN_S = 900.0  # one command: the costs profile, a load run
+# Two profiles, shortened so a run is well under a minute of load on two CPUs: a chat-like one
+# (more decode than prefill) and a prefill-heavy one. Lengths are exact (spread 0).
+SLOW_PROFILES = {"chat": ("128", "16"), "prefill-heavy": ("224", "4")}
+SLOW_RATE = "0.5"
+SLOW_REQUESTS = "8"
+
+
+def wafer(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "cli.main", *argv]
+
+
+def run_wafer(*argv: str) -> str:
+    from tests.helpers.workers import REPO, worker_env
+    p = subprocess.run(wafer(*argv), cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=RUN_S)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+class SmolServer:
+    """`wafer serve` (SmolLM2) on a free port in a subprocess, until `stop()`."""
+
+    def __init__(self, *flags: str):
+        from tests.helpers.workers import REPO, worker_env
+        self.proc = subprocess.Popen(wafer("serve", "--port", "0", *flags), cwd=REPO, env=worker_env(),
+                                     stderr=subprocess.PIPE, text=True)
+        self.log: list[str] = []
+        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
+        deadline = time.monotonic() + START_S
+        while not (m := re.search(r"listening on (http://\S+)", "".join(self.log))):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"wafer serve did not start:\n{''.join(self.log)[-3000:]}")
+            time.sleep(0.5)
+        self.url = m.group(1)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["disaggregated", "integrated"])
+def test_simulator_matches_the_real_server(tmp_path, mode):
+    """Measured costs, the real server under two profiles, the same requests simulated: TTFT and TPOT
+    p50/p90 within 15%, throughput within 10% (bench/sim_validation.py)."""
+    flags = ["--mode", mode, "--max-len", str(SLOW_MAX_LEN)]
+    costs = tmp_path / "costs.json"
+    run_wafer("bench", "serve-costs", *flags, "--prompt-lens", "128,224", "--prefill-batches", "1,2",
+              "--occupancies", "1,4,8", "--contexts", "64,224", "--repeats", "5", "--out", str(costs))
+    server = SmolServer(*flags)
+    reports = {}
+    try:
+        for name, (n_in, n_out) in SLOW_PROFILES.items():
+            # Unmeasured bursts of 3 and 5 requests at once: prefill batches of 2 and 4 prompts compile
+            # now, not in the measured run (the simulator prices a warm server; the bench's own warm-up
+            # sends one request at a time).
+            for burst in ("3", "5"):
+                run_wafer("bench", "serve", "--url", server.url, "--input-len", n_in, "--output-len", "2",
+                          "--requests", burst, "--rate", "inf", "--seed", "7", "--json")
+            reports[name] = tmp_path / f"{name}.json"
+            reports[name].write_text(run_wafer(
+                "bench", "serve", "--url", server.url, "--profile", name, "--input-len", n_in, "--output-len", n_out,
+                "--requests", SLOW_REQUESTS, "--rate", SLOW_RATE, "--seed", "0", "--json", "--per-request"))
+    finally:
+        server.stop()
+    missed = []
+    for name, path in reports.items():
+        s = json.loads(run_wafer("simulate", "--measured", str(costs), "--replay", str(path), "--json",
+                                 "--no-progress"))
+        assert s["fleet"]["mode"] == mode and s["finished"] == int(SLOW_REQUESTS)
+        missed += [(name, r["figure"], r["real"], r["simulated"]) for r in s["replay"]["rows"] if not r["within"]]
+    assert not missed, missed
