@@ -300,7 +300,7 @@ SENSITIVITY: tuple[tuple[str, str, tuple], ...] = (
     ("context reserved per slot (4096)", "context", (2048, 8192)),
     ("wafer power, kW per CS-3 (23)", "wafer_kw", (16.1, 29.9)),
     ("accelerator power (DGX share)", "accelerator_kw", ("board",)),
-    ("wafer decode grid (360x360)", "grid", ("420x420",)),
+    ("wafer decode grid (360x360)", "grid", ("420x420", "377x1170")),  # 377x1170: the vendor 70B row's regions
     ("integrated HBM efficiency (0.8)", "bw_efficiency", (0.6, 0.9)),
     ("integrated chunked prefill (off)", "chunked", (True,)),
     ("largest integrated group (8)", "max_group", (16,)),
