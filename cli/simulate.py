@@ -174,12 +174,12 @@ def _plan(args):
     from bench.fleet import disaggregated, integrated, measured
     from mesh.wafer import SPECS
     from model.config import preset
-    from serve.costs import accelerator, link, load_measured_file, measured_policy, wafer_decode
+    from serve.costs import accelerator, link, load_measured, measured_policy, wafer_decode
     from serve.events import Mode
 
     policy = _policy(args)
     if args.measured:
-        cost = load_measured_file(args.measured)
+        cost = load_measured(args.measured)
         server = measured_policy(args.measured) or {}
         return measured(cost, Mode(args.mode or server.get("mode", Mode.DISAGGREGATED.value)), args.units, policy)
     config, chip = preset(args.model), accelerator(args.accelerator)

@@ -35,6 +35,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from mesh.errors import WaferError
+from mesh.extent import round_up
 from mesh.wafer import WaferSpec
 from model.config import ModelConfig
 
@@ -401,11 +402,19 @@ class MeasuredCost:
 
 
 def load_measured(path: str | pathlib.Path) -> MeasuredCost:
+    """A measured cost file: a `PaddedMeasuredCost` when it names the workers' padding (as the
+    files of `wafer bench serve-costs` do), else a plain `MeasuredCost`."""
     try:
         d = json.loads(pathlib.Path(path).read_text())
-        return MeasuredCost(dict(d["prefill"]), dict(d["decode"]), dict(d["handoff"]), d.get("slots"),
-                            d.get("note", ""))
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        m = MeasuredCost(dict(d["prefill"]), dict(d["decode"]), dict(d["handoff"]), d.get("slots"),
+                         d.get("note", ""))
+        padding = d.get("padding")
+        if padding is None:
+            return m
+        if padding.get("batch") != "pow2" or int(padding["bucket"]) < 1:
+            raise ValueError(f"padding {padding}: expected batch 'pow2' and a positive bucket")
+        return PaddedMeasuredCost(m.prefill, m.decode, m.handoff, m.slots, m.note, int(padding["bucket"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise WaferError(f"measured cost file {path}: {e}") from None
 
 
@@ -445,26 +454,11 @@ class PaddedMeasuredCost(MeasuredCost):
 
     def prefill_s(self, prompt_lens: Sequence[int]) -> float:
         n = len(prompt_lens)
-        longest = -(-max(prompt_lens) // self.bucket) * self.bucket
+        longest = round_up(max(prompt_lens), self.bucket)
         return super().prefill_s([longest] * (1 << (n - 1).bit_length()))
 
     def to_json(self) -> dict:
         return dict(super().to_json(), padding={"batch": "pow2", "bucket": self.bucket})
-
-
-def load_measured_file(path: str | pathlib.Path) -> MeasuredCost:
-    """A measured cost file: a `PaddedMeasuredCost` when it names the workers' padding (as the
-    files of `wafer bench serve-costs` do), else a plain `MeasuredCost`."""
-    m = load_measured(path)
-    try:
-        padding = json.loads(pathlib.Path(path).read_text()).get("padding")
-        if padding is None:
-            return m
-        if padding.get("batch") != "pow2" or int(padding["bucket"]) < 1:
-            raise ValueError(f"padding {padding}: expected batch 'pow2' and a positive bucket")
-        return PaddedMeasuredCost(m.prefill, m.decode, m.handoff, m.slots, m.note, int(padding["bucket"]))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise WaferError(f"measured cost file {path}: {e}") from None
 
 
 def measured_policy(path: str | pathlib.Path) -> dict | None:

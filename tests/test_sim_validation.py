@@ -23,7 +23,7 @@ import pytest
 from bench.serve_costs import fit_samples, padded_lens, residuals
 from bench.sim_validation import compare, real_figures, simulated_figures
 from mesh.errors import WaferError
-from serve.costs import MeasuredCost, PaddedMeasuredCost, load_measured_file, measured_policy
+from serve.costs import MeasuredCost, PaddedMeasuredCost, load_measured, measured_policy
 from serve.simulator import RequestRecord
 from serve.workload import read_bench_report
 from tests.helpers.cli_runner import assert_one_line_error, run_cli
@@ -78,7 +78,7 @@ def test_cost_file_round_trip(tmp_path):
     data = dict(cost.to_json(), scheduler={"mode": "integrated", "slots": 8, "max_waiting": 64})
     path = tmp_path / "costs.json"
     path.write_text(json.dumps(data))
-    back = load_measured_file(path)
+    back = load_measured(path)
     assert isinstance(back, PaddedMeasuredCost) and back.bucket == 32 and back.slots == 8
     assert back.prefill_s([10, 200, 33]) == pytest.approx(cost.prefill_s([10, 200, 33]))
     assert measured_policy(path)["mode"] == "integrated"
@@ -86,10 +86,10 @@ def test_cost_file_round_trip(tmp_path):
     data.pop("padding")
     data.pop("scheduler")
     path.write_text(json.dumps(data))
-    assert type(load_measured_file(path)) is MeasuredCost and measured_policy(path) is None
+    assert type(load_measured(path)) is MeasuredCost and measured_policy(path) is None
     path.write_text(json.dumps(dict(data, padding={"batch": "pow3", "bucket": 32})))
     with pytest.raises(WaferError, match="padding"):
-        load_measured_file(path)
+        load_measured(path)
 
 
 # ------------------------------------------------------------------------------ the replay reader
