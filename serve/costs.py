@@ -13,7 +13,8 @@ Each is a small model with its assumptions in the open:
 - `MeasuredCost`: linear fits of times measured on this machine's real workers, read from a JSON
   file (format in its docstring); `fit_measured` makes one from samples.
 - `WaferDecodeCost`: the project's profiler (`model.trace_decode.profile_layout`) at two batch
-  sizes, linear in between; wafers per replica come from its staging plan.
+  sizes, linear in between; wafers per replica come from its staging plan. Profiles are kept on
+  disk, keyed by their arguments and the profiler's code (serve/profile_cache.py).
 - `DensePrefillCost`: FLOPs counted from the model config over `peak FLOP/s x MFU` of a group of
   accelerators (an `Accelerator` preset from vendor specs), never faster than one read of the
   weights from HBM.
@@ -224,14 +225,23 @@ class WaferDecodeCost:
         return np.full(contexts.shape, self.decode_step_s(batch, 0))  # the same at every context
 
 
-@functools.lru_cache(maxsize=64)
-def _profile(config: ModelConfig, grid: str, spec: WaferSpec, batch: int, context: int) -> tuple[float, int]:
+def _trace_profile(config: ModelConfig, grid: str, spec: WaferSpec, batch: int, context: int) -> tuple[float, int]:
     # Imported here: the profiler brings JAX, which a simulation on other cost sources never needs.
     from mesh.executors import Grid
     from model.trace_decode import profile_layout
 
     p = profile_layout(config, Grid.parse(grid), spec, batch=batch, context=context)
     return p.token_s, p.staging.wafers
+
+
+@functools.lru_cache(maxsize=64)
+def _profile(config: ModelConfig, grid: str, spec: WaferSpec, batch: int, context: int) -> tuple[float, int]:
+    """Seconds per token and wafers per replica; from the disk when this code profiled it before
+    (serve/profile_cache.py), else traced."""
+    from serve.profile_cache import cached_profile
+
+    return cached_profile((config, grid, spec, batch, context),
+                          lambda: _trace_profile(config, grid, spec, batch, context), WaferError)
 
 
 def wafer_fits(config: ModelConfig, spec: WaferSpec, grid: str, batch: int, context: int) -> bool:
@@ -244,7 +254,8 @@ def wafer_fits(config: ModelConfig, spec: WaferSpec, grid: str, batch: int, cont
 
 def wafer_decode(config: ModelConfig, spec: WaferSpec, grid: str, context: int,
                  slots: int | None = None) -> WaferDecodeCost:
-    """Profile decode on `spec` wafers with stages of `grid` cores (profiles are cached in-process).
+    """Profile decode on `spec` wafers with stages of `grid` cores (profiles are cached in-process
+    and on disk).
 
     `slots` None: the largest power of two (up to 256) whose KV cache at `context` fits the SRAM.
     """
