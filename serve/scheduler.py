@@ -80,12 +80,19 @@ class _Out:
         if not (self.restart or self.evict or self.discard or self.placements or self.prefill or self.tokens
                 or self.finished or self.failed):
             return _STEP if self.decode_step else _NOTHING  # the common decisions, shared (they are frozen)
-        return Decision(tuple(self.restart), tuple(self.evict), tuple(self.discard), tuple(self.placements),
-                        tuple(self.prefill), self.decode_step, tuple(self.tokens), tuple(self.finished),
-                        tuple(self.failed))
+        # The Decision without its dataclass __init__, which sets each of the nine fields through
+        # object.__setattr__ (it is frozen): a simulation builds one for most of its events. The
+        # result is the same frozen object (tests compare decisions with Decision(...) ones).
+        d = _new_object(Decision)
+        _set_attribute(d, "__dict__", {
+            "restart": tuple(self.restart), "evict": tuple(self.evict), "discard": tuple(self.discard),
+            "placements": tuple(self.placements), "prefill": tuple(self.prefill), "decode_step": self.decode_step,
+            "tokens": tuple(self.tokens), "finished": tuple(self.finished), "failed": tuple(self.failed)})
+        return d
 
 
 _NOTHING, _STEP = Decision(), Decision(decode_step=True)
+_new_object, _set_attribute = object.__new__, object.__setattr__
 
 
 class Scheduler:
@@ -115,10 +122,11 @@ class Scheduler:
         d = config.deadlines
         self._limits = ((Stage.WAITING, d.queue_s), (Stage.PREFILLED, d.handoff_s), (Stage.TRANSFERRING, d.handoff_s),
                         (Stage.DECODING, d.token_s))
-
-    @property
-    def integrated(self) -> bool:
-        return self.config.mode is Mode.INTEGRATED
+        # No deadline passes before this time, so `handle` skips `_expire` until then (see there).
+        self._quiet_until = float("-inf")
+        self._shortest = min(getattr(d, f.name) for f in dataclasses.fields(d))
+        self.integrated = config.mode is Mode.INTEGRATED  # the config is frozen: fixed for good
+        self._schedule = self._schedule_integrated if self.integrated else self._schedule_disaggregated
 
     # Views for drivers (metrics) and tests.
 
@@ -165,7 +173,8 @@ class Scheduler:
         self.now = event.time
         out = self._out
         out.reset()
-        self._expire(out)
+        if self.now >= self._quiet_until:
+            self._expire(out)
         apply = _APPLY.get(type(event)) or next((f for t, f in _APPLY.items() if isinstance(event, t)), None)
         if apply is None:
             raise TypeError(f"not a scheduler event: {event!r}")
@@ -345,7 +354,17 @@ class Scheduler:
             self._step_start = None
 
     def _expire(self, out: _Out) -> None:
-        """Fail whatever has reached its deadline at `self.now`."""
+        """Fail whatever has reached its deadline at `self.now`, and note when the next one can
+        pass: the earliest deadline left, or sooner, `now` + the shortest limit, as anything that
+        starts a deadline from now on starts it at `now` or later (a request's `since` and a
+        worker's start only move forward). Until then `handle` skips this check: it would fail
+        nothing."""
+        self._expire_due(out)
+        deadline = self.next_deadline()
+        soonest = self.now + self._shortest
+        self._quiet_until = soonest if deadline is None or deadline > soonest else deadline
+
+    def _expire_due(self, out: _Out) -> None:
         d, now = self.config.deadlines, self.now
         # A batch or a step past its deadline means a hung worker: what it holds is lost with it.
         if self._batch_start is not None and self._batch_start + d.prefill_s <= now:
@@ -359,13 +378,7 @@ class Scheduler:
             while queue and self._requests[next(iter(queue))].since + limit <= now:
                 self._fail(self._requests[next(iter(queue))], FailReason.DEADLINE, out)
 
-    # Scheduling new work.
-
-    def _schedule(self, out: _Out) -> None:
-        if self.integrated:
-            self._schedule_integrated(out)
-        else:
-            self._schedule_disaggregated(out)
+    # Scheduling new work (`self._schedule` is the one of the config's mode).
 
     def _schedule_disaggregated(self, out: _Out) -> None:
         # Prefilled caches take free slots first come, first served.

@@ -68,6 +68,7 @@ from serve.workload import Workload
 TOO_LONG = "too_long"  # the failure count of requests refused for their length
 _CHUNK = 1 << 16  # arrivals converted from numpy to Python at a time
 _DURATIONS_KEPT = 4096  # plans' step times remembered
+_PRICES_KEPT = 1 << 16  # prefill batches' and handoffs' times remembered
 _HORIZON_MIN, _HORIZON_MAX = 8, 1 << 14  # steps a plan covers (see _Unit.horizon)
 
 # Event kinds on the heap, in the order ties at one instant are broken by (then by push order).
@@ -269,6 +270,8 @@ class Simulator:
         self.units = [_Unit(i, fleet) for i in range(fleet.units)]
         self.heap: list = []
         self.durations: dict[tuple[int, int, int], list[float]] = {}  # see _durations
+        self.prefill_s: dict[tuple[int, ...], float] = {}  # prompt lengths of a batch -> its time (see _price)
+        self.handoff_s: dict[int, float] = {}  # prompt tokens -> their handoff's time
         self.seq = itertools.count()
         self.result = SimResult(requests=len(workload), units=fleet.units, mode=fleet.config.mode.value,
                                 records=[] if keep_records else None)
@@ -466,6 +469,17 @@ class Simulator:
             self.durations[key] = d
         return d
 
+    @staticmethod
+    def _price(memo: dict, price: Callable, key):
+        """`price(key)`, remembered: a workload's batches and prompts repeat (a cost source is a
+        pure function of its arguments, and the units of a fleet share one)."""
+        dt = memo.get(key)
+        if dt is None:
+            if len(memo) >= _PRICES_KEPT:
+                memo.clear()
+            dt = memo[key] = price(key)
+        return dt
+
     def _count_steps(self, p: _Plan, upto: int) -> None:
         """Count steps up to `upto` of `p` as dispatched in the result."""
         if upto > p.counted:
@@ -483,19 +497,19 @@ class Simulator:
             self._restart(unit, now, d.restart)
         for slot in d.evict:
             unit.evict(slot)
-        cost = unit.cost
         for p in d.placements:
             unit.owner[p.slot] = p.request_id
             if unit.integrated:
                 unit.pending_slot[p.request_id] = p.slot
             else:
                 start = max(now, unit.link_free)
-                dt = cost.handoff_s(unit.prompt[p.request_id])
+                dt = self._price(self.handoff_s, unit.cost.handoff_s, unit.prompt[p.request_id])
                 unit.link_free = start + dt
                 self.result.link_busy_s += dt
                 self._push(start + dt, _HANDOFF_DONE, unit.index, (p.request_id, p.slot))
         if d.prefill:
-            dt = cost.prefill_s([unit.prompt[rid] for rid in d.prefill])
+            prompts = unit.prompt
+            dt = self._price(self.prefill_s, unit.cost.prefill_s, tuple([prompts[rid] for rid in d.prefill]))
             self.result.prefill_busy_s += dt
             self.result.prefill_batches += 1
             self._push(now + dt, _PREFILL_DONE, unit.index, (unit.gen[Worker.PREFILL], d.prefill))
