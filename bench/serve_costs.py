@@ -303,7 +303,9 @@ def run_costs_bench(bench: CostsBench, on_sample: Callable[[], None] = lambda: N
             f"{opts.model or opts.checkpoint or 'the embedded model'} ({grid}, {opts.scheduler.slots} slots, "
             f"max-len {opts.max_len}) on CPUs {where}, median of {bench.repeats} per shape, "
             f"load average {load_start:.2f}")
-    out = dataclasses.replace(cost, note=note).to_json()
+    # Disaggregated, the server ships each cache from a thread of its prefill worker, pinned to the
+    # prefill worker's CPUs: the simulator must not run handoffs beside that worker's prefills.
+    out = dataclasses.replace(cost, note=note, handoff_on_prefill=opts.mode.value == "disaggregated").to_json()
     sched = opts.scheduler
     out.update({
         "scheduler": {"mode": opts.mode.value, "slots": sched.slots, "max_waiting": sched.max_waiting,

@@ -52,6 +52,9 @@ class CostSource(Protocol):
 
     def handoff_s(self, tokens: int) -> float: ...
 
+    # Optional: `handoff_on_prefill = True` when a unit's handoffs run on its prefill worker (the
+    # one CPU that also runs its prefills), so a handoff and a prefill batch never overlap.
+
 
 # Model arithmetic, counted from the config.
 
@@ -378,11 +381,16 @@ class MeasuredCost:
         {"prefill": {"fixed_s": a, "per_token_s": b, "per_token2_s": c},
          "decode":  {"fixed_s": a, "per_seq_s": b, "per_context_token_s": c},
          "handoff": {"fixed_s": a, "per_token_s": b},
-         "slots": 8, "note": "how, where and when it was measured"}
+         "slots": 8, "note": "how, where and when it was measured", "handoff_on_prefill": true}
 
     prefill_s = a + b * sum(T) + c * sum(T^2) over the batch's prompt lengths T;
     decode_step_s = a + b * batch + c * (context positions of the batch);
     handoff_s = a + b * prompt tokens. Missing coefficients are 0.
+
+    `handoff_on_prefill` (default false): the measured server ships each cache from its prefill
+    worker, on the CPU its prefills run on (`wafer serve` disaggregated: a thread of the prefill
+    worker process, pinned with it), so the simulator runs a unit's handoffs and prefill batches
+    one after the other on that worker (serve/simulator.py) instead of on an independent link.
     """
 
     prefill: dict
@@ -390,6 +398,7 @@ class MeasuredCost:
     handoff: dict
     slots: int | None = None
     note: str = ""
+    handoff_on_prefill: bool = False
 
     def prefill_s(self, prompt_lens: Sequence[int]) -> float:
         p = self.prefill
@@ -409,7 +418,7 @@ class MeasuredCost:
 
     def to_json(self) -> dict:
         return {"prefill": self.prefill, "decode": self.decode, "handoff": self.handoff, "slots": self.slots,
-                "note": self.note}
+                "note": self.note, "handoff_on_prefill": self.handoff_on_prefill}
 
 
 def load_measured(path: str | pathlib.Path) -> MeasuredCost:
@@ -417,14 +426,17 @@ def load_measured(path: str | pathlib.Path) -> MeasuredCost:
     files of `wafer bench serve-costs` do), else a plain `MeasuredCost`."""
     try:
         d = json.loads(pathlib.Path(path).read_text())
+        on_prefill = d.get("handoff_on_prefill", False)
+        if not isinstance(on_prefill, bool):
+            raise ValueError(f"handoff_on_prefill {on_prefill!r}: expected true or false")
         m = MeasuredCost(dict(d["prefill"]), dict(d["decode"]), dict(d["handoff"]), d.get("slots"),
-                         d.get("note", ""))
+                         d.get("note", ""), on_prefill)
         padding = d.get("padding")
         if padding is None:
             return m
         if padding.get("batch") != "pow2" or int(padding["bucket"]) < 1:
             raise ValueError(f"padding {padding}: expected batch 'pow2' and a positive bucket")
-        return PaddedMeasuredCost(m.prefill, m.decode, m.handoff, m.slots, m.note, int(padding["bucket"]))
+        return PaddedMeasuredCost(**dataclasses.asdict(m), bucket=int(padding["bucket"]))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise WaferError(f"measured cost file {path}: {e}") from None
 

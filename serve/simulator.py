@@ -9,7 +9,9 @@ whose times come from a cost source (serve/costs.py):
   per prompt);
 - a placement (disaggregated) starts a KV transfer on the unit's link, which carries one cache at
   a time: it ends `handoff_s(prompt tokens)` after the link is free (`HandoffDone`); the slot
-  joins the decode batch at the next step boundary;
+  joins the decode batch at the next step boundary. When the cost source ships caches from the
+  prefill worker (`handoff_on_prefill`: the live server on this machine), a transfer also waits
+  for the prefill batch in flight, and a prefill batch for the transfers queued before it;
 - a decode step over the committed slots ends `decode_step_s(batch, context positions)` later and
   gives every slot one token (`StepDone`: one event for the whole batch); a request ends when the
   scheduler sees its output length (`max_new_tokens` = the workload's output length). Steps over
@@ -227,6 +229,7 @@ class _Unit:
         self.evicted_in_flight = 0  # slots of the step in flight evicted before it ended
         self.gen = {Worker.PREFILL: 0, Worker.DECODE: 0}  # bumped on restart: stale completions drop
         self.link_free = 0.0
+        self.prefill_free = 0.0  # when the prefill batch in flight ends
         self.tick_at: float | None = None
         self.load = 0
 
@@ -270,6 +273,10 @@ class Simulator:
         self.units = [_Unit(i, fleet) for i in range(fleet.units)]
         self.heap: list = []
         self.durations: dict[tuple[int, int, int], list[float]] = {}  # see _durations
+        # Handoffs on the prefill worker (the cost source says so): a unit's handoffs and prefill
+        # batches run one at a time, in the order they were decided, rather than side by side.
+        self.handoff_on_prefill = fleet.config.mode is Mode.DISAGGREGATED and getattr(fleet.cost, "handoff_on_prefill",
+                                                                                        False)
         self.prefill_s: dict[tuple[int, ...], float] = {}  # prompt lengths of a batch -> its time (see _price)
         self.handoff_s: dict[int, float] = {}  # prompt tokens -> their handoff's time
         self.seq = itertools.count()
@@ -502,7 +509,8 @@ class Simulator:
             if unit.integrated:
                 unit.pending_slot[p.request_id] = p.slot
             else:
-                start = max(now, unit.link_free)
+                start = max(now, unit.link_free, unit.prefill_free) if self.handoff_on_prefill \
+                    else max(now, unit.link_free)
                 dt = self._price(self.handoff_s, unit.cost.handoff_s, unit.prompt[p.request_id])
                 unit.link_free = start + dt
                 self.result.link_busy_s += dt
@@ -512,7 +520,9 @@ class Simulator:
             dt = self._price(self.prefill_s, unit.cost.prefill_s, tuple([prompts[rid] for rid in d.prefill]))
             self.result.prefill_busy_s += dt
             self.result.prefill_batches += 1
-            self._push(now + dt, _PREFILL_DONE, unit.index, (unit.gen[Worker.PREFILL], d.prefill))
+            # A batch starts once the worker has shipped the caches queued before it, when it ships them.
+            unit.prefill_free = (max(now, unit.link_free) if self.handoff_on_prefill else now) + dt
+            self._push(unit.prefill_free, _PREFILL_DONE, unit.index, (unit.gen[Worker.PREFILL], d.prefill))
         if d.decode_step:
             self._dispatch(unit, now)
         if d.finished or d.failed:
@@ -532,6 +542,7 @@ class Simulator:
                 unit.lose_decode()
             if Worker.PREFILL in lost:
                 unit.gen[Worker.PREFILL] += 1
+                unit.prefill_free = now
                 unit.pending_slot.clear()
             self._push(now, _CONTROL, unit.index, WorkerDied(now, w))
             self._push(now + self.fleet.restart_s, _CONTROL, unit.index, WorkerReady(now + self.fleet.restart_s, w))

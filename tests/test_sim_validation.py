@@ -82,6 +82,12 @@ def test_cost_file_round_trip(tmp_path):
     assert isinstance(back, PaddedMeasuredCost) and back.bucket == 32 and back.slots == 8
     assert back.prefill_s([10, 200, 33]) == pytest.approx(cost.prefill_s([10, 200, 33]))
     assert measured_policy(path)["mode"] == "integrated"
+    assert back.handoff_on_prefill is False  # what fit_samples makes; run_costs_bench sets it per mode
+    path.write_text(json.dumps(dict(data, handoff_on_prefill=True)))
+    assert load_measured(path).handoff_on_prefill is True and load_measured(path).bucket == 32
+    path.write_text(json.dumps(dict(data, handoff_on_prefill="yes")))
+    with pytest.raises(WaferError, match="handoff_on_prefill"):
+        load_measured(path)
     # A file without padding (written by hand, as before) stays a plain MeasuredCost.
     data.pop("padding")
     data.pop("scheduler")

@@ -49,6 +49,22 @@ def test_single_request_timeline_disaggregated():
     assert rec.output_tokens == 5 and rec.failed is None
 
 
+@pytest.mark.parametrize("on_prefill", [False, True])
+def test_handoffs_on_the_prefill_worker_queue_with_its_prefills(on_prefill):
+    """Prefill 1.0 s, handoff 0.5 s, step 0.1 s, batches of one; A at 0, B at 0.2, 2 tokens each.
+    At 1.0 A's prefill ends and one decision places A and starts B's prefill. On an independent
+    link A ships 1.0-1.5 while B prefills 1.0-2.0 (B's TTFT 1.8), B ships 2.0-2.5, steps 2.5-2.6.
+    On the prefill worker A ships first, 1.0-1.5, then B prefills 1.5-2.5 (TTFT 2.3), ships
+    2.5-3.0, steps 3.0-3.1. A's timeline is the same either way: TTFT 1.0, step 1.5-1.6."""
+    c = dataclasses.replace(cost(1.0, step=0.1, handoff=0.5), handoff_on_prefill=on_prefill)
+    r = simulate(Fleet(config(batch=1), c), workload([0.0, 0.2], [10, 10], [2, 2]), keep_records=True)
+    a, b = sorted(r.records, key=lambda x: int(x.request_id))
+    assert (a.ttft, a.e2e) == pytest.approx((1.0, 1.6), abs=1e-12)
+    assert (b.ttft, b.e2e) == pytest.approx((2.3, 2.9) if on_prefill else (1.8, 2.4), abs=1e-12)
+    integrated = simulate(Fleet(config(Mode.INTEGRATED, batch=1), c), workload([0.0], [10], [2]), keep_records=True)
+    assert integrated.records[0].e2e == pytest.approx(1.1, abs=1e-12)  # no handoff to queue
+
+
 def test_queue_adds_to_ttft_and_tpot_is_the_step_integrated():
     """Two prompts at t=0, prefill batches of one: the second waits out the first's prefill (0.2 s)
     and then the one decode step in flight (integrated: one unit of work at a time). Integrated has
