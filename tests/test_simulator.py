@@ -65,6 +65,13 @@ def test_handoffs_on_the_prefill_worker_queue_with_its_prefills(on_prefill):
     assert integrated.records[0].e2e == pytest.approx(1.1, abs=1e-12)  # no handoff to queue
 
 
+def test_a_simulation_gives_back_the_collector_settings():
+    import gc
+    before = gc.get_threshold(), gc.get_freeze_count(), gc.isenabled()
+    simulate(Fleet(config(), cost(0.1, step=0.05, handoff=0.03)), workload([0.0, 0.5], [10, 10], [3, 3]))
+    assert (gc.get_threshold(), gc.get_freeze_count(), gc.isenabled()) == before
+
+
 def test_queue_adds_to_ttft_and_tpot_is_the_step_integrated():
     """Two prompts at t=0, prefill batches of one: the second waits out the first's prefill (0.2 s)
     and then the one decode step in flight (integrated: one unit of work at a time). Integrated has
