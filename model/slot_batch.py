@@ -70,7 +70,8 @@ class SlotBatch:
         self.pos = np.zeros(batch, np.int32)
         self.active = np.zeros(batch, bool)
         self._sampling = [Sampling()] * batch  # each slot's own, set when a sequence is committed
-        self._step = jax.jit(core_mesh.run(functools.partial(core_decode_step, layout=self.layout, opts=opts)),
+        self._step = jax.jit(core_mesh.run(functools.partial(core_decode_step, layout=self.layout, opts=opts,
+                                                             executor=core_mesh.executor)),
                              donate_argnums=(1, 2))
         self._compiled_step = None
         self._logits = None
