@@ -35,18 +35,18 @@ def make_decoder(loaded: LoadedModel, mesh_setup: MeshSetup | None, batch: int, 
 
     if mesh_setup is None:
         return Generator(loaded.params, loaded.config)
+    from kernels.allreduce import Schedule
     from kernels.schedule_choice import fastest_schedule
     from mesh.executors import make_core_mesh
-    from mesh.extent import ceil_div
     from model.wafer_decode import MeshOptions
     from model.wafer_generate import WaferDecoder
     from model.wafer_layout import LayoutMode
 
     core_mesh = make_core_mesh(mesh_setup.grid, mesh_setup.executor)
-    schedule = mesh_setup.schedule
-    if schedule is None:  # --schedule auto: measured on this mesh at the step's activation width
-        width = ceil_div(loaded.config.dim, mesh_setup.grid.rows)
-        schedule, _ = fastest_schedule(core_mesh, width, batch, mesh_setup.groups)
-    return WaferDecoder(loaded.params, loaded.config, core_mesh, batch, max_len,
-                        MeshOptions(schedule, mesh_setup.groups, greedy), mesh_setup.spec,
-                        mode=mesh_setup.layout or LayoutMode.AUTO)
+    # Planned and placed first (a layout that does not fit is refused before any measurement).
+    decoder = WaferDecoder(loaded.params, loaded.config, core_mesh, batch, max_len,
+                           MeshOptions(mesh_setup.schedule or Schedule.PSUM, mesh_setup.groups, greedy),
+                           mesh_setup.spec, mode=mesh_setup.layout or LayoutMode.AUTO)
+    if mesh_setup.schedule is None:  # --schedule auto: measured on this mesh at the step's width
+        decoder.use_schedule(fastest_schedule(core_mesh, decoder.layout.d, batch, mesh_setup.groups)[0])
+    return decoder
