@@ -3,9 +3,14 @@ rests on."""
 
 import pytest
 
+from bench.mesh_setup import MeshSetup, make_decoder
 from kernels.allreduce import Schedule
 from kernels.schedule_choice import fastest_schedule
 from mesh.executors import Executor, Grid, make_core_mesh
+from model.config import TINY_LLAMA
+from model.generate import Generator
+from model.load import LoadedModel
+from model.weights import init_random_params
 
 # Every grid shape the tests run a decode or kernel on, by executor (devices: at most the 16
 # emulated devices of conftest; larger grids run as vcores there too).
@@ -33,3 +38,14 @@ def test_auto_on_a_trace_mesh_is_the_ktree_without_running():
     chosen, seconds = fastest_schedule(make_core_mesh(Grid(360, 360), Executor.TRACE), width=12)
     assert (chosen, seconds) == (Schedule.KTREE, {})
 
+
+
+@pytest.mark.slow  # ~18 s under load; `kv import --mesh 3x3` (tests/test_kv_cli.py) decodes exactly on auto too
+def test_auto_decoder_decodes_with_its_measured_schedule():
+    params = init_random_params(TINY_LLAMA)
+    loaded = LoadedModel(TINY_LLAMA, params, None, "random")
+    decoder = make_decoder(loaded, MeshSetup(Grid(2, 2), Executor.DEVICES, None, None, None), 1, 32, greedy=True)
+    assert decoder.opts.schedule in tuple(Schedule)
+    prompt = [1, 5, 9, 2]
+    expected = Generator(params, TINY_LLAMA).generate([prompt], 4, stop_on_eos=False).tokens[0]
+    assert decoder.generate([prompt], 4, stop_on_eos=False).tokens[0] == expected
