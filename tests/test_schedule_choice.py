@@ -5,7 +5,7 @@ import pytest
 
 from bench.mesh_setup import MeshSetup, make_decoder
 from kernels.allreduce import Schedule
-from kernels.schedule_choice import fastest_schedule
+from kernels.schedule_choice import TIE_FACTOR, fastest_schedule
 from mesh.executors import Executor, Grid, make_core_mesh
 from model.config import TINY_LLAMA
 from model.generate import Generator
@@ -31,7 +31,10 @@ def test_auto_chooses_a_measured_schedule(grid, executor):
         assert seconds == {}  # nothing crosses a core: no measurement
         return
     assert set(seconds) == set(Schedule) and all(t > 0 for t in seconds.values())
-    assert seconds[chosen] == min(seconds.values())
+    assert seconds[chosen] <= TIE_FACTOR * min(seconds.values())
+    # Ties go to the earlier candidate: nothing before the choice was within TIE_FACTOR.
+    earlier = list(Schedule)[:list(Schedule).index(chosen)]
+    assert all(seconds[s] > TIE_FACTOR * min(seconds.values()) for s in earlier)
 
 
 def test_auto_on_a_trace_mesh_is_the_ktree_without_running():
