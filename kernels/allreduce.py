@@ -83,8 +83,8 @@ def allreduce(x: jax.Array, axis: str, schedule: Schedule, groups: int | None = 
 def per_core(y: jax.Array, axis: str) -> jax.Array:
     """`y`, a value every core along `axis` holds alike, as one each core holds itself.
 
-    Exact (a select that always takes y), and free under `shard_map`. Under `vmap` (the vcores
-    executor) it is the difference between a copy per core and none at all: vmap keeps a psum's
+    Exact (a select that always takes y) and nearly free under `shard_map`. Under `vmap` (the
+    vcores executor) it keeps the next matmul from transposing its weight: vmap keeps a psum's
     result as one value shared by the whole axis, and a matmul of that shared value by a tile
     that differs per core makes JAX fold the axis into the tile's output dimension, which XLA on
     CPU ran by transposing the whole weight every step (docs/mesh/PROFILE.md).
