@@ -273,7 +273,7 @@ def run_decode_bench(loaded: LoadedModel, bench: DecodeBench, mesh_setup: MeshSe
     mesh = None
     if mesh_setup is not None:
         progress(f"decoding on the {mesh_setup.grid} mesh ({mesh_setup.executor.value}, "
-                 f"{mesh_setup.schedule.value})...")
+                 f"{mesh_setup.schedule.value if mesh_setup.schedule else 'schedule auto'})...")
         decoder = make_decoder(loaded, mesh_setup, bench.batch, bench.context + bench.steps + 1, greedy=True)
         mesh = mesh_report(decoder, mesh_setup, time_ours(decoder, prompts, bench.steps, bench.repeats), ours)
         del decoder  # its tiles and cache leave memory before the bounds and HF run

@@ -16,7 +16,8 @@ def mesh_report(decoder, mesh_setup: MeshSetup, result, single) -> dict:
         "grid": str(mesh_setup.grid),
         "cores": mesh_setup.grid.cores,
         "executor": mesh_setup.executor.value,
-        "schedule": mesh_setup.schedule.value,
+        "schedule": decoder.opts.schedule.value,
+        "schedule_auto": mesh_setup.schedule is None,
         "groups": mesh_setup.groups,
         "layout": "heads" if decoder.layout.seg == 1 else "full",
         "layout_mode": decoder.layout.mode.value,
@@ -38,7 +39,7 @@ def mesh_rows(m: dict) -> list[Row]:
     """Table rows for the mesh figures."""
     sram = m["sram_per_core_bytes"]
     return [
-        Row("mesh", f"{m['grid']} {m['executor']} {m['schedule']} {m['layout']} layout (segments of "
+        Row("mesh", f"{m['grid']} {m['executor']} {m['schedule']}{' (auto)' if m['schedule_auto'] else ''} {m['layout']} layout (segments of "
                     f"{m['head_segment']} columns, {m['useful_fraction']:.0%} not padding): "
                     f"{m['tok_per_s']:.1f} tok/s per sequence, "
                     f"{m['step_ms']:.2f} ms/step = {m['vs_single_step']:.2f}x the 1x1 step of "

@@ -90,7 +90,8 @@ def add_mesh_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", default=None, help="decode on an RxC core mesh (e.g. 2x2); default: one device")
     p.add_argument("--executor", choices=["devices", "vcores"], default="devices",
                    help="devices: one JAX device per core; vcores: virtual cores on one device")
-    p.add_argument("--schedule", choices=["psum", "ring", "ktree"], default="psum", help="all-reduce schedule")
+    p.add_argument("--schedule", choices=["auto", "psum", "ring", "ktree"], default="auto",
+                   help="all-reduce schedule (auto: the fastest on this mesh, from a short measurement)")
     p.add_argument("--groups", type=int, default=None, help="K-tree groups per mesh axis (default ~sqrt)")
     add_layout_arg(p)
     p.add_argument("--sram-budget", default=None,
@@ -172,7 +173,8 @@ def setup_mesh(args) -> MeshSetup | None:
         join_processes(args, grid, executor)  # sets this process's device count itself
     if executor is Executor.DEVICES and getattr(args, "coordinator", None) is None:
         ensure_cpu_devices(grid.cores)
-    return MeshSetup(grid, executor, Schedule(args.schedule), args.groups, spec, LayoutMode(args.layout))
+    schedule = None if args.schedule == "auto" else Schedule(args.schedule)
+    return MeshSetup(grid, executor, schedule, args.groups, spec, LayoutMode(args.layout))
 
 
 # ------------------------------------------------------------------------------ benchmark harness

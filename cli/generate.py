@@ -63,7 +63,7 @@ def run(args) -> int:
             "decode_steps": result.decode_steps,
             "mesh": args.mesh or "1x1 (single device)",
             **({"processes": args.num_processes} if spread else {}),
-            **({"executor": args.executor, "schedule": args.schedule,
+            **({"executor": args.executor, "schedule": decoder.opts.schedule.value,
                 "layout": "heads" if decoder.layout.seg == 1 else "full", "head_segment": decoder.layout.seg,
                 "sram_per_core_bytes": decoder.plan.bytes_by_kind(),
                 "useful_fraction": decoder.plan.useful_fraction} if mesh_setup else {}),

@@ -72,12 +72,24 @@ def allreduce(x: jax.Array, axis: str, schedule: Schedule, groups: int | None = 
             return _segmented(x, axis, n, m, schedule, groups, op)
     with jax.named_scope(ALLREDUCE_SCOPE):
         if schedule is Schedule.PSUM:
-            return jax.lax.psum(x, axis) if op is ReduceOp.SUM else jax.lax.pmax(x, axis)
+            return per_core(jax.lax.psum(x, axis) if op is ReduceOp.SUM else jax.lax.pmax(x, axis), axis)
         if schedule is Schedule.RING:
             return ring_allreduce(x, axis, n, op)
         if schedule is Schedule.KTREE:
             return ktree_allreduce(x, axis, n, groups, op)
     raise ValueError(f"unknown schedule {schedule}")
+
+
+def per_core(y: jax.Array, axis: str) -> jax.Array:
+    """`y`, a value every core along `axis` holds alike, as one each core holds itself.
+
+    Exact (a select that always takes y) and nearly free under `shard_map`. Under `vmap` (the
+    vcores executor) it keeps the next matmul from transposing its weight: vmap keeps a psum's
+    result as one value shared by the whole axis, and a matmul of that shared value by a tile
+    that differs per core makes JAX fold the axis into the tile's output dimension, which XLA on
+    CPU ran by transposing the whole weight every step (docs/mesh/PROFILE.md).
+    """
+    return jnp.where(jax.lax.axis_index(axis) >= 0, y, jnp.zeros((), y.dtype))
 
 
 def segment_groups(n: int, m: int) -> list[list[int]]:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from kernels.allreduce import Schedule
 from mesh.errors import WaferError
 from mesh.executors import CoreMesh
 from mesh.extent import round_up
@@ -70,14 +71,20 @@ class SlotBatch:
         self.pos = np.zeros(batch, np.int32)
         self.active = np.zeros(batch, bool)
         self._sampling = [Sampling()] * batch  # each slot's own, set when a sequence is committed
-        self._step = jax.jit(core_mesh.run(functools.partial(core_decode_step, layout=self.layout, opts=opts)),
-                             donate_argnums=(1, 2))
-        self._compiled_step = None
+        self.use_schedule(opts.schedule)
         self._logits = None
         self._active_placed = None
         self._knobs_placed: dict[Sampling, list] = {}  # one Sampling for every slot
         self._slot_knobs_placed = None  # each slot's knobs on the cores; None: to be placed again
         self._landing: dict[int, _Landing] = {}  # reserved slots, filled layer by layer
+
+    def use_schedule(self, schedule: Schedule) -> None:
+        """Reduce with `schedule` from the next step on (the step compiles again)."""
+        self.opts = dataclasses.replace(self.opts, schedule=schedule)
+        program = functools.partial(core_decode_step, layout=self.layout, opts=self.opts,
+                                    executor=self.core_mesh.executor)
+        self._step = jax.jit(self.core_mesh.run(program), donate_argnums=(1, 2))
+        self._compiled_step = None
 
     @property
     def capacity(self) -> int:

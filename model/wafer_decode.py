@@ -21,6 +21,7 @@ from kernels.mesh_gemv import mesh_gemv
 from kernels.rmsnorm import rmsnorm_gemv_mesh
 from kernels.rope import rope_cos_sin
 from mesh.axes import COL, EMBED_SCOPE, LM_HEAD_SCOPE, ROW, layer_scope
+from mesh.executors import Executor
 from model.block import BlockOps, BlockShape, embed_from_vocab_shard, inv_freq_for, transformer_block
 from model.cache import write_kv
 from model.config import ModelConfig
@@ -61,8 +62,27 @@ def local_inv_freq(layout: WaferLayout):
     return jnp.asarray(table)[jax.lax.axis_index(COL) % layout.seg]
 
 
+def write_kv_device_block(cache_BKSH: jax.Array, new_BKTH: jax.Array, start_B: jax.Array) -> jax.Array:
+    """`write_kv` for the DEVICES executor, on the cache as a device stores it: the [1, 1, *local]
+    block of [R, C, *local]. The write then has the step's output shape, and XLA updates the
+    donated cache in place.
+
+    Written on the local view, the write feeds two readers of different shapes (attention reads
+    [B, K, S, H], the step returns the [1, 1, B, K, S, H] block), and XLA fused it into each of
+    them, each on its own copy of the cache: five copies of every layer's cache per step
+    (docs/mesh/PROFILE.md). Under vmap (VCORES) the same view costs a copy per cache that the
+    plain write does not, so only DEVICES takes it.
+    """
+    cache_11BKSH = cache_BKSH[None, None]
+    new_BKTH = new_BKTH.astype(cache_BKSH.dtype)
+    for b in range(cache_BKSH.shape[0]):  # one write per sequence, as in `write_kv`
+        cache_11BKSH = jax.lax.dynamic_update_slice(cache_11BKSH, new_BKTH[None, None, b:b + 1],
+                                                    (0, 0, b, 0, start_B[b], 0))
+    return cache_11BKSH[0, 0]
+
+
 def core_decode_step(tiles, k_cache, v_cache, tokens_B, pos_B, active_B, seed_B, temperature_B, top_k_B, top_p_B,
-                     *, layout: WaferLayout, opts: MeshOptions):
+                     *, layout: WaferLayout, opts: MeshOptions, executor: Executor = Executor.VCORES):
     """One decode step of one core.
 
     Args (all local to this core):
@@ -73,6 +93,8 @@ def core_decode_step(tiles, k_cache, v_cache, tokens_B, pos_B, active_B, seed_B,
       pos_B: [B] their positions; active_B: [B] bool, which slots hold a live sequence.
       seed_B, temperature_B, top_k_B, top_p_B: each slot's sampling knobs [B] (the same on every
         core); ignored when `opts.greedy`, else a slot at temperature 0 takes the argmax.
+      executor: the executor that runs this program: only how the cache write is expressed
+        depends on it (`write_kv_device_block`), never a value.
 
     Returns:
       next tokens [B], next positions [B] and the updated cache, identical on every core, and
@@ -97,9 +119,11 @@ def core_decode_step(tiles, k_cache, v_cache, tokens_B, pos_B, active_B, seed_B,
     j = jnp.arange(layout.s_slots)[None, :]
     visible_Bs = (j < layout.s) & (j * R + r <= pos_B[:, None])
 
+    write = write_kv_device_block if executor is Executor.DEVICES else write_kv
+
     def attend(q, k, v, k_cache_i, v_cache_i):
-        kcache = write_kv(k_cache_i, k[:, :, None], slot_B)
-        vcache = write_kv(v_cache_i, v[:, :, None], slot_B)
+        kcache = write(k_cache_i, k[:, :, None], slot_B)
+        vcache = write(v_cache_i, v[:, :, None], slot_B)
         out = decode_attention_mesh(q, kcache, vcache, visible_Bs, ROW, sched, groups, dim_axis=COL,
                                     dim_segment=layout.seg, head_dim=cfg.head_dim)
         return out, kcache, vcache
