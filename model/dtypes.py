@@ -9,6 +9,7 @@ f32, so 16-bit there buys memory, not speed); bfloat16 is the default on a GPU.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
@@ -32,7 +33,7 @@ def resolve_dtype(name: str | None) -> np.dtype:
     return DTYPES[name]
 
 
-def dtype_name(dt) -> str:
-    """The wire/flag name of a dtype (`bfloat16`, ...)."""
-    return np.dtype(dt).name
+def cast_params(params, dtype):
+    """Every weight as a device array of `dtype` (the storage the run chose)."""
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
 

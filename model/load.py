@@ -14,12 +14,9 @@ import json
 import os
 import tempfile
 
-import jax
-import jax.numpy as jnp
-
 from mesh.errors import WaferError
 from model.config import EMBEDDED_MODELS, ModelConfig, RopeScaling, preset
-from model.dtypes import resolve_dtype
+from model.dtypes import cast_params, resolve_dtype
 from model.tokenizer import TextTokenizer, tokenizer_from_gguf_fields, tokenizer_from_hf_folder
 from model.weights import Params, flatten_params, params_from_hf_state, unflatten_params
 
@@ -79,11 +76,7 @@ def _load_converted(source: str, use_cache: bool, dtype) -> LoadedModel:
     params = params_from_hf_state(config, tensors.get)
     if use_cache:
         _write_cache(cached, config, params, tokenizer)
-    return LoadedModel(config, _to_device(params, dtype), tokenizer, source)
-
-
-def _to_device(params: Params, dtype) -> Params:
-    return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+    return LoadedModel(config, cast_params(params, dtype), tokenizer, source)
 
 
 def read_source(source: str):
@@ -149,7 +142,7 @@ def _read_cache(path: str, source: str, dtype) -> LoadedModel | None:
     except Exception:  # a damaged cache entry is rebuilt from the source, never trusted
         return None
     params = unflatten_params(flat, config.n_layers)
-    return LoadedModel(config, _to_device(params, dtype), tokenizer, source)
+    return LoadedModel(config, cast_params(params, dtype), tokenizer, source)
 
 
 def load_tokenizer(model: str | None = None, checkpoint: str | None = None) -> TextTokenizer | None:

@@ -1,0 +1,126 @@
+"""16-bit greedy decoding against HF transformers run in the same dtype (slow: bfloat16 matmuls on
+this CPU run ~15x slower than float32, in XLA and in PyTorch alike).
+
+Tokens need not match everywhere: in 16 bits HF's own logits are rounded to the dtype, so two
+candidates often tie or lie one rounding step apart, and which one wins depends on summation
+order (HF's own prefill and decode paths disagree at such steps). So at the first step where a
+prompt's tokens part, HF's logits at that step (from its own generate) must show our token within
+the dtype's rounding of HF's choice: a real bug (a wrong rope, a dropped norm, a cache written in
+the wrong place) moves logits by whole units and fails this.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from mesh.executors import Executor, Grid, make_core_mesh
+from model.generate import Generator
+from model.load import load_model
+from model.wafer_generate import WaferDecoder
+from tests.helpers.hf_reference import torch_one_thread
+
+NEW = 32
+# Eight fixed prompts: four chat questions, four plain continuations (code included).
+CHAT = ["What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis to a child.",
+        "List three prime numbers and explain why they are prime."]
+PLAIN = ["def fibonacci(n):", "The history of the printing press begins",
+         "Translate 'good morning' into Spanish: ", "Once upon a time, in a small village by the mountains,"]
+# The issue's target: at least this many of the 8 prompts give identical tokens.
+MIN_MATCHING = 7
+# "Within the dtype's rounding": HF's logit for our token is at most this many machine epsilons
+# of the dtype (relative to HF's top logit) below HF's top logit. bfloat16: 2 * 2^-7 * 30 = 0.47
+# at a top logit of 30 (one bf16 step there is 0.125); float16: 0.06.
+ROUNDING_EPS = 2
+
+
+def hf_generate_with_logits(model, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
+    """HF greedy tokens and the logits [n, V] its generate chose them from (float32 copies)."""
+    import torch
+
+    ids = torch.tensor([prompt])
+    with torch_one_thread(), torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                             min_new_tokens=n, do_sample=False, temperature=None, top_p=None, top_k=None,
+                             eos_token_id=None, pad_token_id=model.config.eos_token_id, output_logits=True,
+                             return_dict_in_generate=True)
+    logits = torch.stack(out.logits)[:, 0].float().numpy()
+    return out.sequences[0, len(prompt):].tolist(), logits
+
+
+def first_divergence(ours: list[int], theirs: list[int]) -> int | None:
+    return next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+
+
+def check_against_hf(ours_by_prompt: dict, hf_by_prompt: dict, dtype) -> tuple[int, list[str]]:
+    """(prompts matching, a line per divergence); fails at a divergence rounding cannot explain."""
+    eps = float(np.finfo(dtype).eps)
+    matching, notes = 0, []
+    for name, ours in ours_by_prompt.items():
+        theirs, logits = hf_by_prompt[name]
+        step = first_divergence(ours, theirs)
+        if step is None:
+            matching += 1
+            continue
+        row = logits[step]
+        top = float(row[theirs[step]])
+        gap = top - float(row[ours[step]])
+        tol = ROUNDING_EPS * eps * abs(top)
+        notes.append(f"{name}: step {step}, HF {theirs[step]} ({top:.4g}) vs ours {ours[step]} "
+                     f"({float(row[ours[step]]):.4g}), gap {gap:.3g} <= {tol:.3g}")
+        assert gap <= tol, (f"{name}: tokens part at step {step} where HF's logits are {gap:.3g} apart, more "
+                            f"than the dtype's rounding ({tol:.3g}): ours {ours}, HF {theirs}")
+    return matching, notes
+
+
+@pytest.fixture(scope="module", params=["bfloat16", "float16"])
+def setup(request):
+    from bench.hf_peer import load_hf_model
+
+    loaded = load_model("smollm2-135m", dtype=request.param)
+    tok = loaded.tokenizer
+    prompts = {f"chat{i}": tok.encode_chat(t) for i, t in enumerate(CHAT)}
+    prompts.update({f"plain{i}": tok.encode(t) for i, t in enumerate(PLAIN)})
+    hf = load_hf_model(loaded.source, request.param)
+    return loaded, prompts, {name: hf_generate_with_logits(hf, p, NEW) for name, p in prompts.items()}
+
+
+def decoders(loaded):
+    """The single device, a `devices` 2x2 mesh and a `vcores` 4x4 mesh."""
+    yield "single", lambda: Generator(loaded.params, loaded.config)
+    for grid, executor in ((Grid(2, 2), Executor.DEVICES), (Grid(4, 4), Executor.VCORES)):
+        yield f"{grid} {executor.value}", lambda g=grid, e=executor: WaferDecoder(
+            loaded.params, loaded.config, make_core_mesh(g, e), 1, 128)
+
+
+@pytest.fixture(scope="module")
+def results(setup):
+    loaded, prompts, hf = setup
+    out = {}
+    for where, make in decoders(loaded):
+        if where != "single" and loaded.params["embed"].dtype != ml_dtypes.bfloat16:
+            continue  # meshes in bfloat16 only: float16 on one device already shows its numerics
+        dec = make()
+        out[where] = {name: dec.generate([p], NEW, stop_on_eos=False).tokens[0] for name, p in prompts.items()}
+    return out
+
+
+@pytest.mark.slow
+def test_divergences_are_rounding(setup, results):
+    """Every decoder's first divergence from HF is one rounding explains (the correctness check)."""
+    loaded, _, hf = setup
+    for where, ours in results.items():
+        matching, notes = check_against_hf(ours, hf, loaded.params["embed"].dtype)
+        print(f"{loaded.params['embed'].dtype} {where}: {matching} of {len(ours)} prompts match HF; " + "; ".join(notes))
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="target missed (bench/RESULTS.md, 16-bit): 4-5 of 8 prompts match in "
+                                       "bfloat16; the rest part at steps where HF's own bf16 logits tie or lie "
+                                       "one rounding step apart (test_divergences_are_rounding checks that)")
+def test_at_least_7_of_8_prompts_match(setup, results):
+    loaded, _, hf = setup
+    for where, ours in results.items():
+        matching = sum(first_divergence(o, hf[name][0]) is None for name, o in ours.items())
+        assert matching >= MIN_MATCHING, f"{where}: {matching} of {len(ours)}"
