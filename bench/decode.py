@@ -228,7 +228,7 @@ def build_report(config: ModelConfig, bench: DecodeBench, params: Params, bounds
 def format_table(r: dict) -> str:
     """The report as aligned `label  value` lines for a terminal."""
     rows = [
-        Row("model", f"{r['model']}  batch {r['batch']}  context {r['context']}  steps {r['steps']}  "
+        Row("model", f"{r['model']} ({r['dtype']})  batch {r['batch']}  context {r['context']}  steps {r['steps']}  "
                      f"repeats {r['repeats']}"),
         Row("ours", f"{r['tok_per_s']:.1f} tok/s per sequence, {r['tok_per_s_aggregate']:.1f} tok/s in all, "
                     f"{r['step_ms']:.2f} ms/step (compile {r['compile_s']:.1f} s, prefill {r['prefill_ms']:.0f} ms)"),

@@ -137,7 +137,7 @@ def build_report(config: ModelConfig, bench: PrefillBench, grid: Grid, executor:
 def format_table(r: dict) -> str:
     """The report as aligned `label  value` lines for a terminal."""
     rows = [
-        Row("model", f"{r['model']}  batch {r['batch']} x {r['prompt_len']} tokens  mesh {r['mesh']} "
+        Row("model", f"{r['model']} ({r['dtype']})  batch {r['batch']} x {r['prompt_len']} tokens  mesh {r['mesh']} "
                      f"({r['data_parallel']} data x {r['tensor_parallel']} tensor parallel, {r['executor']})"),
         Row("ours", f"{r['tok_per_s']:.0f} tok/s ({r['prefill_s'] * 1e3:.0f} ms per batch, "
                     f"compile {r['compile_s']:.1f} s)"),
