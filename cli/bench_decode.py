@@ -6,7 +6,8 @@ import argparse
 import json
 
 from bench.decode import DecodeBench, check_fits, format_table, run_decode_bench
-from cli.flags import add_dtype_arg, add_mesh_args, add_model_args, busy_check, int_at_least, positive_int, progress, setup_mesh
+from cli.flags import (add_dtype_arg, add_mesh_args, add_model_args, busy_check, int_at_least, positive_int, progress,
+                       setup_mesh)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -11,8 +11,8 @@ import os
 import sys
 
 from bench.mesh_setup import make_decoder
-from cli.flags import (add_dtype_arg, add_mesh_args, add_model_args, add_process_args, add_prompt_args, check_prompt_args,
-                       prompt_ids_from_args, setup_mesh)
+from cli.flags import (add_dtype_arg, add_mesh_args, add_model_args, add_process_args, add_prompt_args,
+                       check_prompt_args, prompt_ids_from_args, setup_mesh)
 from mesh.errors import WaferError
 
 

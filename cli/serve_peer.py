@@ -54,7 +54,8 @@ def run(args) -> int:
     from serve.workers import decode_batch
 
     try:
-        follow(args.process_id, args.coordinator, grid, lambda: load_model(args.model, args.checkpoint, dtype=args.dtype),
+        follow(args.process_id, args.coordinator, grid,
+               lambda: load_model(args.model, args.checkpoint, dtype=args.dtype),
                decode_batch, progress)
     except WaferError as e:
         # The decode worker is gone: JAX's exit handler would wait for it at the shutdown barrier

@@ -96,9 +96,9 @@ class BlockOps:
 
 def dense_ops(eps: float, attend: Callable, reduce_out: Callable = lambda y: y) -> BlockOps:
     """Local matmuls (the single device; a prefill column, whose projections `reduce_out` sums)."""
-    f32 = jnp.float32
-    return BlockOps(norm_project=lambda x, norm_w, w: jnp.matmul(rmsnorm_ref(x, norm_w, eps), w, preferred_element_type=f32),
-                    project_out=lambda a, w: reduce_out(jnp.matmul(a, w, preferred_element_type=f32)), attend=attend)
+    matmul = lambda a, w: jnp.matmul(a, w, preferred_element_type=jnp.float32)
+    return BlockOps(norm_project=lambda x, norm_w, w: matmul(rmsnorm_ref(x, norm_w, eps), w),
+                    project_out=lambda a, w: reduce_out(matmul(a, w)), attend=attend)
 
 
 def transformer_block(t, x, cos, sin, k_cache, v_cache, *, shape: BlockShape, ops: BlockOps):

@@ -247,7 +247,8 @@ def follow(process_id: int, coordinator: str, grid, load, build_batch, on_status
             raise WaferError("this model differs from the server's (fingerprints differ): load the same checkpoint")
         theirs_dtype, ours_dtype = resolve_dtype(hello.spec.options.dtype), params_dtype(loaded.params)
         if ours_dtype != theirs_dtype:
-            _send(sock, f"process {process_id} loaded the model in {ours_dtype.name}, the server's is {theirs_dtype.name}")
+            _send(sock, f"process {process_id} loaded the model in {ours_dtype.name}, the server's is "
+                        f"{theirs_dtype.name}")
             raise WaferError(f"the server decodes in {theirs_dtype.name}, this peer loaded {ours_dtype.name}: "
                              f"pass --dtype {theirs_dtype.name}")
         on_status(f"process {process_id}: building the decode batch of {hello.spec.options.scheduler.slots} slots")

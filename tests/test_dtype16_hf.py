@@ -112,7 +112,8 @@ def test_divergences_are_rounding(setup, results):
     loaded, _, hf = setup
     for where, ours in results.items():
         matching, notes = check_against_hf(ours, hf, loaded.params["embed"].dtype)
-        print(f"{loaded.params['embed'].dtype} {where}: {matching} of {len(ours)} prompts match HF; " + "; ".join(notes))
+        dtype = loaded.params["embed"].dtype
+        print(f"{dtype} {where}: {matching} of {len(ours)} prompts match HF; " + "; ".join(notes))
 
 
 @pytest.mark.slow
