@@ -21,7 +21,6 @@ import time
 
 import numpy as np
 
-from bench.bandwidth import run_seconds
 from mesh.errors import WaferError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,12 +70,6 @@ def random_sequence(config, tokens: int, dtype: str = "float32"):
     return SequenceKV(k, v, tokens, 0, PrefillKVLayout(Grid(1, 1), config.n_kv_heads))
 
 
-def _times(fn, runs: int) -> tuple[float, float]:
-    """(median, best) seconds of `runs` calls of `fn` after one warm-up call."""
-    times = run_seconds(fn, runs)
-    return statistics.median(times), min(times)
-
-
 def _run_peer(mode: str, send) -> dict:
     """Start a receiving process, hand its port to `send(port)`, return its report."""
     proc = subprocess.Popen([sys.executable, "-m", "bench.kv_peer", mode], cwd=REPO, stdout=subprocess.PIPE,
@@ -117,7 +110,11 @@ def run_kv_bench(bench: KVBench) -> dict:
     headers = {dt: header_for(seq, f"{config.name} (random K/V)", "0" * 32) for dt, seq in seqs.items()}
     largest = max(h.layers * h.frame_payload_bytes for h in headers.values())
     memcpy_before = measure_memcpy(largest, bench.repeats)
-    figures = {dt: _codec_figures(seqs[dt], headers[dt], bench.repeats) for dt in bench.dtypes}
+    codecs = {dt: _Codec(seqs[dt], headers[dt]) for dt in bench.dtypes}
+    for _ in range(bench.repeats):
+        for codec in codecs.values():
+            codec.time_once()
+    figures = {dt: codec.figures() for dt, codec in codecs.items()}
     # Another process's burst can only slow a measurement down: the faster bound is nearer the machine.
     memcpy = max(memcpy_before, measure_memcpy(largest, bench.repeats))
     for f in figures.values():
@@ -151,30 +148,47 @@ def run_kv_bench(bench: KVBench) -> dict:
     return report
 
 
-def _codec_figures(seq, header, repeats: int) -> dict:
-    """Serialize and deserialize rates of one cache (medians and best of `repeats` runs)."""
-    from kvcache.format import read_frames, serialize_kv
+class _Codec:
+    """Serialize and deserialize timings of one cache, taken one run at a time so that several
+    dtypes' runs interleave (a load that drifts during the run then weighs on each alike)."""
 
-    cache_bytes = header.layers * header.frame_payload_bytes
-    # A sender reuses its send buffer, as the memcpy bound reuses its destination; the first
-    # serialization into a fresh buffer (page faults included) is reported beside it.
-    t0 = time.perf_counter()
-    data = serialize_kv(seq, header)
-    fresh_s = time.perf_counter() - t0
-    out = np.frombuffer(data, np.uint8)
-    ser_s, ser_best = _times(lambda: serialize_kv(seq, header, out), repeats)
-    deser_s, deser_best = _times(lambda: read_frames(data), repeats)
-    return {
-        "cache_bytes": cache_bytes, "stream_bytes": header.stream_bytes,
-        "serialize_GBps": round(cache_bytes / ser_s / 1e9, 2),
-        "serialize_best_GBps": round(cache_bytes / ser_best / 1e9, 2),
-        "serialize_fresh_buffer_GBps": round(cache_bytes / fresh_s / 1e9, 2),
-        "deserialize_GBps": round(cache_bytes / deser_s / 1e9, 2),
-        "deserialize_best_GBps": round(cache_bytes / deser_best / 1e9, 2),
-        "serialize_plus_deserialize_GBps": round(cache_bytes / (ser_s + deser_s) / 1e9, 2),
-        "serialize_plus_deserialize_ms": round((ser_s + deser_s) * 1e3, 3),
-        "_both": cache_bytes / (ser_s + deser_s), "_both_best": cache_bytes / (ser_best + deser_best),
-    }
+    def __init__(self, seq, header):
+        from kvcache.format import read_frames, serialize_kv
+
+        self.cache_bytes = header.layers * header.frame_payload_bytes
+        self.stream_bytes = header.stream_bytes
+        # A sender reuses its send buffer, as the memcpy bound reuses its destination; the first
+        # serialization into a fresh buffer (page faults included) is reported beside it.
+        t0 = time.perf_counter()
+        data = serialize_kv(seq, header)
+        self.fresh_s = time.perf_counter() - t0
+        out = np.frombuffer(data, np.uint8)
+        self.serialize = lambda: serialize_kv(seq, header, out)
+        self.deserialize = lambda: read_frames(data)
+        self.deserialize()  # warm-up, as the serialization above was
+        self.ser, self.deser = [], []
+
+    def time_once(self) -> None:
+        for fn, times in ((self.serialize, self.ser), (self.deserialize, self.deser)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+
+    def figures(self) -> dict:
+        ser_s, ser_best = statistics.median(self.ser), min(self.ser)
+        deser_s, deser_best = statistics.median(self.deser), min(self.deser)
+        n = self.cache_bytes
+        return {
+            "cache_bytes": n, "stream_bytes": self.stream_bytes,
+            "serialize_GBps": round(n / ser_s / 1e9, 2),
+            "serialize_best_GBps": round(n / ser_best / 1e9, 2),
+            "serialize_fresh_buffer_GBps": round(n / self.fresh_s / 1e9, 2),
+            "deserialize_GBps": round(n / deser_s / 1e9, 2),
+            "deserialize_best_GBps": round(n / deser_best / 1e9, 2),
+            "serialize_plus_deserialize_GBps": round(n / (ser_s + deser_s) / 1e9, 2),
+            "serialize_plus_deserialize_ms": round((ser_s + deser_s) * 1e3, 3),
+            "_both": n / (ser_s + deser_s), "_both_best": n / (ser_best + deser_best),
+        }
 
 
 def format_report(r: dict, repeats: int) -> str:
