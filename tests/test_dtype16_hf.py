@@ -118,12 +118,16 @@ def test_divergences_are_rounding(dtype, where):
     print(f"{dtype} {where}: {matching} of {len(CHAT) + len(PLAIN)} prompts match HF; " + "; ".join(notes))
 
 
+# Measured: float16 on one device matches 7 of 8; bfloat16 2 to 4 of 8 (bench/RESULTS.md, 16-bit).
+BF16_MISSES = pytest.mark.xfail(strict=True, reason="target missed (bench/RESULTS.md, 16-bit): 2-4 of the 8 prompts "
+                                                    "match in bfloat16; every other one parts at a step where HF's own "
+                                                    "bfloat16 logits tie exactly (test_divergences_are_rounding "
+                                                    "checks that)")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype, where", CASES)
-@pytest.mark.xfail(strict=True, reason="target missed (bench/RESULTS.md, 16-bit): about half of the 8 prompts "
-                                       "match in bfloat16; the rest part at steps where HF's own 16-bit logits "
-                                       "tie or lie one rounding step apart (test_divergences_are_rounding checks "
-                                       "that)")
+@pytest.mark.parametrize("dtype, where", [pytest.param(d, w, marks=BF16_MISSES) if d == "bfloat16" else (d, w)
+                                          for d, w in CASES])
 def test_at_least_7_of_8_prompts_match(dtype, where):
     _, _, hf = reference(dtype)
     ours = our_tokens(dtype, where)
