@@ -30,7 +30,7 @@ from mesh.errors import WaferError
 from model.config import ModelConfig
 from model.generate import Generator, cache_len_for
 from model.load import LoadedModel
-from model.weights import Params, lm_head_weight, weight_bytes
+from model.weights import Params, lm_head_weight, params_dtype, weight_bytes
 
 # HF's greedy tokens are compared with ours over this many leading tokens of row 0: a sanity
 # check that both decoded the same thing (greedy paths may legitimately part later, on near-ties).
@@ -69,9 +69,10 @@ def mean_valid_len(context: int, steps: int) -> float:
     return context + (steps + 1) / 2
 
 
-def kv_bytes_per_step(config: ModelConfig, batch: int, context: int, steps: int) -> float:
-    """KV bytes one decode step must read, averaged over the steps (float32 cache)."""
-    return batch * mean_valid_len(context, steps) * config.kv_bytes_per_token(4)
+def kv_bytes_per_step(config: ModelConfig, batch: int, context: int, steps: int, itemsize: int = 4) -> float:
+    """KV bytes one decode step must read, averaged over the steps (a cache of `itemsize`-byte
+    elements: 4 in float32, 2 in 16-bit)."""
+    return batch * mean_valid_len(context, steps) * config.kv_bytes_per_token(itemsize)
 
 
 def matmul_params(params: Params) -> int:
@@ -124,12 +125,13 @@ class HFResult:
     torch_threads: int
 
 
-def time_hf(source: str, prompts: list[list[int]], steps: int, repeats: int, match_tokens: int) -> HFResult:
+def time_hf(source: str, prompts: list[list[int]], steps: int, repeats: int, match_tokens: int,
+            dtype: str = "float32") -> HFResult:
     import torch
 
     from bench.hf_peer import hf_decode_seconds, hf_greedy, load_hf_model
 
-    model = load_hf_model(source)
+    model = load_hf_model(source, dtype)
     hf_decode_seconds(model, prompts, steps)  # warm-up: allocator, thread pool, lazy init
     runs = [steps / hf_decode_seconds(model, prompts, steps) for _ in range(repeats)]
     tokens = hf_greedy(model, prompts[:1], match_tokens)[0]
@@ -173,7 +175,7 @@ def build_report(config: ModelConfig, bench: DecodeBench, params: Params, bounds
     """The benchmark's figures as one flat-ish dict (the --json object)."""
     B = bench.batch
     w_bytes = weight_bytes(params)
-    kv_bytes = kv_bytes_per_step(config, B, bench.context, bench.steps)
+    kv_bytes = kv_bytes_per_step(config, B, bench.context, bench.steps, params_dtype(params).itemsize)
     step_bytes = w_bytes + kv_bytes
     bw = bounds.bandwidth_bytes_per_s
     roofline = bw / step_bytes  # steps/s = tok/s per sequence
@@ -186,6 +188,7 @@ def build_report(config: ModelConfig, bench: DecodeBench, params: Params, bounds
         "steps": bench.steps,
         "repeats": bench.repeats,
         "seed": bench.seed,
+        "dtype": params_dtype(params).name,
         "tok_per_s": round(ours.tok_per_s, 2),
         "tok_per_s_aggregate": round(ours.tok_per_s * B, 2),
         "tok_per_s_runs": [round(r, 2) for r in ours.runs_tok_per_s],
@@ -225,7 +228,7 @@ def build_report(config: ModelConfig, bench: DecodeBench, params: Params, bounds
 def format_table(r: dict) -> str:
     """The report as aligned `label  value` lines for a terminal."""
     rows = [
-        Row("model", f"{r['model']}  batch {r['batch']}  context {r['context']}  steps {r['steps']}  "
+        Row("model", f"{r['model']} ({r['dtype']})  batch {r['batch']}  context {r['context']}  steps {r['steps']}  "
                      f"repeats {r['repeats']}"),
         Row("ours", f"{r['tok_per_s']:.1f} tok/s per sequence, {r['tok_per_s_aggregate']:.1f} tok/s in all, "
                     f"{r['step_ms']:.2f} ms/step (compile {r['compile_s']:.1f} s, prefill {r['prefill_ms']:.0f} ms)"),
@@ -282,7 +285,8 @@ def run_decode_bench(loaded: LoadedModel, bench: DecodeBench, mesh_setup: MeshSe
     hf = None
     if bench.compare_hf:
         progress("loading HF reference and timing its generate...")
-        hf = time_hf(loaded.source, prompts, bench.steps, bench.repeats, min(MATCH_TOKENS, bench.steps + 1))
+        hf = time_hf(loaded.source, prompts, bench.steps, bench.repeats, min(MATCH_TOKENS, bench.steps + 1),
+                     params_dtype(loaded.params).name)
     report = build_report(config, bench, loaded.params, bounds, ours, hf, environment(hf, load_start))
     if mesh is not None:
         report["mesh"] = mesh

@@ -11,9 +11,9 @@ import os
 import time
 
 
-def load_hf_model(source: str):
-    """A float32 `AutoModelForCausalLM` in eval mode for a .gguf file or an HF folder, on the GPU
-    if PyTorch sees one."""
+def load_hf_model(source: str, dtype: str = "float32"):
+    """An `AutoModelForCausalLM` in eval mode for a .gguf file or an HF folder, on the GPU
+    if PyTorch sees one; `dtype` (float32, bfloat16, float16) is torch's storage and compute dtype."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -21,11 +21,12 @@ def load_hf_model(source: str):
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     torch.set_num_threads(os.cpu_count() or 1)
+    torch_dtype = getattr(torch, dtype)
     if os.path.isdir(source):
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(
-            os.path.dirname(source), gguf_file=os.path.basename(source), dtype=torch.float32)
+            os.path.dirname(source), gguf_file=os.path.basename(source), dtype=torch_dtype)
     # The peer runs where PyTorch runs best: on the GPU when there is one (never on this project's
     # CPU machines, whose torch is the CPU build).
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()

@@ -21,7 +21,6 @@ import time
 
 import numpy as np
 
-from bench.bandwidth import run_seconds
 from mesh.errors import WaferError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,6 +36,9 @@ class KVBench:
     tokens: int
     repeats: int
     skip_transports: bool
+    # The cache's dtypes, each measured in this run (the first also over the transports); the
+    # report's top-level figures are the first's, `by_dtype` holds every one's.
+    dtypes: tuple[str, ...] = ("float32",)
 
 
 def measure_memcpy(nbytes: int, runs: int) -> float:
@@ -52,23 +54,20 @@ def measure_memcpy(nbytes: int, runs: int) -> float:
     return nbytes / best
 
 
-def random_sequence(config, tokens: int):
-    """A SequenceKV of `config`'s cache shape with random float32 K/V (1x1 prefill layout)."""
+def random_sequence(config, tokens: int, dtype: str = "float32"):
+    """A SequenceKV of `config`'s cache shape with random K/V in `dtype` (1x1 prefill layout)."""
     from kvcache.layout import PrefillKVLayout
     from kvcache.sequence import SequenceKV
     from mesh.executors import Grid
 
+    from model.dtypes import resolve_dtype
+
     rng = np.random.default_rng(0)
     shape = (config.n_kv_heads, tokens, config.head_dim)
-    k = tuple(rng.standard_normal(shape, np.float32) for _ in range(config.n_layers))
-    v = tuple(rng.standard_normal(shape, np.float32) for _ in range(config.n_layers))
+    dt = resolve_dtype(dtype)
+    k = tuple(rng.standard_normal(shape, np.float32).astype(dt) for _ in range(config.n_layers))
+    v = tuple(rng.standard_normal(shape, np.float32).astype(dt) for _ in range(config.n_layers))
     return SequenceKV(k, v, tokens, 0, PrefillKVLayout(Grid(1, 1), config.n_kv_heads))
-
-
-def _times(fn, runs: int) -> tuple[float, float]:
-    """(median, best) seconds of `runs` calls of `fn` after one warm-up call."""
-    times = run_seconds(fn, runs)
-    return statistics.median(times), min(times)
 
 
 def _run_peer(mode: str, send) -> dict:
@@ -100,42 +99,34 @@ def run_kv_bench(bench: KVBench) -> dict:
     """Measure everything above; return the report (the --json object)."""
     import jax
 
-    from kvcache.format import header_for, read_frames, serialize_kv
+    from kvcache.format import header_for
     from kvcache.jax_transfer import send_kv_transfer
     from kvcache.transport import send_kv
     from model.config import preset
 
     load = os.getloadavg()[0]
     config = preset(bench.model)
-    seq = random_sequence(config, bench.tokens)
-    header = header_for(seq, f"{config.name} (random K/V)", "0" * 32)
-    cache_bytes = header.layers * header.frame_payload_bytes
-    memcpy_before = measure_memcpy(cache_bytes, bench.repeats)
-    # A sender reuses its send buffer, as the memcpy bound reuses its destination; the first
-    # serialization into a fresh buffer (page faults included) is reported beside it.
-    t0 = time.perf_counter()
-    data = serialize_kv(seq, header)
-    fresh_s = time.perf_counter() - t0
-    out = np.frombuffer(data, np.uint8)
-    ser_s, ser_best = _times(lambda: serialize_kv(seq, header, out), bench.repeats)
-    deser_s, deser_best = _times(lambda: read_frames(data), bench.repeats)
-    both = cache_bytes / (ser_s + deser_s)
-    both_best = cache_bytes / (ser_best + deser_best)
+    seqs = {dt: random_sequence(config, bench.tokens, dt) for dt in bench.dtypes}
+    headers = {dt: header_for(seq, f"{config.name} (random K/V)", "0" * 32) for dt, seq in seqs.items()}
+    largest = max(h.layers * h.frame_payload_bytes for h in headers.values())
+    memcpy_before = measure_memcpy(largest, bench.repeats)
+    codecs = {dt: _Codec(seqs[dt], headers[dt]) for dt in bench.dtypes}
+    for _ in range(bench.repeats):
+        for codec in codecs.values():
+            codec.time_once()
+    figures = {dt: codec.figures() for dt, codec in codecs.items()}
     # Another process's burst can only slow a measurement down: the faster bound is nearer the machine.
-    memcpy = max(memcpy_before, measure_memcpy(cache_bytes, bench.repeats))
+    memcpy = max(memcpy_before, measure_memcpy(largest, bench.repeats))
+    for f in figures.values():
+        # Medians against the best memcpy (conservative), and best against best (like with like).
+        f["ratio_to_memcpy"] = round(f.pop("_both") / memcpy, 3)
+        f["ratio_best_to_memcpy"] = round(f.pop("_both_best") / memcpy, 3)
+    first = bench.dtypes[0]
+    seq, header = seqs[first], headers[first]
     report = {
         "model": config.name, "cache": f"random K/V of {config.name}'s shape", "tokens": bench.tokens,
-        "cache_bytes": cache_bytes, "stream_bytes": header.stream_bytes,
-        "serialize_GBps": round(cache_bytes / ser_s / 1e9, 2),
-        "serialize_best_GBps": round(cache_bytes / ser_best / 1e9, 2),
-        "serialize_fresh_buffer_GBps": round(cache_bytes / fresh_s / 1e9, 2),
-        "deserialize_GBps": round(cache_bytes / deser_s / 1e9, 2),
-        "deserialize_best_GBps": round(cache_bytes / deser_best / 1e9, 2),
-        "serialize_plus_deserialize_GBps": round(both / 1e9, 2),
+        "dtype": first, **figures[first],
         "memcpy_GBps": round(memcpy / 1e9, 2),
-        # Medians against the best memcpy (conservative), and best against best (like with like).
-        "ratio_to_memcpy": round(both / memcpy, 3),
-        "ratio_best_to_memcpy": round(both_best / memcpy, 3),
         "load_average_1min_at_start": round(load, 2),
         "jax": jax.__version__, "device": jax.devices()[0].device_kind, "device_count": jax.device_count(),
         "python": platform.python_version(), "cpus": os.cpu_count(),
@@ -145,7 +136,59 @@ def run_kv_bench(bench: KVBench) -> dict:
         report["tcp_loopback_GBps"] = round(tcp["bytes"] / tcp["seconds"] / 1e9, 2)
         xfer = _run_peer("jax", lambda port: send_kv_transfer(seq, header, port))
         report["jax_transfer_GBps"] = round(xfer["bytes"] / xfer["seconds"] / 1e9, 2)
+    if len(bench.dtypes) > 1:
+        report["by_dtype"] = figures
+        # Against the first dtype: the stream's bytes, and the codec's rate in bytes/s (a 16-bit
+        # stream within 10% of float32's rate carries its half of the bytes in about half the time).
+        report["vs_first"] = {dt: {"stream_bytes": round(f["stream_bytes"] / figures[first]["stream_bytes"], 3),
+                                   "serialize_plus_deserialize_GBps": round(
+                                       f["serialize_plus_deserialize_GBps"]
+                                       / figures[first]["serialize_plus_deserialize_GBps"], 3)}
+                              for dt, f in figures.items()}
     return report
+
+
+class _Codec:
+    """Serialize and deserialize timings of one cache, taken one run at a time so that several
+    dtypes' runs interleave (a load that drifts during the run then weighs on each alike)."""
+
+    def __init__(self, seq, header):
+        from kvcache.format import read_frames, serialize_kv
+
+        self.cache_bytes = header.layers * header.frame_payload_bytes
+        self.stream_bytes = header.stream_bytes
+        # A sender reuses its send buffer, as the memcpy bound reuses its destination; the first
+        # serialization into a fresh buffer (page faults included) is reported beside it.
+        t0 = time.perf_counter()
+        data = serialize_kv(seq, header)
+        self.fresh_s = time.perf_counter() - t0
+        out = np.frombuffer(data, np.uint8)
+        self.serialize = lambda: serialize_kv(seq, header, out)
+        self.deserialize = lambda: read_frames(data)
+        self.deserialize()  # warm-up, as the serialization above was
+        self.ser, self.deser = [], []
+
+    def time_once(self) -> None:
+        for fn, times in ((self.serialize, self.ser), (self.deserialize, self.deser)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+
+    def figures(self) -> dict:
+        ser_s, ser_best = statistics.median(self.ser), min(self.ser)
+        deser_s, deser_best = statistics.median(self.deser), min(self.deser)
+        n = self.cache_bytes
+        return {
+            "cache_bytes": n, "stream_bytes": self.stream_bytes,
+            "serialize_GBps": round(n / ser_s / 1e9, 2),
+            "serialize_best_GBps": round(n / ser_best / 1e9, 2),
+            "serialize_fresh_buffer_GBps": round(n / self.fresh_s / 1e9, 2),
+            "deserialize_GBps": round(n / deser_s / 1e9, 2),
+            "deserialize_best_GBps": round(n / deser_best / 1e9, 2),
+            "serialize_plus_deserialize_GBps": round(n / (ser_s + deser_s) / 1e9, 2),
+            "serialize_plus_deserialize_ms": round((ser_s + deser_s) * 1e3, 3),
+            "_both": n / (ser_s + deser_s), "_both_best": n / (ser_best + deser_best),
+        }
 
 
 def format_report(r: dict, repeats: int) -> str:
@@ -154,6 +197,12 @@ def format_report(r: dict, repeats: int) -> str:
              f"serialize {r['serialize_GBps']} GB/s, deserialize {r['deserialize_GBps']} GB/s, "
              f"both {r['serialize_plus_deserialize_GBps']} GB/s = {r['ratio_to_memcpy']} x memcpy "
              f"({r['memcpy_GBps']} GB/s; best runs {r['ratio_best_to_memcpy']} x), medians of {repeats} runs"]
+    for dt, f in r.get("by_dtype", {}).items():
+        vs = r["vs_first"][dt]
+        lines.append(f"  {dt:9s} stream {f['stream_bytes'] / 1e6:.1f} MB ({vs['stream_bytes']} x {r['dtype']}), "
+                     f"serialize+deserialize {f['serialize_plus_deserialize_GBps']} GB/s "
+                     f"({vs['serialize_plus_deserialize_GBps']} x {r['dtype']}'s), "
+                     f"{f['serialize_plus_deserialize_ms']} ms")
     if "tcp_loopback_GBps" in r:
         lines.append(f"TCP loopback {r['tcp_loopback_GBps']} GB/s, JAX transfer {r['jax_transfer_GBps']} GB/s")
     return "\n".join(lines)

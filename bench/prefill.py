@@ -66,16 +66,16 @@ def time_ours(prefiller, prompts: list[list[int]], repeats: int) -> dict:
         result = prefiller.prefill(prompts)
         runs.append(time.perf_counter() - t0)
     return {"seconds": statistics.median(runs), "runs": runs, "compile_s": first.compile_s,
-            "first_tokens": result.first_tokens.tolist()}
+            "first_tokens": result.first_tokens.tolist(), "dtype": prefiller.dtype.name}
 
 
-def time_hf(source: str, prompts: list[list[int]], repeats: int) -> dict:
-    """HF transformers' forward over the batch (KV cache produced, as a prefill must)."""
+def time_hf(source: str, prompts: list[list[int]], repeats: int, dtype: str = "float32") -> dict:
+    """HF transformers' forward over the batch (KV cache produced, as a prefill must), in `dtype`."""
     import torch
 
     from bench.hf_peer import load_hf_model
 
-    model = load_hf_model(source)
+    model = load_hf_model(source, dtype)
     ids = torch.tensor(prompts, dtype=torch.long, device=model.device)
 
     def forward():
@@ -110,6 +110,7 @@ def build_report(config: ModelConfig, bench: PrefillBench, grid: Grid, executor:
         "data_parallel": grid.rows,
         "tensor_parallel": grid.cols,
         "repeats": bench.repeats,
+        "dtype": ours["dtype"],
         "tok_per_s": round(tokens / ours["seconds"], 1),
         "tok_per_s_runs": [round(tokens / s, 1) for s in ours["runs"]],
         "prefill_s": round(ours["seconds"], 4),
@@ -136,7 +137,7 @@ def build_report(config: ModelConfig, bench: PrefillBench, grid: Grid, executor:
 def format_table(r: dict) -> str:
     """The report as aligned `label  value` lines for a terminal."""
     rows = [
-        Row("model", f"{r['model']}  batch {r['batch']} x {r['prompt_len']} tokens  mesh {r['mesh']} "
+        Row("model", f"{r['model']} ({r['dtype']})  batch {r['batch']} x {r['prompt_len']} tokens  mesh {r['mesh']} "
                      f"({r['data_parallel']} data x {r['tensor_parallel']} tensor parallel, {r['executor']})"),
         Row("ours", f"{r['tok_per_s']:.0f} tok/s ({r['prefill_s'] * 1e3:.0f} ms per batch, "
                     f"compile {r['compile_s']:.1f} s)"),
@@ -184,5 +185,5 @@ def run_prefill_bench(loaded: LoadedModel, bench: PrefillBench, grid: Grid, exec
     hf = None
     if bench.compare_hf:
         progress("loading HF reference and timing its forward...")
-        hf = time_hf(loaded.source, prompts, bench.repeats)
+        hf = time_hf(loaded.source, prompts, bench.repeats, ours["dtype"])
     return build_report(config, bench, grid, executor, peak, ours, hf, environment(None, load_start))

@@ -6,11 +6,13 @@ import argparse
 import json
 
 from bench.decode import DecodeBench, check_fits, format_table, run_decode_bench
-from cli.flags import add_mesh_args, add_model_args, busy_check, int_at_least, positive_int, progress, setup_mesh
+from cli.flags import (add_dtype_arg, add_mesh_args, add_model_args, busy_check, int_at_least, positive_int, progress,
+                       setup_mesh)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
+    add_dtype_arg(p)
     p.add_argument("--batch", type=positive_int, default=1, help="sequences decoded in lockstep")
     p.add_argument("--context", type=positive_int, default=256, help="prompt length in tokens")
     p.add_argument("--steps", type=positive_int, default=128, help="decode steps timed per run")
@@ -25,7 +27,7 @@ def run(args) -> int:
     from model.load import load_model
 
     mesh_setup = setup_mesh(args)  # before JAX starts: it may emulate CPU devices
-    loaded = load_model(args.model, args.checkpoint)
+    loaded = load_model(args.model, args.checkpoint, dtype=args.dtype)
     bench = DecodeBench(args.batch, args.context, args.steps, args.repeats, args.seed, args.compare_hf)
     check_fits(loaded.config, bench)  # before the busy check's warning: a bad request is one line
     report = run_decode_bench(loaded, bench, mesh_setup, busy_check(), progress)

@@ -6,11 +6,12 @@ import argparse
 import json
 
 from bench.prefill import PrefillBench, check_fits, format_table, run_prefill_bench
-from cli.flags import add_model_args, busy_check, int_at_least, positive_int, progress
+from cli.flags import add_dtype_arg, add_model_args, busy_check, int_at_least, positive_int, progress
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
+    add_dtype_arg(p)
     p.add_argument("--batch", type=positive_int, default=8, help="prompts prefilled together")
     p.add_argument("--prompt-len", type=positive_int, default=512, help="tokens per prompt")
     p.add_argument("--mesh", default="1x1",
@@ -34,7 +35,7 @@ def run(args) -> int:
     executor = Executor(args.executor)
     if executor is Executor.DEVICES:
         ensure_cpu_devices(grid.cores)  # before JAX starts
-    loaded = load_model(args.model, args.checkpoint)
+    loaded = load_model(args.model, args.checkpoint, dtype=args.dtype)
     bench = PrefillBench(args.batch, args.prompt_len, args.chunk, args.repeats, args.seed, args.compare_hf)
     check_fits(loaded.config, bench)  # before the busy check's warning: a bad request is one line
     report = run_prefill_bench(loaded, bench, grid, executor, busy_check(), progress)

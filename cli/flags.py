@@ -50,6 +50,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", default=None, help="a .gguf file or an HF checkpoint folder")
 
 
+def add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    """--dtype: the storage of weights, activations and KV caches (accumulation stays float32)."""
+    from model.dtypes import DTYPES
+
+    # The help names no backend: asking JAX for it here would start JAX before the mesh flags
+    # could set the CPU device count.
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="weights, activations and KV caches in this dtype, accumulation in float32 "
+                        "(default: float32 on CPU, bfloat16 on GPU)")
+
+
 def add_prompt_args(p: argparse.ArgumentParser) -> None:
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")

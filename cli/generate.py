@@ -11,13 +11,14 @@ import os
 import sys
 
 from bench.mesh_setup import make_decoder
-from cli.flags import (add_mesh_args, add_model_args, add_process_args, add_prompt_args, check_prompt_args,
-                       prompt_ids_from_args, setup_mesh)
+from cli.flags import (add_dtype_arg, add_mesh_args, add_model_args, add_process_args, add_prompt_args,
+                       check_prompt_args, prompt_ids_from_args, setup_mesh)
 from mesh.errors import WaferError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
+    add_dtype_arg(p)
     add_prompt_args(p)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -38,7 +39,7 @@ def run(args) -> int:
     check_prompt_args(args)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     mesh_setup = setup_mesh(args)
-    loaded = load_model(args.model, args.checkpoint)
+    loaded = load_model(args.model, args.checkpoint, dtype=args.dtype)
     tokenizer = loaded.tokenizer
     prompt_ids = prompt_ids_from_args(args, loaded)
     check_request(loaded.config, [prompt_ids], args.max_new_tokens)

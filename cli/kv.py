@@ -8,7 +8,7 @@ import sys
 import time
 
 from bench.mesh_setup import make_decoder
-from cli.flags import (add_mesh_args, add_model_args, add_prompt_args, check_prompt_args, positive_int,
+from cli.flags import (add_dtype_arg, add_mesh_args, add_model_args, add_prompt_args, check_prompt_args, positive_int,
                        prompt_ids_from_args, setup_mesh)
 from mesh.errors import WaferError
 
@@ -21,8 +21,9 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the file to write")
     p.add_argument("--prefill-mesh", default=None,
                    help="lay the cache out on a prefill mesh of N devices (1xN) or RxC (default: one device)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="convert the cache to this dtype on the wire (default: as computed, float32)")
+    add_dtype_arg(p)
+    p.add_argument("--wire-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="convert the cache to this dtype on the wire (default: as computed, the --dtype)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -39,10 +40,10 @@ def run_export(args) -> int:
     from model.load import load_model
 
     check_prompt_args(args)
-    loaded = load_model(args.model, args.checkpoint)
+    loaded = load_model(args.model, args.checkpoint, dtype=args.dtype)
     prompt_ids = prompt_ids_from_args(args, loaded)
     seq = prefill_sequence(loaded.params, loaded.config, prompt_ids, prefill_grid=grid)
-    header = header_for(seq, loaded.config.name, model_fingerprint(loaded.config, loaded.params), args.dtype)
+    header = header_for(seq, loaded.config.name, model_fingerprint(loaded.config, loaded.params), args.wire_dtype)
     t0 = time.perf_counter()
     size = write_kv_file(seq, header, args.out)
     write_s = time.perf_counter() - t0
@@ -95,8 +96,10 @@ def run_inspect(args) -> int:
 def add_import_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file")
     add_model_args(p)
+    add_dtype_arg(p)
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
-    p.add_argument("--convert-dtype", action="store_true", help="accept a cache stored in another dtype")
+    p.add_argument("--convert-dtype", action="store_true",
+                   help="accept a cache stored in another dtype than --dtype, converting it explicitly")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_mesh_args(p)
 
@@ -113,7 +116,7 @@ def run_import(args) -> int:
     with FileSource(args.file) as source:
         reader = KVReader(source)
         header = reader.header
-        loaded = load_model(args.model, args.checkpoint)
+        loaded = load_model(args.model, args.checkpoint, dtype=args.dtype)
         cfg = loaded.config
         if header.tokens + args.max_new_tokens > cfg.max_seq_len:
             raise WaferError(f"cache ({header.tokens} tokens) + {args.max_new_tokens} new tokens exceeds the "

@@ -26,8 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_layout_arg(p)
     p.add_argument("--batch", type=int, default=1, help="decode slots (default 1)")
     p.add_argument("--context", type=int, default=4096, help="KV positions per sequence (default 4096)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
-                   help="storage of weights and KV cache (default bfloat16, as the published figures)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                   help="storage of weights, KV cache and activations, as `--dtype` of generate and serve "
+                        "(scores and logits stay float32; default bfloat16, as the published figures)")
     p.add_argument("--accounting", choices=["full", "per-layer"], default="full",
                    help="full: the whole step (layers, embedding, LM head, sampling, hand-offs); per-layer: "
                         "one layer x layers, as WaferLLM's decode benchmark measured (default full)")

@@ -7,7 +7,7 @@ import argparse
 import asyncio
 import os
 
-from cli.flags import add_model_args, int_at_least, positive_int, progress
+from cli.flags import add_dtype_arg, add_model_args, int_at_least, positive_int, progress
 from mesh.errors import WaferError
 
 MAX_PORT = 65535
@@ -18,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from serve.options import Distributed, EngineOptions
 
     add_model_args(p)
+    add_dtype_arg(p)
     p.add_argument("--served-model-name", default=None,
                    help="the model name clients send (default: the preset's or checkpoint's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, as vLLM's)")
@@ -127,7 +128,7 @@ def options_from_args(args):
     if budget is not None and budget <= 0:
         raise WaferError(f"--sram-budget {args.sram_budget!r}: must be positive")
     return EngineOptions(
-        model=args.model, checkpoint=args.checkpoint, mode=mode,
+        model=args.model, checkpoint=args.checkpoint, dtype=args.dtype, mode=mode,
         prefill_grid=grids["--prefill-mesh"], decode_grid=grids["--decode-mesh"],
         executor=Executor(args.executor), schedule=schedule, groups=args.groups, max_len=args.max_len,
         sram_budget=budget,

@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from cli.flags import add_model_args, int_at_least, join_processes, positive_int, progress
+from cli.flags import add_dtype_arg, add_model_args, int_at_least, join_processes, positive_int, progress
 from mesh.errors import WaferError
 
 EXIT_FAILED = 2  # the exit code of every WaferError (cli/main.py)
@@ -20,6 +20,7 @@ EXIT_FAILED = 2  # the exit code of every WaferError (cli/main.py)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
+    add_dtype_arg(p)
     from mesh.distributed import INIT_TIMEOUT_S
 
     p.add_argument("--decode-mesh", default="2x2", help="the server's --decode-mesh (RxC; default 2x2)")
@@ -53,7 +54,8 @@ def run(args) -> int:
     from serve.workers import decode_batch
 
     try:
-        follow(args.process_id, args.coordinator, grid, lambda: load_model(args.model, args.checkpoint),
+        follow(args.process_id, args.coordinator, grid,
+               lambda: load_model(args.model, args.checkpoint, dtype=args.dtype),
                decode_batch, progress)
     except WaferError as e:
         # The decode worker is gone: JAX's exit handler would wait for it at the shutdown barrier

@@ -52,7 +52,9 @@ def decode_attention_partial(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.A
       o [B, K, G, H] the exp-weighted sum of values). The attention output is o / l.
     """
     scale = q_BKGH.shape[-1] ** -0.5 if scale is None else scale
-    scores = jnp.sum(q_BKGH[:, :, :, None, :] * k_BKSH[:, :, None, :, :], axis=-1)  # BKGS
+    # Products and sums in float32 (a no-op for a float32 cache): a 16-bit cache is only storage.
+    f32 = jnp.float32
+    scores = jnp.sum(q_BKGH[:, :, :, None, :].astype(f32) * k_BKSH[:, :, None, :, :].astype(f32), axis=-1)  # BKGS
     if sum_scores is not None:
         scores = sum_scores(scores)
     scores = scores * scale
@@ -60,7 +62,8 @@ def decode_attention_partial(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.A
     m = jnp.max(scores, axis=-1)
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(scores - m_safe[..., None])  # masked positions: exp(-inf) = 0
-    o = jnp.sum(p[..., None].astype(v_BKSH.dtype) * v_BKSH[:, :, None, :, :], axis=-2)
+    # p is rounded to the cache's dtype (as a 16-bit p @ V would), then accumulated in float32.
+    o = jnp.sum(p[..., None].astype(v_BKSH.dtype).astype(f32) * v_BKSH[:, :, None, :, :].astype(f32), axis=-2)
     return m, jnp.sum(p, axis=-1), o
 
 

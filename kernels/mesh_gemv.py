@@ -25,7 +25,8 @@ def mesh_gemv(x_Bi: jax.Array, w_io: jax.Array, reduce_axis: str, schedule: Sche
       groups: K-tree group count (KTREE only).
     """
     with jax.named_scope("mesh_gemv"):
-        return allreduce(x_Bi @ w_io, reduce_axis, schedule, groups)
+        # Partial sums in float32 whatever the storage dtype: 16-bit tiles, 32-bit accumulation.
+        return allreduce(jnp.matmul(x_Bi, w_io, preferred_element_type=jnp.float32), reduce_axis, schedule, groups)
 
 
 def mesh_gemv_ref(x_BI: jax.Array, w_IO: jax.Array) -> jax.Array:

@@ -51,4 +51,5 @@ def apply_rope_ref(x_H: jax.Array, cos_H: jax.Array, sin_H: jax.Array) -> jax.Ar
     """
     half = x_H.shape[-1] // 2
     rotated = jnp.concatenate([-x_H[..., half:], x_H[..., :half]], axis=-1)
-    return x_H * cos_H + rotated * sin_H
+    # The tables are float32; a 16-bit x is rotated in its own dtype, as HF does (`cos.to(x.dtype)`).
+    return x_H * cos_H.astype(x_H.dtype) + rotated * sin_H.astype(x_H.dtype)

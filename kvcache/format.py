@@ -18,13 +18,13 @@ import struct
 from collections.abc import Iterator
 from typing import Protocol
 
-import ml_dtypes
 import numpy as np
 import xxhash
 
 from kvcache.layout import PrefillKVLayout
 from kvcache.sequence import SequenceKV
 from mesh.errors import WaferError
+from model.dtypes import DTYPES
 
 MAGIC = b"\x89WKV\r\n\x1a\n"  # PNG-style: a non-ASCII byte, and line endings a text-mode copy would mangle
 VERSION = 1
@@ -43,8 +43,6 @@ MAX_FRAME_BYTES = 1 << 34
 # Copy-and-hash granularity: a chunk is hashed right after it is copied, while it is still in L2.
 CHUNK_BYTES = 512 * 1024
 
-DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
-          "float16": np.dtype(np.float16)}
 HEADER_KEYS = {"model", "dtype", "layers", "kv_heads", "head_dim", "tokens", "first_token", "layout"}
 
 

@@ -19,7 +19,8 @@ class KVLanding:
     is computed once)."""
 
     def __init__(self, decoder, convert_dtype: bool = False):
-        """convert_dtype: accept a stream whose dtype differs from the decode cache's (float32)."""
+        """convert_dtype: accept a stream whose dtype differs from the decode cache's (the decoder's
+        `dtype`), converting each frame; without it such a stream is refused, never reinterpreted."""
         self.decoder = decoder
         self.fingerprint = model_fingerprint(decoder.config, decoder.params)
         self.convert_dtype = convert_dtype
@@ -35,9 +36,10 @@ class KVLanding:
         want = (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim)
         if got != want:
             raise KVStreamError(f"model mismatch: stream layers/KV heads/head dim {got}, model {want}")
-        if header.np_dtype != np.float32 and not self.convert_dtype:
-            raise KVStreamError(f"stream dtype {header.dtype} differs from the decode cache's float32; "
-                                f"conversion was not requested")
+        if header.np_dtype != self.decoder.dtype and not self.convert_dtype:
+            raise KVStreamError(f"stream dtype {header.dtype} differs from the decode cache's "
+                                f"{np.dtype(self.decoder.dtype).name}; conversion was not requested "
+                                f"(`wafer kv import --convert-dtype`, or decode with --dtype {header.dtype})")
         if header.tokens >= self.decoder.capacity:
             raise KVStreamError(f"sequence of {header.tokens} tokens leaves no room in this decoder's cache of "
                                 f"{self.decoder.capacity}")
@@ -57,8 +59,8 @@ class KVLanding:
         slot = self.decoder.reserve(slot, header.tokens, header.first_token, sampling)
         try:
             for frame in reader.frames():
-                k = convert_frame(frame.k_KSH, np.dtype(np.float32), self.convert_dtype)
-                v = convert_frame(frame.v_KSH, np.dtype(np.float32), self.convert_dtype)
+                k = convert_frame(frame.k_KSH, self.decoder.dtype, self.convert_dtype)
+                v = convert_frame(frame.v_KSH, self.decoder.dtype, self.convert_dtype)
                 self.decoder.place_layer(slot, frame.layer, k, v)
                 if between_layers is not None:
                     between_layers(frame.layer)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import ml_dtypes
 import numpy as np
 import xxhash
 from jax.sharding import Mesh, NamedSharding
@@ -79,11 +80,20 @@ class SequenceKV:
 
 
 def model_fingerprint(config: ModelConfig, params: Params) -> str:
-    """xxh3-128 over the config and every weight's bytes: a cache only decodes on its own model."""
+    """xxh3-128 over the config and every weight's bytes: a cache only decodes on its own model.
+
+    The weights are hashed rounded to bfloat16, so the same model loaded in float32 or bfloat16
+    has one fingerprint and a cache made in one dtype can be converted into the other (the stream's
+    dtype is checked on its own, kvcache/landing.py). A float16 load rounds differently (twice), so
+    it matches only float16 loads.
+    """
     h = xxhash.xxh3_128(config_to_json(config).encode())
     for name, w in sorted(flatten_params(params).items()):
-        w = np.ascontiguousarray(np.asarray(w))
-        h.update(f"{name}|{w.dtype.str}|{w.shape}".encode())
+        w = np.asarray(w)
+        if w.dtype != np.float16:
+            w = w.astype(ml_dtypes.bfloat16)
+        w = np.ascontiguousarray(w)
+        h.update(f"{name}|{w.shape}".encode())
         h.update(w.reshape(-1).view(np.uint8))
     return h.hexdigest()
 

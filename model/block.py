@@ -83,6 +83,8 @@ class BlockOps:
 
     norm_project(x, norm_w, W): RMSNorm(x) @ W, reduced as the path needs (QKV, gate|up, LM head).
     project_out(a, W): a @ W, reduced as the path needs (output and down projections).
+    Both accumulate (and reduce) in float32; the block rounds their results to the residual
+    stream's dtype, so a 16-bit model keeps 16-bit activations.
     attend(q, k, v, k_cache, v_cache): write the new keys and values, attend; returns
       (attention output with q's shape, k_cache, v_cache).
     """
@@ -94,8 +96,9 @@ class BlockOps:
 
 def dense_ops(eps: float, attend: Callable, reduce_out: Callable = lambda y: y) -> BlockOps:
     """Local matmuls (the single device; a prefill column, whose projections `reduce_out` sums)."""
-    return BlockOps(norm_project=lambda x, norm_w, w: rmsnorm_ref(x, norm_w, eps) @ w,
-                    project_out=lambda a, w: reduce_out(a @ w), attend=attend)
+    matmul = lambda a, w: jnp.matmul(a, w, preferred_element_type=jnp.float32)
+    return BlockOps(norm_project=lambda x, norm_w, w: matmul(rmsnorm_ref(x, norm_w, eps), w),
+                    project_out=lambda a, w: reduce_out(matmul(a, w)), attend=attend)
 
 
 def transformer_block(t, x, cos, sin, k_cache, v_cache, *, shape: BlockShape, ops: BlockOps):
@@ -103,14 +106,15 @@ def transformer_block(t, x, cos, sin, k_cache, v_cache, *, shape: BlockShape, op
 
     Returns the new residual stream and this layer's updated k_cache, v_cache.
     """
+    dt = x.dtype
     with jax.named_scope(ATTENTION_SCOPE):
-        qkv = ops.norm_project(x, t["attn_norm"], t["w_qkv"])
+        qkv = ops.norm_project(x, t["attn_norm"], t["w_qkv"]).astype(dt)
         if "b_qkv" in t:
             qkv = qkv + t["b_qkv"]
         q, k, v = qkv_rope(qkv, shape.q_heads, shape.kv_heads, shape.head_dim, cos, sin)
         attn, k_cache, v_cache = ops.attend(q, k, v, k_cache, v_cache)
-        x = x + ops.project_out(attn.reshape(x.shape[:-1] + (-1,)), t["w_o"])
+        x = x + ops.project_out(attn.astype(dt).reshape(x.shape[:-1] + (-1,)), t["w_o"]).astype(dt)
     with jax.named_scope(MLP_SCOPE):
-        gate_up = ops.norm_project(x, t["mlp_norm"], t["w_gate_up"])
-        x = x + ops.project_out(swiglu(gate_up, shape.ffn), t["w_down"])
+        gate_up = ops.norm_project(x, t["mlp_norm"], t["w_gate_up"]).astype(dt)
+        x = x + ops.project_out(swiglu(gate_up, shape.ffn), t["w_down"]).astype(dt)
     return x, k_cache, v_cache

@@ -81,7 +81,7 @@ class DecodeKVLayout:
         if S > self.capacity:
             raise WaferError(f"cache of {S} positions does not fit {self.capacity} decode positions")
         h = len(self.dims_of(0, H))
-        out = np.zeros((R, C, kc, self.positions_per_row + 1, h), np.float32)
+        out = np.zeros((R, C, kc, self.positions_per_row + 1, h), k_KSH.dtype)
         for c in range(C):
             dims = self.dims_of(c, H)
             real = dims >= 0

@@ -73,5 +73,5 @@ def forward(params: Params, config: ModelConfig, tokens_BT: jax.Array, start_B: 
     with jax.named_scope(LM_HEAD_SCOPE):
         x_BD = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)[:, 0]
         x_BD = rmsnorm_ref(x_BD, params["final_norm"], config.rms_eps)
-        logits_BV = (x_BD @ lm_head_weight(params).T).astype(jnp.float32)
+        logits_BV = jnp.matmul(x_BD, lm_head_weight(params).T, preferred_element_type=jnp.float32)
     return logits_BV, KVCache(tuple(new_k), tuple(new_v))

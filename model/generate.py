@@ -24,7 +24,7 @@ from model.compile_cache import CompileCache
 from model.config import ModelConfig
 from model.forward import forward
 from model.sampling import Sampling, sampling_keys, sampling_knobs
-from model.weights import Params
+from model.weights import Params, params_dtype
 
 # Prompt and cache lengths are rounded up to these multiples: fewer distinct compiled shapes,
 # and a cache only slightly longer than needed (decode attention reads the whole cache).
@@ -84,6 +84,7 @@ class Generator:
     def __init__(self, params: Params, config: ModelConfig):
         self.params = params
         self.config = config
+        self.dtype = params_dtype(params)  # of the weights, the activations and the cache
         self._compiled = CompileCache()
 
     def prefill(self, prompts: list[list[int]], cache_len: int, sampling: Sampling) -> DevicePrefill:
@@ -98,7 +99,7 @@ class Generator:
             tokens_BT[b, : len(p)] = p
         lengths_B = jnp.asarray([len(p) for p in prompts], jnp.int32)
         knobs = sampling_knobs(sampling)
-        cache = empty_cache(cfg.n_layers, B, cfg.n_kv_heads, S, cfg.head_dim)
+        cache = empty_cache(cfg.n_layers, B, cfg.n_kv_heads, S, cfg.head_dim, self.dtype)
         prefill = jax.jit(functools.partial(_prefill, config=cfg, greedy=sampling.greedy), donate_argnums=(3,))
         prefill_c, compile_s = self._compiled.get(("prefill", B, T, S, sampling.greedy), prefill,
                                              self.params, tokens_BT, lengths_B, cache, *knobs)

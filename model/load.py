@@ -14,11 +14,9 @@ import json
 import os
 import tempfile
 
-import jax
-import jax.numpy as jnp
-
 from mesh.errors import WaferError
 from model.config import EMBEDDED_MODELS, ModelConfig, RopeScaling, preset
+from model.dtypes import cast_params, resolve_dtype
 from model.tokenizer import TextTokenizer, tokenizer_from_gguf_fields, tokenizer_from_hf_folder
 from model.weights import Params, flatten_params, params_from_hf_state, unflatten_params
 
@@ -53,26 +51,32 @@ def resolve_source(model: str | None = None, checkpoint: str | None = None) -> s
     return smollm2_gguf_path()
 
 
-def load_model(model: str | None = None, checkpoint: str | None = None, use_cache: bool = True) -> LoadedModel:
-    """Load weights, config and tokenizer from a preset name or a checkpoint path."""
+def load_model(model: str | None = None, checkpoint: str | None = None, use_cache: bool = True,
+               dtype: str | None = None) -> LoadedModel:
+    """Load weights, config and tokenizer from a preset name or a checkpoint path.
+
+    `dtype` (float32, bfloat16, float16; None: the backend's default, see model/dtypes.py) is the
+    storage of the weights, and through them of the activations and KV caches made from them.
+    The on-disk cache stays float32: one entry serves every dtype.
+    """
     source = resolve_source(model, checkpoint)
-    loaded = _load_converted(source, use_cache)
+    loaded = _load_converted(source, use_cache, resolve_dtype(dtype))
     if checkpoint is None:  # an embedded preset: report it under the preset's name
         loaded.config = dataclasses.replace(loaded.config, name=model or EMBEDDED_MODELS[0])
     return loaded
 
 
-def _load_converted(source: str, use_cache: bool) -> LoadedModel:
+def _load_converted(source: str, use_cache: bool, dtype) -> LoadedModel:
     cached = os.path.join(cache_dir(), f"{_cache_key(source)}.safetensors")
     if use_cache and os.path.exists(cached):
-        loaded = _read_cache(cached, source)
+        loaded = _read_cache(cached, source, dtype)
         if loaded is not None:
             return loaded
     config, tensors, tokenizer = read_source(source)
     params = params_from_hf_state(config, tensors.get)
     if use_cache:
         _write_cache(cached, config, params, tokenizer)
-    return LoadedModel(config, jax.tree.map(jnp.asarray, params), tokenizer, source)
+    return LoadedModel(config, cast_params(params, dtype), tokenizer, source)
 
 
 def read_source(source: str):
@@ -126,7 +130,7 @@ def _write_cache(path: str, config: ModelConfig, params: Params, tokenizer: Text
             os.remove(tmp)
 
 
-def _read_cache(path: str, source: str) -> LoadedModel | None:
+def _read_cache(path: str, source: str, dtype) -> LoadedModel | None:
     from safetensors import safe_open
 
     try:
@@ -138,7 +142,7 @@ def _read_cache(path: str, source: str) -> LoadedModel | None:
     except Exception:  # a damaged cache entry is rebuilt from the source, never trusted
         return None
     params = unflatten_params(flat, config.n_layers)
-    return LoadedModel(config, jax.tree.map(jnp.asarray, params), tokenizer, source)
+    return LoadedModel(config, cast_params(params, dtype), tokenizer, source)
 
 
 def load_tokenizer(model: str | None = None, checkpoint: str | None = None) -> TextTokenizer | None:

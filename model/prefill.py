@@ -60,7 +60,7 @@ from model.config import ModelConfig
 from model.generate import PROMPT_BUCKET, check_request
 from model.sampling import Sampling, knob_rows, sample_vocab_shards
 from model.wafer_layout import WaferLayout, tensor_parallel_layout, tile_params
-from model.weights import Params
+from model.weights import Params, params_dtype
 
 # Query and key block of the blocked attention, by platform, measured on SmolLM2 at 8 x 512 and
 # 16 x 2048 (bench/RESULTS.md). CPU: 128 (64: 74 ms, 128: 71, 256: 133 per layer's attention);
@@ -144,7 +144,8 @@ def core_prefill_head(tiles, x_last_bD, lengths_b, seed_b, temperature_b, top_k_
     cfg = layout.config
     with jax.named_scope(LM_HEAD_SCOPE):
         h = rmsnorm_ref(x_last_bD, tiles["final_norm"], cfg.rms_eps)
-        logits_bv = mask_padded_vocab(h @ tiles["lm"], cfg.vocab_size, COL)
+        logits_bv = mask_padded_vocab(jnp.matmul(h, tiles["lm"], preferred_element_type=jnp.float32), cfg.vocab_size,
+                                      COL)
     # The same keys as the single-device generator: fold the position of the token being chosen.
     first_b = sample_vocab_shards(logits_bv, cfg.vocab_size, lengths_b, seed_b, temperature_b, top_k_b, top_p_b,
                                   greedy)
@@ -197,7 +198,7 @@ class PrefillResult:
         S = min(max_len, self.max_len)
 
         def resize(a):
-            out = np.zeros(a.shape[:2] + (max_len,) + a.shape[3:], np.float32)
+            out = np.zeros(a.shape[:2] + (max_len,) + a.shape[3:], a.dtype)
             out[:, :, :S] = a[:, :, :S]
             return jnp.asarray(out)
         return KVCache(tuple(map(resize, self.host_cache("k"))), tuple(map(resize, self.host_cache("v"))))
@@ -217,6 +218,7 @@ class Prefiller:
             raise WaferError(f"attention block must be positive, got {attention_block}")
         self.attention_block = attention_block
         self.config, self.core_mesh, self.chunk = config, core_mesh, chunk
+        self.dtype = params_dtype(params)  # of the caches and the residual stream
         grid = core_mesh.grid
         self.layout = tensor_parallel_layout(config, grid.cols)
         # Every row holds the same column tiles: [1, C, ...] -> [R, C, ...].
@@ -247,16 +249,16 @@ class Prefiller:
         """The compiled chunk program of b sequences per row, T-token chunks, S cache positions;
         `args` are its operands (their shapes), abstract ones when not given."""
         if args is None:
-            cache = tuple(self._abstract((b, self.layout.kc, S, self.config.head_dim), np.float32)
+            cache = tuple(self._abstract((b, self.layout.kc, S, self.config.head_dim), self.dtype)
                           for _ in range(self.config.n_layers))
             args = (cache, cache, self._abstract((b, T), np.int32), self._abstract((b,), np.int32),
-                    self._abstract((), np.int32), self._abstract((b, self.config.dim), np.float32))
+                    self._abstract((), np.int32), self._abstract((b, self.config.dim), self.dtype))
         return self._compiled.get(("chunk", b, T, S), self._chunk_fn, self.tiles, *args)
 
     def _head_program(self, b: int, greedy: bool, args=None) -> tuple[object, float]:
         """The compiled head (final norm, logits, first token) of b sequences per row."""
         if args is None:
-            args = (self._abstract((b, self.config.dim), np.float32), self._abstract((b,), np.int32),
+            args = (self._abstract((b, self.config.dim), self.dtype), self._abstract((b,), np.int32),
                     *(self._abstract((b,), a.dtype) for a in knob_rows([Sampling()])))
         return self._compiled.get(("head", b, greedy), self._head_fn[greedy], self.head_tiles, *args)
 
@@ -328,9 +330,9 @@ class Prefiller:
         cache_shape = (b, self.layout.kc, S, cfg.head_dim)
         L = cfg.n_layers
 
-        k_cache = tuple(self.core_mesh.zeros(cache_shape) for _ in range(L))
-        v_cache = tuple(self.core_mesh.zeros(cache_shape) for _ in range(L))
-        x_last = self.core_mesh.zeros((b, cfg.dim))
+        k_cache = tuple(self.core_mesh.zeros(cache_shape, self.dtype) for _ in range(L))
+        v_cache = tuple(self.core_mesh.zeros(cache_shape, self.dtype) for _ in range(L))
+        x_last = self.core_mesh.zeros((b, cfg.dim), self.dtype)
         lengths_d = self._rows(lengths)
         chunk_args = [self._rows(tokens[:, i * T: (i + 1) * T]) for i in range(n_chunks)]
         starts = [self.core_mesh.broadcast(np.int32(i * T)) for i in range(n_chunks)]

@@ -29,7 +29,7 @@ from model.generate import CACHE_BUCKET
 from model.sampling import Sampling, place_knobs
 from model.wafer_decode import MeshOptions, core_decode_step
 from model.wafer_layout import LayoutMode, WaferLayout, tile_params
-from model.weights import Params
+from model.weights import Params, params_dtype
 
 # Budget of an unconstrained plan (the accounting still happens).
 UNLIMITED_BUDGET = 1 << 62
@@ -59,14 +59,15 @@ class SlotBatch:
         self.kv_layout = decode_kv_layout(self.layout)  # one slot's cache on the cores
         grid = core_mesh.grid
         # Planning comes first: a layout that does not fit fails before anything is allocated.
-        specs = self.layout.tensor_specs(batch)
+        self.dtype = params_dtype(params)  # of the weights, the activations and the cache
+        specs = self.layout.tensor_specs(batch, self.dtype.name)
         self.plan = plan_sram(specs, grid.rows, grid.cols, spec or emulated_spec(UNLIMITED_BUDGET),
                               self.layout.useful_bytes(specs))
         self.params = params  # single-device weights: the model's fingerprint, the prefill
         self.tiles = core_mesh.place(tile_params(params, self.layout))
         shape = (batch, self.layout.kc, self.layout.s_slots, self.layout.hc)
-        self.k_cache = tuple(core_mesh.zeros(shape) for _ in range(config.n_layers))
-        self.v_cache = tuple(core_mesh.zeros(shape) for _ in range(config.n_layers))
+        self.k_cache = tuple(core_mesh.zeros(shape, self.dtype) for _ in range(config.n_layers))
+        self.v_cache = tuple(core_mesh.zeros(shape, self.dtype) for _ in range(config.n_layers))
         self.tokens = np.zeros(batch, np.int32)
         self.pos = np.zeros(batch, np.int32)
         self.active = np.zeros(batch, bool)
@@ -107,6 +108,7 @@ class SlotBatch:
                sampling: Sampling | None = None) -> None:
         """Place one prefilled sequence (its cache, length, next token and how its tokens are chosen,
         see `reserve`) into a free slot."""
+        self._check_dtype(*k_LKSH, *v_LKSH)
         self.reserve(slot, length, next_token, sampling)
         try:
             per_core_k = [self.kv_layout.to_cores(np.asarray(k)[:, :length]) for k in k_LKSH]
@@ -157,12 +159,20 @@ class SlotBatch:
         want = (self.config.n_kv_heads, landing.length, self.config.head_dim)
         if tuple(k_KSH.shape) != want or tuple(v_KSH.shape) != want:
             raise WaferError(f"layer {layer}: K {tuple(k_KSH.shape)} / V {tuple(v_KSH.shape)}, expected {want}")
+        self._check_dtype(k_KSH, v_KSH)
         k_new, v_new = self.core_mesh.place((self.kv_layout.to_cores(np.asarray(k_KSH)),
                                              self.kv_layout.to_cores(np.asarray(v_KSH))))
         k, v = _insert_layer(self.k_cache[layer], self.v_cache[layer], k_new, v_new, jnp.int32(slot))
         self.k_cache = self.k_cache[:layer] + (k,) + self.k_cache[layer + 1:]
         self.v_cache = self.v_cache[:layer] + (v,) + self.v_cache[layer + 1:]
         landing.placed.add(layer)
+
+    def _check_dtype(self, *arrays) -> None:
+        """Refuse a cache in another dtype than this batch's: the caller converts explicitly."""
+        for a in arrays:
+            if np.dtype(a.dtype) != self.dtype:
+                raise WaferError(f"cache dtype {np.dtype(a.dtype).name} differs from the decode batch's "
+                                 f"{self.dtype.name}; convert it explicitly")
 
     def commit(self, slot: int) -> None:
         """Start decoding the sequence reserved in `slot` (every layer must have been placed)."""

@@ -53,9 +53,9 @@ def kernel_of(scope: str) -> str:
 
 
 def layout_specs(layout: WaferLayout, batch: int, dtype: str) -> list[TensorSpec]:
-    """The layout's tensors with weights and KV cache stored as `dtype` (buffers stay float32)."""
-    return [dataclasses.replace(s, dtype=dtype) if s.kind in (Kind.WEIGHT, Kind.KV) else s
-            for s in layout.tensor_specs(batch)]
+    """The layout's tensors with weights, KV cache and activations stored as `dtype`
+    (`WaferLayout.tensor_specs`: scores and logits stay float32)."""
+    return layout.tensor_specs(batch, dtype)
 
 
 @dataclasses.dataclass(frozen=True)

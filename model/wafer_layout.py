@@ -310,9 +310,14 @@ class WaferLayout:
         """Every weight tile a core holds (`tile_params` tiles exactly these)."""
         return [s for s in self.tensor_specs(batch=1) if s.kind is Kind.WEIGHT]
 
-    def tensor_specs(self, batch: int) -> list[TensorSpec]:
+    def tensor_specs(self, batch: int, dtype: str = "float32") -> list[TensorSpec]:
         """Every tensor a core holds during decode: the single description that placement, the
-        SRAM planner and the profiler all read."""
+        SRAM planner and the profiler all read.
+
+        `dtype` is the storage of the weights, the KV cache and the activations between kernels
+        (x, qkv, gate_up); the attention scores and the logits stay float32 (softmax and sampling
+        read them), as the decode step computes them.
+        """
         cfg, H, W, KV, BUF = self.config, self.hc, Kind.WEIGHT, Kind.KV, Kind.BUFFER
         d_row, qkv_col = ("D", ROW), ("QKV", COL)
         specs = []
@@ -340,7 +345,8 @@ class WaferLayout:
                   TensorSpec("scores", BUF, (batch, self.nc, self.s_slots), (b, ("N", COL), ("S", ROW))),
                   TensorSpec("gate_up", BUF, (batch, 2 * self.f), (b, ("2F", COL))),
                   TensorSpec("logits", BUF, (batch, self.v), (b, ("V", COL)))]
-        return specs
+        stays_f32 = {"scores", "logits"}
+        return [s if s.name in stays_f32 else dataclasses.replace(s, dtype=dtype) for s in specs]
 
     def real_elements(self, spec: TensorSpec) -> np.ndarray:
         """[R, C]: elements of the spec's tile on each core that are not padding (a replicated KV
@@ -421,26 +427,27 @@ def _padded_weights(params: Params, layout: WaferLayout) -> Iterator[tuple[str, 
     the tiles: heads in column-major groups, each column's gate block beside its up block."""
     cfg, grid = layout.config, layout.grid
     Dp, Fp, Vp = layout.d * grid.rows, layout.f * grid.cols, layout.v * grid.cols
-    f32 = lambda w: np.asarray(w, np.float32)
+    # On the host in the params' own dtype: a 16-bit model's tiles are 16-bit.
+    host = lambda w: np.asarray(w)
     for i, lp in enumerate(params["layers"]):
         p = f"{LAYERS}.{i}."
-        yield p + "attn_norm", _pad_to(f32(lp["attn_norm"]), 0, Dp)
-        yield p + "w_qkv", _head_major(_pad_to(f32(lp["w_qkv"]), 0, Dp), layout)
+        yield p + "attn_norm", _pad_to(host(lp["attn_norm"]), 0, Dp)
+        yield p + "w_qkv", _head_major(_pad_to(host(lp["w_qkv"]), 0, Dp), layout)
         if cfg.qkv_bias:
-            yield p + "b_qkv", _head_major(f32(lp["b_qkv"]), layout)
+            yield p + "b_qkv", _head_major(host(lp["b_qkv"]), layout)
         # w_o rows are query heads (N H): each column's rows in the order of its QKV query heads
         # and head dimensions (those of its slice of v), zero rows for padding.
-        w_o_DNH = _pad_to(f32(lp["w_o"]), 1, Dp).T
+        w_o_DNH = _pad_to(host(lp["w_o"]), 1, Dp).T
         yield p + "w_o", np.concatenate([_take_heads(w_o_DNH, q, cfg.head_dim, dims) for q, dims in
                                          zip(layout.q_heads_by_column, layout.dims_by_column)], -1).T
-        yield p + "mlp_norm", _pad_to(f32(lp["mlp_norm"]), 0, Dp)
-        gate_up = f32(lp["w_gate_up"])
+        yield p + "mlp_norm", _pad_to(host(lp["mlp_norm"]), 0, Dp)
+        gate_up = host(lp["w_gate_up"])
         F = cfg.ffn_dim
         gate, up = (_pad_to(_pad_to(a, 1, Fp), 0, Dp) for a in (gate_up[:, :F], gate_up[:, F:]))
         yield p + "w_gate_up", einops.rearrange(np.stack([gate, up]), "two D (C f) -> D (C two f)", C=grid.cols)
-        yield p + "w_down", _pad_to(_pad_to(f32(lp["w_down"]), 0, Fp), 1, Dp)
-    yield "final_norm", _pad_to(f32(params["final_norm"]), 0, Dp)
-    padded_VD = lambda w: _pad_to(_pad_to(f32(w), 0, Vp), 1, Dp)
+        yield p + "w_down", _pad_to(_pad_to(host(lp["w_down"]), 0, Fp), 1, Dp)
+    yield "final_norm", _pad_to(host(params["final_norm"]), 0, Dp)
+    padded_VD = lambda w: _pad_to(_pad_to(host(w), 0, Vp), 1, Dp)
     yield LM_HEAD_TILE, padded_VD(lm_head_weight(params)).T
     if not cfg.tie_embeddings:  # a tied model reads its embedding rows out of the LM head tile
         yield EMBED_TILE, padded_VD(params["embed"])

@@ -119,6 +119,12 @@ def unflatten_params(flat: dict[str, np.ndarray], n_layers: int) -> Params:
     return params
 
 
+def params_dtype(params: Params) -> np.dtype:
+    """The storage dtype the weights were loaded in (model/dtypes.py): the caches made for them
+    use it too."""
+    return np.dtype(params["embed"].dtype)
+
+
 def lm_head_weight(params: Params):
     """[V, D] output projection: the tied embedding unless the model has its own head."""
     return params.get("lm_head", params["embed"])

@@ -48,8 +48,10 @@ import numpy as np
 from kvcache.sequence import model_fingerprint
 from mesh.distributed import split_address
 from mesh.errors import WaferError
+from model.dtypes import resolve_dtype
 from model.load import LoadedModel
 from model.slot_batch import SlotBatch
+from model.weights import params_dtype
 
 # Every process 0 waits this long for each peer to connect, and then to build its batch (loading
 # and compiling included: tens of seconds for SmolLM2 on a busy CPU).
@@ -243,6 +245,12 @@ def follow(process_id: int, coordinator: str, grid, load, build_batch, on_status
         if model_fingerprint(loaded.config, loaded.params) != hello.fingerprint:
             _send(sock, f"process {process_id} loaded another model than the server's")
             raise WaferError("this model differs from the server's (fingerprints differ): load the same checkpoint")
+        theirs_dtype, ours_dtype = resolve_dtype(hello.spec.options.dtype), params_dtype(loaded.params)
+        if ours_dtype != theirs_dtype:
+            _send(sock, f"process {process_id} loaded the model in {ours_dtype.name}, the server's is "
+                        f"{theirs_dtype.name}")
+            raise WaferError(f"the server decodes in {theirs_dtype.name}, this peer loaded {ours_dtype.name}: "
+                             f"pass --dtype {theirs_dtype.name}")
         on_status(f"process {process_id}: building the decode batch of {hello.spec.options.scheduler.slots} slots")
         batch = build_batch(loaded, hello.spec)
         _send(sock, "ready")

@@ -26,6 +26,7 @@ class Distributed:
 class EngineOptions:
     model: str | None = None  # an embedded preset (default: the embedded default model)
     checkpoint: str | None = None  # or a checkpoint path
+    dtype: str | None = None  # weights, activations and caches (model/dtypes.py; None: the backend's default)
     mode: Mode = Mode.DISAGGREGATED
     prefill_grid: Grid = Grid(1, 1)  # the prefill mesh (devices executor)
     decode_grid: Grid = Grid(2, 2)  # the wafer decode mesh

@@ -81,7 +81,7 @@ class Channel:
 def run_worker(spec: WorkerSpec, conn) -> None:
     """Load the model, build the worker of `spec.role`, report Ready, then serve until Shutdown."""
     opts = spec.options
-    loaded = load_model(opts.model, opts.checkpoint)
+    loaded = load_model(opts.model, opts.checkpoint, dtype=opts.dtype)
     channel = Channel(conn)
     worker = {Role.PREFILL: PrefillWorker, Role.DECODE: DecodeWorker,
               Role.INTEGRATED: IntegratedWorker}[spec.role](loaded, spec, channel)
@@ -314,7 +314,7 @@ class DecodeSlots:
         request does not pay for it: a one-position sequence of zeros goes into slot 0 and is
         given back (an inactive slot's rows are never read, and the next sequence overwrites them)."""
         cfg = self.batch.config
-        zeros = np.zeros((cfg.n_kv_heads, 1, cfg.head_dim), np.float32)
+        zeros = np.zeros((cfg.n_kv_heads, 1, cfg.head_dim), self.batch.dtype)
         if not layer_by_layer:
             self.batch.insert(0, [zeros] * cfg.n_layers, [zeros] * cfg.n_layers, 1, 0)
             self.batch.evict(0)
@@ -423,8 +423,8 @@ class DecodeWorker:
             self.batch.reserve(inc.slot, value.tokens, value.first_token, inc.sampling)
             inc.reserved, inc.nbytes = True, value.stream_bytes
         elif kind == "frame":
-            k = convert_frame(value.k_KSH, np.dtype(np.float32), False)
-            v = convert_frame(value.v_KSH, np.dtype(np.float32), False)
+            k = convert_frame(value.k_KSH, self.batch.dtype, False)
+            v = convert_frame(value.v_KSH, self.batch.dtype, False)
             self.batch.place_layer(inc.slot, value.layer, k, v)
         elif kind == "end":
             self.batch.commit(inc.slot)

@@ -87,3 +87,17 @@ def test_bench_kv_json(capsys, transports):
     keys += ["tcp_loopback_GBps", "jax_transfer_GBps"] if transports else []
     for key in keys:
         assert d[key] > 0, key
+
+
+def test_bench_kv_dtypes_in_one_run(capsys):
+    """`--dtypes float32,bfloat16`: the bfloat16 stream carries half the payload, each dtype's rate
+    is measured in the same run; a bad list is a one-line error."""
+    rc, out, _ = run_cli(capsys, "bench", "kv", "--tokens", "64", "--repeats", "1", "--json", "--skip-transports",
+                         "--dtypes", "float32,bfloat16")
+    assert rc == 0
+    d = json.loads(out)
+    f32, bf16 = d["by_dtype"]["float32"], d["by_dtype"]["bfloat16"]
+    assert f32["cache_bytes"] == 30 * 2 * 3 * 64 * 64 * 4 and bf16["cache_bytes"] == 30 * 2 * 3 * 64 * 64 * 2
+    assert d["vs_first"]["bfloat16"]["serialize_plus_deserialize_GBps"] > 0
+    rc, _, err = run_cli(capsys, "bench", "kv", "--dtypes", "float32,int8")
+    assert_one_line_error(rc, err, "--dtypes 'float32,int8'")

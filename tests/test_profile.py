@@ -239,7 +239,8 @@ def test_llama3_8b_useful_bytes_hand_count():
     cache (bf16) once each, the norms and the residual buffer once per column (replicated over
     COL), the qkv, gate_up and logits buffers once per row, the scores buffer on every column
     (each of a segment's columns holds its 4 query heads' scores). Buffers count without their
-    rounding, like the weights (mesh/planner.py: `SramPlan.useful_fraction`)."""
+    rounding, like the weights (mesh/planner.py: `SramPlan.useful_fraction`). The activations
+    between kernels (residual, qkv, gate_up) are bf16 like the weights; scores and logits float32."""
     D, F, V, N, K, H, S, R, C = 4096, 14336, 128256, 32, 8, 128, 4096, 360, 360
     layout = WaferLayout(dataclass_layers(preset("llama3-8b"), 1), Grid(R, C), S, mode=LayoutMode.FULL)
     assert (layout.seg, layout.segments, layout.rep, layout.nc) == (45, 8, 1, 4)
@@ -247,8 +248,9 @@ def test_llama3_8b_useful_bytes_hand_count():
              or s.kind.value == "buffer"]
     weights = 2 * D * C + D * (N + 2 * K) * H + N * H * D + D * 2 * F + F * D
     cache = 2 * K * S * H
-    buffers = D * C + (N + 2 * K) * H * R + 4 * C * S + 2 * F * R + V * R
-    assert layout.useful_bytes(specs) == 2 * (weights + cache) + 4 * buffers
+    activations = D * C + (N + 2 * K) * H * R + 2 * F * R  # residual, qkv, gate_up
+    scores_logits = 4 * C * S + V * R
+    assert layout.useful_bytes(specs) == 2 * (weights + cache + activations) + 4 * scores_logits
 
 
 def test_one_layer_scaling_equals_full_trace():
