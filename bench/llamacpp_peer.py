@@ -25,12 +25,20 @@ INSTALL_HINT = "pip install -e '.[peers]'"
 FTYPES = {"f32": 0, "f16": 1}
 
 
+_quiet_log = None  # llama.cpp's log callback, kept alive while llama.cpp may call it
+
+
 def import_llama_cpp():
-    """The llama_cpp module, or a one-line error that says how to install it."""
+    """The llama_cpp module, with llama.cpp's own logging off (it prints every tensor it converts
+    or loads), or a one-line error that says how to install it."""
+    global _quiet_log
     try:
         import llama_cpp
     except ImportError:
         raise WaferError(f"--compare-llamacpp needs llama-cpp-python: {INSTALL_HINT}") from None
+    if _quiet_log is None and hasattr(llama_cpp, "llama_log_callback"):
+        _quiet_log = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+        llama_cpp.llama_log_set(_quiet_log, None)
     return llama_cpp
 
 
