@@ -28,7 +28,7 @@ from bench.mesh_setup import MeshSetup, make_decoder
 from bench.table import Row, aligned, env_row
 from mesh.errors import WaferError
 from model.config import ModelConfig
-from model.generate import Generator, cache_len_for
+from model.generate import DECODE_CHUNK, Generator, cache_len_for, chunk_schedule
 from model.load import LoadedModel
 from model.weights import Params, lm_head_weight, params_dtype, weight_bytes
 
@@ -43,7 +43,7 @@ PROMPT_ID_MARGIN = 100
 class DecodeBench:
     """What one run measures: `batch` random prompts (from `seed`) of `context` tokens each, decoded
     for `steps` steps after the first token in each of `repeats` timed runs; HF's generate beside
-    ours with `compare_hf`."""
+    ours with `compare_hf`, llama.cpp in float32 and float16 with `compare_llamacpp` (batch 1)."""
 
     batch: int
     context: int
@@ -51,6 +51,7 @@ class DecodeBench:
     repeats: int
     seed: int
     compare_hf: bool
+    compare_llamacpp: bool = False
 
 
 def random_prompts(batch: int, context: int, vocab_size: int, seed: int) -> list[list[int]]:
@@ -67,6 +68,12 @@ def mean_valid_len(context: int, steps: int) -> float:
     context + i and attends to positions 0 .. context + i, so context + i + 1 of them.
     """
     return context + (steps + 1) / 2
+
+
+def attended_positions(context: int, steps: int) -> float:
+    """Mean number of cache positions our single-device decode attention reads per step."""
+    schedule = chunk_schedule(cache_len_for(context, steps + 1), context, steps + 1, DECODE_CHUNK)
+    return sum(n * cut for n, cut in schedule) / steps
 
 
 def kv_bytes_per_step(config: ModelConfig, batch: int, context: int, steps: int, itemsize: int = 4) -> float:
@@ -170,6 +177,22 @@ def environment(hf: HFResult | None, load_start: float | None) -> dict:
     return env
 
 
+def llamacpp_report(peers: list, ours: OursResult) -> dict:
+    """llama.cpp's figures beside ours: per precision its rate, ours over it, and whether its first
+    greedy tokens are ours (the f32 file holds our very weights; f16 may part on a near-tie)."""
+    report = {"threads": peers[0].threads, "version": peers[0].version}
+    for peer in peers:
+        n = min(MATCH_TOKENS, len(peer.tokens), len(ours.tokens_row0))
+        report[peer.precision] = {
+            "tok_per_s": round(peer.tok_per_s, 2),
+            "tok_per_s_runs": [round(r, 2) for r in peer.runs_tok_per_s],
+            "ours_vs": round(ours.tok_per_s / peer.tok_per_s, 4),
+            "tokens_match": peer.tokens[:n] == ours.tokens_row0[:n],
+            "tokens_compared": n,
+        }
+    return report
+
+
 def build_report(config: ModelConfig, bench: DecodeBench, params: Params, bounds: MachineBounds, ours: OursResult,
                  hf: HFResult | None, env: dict) -> dict:
     """The benchmark's figures as one flat-ish dict (the --json object)."""
@@ -201,8 +224,11 @@ def build_report(config: ModelConfig, bench: DecodeBench, params: Params, bounds
         "weight_bytes": w_bytes,
         "kv_bytes_per_step": round(kv_bytes),
         "bytes_per_step": round(step_bytes),
-        # Positions decode attention reads each step (the roofline counts only the valid ones).
+        # Positions the cache holds, and those decode attention reads per step on average (the
+        # cache cut to a bucket past the filled part); the roofline counts only the valid ones.
         "cache_len": cache_len_for(bench.context, bench.steps + 1),
+        "attended_positions": round(attended_positions(bench.context, bench.steps), 1),
+        "valid_positions": mean_valid_len(bench.context, bench.steps),
         "effective_gbs": round(ours.tok_per_s * step_bytes / 1e9, 2),
         "roofline_tok_per_s": round(roofline, 2),
         "roofline_fraction": round(ours.tok_per_s / roofline, 4),
@@ -235,7 +261,8 @@ def format_table(r: dict) -> str:
         Row("bandwidth", f"{r['bandwidth_gbs']:.1f} GB/s streaming read ({r['bandwidth_source']}; "
                          + ", ".join(f"{k} {v:.1f}" for k, v in r["bandwidth_candidates"].items()) + ")"),
         Row("bytes/step", f"{r['bytes_per_step'] / 1e6:.1f} MB = weights {r['weight_bytes'] / 1e6:.1f} MB "
-                          f"+ KV {r['kv_bytes_per_step'] / 1e6:.1f} MB"),
+                          f"+ KV {r['kv_bytes_per_step'] / 1e6:.1f} MB ({r['valid_positions']:.1f} valid positions "
+                          f"per sequence; attention reads {r['attended_positions']:.1f})"),
         Row("roofline", f"{r['roofline_tok_per_s']:.1f} tok/s per sequence -> ours at "
                         f"{r['roofline_fraction']:.0%} ({r['effective_gbs']:.1f} GB/s effective)"),
         Row("compute roof", f"{r['compute_roof_tok_per_s']:.1f} tok/s per sequence at {r['matmul_gflops']:.0f} "
@@ -245,6 +272,13 @@ def format_table(r: dict) -> str:
         rows.append(Row("HF generate", f"{r['hf_tok_per_s']:.1f} tok/s per sequence -> ours/HF "
                                        f"{r['vs_hf']:.2f}x (first {r['tokens_compared']} tokens "
                                        f"{'match' if r['tokens_match'] else 'DIFFER'})"))
+    if "llamacpp" in r:
+        lc = r["llamacpp"]
+        for precision in ("f32", "f16"):
+            p = lc[precision]
+            rows.append(Row(f"llama.cpp {precision}", f"{p['tok_per_s']:.1f} tok/s ({lc['threads']} threads) -> ours/llama.cpp "
+                                                      f"{p['ours_vs']:.2f}x (first {p['tokens_compared']} tokens "
+                                                      f"{'match' if p['tokens_match'] else 'DIFFER'})"))
     if "mesh" in r:
         rows += mesh_rows(r["mesh"])
     rows.append(env_row(r["env"]))
@@ -257,6 +291,8 @@ def check_fits(config: ModelConfig, bench: DecodeBench) -> None:
     if bench.context + bench.steps + 1 > config.max_seq_len:
         raise WaferError(f"--context {bench.context} + --steps {bench.steps} + 1 exceeds the model's "
                          f"context of {config.max_seq_len}")
+    if bench.compare_llamacpp and bench.batch != 1:
+        raise WaferError(f"--compare-llamacpp decodes one sequence; use --batch 1 (got {bench.batch})")
 
 
 def run_decode_bench(loaded: LoadedModel, bench: DecodeBench, mesh_setup: MeshSetup | None,
@@ -287,7 +323,21 @@ def run_decode_bench(loaded: LoadedModel, bench: DecodeBench, mesh_setup: MeshSe
         progress("loading HF reference and timing its generate...")
         hf = time_hf(loaded.source, prompts, bench.steps, bench.repeats, min(MATCH_TOKENS, bench.steps + 1),
                      params_dtype(loaded.params).name)
+    llamacpp = None
+    if bench.compare_llamacpp:
+        from bench.llamacpp_peer import converted_gguf, time_llamacpp
+        from model.load import cache_dir
+
+        threads = len(os.sched_getaffinity(0))
+        peers = []
+        for precision in ("f32", "f16"):
+            progress(f"converting the GGUF to {precision} with llama.cpp and timing its decode ({threads} threads)...")
+            path = converted_gguf(loaded.source, precision, cache_dir())
+            peers.append(time_llamacpp(path, precision, prompts[0], bench.steps, bench.repeats, threads))
+        llamacpp = llamacpp_report(peers, ours)
     report = build_report(config, bench, loaded.params, bounds, ours, hf, environment(hf, load_start))
+    if llamacpp is not None:
+        report["llamacpp"] = llamacpp
     if mesh is not None:
         report["mesh"] = mesh
     return report

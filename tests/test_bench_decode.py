@@ -6,6 +6,8 @@ and the arithmetic that ties them together.
 
 import functools
 import json
+import sys
+import types
 
 import pytest
 
@@ -177,3 +179,34 @@ def test_mesh_table_rows(capsys, tiny_checkpoint, small_machine):
     labels = [line.split("  ")[0] for line in out.strip().splitlines()]
     assert labels[-3:] == ["mesh", "SRAM/core", "env"]
     assert "4x4 vcores psum" in out and "match the 1x1 decoder" in out
+
+
+def test_compare_llamacpp_missing_says_how_to_install(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails as if not installed
+    rc, out, err = run_cli(capsys, "bench", "decode", "--compare-llamacpp")
+    assert rc == 2 and out == ""
+    assert err.strip().splitlines() == [
+        "wafer: error: --compare-llamacpp needs llama-cpp-python: pip install -e '.[peers]'"]
+
+
+def test_compare_llamacpp_is_batch_one(capsys, monkeypatch, tiny_checkpoint):
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.ModuleType("llama_cpp"))
+    rc, _, err = run_cli(capsys, "bench", "decode", "--checkpoint", tiny_checkpoint, "--batch", "2",
+                         "--context", "8", "--steps", "4", "--compare-llamacpp")
+    assert rc == 2
+    assert err.strip().splitlines() == ["wafer: error: --compare-llamacpp decodes one sequence; use --batch 1 (got 2)"]
+
+
+@pytest.mark.slow
+def test_llamacpp_f32_decodes_our_tokens(smollm2, tmp_path):
+    """llama.cpp on its own f32 conversion of the GGUF greedily decodes the tokens we decode."""
+    pytest.importorskip("llama_cpp")
+    from bench.llamacpp_peer import converted_gguf, time_llamacpp
+    from model.generate import Generator
+
+    prompt = decode.random_prompts(1, 64, smollm2.config.vocab_size, 0)
+    path = converted_gguf(smollm2.source, "f32", str(tmp_path))
+    assert converted_gguf(smollm2.source, "f32", str(tmp_path)) == path  # cached
+    peer = time_llamacpp(path, "f32", prompt[0], 15, 1, 2)
+    ours = Generator(smollm2.params, smollm2.config).generate(prompt, 16, stop_on_eos=False).tokens[0]
+    assert peer.tokens == ours and peer.tok_per_s > 0
