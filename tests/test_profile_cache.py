@@ -104,9 +104,11 @@ def test_the_digest_covers_every_project_module_the_profiler_imports():
     one whose source is in the digest (else an edit there would leave stale profiles readable)."""
     script = ("import sys, pathlib, serve.costs, model.trace_decode, mesh.executors\n"
               "root = pathlib.Path.cwd().resolve()\n"
+              "env = pathlib.Path(sys.prefix).resolve()  # a venv inside the checkout is not the project\n"
               "for name, m in sorted(sys.modules.items()):\n"
               "    f = getattr(m, '__file__', None)\n"
-              "    if f and pathlib.Path(f).resolve().is_relative_to(root): print(name)\n")
+              "    p = f and pathlib.Path(f).resolve()\n"
+              "    if p and p.is_relative_to(root) and not p.is_relative_to(env): print(name)\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                          cwd=costs.__file__.rsplit("/serve/", 1)[0]).stdout.split()
     assert "model.trace_decode" in out and "kernels.allreduce" in out

@@ -77,10 +77,11 @@ def test_smollm2_every_mesh_matches_hf(smollm2, chat_prompt, hf_tokens, grid, ex
 # The heads layout (mode HEADS) with more columns than KV heads: SmolLM2 (K 3, G 3) splits each
 # group's query heads over rep columns,
 # each holding a copy of the KV head. (grid, executor, schedule, rep, gc): 6 columns -> rep 2, gc 2
-# (one zero query head per group); 9 columns -> rep 3, gc 1.
+# (one zero query head per group); 9 columns -> rep 3, gc 1. The default run keeps 1x6 (vcores and
+# ring are checked against HF by the padded-mesh test above).
 SPLIT_CASES = [("1x6", Executor.DEVICES, Schedule.PSUM, 2, 2),
                pytest.param("2x6", Executor.DEVICES, Schedule.KTREE, 2, 2, marks=pytest.mark.slow),
-               ("2x9", Executor.VCORES, Schedule.RING, 3, 1)]
+               pytest.param("2x9", Executor.VCORES, Schedule.RING, 3, 1, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("grid, executor, schedule, rep, gc", SPLIT_CASES, ids=lambda v: getattr(v, "value", v))
