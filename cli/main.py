@@ -7,6 +7,7 @@ escapes is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable
 
@@ -19,6 +20,7 @@ from cli import simulate as simulate_cmd
 from mesh.errors import WaferError
 
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a process its pipe's reader closed (128 + SIGPIPE)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -93,6 +95,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("wafer: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `wafer kv inspect ... | head`: the reader has what it wanted. Stop quietly, as shell tools do.
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's flush at exit does not raise the error again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-mesh", default="2x2", help="the decode worker's RxC wafer core mesh")
     p.add_argument("--executor", choices=["devices", "vcores"], default="devices",
                    help="how the decode mesh's cores run: one JAX device each, or virtual cores on one device")
-    p.add_argument("--schedule", choices=["psum", "ring", "ktree"], default="psum", help="all-reduce schedule")
+    p.add_argument("--schedule", choices=["auto", "psum", "ring", "ktree"], default="auto",
+                   help="all-reduce schedule (auto: the fastest on the decode mesh, measured when its worker starts)")
     p.add_argument("--groups", type=positive_int, default=None, help="K-tree groups per mesh axis (default ~sqrt)")
     p.add_argument("--slots", type=positive_int, default=SchedulerConfig.slots, help="decode batch size")
     p.add_argument("--max-len", type=int_at_least(2, "at least 2"), default=EngineOptions.max_len,
@@ -114,9 +115,9 @@ def options_from_args(args):
 
     if args.port > MAX_PORT:
         raise WaferError(f"--port {args.port}: must be at most {MAX_PORT}")
-    schedule = Schedule(args.schedule)
-    if args.groups is not None and schedule is not Schedule.KTREE:
-        raise WaferError("--groups needs --schedule ktree")
+    schedule = None if args.schedule == "auto" else Schedule(args.schedule)
+    if args.groups is not None and schedule not in (None, Schedule.KTREE):
+        raise WaferError("--groups needs --schedule ktree or auto")
     grids = {}
     for flag, text in (("--prefill-mesh", args.prefill_mesh), ("--decode-mesh", args.decode_mesh)):
         try:

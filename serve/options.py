@@ -31,7 +31,8 @@ class EngineOptions:
     prefill_grid: Grid = Grid(1, 1)  # the prefill mesh (devices executor)
     decode_grid: Grid = Grid(2, 2)  # the wafer decode mesh
     executor: Executor = Executor.DEVICES  # how the decode mesh's cores run
-    schedule: Schedule = Schedule.PSUM
+    # The decode mesh's all-reduce schedule; None: the fastest on it, measured when the decode worker starts.
+    schedule: Schedule | None = Schedule.PSUM
     groups: int | None = None  # K-tree groups per mesh axis
     max_len: int = 2048  # positions per slot: prompt and output tokens together
     sram_budget: int | None = None  # bytes per decode core the SRAM planner checks (None: no limit)

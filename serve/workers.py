@@ -31,6 +31,8 @@ from kvcache.format import KVStreamError, convert_frame, header_for
 from kvcache.jax_transfer import send_kv_transfer
 from kvcache.landing import KVLanding
 from kvcache.sequence import model_fingerprint, sequence_from_prefill
+from kernels.allreduce import Schedule
+from kernels.schedule_choice import fastest_schedule
 from kvcache.transport import IO_TIMEOUT_S, send_kv
 from mesh.errors import WaferError
 from mesh.executors import Executor, make_core_mesh
@@ -110,7 +112,8 @@ def worker_site(spec: WorkerSpec, worker) -> WorkerSite:
     if spec.role is not Role.DECODE:
         meshes.append(f"prefill mesh {opts.prefill_grid} (devices)")
     if spec.role is not Role.PREFILL:
-        meshes.append(f"decode mesh {opts.decode_grid} ({opts.executor.value}, {opts.schedule.value})")
+        schedule = worker.slots.batch.opts.schedule  # what --schedule auto chose, or the named one
+        meshes.append(f"decode mesh {opts.decode_grid} ({opts.executor.value}, {schedule.value})")
         plan = worker.slots.batch.plan
         sram = SramUse(plan.per_core_bytes, opts.sram_budget,
                        tuple((k, b) for k, b in plan.bytes_by_kind().items() if b))
@@ -285,7 +288,12 @@ def decode_batch(loaded: LoadedModel, spec: WorkerSpec) -> SlotBatch:
     mesh = make_core_mesh(opts.decode_grid, opts.executor, jax.devices())
     budget = emulated_spec(opts.sram_budget) if opts.sram_budget else None
     batch = SlotBatch(loaded.params, loaded.config, mesh, opts.scheduler.slots, opts.max_len,
-                      MeshOptions(opts.schedule, opts.groups, greedy=False), budget)
+                      MeshOptions(opts.schedule or Schedule.PSUM, opts.groups, greedy=False), budget)
+    if opts.schedule is None:  # --schedule auto: measured on this mesh (the peers of a spread mesh agree)
+        schedule, seconds = fastest_schedule(mesh, batch.layout.d, opts.scheduler.slots, opts.groups)
+        batch.use_schedule(schedule)
+        log.info("decode mesh %s: all-reduce schedule %s, measured (%s)", opts.decode_grid, schedule.value,
+                 ", ".join(f"{s.value} {t * 1e3:.2f} ms" for s, t in seconds.items()) or "one core: no all-reduce")
     batch.compile()
     return batch
 

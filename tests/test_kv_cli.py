@@ -101,3 +101,20 @@ def test_bench_kv_dtypes_in_one_run(capsys):
     assert d["vs_first"]["bfloat16"]["serialize_plus_deserialize_GBps"] > 0
     rc, _, err = run_cli(capsys, "bench", "kv", "--dtypes", "float32,int8")
     assert_one_line_error(rc, err, "--dtypes 'float32,int8'")
+
+
+class _ClosedPipe:
+    """stdout whose reader has gone (`wafer kv inspect ... | head` after head exits)."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_closed_pipe_ends_quietly_with_sigpipes_status(exported, monkeypatch, capsys):
+    from cli.main import EXIT_BROKEN_PIPE, main
+    monkeypatch.setattr("sys.stdout", _ClosedPipe())
+    assert main(["kv", "inspect", exported]) == EXIT_BROKEN_PIPE
+    assert capsys.readouterr().err == ""

@@ -35,7 +35,7 @@ def options(*argv) -> EngineOptions:
 def test_defaults():
     o = options()
     assert (o.mode, o.prefill_grid, o.decode_grid, o.executor, o.schedule) == \
-        (Mode.DISAGGREGATED, Grid(1, 1), Grid(2, 2), Executor.DEVICES, Schedule.PSUM)
+        (Mode.DISAGGREGATED, Grid(1, 1), Grid(2, 2), Executor.DEVICES, None)  # None: --schedule auto
     assert (o.transport, o.prefill_cpus, o.decode_cpus, o.distributed, o.groups) == ("tcp", None, None, None, None)
     assert o.max_len == EngineOptions.max_len and o.scheduler.mode is Mode.DISAGGREGATED
 
@@ -71,7 +71,7 @@ def test_cpu_lists():
     (["--prefill-mesh", "0x1"], ["--prefill-mesh", "positive"]),
     (["--prefill-cpus", "a"], ["--prefill-cpus 'a'", "0-3,6"]),
     (["--decode-cpus", "100000"], ["--decode-cpus", "CPU 100000 is not available"]),
-    (["--groups", "2"], ["--groups needs --schedule ktree"]),
+    (["--groups", "2", "--schedule", "psum"], ["--groups needs --schedule ktree"]),
     (["--groups", "0", "--schedule", "ktree"], ["--groups", "positive"]),
     (["--slots", "0"], ["--slots", "positive"]),
     (["--max-waiting", "-1"], ["--max-waiting"]),

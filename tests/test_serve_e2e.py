@@ -295,6 +295,9 @@ def test_completion_from_token_ids_equals_generate(server, reference, stream):
     assert text == ref["text"]  # identical tokens (the tokenizer is one fixed-width word per id)
     assert finish == finish_reason_of(ref["tokens"], NEW_TOKENS)
     assert (usage.prompt_tokens, usage.completion_tokens) == (len(COMPLETION_PROMPT), len(ref["tokens"]))
+    # The server's default --schedule auto measured the schedules on the decode mesh before serving.
+    assert re.search(r"decode mesh 1x2: all-reduce schedule (psum|ring|ktree), measured \(psum [\d.]+ ms, ring",
+                     "".join(server.log))
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
