@@ -190,7 +190,9 @@ def run_serve_bench(bench: ServeBench, load_start: float | None, progress: Calla
         best, probes = find_max_rate(lambda r: one_run(r)["slo_attainment"], bench.search)
         report["search"] = {"target_attainment": TARGET_ATTAINMENT, "lo": bench.search.lo, "hi": bench.search.hi,
                             "steps": bench.search.steps, "probes": probes, "max_rate": best,
-                            "max_rate_per_cpu": round(best / bench.cpus, 4) if best is not None else None}
+                            "max_rate_per_cpu": round(best / bench.cpus, 4) if best is not None else None,
+                            # probes too short to hold their rate (bench.serve_metrics.sustained)
+                            "bursts": [r["rate"] for r in runs if r.get("sustained") is False]}
     elif bench.slos and len(bench.rates) > 1:
         held = [r["rate"] for r in runs if r["rate"] != "inf" and r["slo_attainment"] >= TARGET_ATTAINMENT]
         best = max(held) if held else None

@@ -133,6 +133,17 @@ def request_row(rec: RequestRecord) -> dict:
     return row
 
 
+def sustained(records: list[RequestRecord], lat: list[RequestLatency]) -> dict:
+    """Whether a run measured its rate or a burst: a rate holds only once requests overlap as they
+    would in steady state, so the arrivals must span at least as long as a typical request takes
+    (the median end-to-end latency). Fewer requests than that measure how a server drains a burst,
+    and a rate far past its capacity can then still meet the SLOs."""
+    window = max(r.scheduled for r in records) - min(r.scheduled for r in records) if records else 0.0
+    e2e = float(np.median([x.e2e for x in lat])) if lat else None
+    return {"arrival_window_s": round(window, 3),
+            "sustained": None if e2e is None else bool(window >= e2e)}
+
+
 def summarize(run: LoadRun, rate: float, burstiness: float, slos: SLOs, per_request: bool = False) -> dict:
     """The figures of one run at one rate (one entry of the --json `runs` list); with
     `per_request`, each request's own figures too (for checking a simulator request by request)."""
@@ -166,6 +177,7 @@ def summarize(run: LoadRun, rate: float, burstiness: float, slos: SLOs, per_requ
         "good_requests": good,
         "goodput": round(good / d, 4) if good is not None and d > 0 else None,
         "slo_attainment": round(good / len(run.records), 4) if good is not None and run.records else None,
+        **sustained(run.records, lat),
     }
     if per_request:
         out["per_request"] = [request_row(r) for r in run.records]

@@ -55,12 +55,19 @@ def _run_rows(run: dict, slos: dict) -> list[Row]:
     if slos:
         rows.append(Row("goodput", f"{run['goodput']:.3f} req/s ({run['slo_attainment']:.0%} of requests within "
                                    f"{_slos(slos)})"))
+    if run.get("sustained") is False:
+        rows.append(Row("warning", _burst_note(run)))
     if run["failed"]:
         rows.append(Row("errors", _errors(run)))
     if run["short_outputs"] or run["prompt_len_mismatches"]:
         rows.append(Row("lengths", f"{run['short_outputs']} requests got fewer tokens than asked, "
                                    f"{run['prompt_len_mismatches']} prompts counted differently by the server"))
     return rows
+
+
+def _burst_note(run: dict) -> str:
+    return (f"the arrivals spanned {run['arrival_window_s']:.1f} s, less than the median request "
+            f"({run['e2e_ms']['median'] / 1e3:.1f} s): a burst, not a sustained rate; raise --requests")
 
 
 def _sweep_line(run: dict, slos: dict) -> str:
@@ -87,6 +94,10 @@ def _max_rate_rows(r: dict) -> list[Row]:
                 if s["max_rate"] is not None else f"below {s['lo']:g} req/s")
         rows.append(Row("max rate", f"{best}: highest measured rate with >= {s['target_attainment']:.0%} of "
                                     f"requests within the SLOs (probes {probes})"))
+        if s.get("bursts"):
+            rows.append(Row("warning", f"the probes at {', '.join(f'{x:g}' for x in s['bursts'])} req/s ended their "
+                                       f"arrivals before a median request finished: bursts, so the max rate may be "
+                                       f"overstated; raise --requests"))
     if "sweep_max_rate" in r:
         s = r["sweep_max_rate"]
         best = (f"{s['max_rate']:g} req/s, {s['max_rate_per_cpu']:g} req/s per CPU ({r['cpus']} CPUs)"
@@ -107,6 +118,8 @@ def format_table(r: dict) -> str:
         rows.append(Row("rate req/s", SWEEP_HEADER + (f" {'goodput':>8} {'in SLO':>6}" if r["slos"] else "")))
         rows += [Row(f"{_rate(run['rate'])}", _sweep_line(run, r["slos"])) for run in r["runs"]]
         rows += [Row(f"errors @ {_rate(run['rate'])}", _errors(run)) for run in r["runs"] if run["failed"]]
+        rows += [Row(f"warning @ {_rate(run['rate'])}", _burst_note(run)) for run in r["runs"]
+                 if run.get("sustained") is False]
     rows += _max_rate_rows(r)
     env = r["env"]
     rows.append(Row("client", f"{env['client_cpus']} CPUs, python {env['python']}, aiohttp {env['aiohttp']}"

@@ -15,8 +15,9 @@ import pytest
 from aiohttp import web
 
 from bench.serve_client import LoadRun, RequestRecord
-from bench.serve_load import RateSearch, find_max_rate
+from bench.serve_load import RateSearch, environment, find_max_rate
 from bench.serve_metrics import SLOs, parse_slos, summarize
+from bench.serve_report import format_table
 from bench.serve_workload import PROMPT_ID_MARGIN, Workload, arrival_times, make_requests
 from mesh.errors import WaferError
 from tests.helpers.cli_runner import assert_one_line_error, run_cli
@@ -201,6 +202,24 @@ def test_metrics_from_known_timings_equal_hand_computed_values():
     assert s["slo_attainment"] == pytest.approx(0.25)
     no_slo = summarize(LoadRun(records, 2.0), 2.0, 1.0, SLOs())
     assert no_slo["goodput"] is None and no_slo["slo_attainment"] is None
+    # Arrivals span 1.0 s, over the median request's 0.3 s: the run held its rate.
+    assert (s["arrival_window_s"], s["sustained"]) == (1.0, True)
+
+
+def test_a_run_shorter_than_its_requests_is_flagged_a_burst():
+    # Three requests sent within 0.2 s that each take ~1 s: the server drained a burst; nothing
+    # says it could hold that rate, so the report must not read as if it did.
+    records = [_rec(i, 0.1 * i, [0.1 * i + 0.3, 0.1 * i + 1.0]) for i in range(3)]
+    s = summarize(LoadRun(records, 1.2), 15.0, 1.0, parse_slos(["ttft:500"]))
+    assert (s["arrival_window_s"], s["sustained"]) == (0.2, False)
+    assert s["slo_attainment"] == 1.0
+    report = {"label": None, "url": "http://x", "model": "m", "requests": 3, "seed": 0, "burstiness": 1.0,
+              "max_concurrency": None, "warmup": 0, "slos": {"ttft_ms": 500.0}, "cpus": 2,
+              "profile": {"name": "custom", "input_len": 4, "output_len": 2, "spread": 0, "vocab_size": 100},
+              "runs": [s], "env": environment(None)}
+    assert "a burst, not a sustained rate" in format_table(report)
+    assert "warning @ 15" in format_table({**report, "runs": [s, {**s, "rate": 1.0, "sustained": True}]})
+    assert summarize(LoadRun([], 1.0), 1.0, 1.0, SLOs())["sustained"] is None
 
 
 def test_slo_parsing():
