@@ -90,7 +90,8 @@ def _max_rate_rows(r: dict) -> list[Row]:
     if "search" in r:
         s = r["search"]
         probes = ", ".join(f"{p['rate']:g} -> {p['attainment']:.0%}" for p in s["probes"])
-        best = (f"{s['max_rate']:g} req/s, {s['max_rate_per_cpu']:g} req/s per CPU ({r['cpus']} CPUs)"
+        at_least = "at least " if s["max_rate"] == s["hi"] else ""  # the top of the range held: the knee is above
+        best = (f"{at_least}{s['max_rate']:g} req/s, {s['max_rate_per_cpu']:g} req/s per CPU ({r['cpus']} CPUs)"
                 if s["max_rate"] is not None else f"below {s['lo']:g} req/s")
         rows.append(Row("max rate", f"{best}: highest measured rate with >= {s['target_attainment']:.0%} of "
                                     f"requests within the SLOs (probes {probes})"))

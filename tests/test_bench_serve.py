@@ -220,6 +220,12 @@ def test_a_run_shorter_than_its_requests_is_flagged_a_burst():
     assert "a burst, not a sustained rate" in format_table(report)
     assert "warning @ 15" in format_table({**report, "runs": [s, {**s, "rate": 1.0, "sustained": True}]})
     assert summarize(LoadRun([], 1.0), 1.0, 1.0, SLOs())["sustained"] is None
+    # A search whose top end held says the knee lies above it, and names the burst probes.
+    search = {"target_attainment": 0.9, "lo": 1.0, "hi": 15.0, "steps": 0, "max_rate": 15.0, "max_rate_per_cpu": 7.5,
+              "probes": [{"rate": 1.0, "attainment": 1.0}, {"rate": 15.0, "attainment": 1.0}], "bursts": [15.0]}
+    text = format_table({**report, "search": search})
+    assert "at least 15 req/s, 7.5 req/s per CPU" in text and "probes at 15 req/s ended their arrivals" in text
+    assert "at least" not in format_table({**report, "search": {**search, "hi": 30.0}})
 
 
 def test_slo_parsing():
