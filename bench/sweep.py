@@ -76,7 +76,13 @@ def check_axis(name: str, values: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _gib(n: float) -> str:
-    return f"{n / GiB:.1f} GiB"
+    return f"{n / GiB:.1f} GiB" if n >= GiB / 10 else f"{n / 1e6:.1f} MB"
+
+
+def _with_notes(header: list[str], rows: list[list], notes: list[str]) -> str:
+    """`table` of the rows, each line followed by its note (left-aligned, free text)."""
+    lines = table(header, rows).splitlines()
+    return "\n".join([lines[0] + "  note", lines[1]] + [f"{line}  {note}".rstrip() for line, note in zip(lines[2:], notes)])
 
 
 # ------------------------------------------------------------------------------------------ decode
@@ -217,13 +223,17 @@ def format_decode_sweep(r: dict) -> str:
     rows = []
     for p in r["points"]:
         if p["skipped"]:
-            rows.append([p["batch"], p["context"], "-", "-", "-", "-", "-", f"skipped: {p['skipped']}"])
+            rows.append([p["batch"], p["context"], "-", "-", "-", "-", "-"])
         else:
             rows.append([p["batch"], p["context"], f"{p['tok_per_s']:.1f}", f"{p['tok_per_s_aggregate']:.1f}",
                          f"{p['bytes_per_step'] / 1e6:.1f}", f"{p['roofline_tok_per_s']:.1f}",
-                         f"{p['roofline_fraction']:.2f}", ""])
-    header = ["batch", "context", "tok/s per seq", "tok/s all", "MB/step", "bound tok/s per seq", "of bound", "note"]
-    return "\n".join([head, table(header, rows), env_line(r["env"])])
+                         f"{p['roofline_fraction']:.2f}"])
+    header = ["batch", "context", "tok/s per seq", "tok/s all", "MB/step", "bound tok/s per seq", "of bound"]
+    return "\n".join([head, _with_notes(header, rows, _notes(r["points"])), env_line(r["env"])])
+
+
+def _notes(points: list[dict]) -> list[str]:
+    return [f"skipped: {p['skipped']}" if p["skipped"] else "" for p in points]
 
 
 def env_line(env: dict) -> str:
@@ -331,9 +341,9 @@ def format_prefill_sweep(r: dict) -> str:
     rows = []
     for p in r["points"]:
         if p["skipped"]:
-            rows.append([p["batch"], p["prompt_len"], "-", "-", "-", "-", f"skipped: {p['skipped']}"])
+            rows.append([p["batch"], p["prompt_len"], "-", "-", "-", "-"])
         else:
             rows.append([p["batch"], p["prompt_len"], f"{p['tok_per_s']:.0f}", f"{p['flops'] / 1e9:.1f}",
-                         f"{p['achieved_gflops']:.1f}", f"{p['mfu']:.3f}", ""])
-    header = ["batch", "prompt len", "tok/s", "GFLOP needed", "GFLOP/s", "MFU", "note"]
-    return "\n".join([head, table(header, rows), env_line(r["env"])])
+                         f"{p['achieved_gflops']:.1f}", f"{p['mfu']:.3f}"])
+    header = ["batch", "prompt len", "tok/s", "GFLOP needed", "GFLOP/s", "MFU"]
+    return "\n".join([head, _with_notes(header, rows, _notes(r["points"])), env_line(r["env"])])

@@ -25,10 +25,10 @@ def check_plot_path(path: str) -> None:
         raise WaferError(f"--plot {path}: folder {folder} is not writable")
 
 
-def _save(plt, fig, path: str, env: dict) -> str:
-    """Write `fig` with the machine and its load average under it."""
+def _save(plt, fig, path: str, env: dict, note: str) -> str:
+    """Write `fig` with the machine, its load average and `note` under it."""
     fig.text(0.01, -0.02, f"{env['cpu_count']} CPUs ({env['cpu_model']}), load average "
-                          f"{env.get('loadavg_1m_start')} -> {env.get('loadavg_1m_end')}", fontsize=8)
+                          f"{env.get('loadavg_1m_start')} -> {env.get('loadavg_1m_end')}{note}", fontsize=8, wrap=True)
     check_plot_path(path)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -44,9 +44,20 @@ def _series(points: list[dict], line_key: str, x_key: str) -> dict[int, list[dic
     return {k: sorted(v, key=lambda p: p[x_key]) for k, v in sorted(out.items())}
 
 
-def _skipped_note(points: list[dict], x_key: str, line_key: str) -> str:
-    skipped = [f"{p[x_key]}x{p[line_key]}" for p in points if p["skipped"]]
-    return f"; skipped (memory or context): {', '.join(skipped)}" if skipped else ""
+def _skipped_note(points: list[dict], keys: tuple[str, str]) -> str:
+    skipped = [" ".join(f"{k.replace('_', ' ')} {p[k]}" for k in keys) for p in points if p["skipped"]]
+    return f"; not run (memory or the model's context, see the JSON): {', '.join(skipped)}" if skipped else ""
+
+
+def _log2_axes(axes, points: list[dict], x_key: str) -> None:
+    """A base-2 x axis ticked at the values that ran, a grid and a legend on each of `axes`."""
+    xs = sorted({p[x_key] for p in points if not p["skipped"]})
+    for a in axes:
+        a.set_xscale("log", base=2)
+        a.set_xticks(xs, [str(x) for x in xs])
+        a.minorticks_off()
+        a.grid(True, which="major", alpha=0.3)
+        a.legend(fontsize=8)
 
 
 def write_decode_plot(r: dict, path: str) -> str:
@@ -64,13 +75,10 @@ def write_decode_plot(r: dict, path: str) -> str:
            title=f"{r['model']} ({r['dtype']}) decode: measured (solid) vs bound (dashed)")
     ax_f.axhline(1.0, color="k", ls="--", alpha=0.7, label="bound")
     ax_f.set(ylim=(0, 1.1), xlabel="batch", ylabel="fraction of the bandwidth bound",
-             title=f"{r['steps']} steps x {r['repeats']} runs per point (median)"
-                   + _skipped_note(r["points"], "batch", "context"))
-    for a in (ax, ax_f):
-        a.set_xscale("log", base=2)
-        a.grid(True, which="both", alpha=0.3)
-        a.legend(fontsize=8)
-    return _save(plt, fig, path, r["env"])
+             title=f"{r['steps']} steps x {r['repeats']} runs per point (median), cache {r['cache']}")
+    _log2_axes((ax, ax_f), r["points"], "batch")
+    ax.grid(True, which="both", axis="y", alpha=0.3)
+    return _save(plt, fig, path, r["env"], _skipped_note(r["points"], ("batch", "context")))
 
 
 def write_prefill_plot(r: dict, path: str) -> str:
@@ -88,9 +96,6 @@ def write_prefill_plot(r: dict, path: str) -> str:
            title=f"{r['model']} ({r['dtype']}) prefill on {r['mesh']} ({r['executor']})")
     ax_f.axhline(1.0, color="k", ls="--", alpha=0.7, label="peak")
     ax_f.set(ylim=(0, 1.1), xlabel="prompt length (tokens)", ylabel="MFU (fraction of the matmul peak)",
-             title=f"{r['repeats']} runs per point (median)" + _skipped_note(r["points"], "prompt_len", "batch"))
-    for a in (ax, ax_f):
-        a.set_xscale("log", base=2)
-        a.grid(True, which="both", alpha=0.3)
-        a.legend(fontsize=8)
-    return _save(plt, fig, path, r["env"])
+             title=f"{r['repeats']} runs per point (median), chunks of {r['chunk']} tokens")
+    _log2_axes((ax, ax_f), r["points"], "prompt_len")
+    return _save(plt, fig, path, r["env"], _skipped_note(r["points"], ("batch", "prompt_len")))
