@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from bench.plots import _pyplot
+from bench.plots import agg_pyplot
 from mesh.errors import WaferError
 
 
@@ -62,7 +62,7 @@ def _log2_axes(axes, points: list[dict], x_key: str) -> None:
 
 def write_decode_plot(r: dict, path: str) -> str:
     """Aggregate tok/s against batch (bound dashed, same colour) and the fraction of the bound."""
-    plt = _pyplot()
+    plt = agg_pyplot()
     fig, (ax, ax_f) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, (context, pts) in enumerate(_series(r["points"], "context", "batch").items()):
         color = f"C{i % 10}"
@@ -83,7 +83,7 @@ def write_decode_plot(r: dict, path: str) -> str:
 
 def write_prefill_plot(r: dict, path: str) -> str:
     """Achieved GFLOP/s against prompt length (matmul peak drawn) and MFU, one line per batch."""
-    plt = _pyplot()
+    plt = agg_pyplot()
     fig, (ax, ax_f) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, (batch, pts) in enumerate(_series(r["points"], "batch", "prompt_len").items()):
         color = f"C{i % 10}"
