@@ -71,11 +71,11 @@ def write_decode_plot(r: dict, path: str) -> str:
         ax.plot(batches, [p["roofline_tok_per_s"] * p["batch"] for p in pts], "--", color=color, alpha=0.7)
         ax_f.plot(batches, [p["roofline_fraction"] for p in pts], "o-", color=color, label=f"context {context}")
     ax.plot([], [], "k--", alpha=0.7, label=f"bandwidth bound ({r['bandwidth_gbs']:.0f} GB/s)")
-    ax.set(yscale="log", xlabel="batch", ylabel="tok/s, all sequences",
-           title=f"{r['model']} ({r['dtype']}) decode: measured (solid) vs bound (dashed)")
+    fig.suptitle(f"{r['model']} ({r['dtype']}) decode, {r['steps']} steps x {r['repeats']} runs per point (median), "
+                 f"cache {r['cache']}")
+    ax.set(yscale="log", xlabel="batch", ylabel="tok/s, all sequences", title="measured (solid) vs bound (dashed)")
     ax_f.axhline(1.0, color="k", ls="--", alpha=0.7, label="bound")
-    ax_f.set(ylim=(0, 1.1), xlabel="batch", ylabel="fraction of the bandwidth bound",
-             title=f"{r['steps']} steps x {r['repeats']} runs per point (median), cache {r['cache']}")
+    ax_f.set(ylim=(0, 1.1), xlabel="batch", ylabel="fraction of the bandwidth bound", title="fraction of the bound")
     _log2_axes((ax, ax_f), r["points"], "batch")
     ax.grid(True, which="both", axis="y", alpha=0.3)
     return _save(plt, fig, path, r["env"], _skipped_note(r["points"], ("batch", "context")))
@@ -92,10 +92,12 @@ def write_prefill_plot(r: dict, path: str) -> str:
         ax_f.plot(lens, [p["mfu"] for p in pts], "o-", color=color, label=f"batch {batch}")
     ax.axhline(r["matmul_peak_gflops"], color="k", ls="--", alpha=0.7,
                label=f"matmul peak ({r['matmul_peak_gflops']:.0f} GFLOP/s, {r['matmul_peak_source']})")
+    fig.suptitle(f"{r['model']} ({r['dtype']}) prefill on the {r['mesh']} mesh ({r['executor']}), {r['repeats']} runs "
+                 f"per point (median), chunks of {r['chunk']} tokens")
     ax.set(ylim=(0, r["matmul_peak_gflops"] * 1.1), xlabel="prompt length (tokens)", ylabel="GFLOP/s of needed work",
-           title=f"{r['model']} ({r['dtype']}) prefill on {r['mesh']} ({r['executor']})")
+           title="achieved vs the matmul peak (dashed)")
     ax_f.axhline(1.0, color="k", ls="--", alpha=0.7, label="peak")
     ax_f.set(ylim=(0, 1.1), xlabel="prompt length (tokens)", ylabel="MFU (fraction of the matmul peak)",
-             title=f"{r['repeats']} runs per point (median), chunks of {r['chunk']} tokens")
+             title="MFU")
     _log2_axes((ax, ax_f), r["points"], "prompt_len")
     return _save(plt, fig, path, r["env"], _skipped_note(r["points"], ("batch", "prompt_len")))
