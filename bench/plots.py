@@ -10,7 +10,8 @@ from mesh.errors import WaferError
 COMPARE_GRIDS = ("180x180", "360x360", "480x96", "360x240", "750x128")
 
 
-def _pyplot():
+def agg_pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -28,7 +29,7 @@ def write_plots(profile, out_dir: str, progress) -> list[str]:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise WaferError(f"--plot {out_dir}: {e.strerror}") from None
-    plt = _pyplot()
+    plt = agg_pyplot()
     title = f"{profile.config.name} on {profile.spec.name}, {profile.grid} per stage, {profile.schedule.value}"
     paths = []
 

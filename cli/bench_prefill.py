@@ -1,19 +1,31 @@
-"""`wafer bench prefill`: its flags, and the report of `bench.prefill` on stdout."""
+"""`wafer bench prefill`: its flags, and the report of `bench.prefill` on stdout; with --batches,
+--prompt-lens or --plot, a sweep over batches x prompt lengths (`bench.sweep`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from bench.prefill import PrefillBench, check_fits, format_table, run_prefill_bench
-from cli.flags import add_dtype_arg, add_model_args, busy_check, int_at_least, positive_int, progress
+from cli.flags import (add_dtype_arg, add_model_args, busy_check, int_at_least, int_list, positive_int,
+                       progress)
+from mesh.errors import WaferError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     add_dtype_arg(p)
-    p.add_argument("--batch", type=positive_int, default=8, help="prompts prefilled together")
-    p.add_argument("--prompt-len", type=positive_int, default=512, help="tokens per prompt")
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument("--batch", type=positive_int, default=8, help="prompts prefilled together")
+    batch.add_argument("--batches", type=int_list, default=None, metavar="B1,B2,...",
+                       help="sweep: every batch in the list (with --prompt-lens: every pair)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--prompt-len", type=positive_int, default=512, help="tokens per prompt")
+    length.add_argument("--prompt-lens", type=int_list, default=None, metavar="N1,N2,...",
+                        help="sweep: every prompt length in the list")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="sweep: draw GFLOP/s against the matmul peak and the MFU per point into this file")
     p.add_argument("--mesh", default="1x1",
                    help="prefill mesh RxC: R data-parallel rows (batch split), C tensor-parallel columns "
                         "(heads and F split); N means 1xN (default 1x1: one device)")
@@ -31,13 +43,43 @@ def run(args) -> int:
     from mesh.executors import Executor, Grid
     from model.load import load_model
 
+    sweep = args.batches is not None or args.prompt_lens is not None or args.plot is not None
+    if sweep and args.compare_hf:
+        raise WaferError("--compare-hf times one point; a sweep (--batches, --prompt-lens, --plot) does not take it")
     grid = Grid.parse(args.mesh)
     executor = Executor(args.executor)
     if executor is Executor.DEVICES:
         ensure_cpu_devices(grid.cores)  # before JAX starts
+    if sweep:
+        return run_sweep(args, grid, executor)
     loaded = load_model(args.model, args.checkpoint, dtype=args.dtype)
     bench = PrefillBench(args.batch, args.prompt_len, args.chunk, args.repeats, args.seed, args.compare_hf)
     check_fits(loaded.config, bench)  # before the busy check's warning: a bad request is one line
     report = run_prefill_bench(loaded, bench, grid, executor, busy_check(), progress)
     print(json.dumps(report) if args.json else format_table(report))
+    return 0
+
+
+def run_sweep(args, grid, executor) -> int:
+    """Every (batch, prompt length) point against one matmul peak, with a progress bar."""
+    from tqdm import tqdm
+
+    from bench.sweep import PrefillSweep, format_prefill_sweep, run_prefill_sweep
+    from bench.sweep_plots import check_plot_path, write_prefill_plot
+    from model.load import load_model
+
+    sweep = PrefillSweep(args.batches or (args.batch,), args.prompt_lens or (args.prompt_len,), args.chunk,
+                         args.repeats, args.seed)
+    if args.plot is not None:
+        check_plot_path(args.plot)
+    loaded = load_model(args.model, args.checkpoint, dtype=args.dtype)
+    load_start = busy_check()
+    points = sweep.points()
+    progress(f"wafer bench prefill sweep: {len(points)} points on the {grid} mesh, {sweep.repeats} timed runs each "
+             f"(after one that compiles)")
+    with tqdm(total=len(points), unit="point", file=sys.stderr, dynamic_ncols=True) as bar:
+        report = run_prefill_sweep(loaded, sweep, grid, executor, load_start, progress, lambda: bar.update(1))
+    if args.plot is not None:
+        report["plot"] = write_prefill_plot(report, args.plot)
+    print(json.dumps(report) if args.json else format_prefill_sweep(report))
     return 0

@@ -10,19 +10,8 @@ import pathlib
 import sys
 
 from cli import serve as serve_cmd
-from cli.flags import busy_check, positive_int, progress
+from cli.flags import busy_check, int_list, positive_int, progress
 from mesh.errors import WaferError
-
-
-def int_list(text: str) -> tuple[int, ...]:
-    """'32,128,256' -> (32, 128, 256): positive integers."""
-    try:
-        values = tuple(int(t) for t in text.replace(" ", "").split(",") if t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
-    return values
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -30,6 +30,17 @@ def int_at_least(minimum: int, what: str):
 positive_int = int_at_least(1, "a positive integer")
 
 
+def int_list(text: str) -> tuple[int, ...]:
+    """'32,128,256' -> (32, 128, 256): positive integers."""
+    try:
+        values = tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
 # ------------------------------------------------------------------------------- model and prompt
 
 
