@@ -63,9 +63,8 @@ from typing import Callable
 import numpy as np
 
 from serve.costs import CostSource
-from serve.events import (Arrival, FailReason, HandoffDone, Mode, PrefillDone, PrefillOutcome, SchedulerConfig,
-                          SlotToken, StepDone, Tick, Worker, WorkerDied, WorkerReady)
-from serve.scheduler import Scheduler
+from serve.events import FailReason, Mode, SchedulerConfig, Worker
+from serve.scheduler import Pending, Scheduler
 from serve.streamstats import LogHistogram
 from serve.workload import Workload
 
@@ -218,14 +217,15 @@ class _Unit:
         self.output: dict[str, int] = {}  # live request -> output tokens it will produce
         self.owner: list[str | None] = [None] * fleet.config.slots  # slot -> the request it is reserved for
         self.pending_slot: dict[str, int] = {}  # integrated: request in the prefill batch -> its slot
-        # Committed slots: slot -> [SlotToken, context positions at commit, first step it is in, the
-        # value of `steps_done` after which it has all its tokens].
+        # Committed slots: slot -> [its token in a step_done (request id, slot, token, finish), context
+        # positions at commit, first step it is in, the value of `steps_done` after which it has all
+        # its tokens].
         self.committed: dict[int, list] = {}
         self.plan: _Plan | None = None  # the decode steps in flight
         # Steps a plan covers at most: doubled when a plan runs to its end, cut to twice what ran
         # when another event cuts it (step times computed past the cut are wasted).
         self.horizon = _HORIZON_MIN
-        self.step_tokens: tuple[SlotToken, ...] | None = None  # the committed slots' tokens, cached
+        self.step_tokens: tuple[tuple, ...] | None = None  # the committed slots' tokens, cached
         self.context = 0  # context positions over the committed slots
         self.steps_done = 0
         self.step_in_flight = False
@@ -239,7 +239,7 @@ class _Unit:
     def commit(self, slot: int, rid: str) -> None:
         start = self.steps_done + (1 if self.step_in_flight else 0)
         # The first token comes from the prefill, then one per step.
-        self.committed[slot] = [SlotToken(rid, slot, 0), self.prompt[rid], start, start + self.output[rid] - 1]
+        self.committed[slot] = [(rid, slot, 0, None), self.prompt[rid], start, start + self.output[rid] - 1]
         self.context += self.prompt[rid]
         self.step_tokens = None
 
@@ -381,7 +381,7 @@ class Simulator:
         unit.prompt[rid] = prompt_len
         unit.output[rid] = output_len
         in_flight = self._catch_up(unit, t, True)  # arrivals follow completions at one instant
-        self._handle(unit, Arrival(t, rid, prompt_len, output_len))
+        self._apply(unit, unit.sched.arrive(t, rid, prompt_len, output_len), t)
         self._cut(unit, in_flight)
 
     def _complete(self, unit: _Unit, t: float, kind: int, payload) -> None:
@@ -397,11 +397,12 @@ class Simulator:
                 return
             unit.tick_at = None
         in_flight = self._catch_up(unit, t, kind > _STEP_DONE)
+        sched = unit.sched
         if kind == _HANDOFF_DONE:
             rid, slot = payload
             if unit.owner[slot] == rid and slot not in unit.committed:
                 unit.commit(slot, rid)
-            self._handle(unit, HandoffDone(t, rid, slot))
+            self._apply(unit, sched.handoff_done(t, rid, slot), t)
         elif kind == _PREFILL_DONE:
             batch = payload[1]
             if unit.integrated:
@@ -409,11 +410,12 @@ class Simulator:
                     slot = unit.pending_slot.pop(rid, None)
                     if slot is not None and unit.owner[slot] == rid:
                         unit.commit(slot, rid)
-            self._handle(unit, PrefillDone(t, tuple(PrefillOutcome(rid, 0) for rid in batch)))
+            self._apply(unit, sched.prefill_done(t, [(rid, 0, None) for rid in batch]), t)
         elif kind == _CONTROL:
-            self._handle(unit, payload)
+            ready, worker = payload
+            self._apply(unit, sched.worker_ready(t, worker) if ready else sched.worker_died(t, worker), t)
         else:
-            self._handle(unit, Tick(t))
+            self._apply(unit, sched.tick(t), t)
         self._cut(unit, in_flight)
 
     # Decode steps in bulk. A plan runs its batch until the first of its requests has all its
@@ -459,7 +461,8 @@ class Simulator:
         unit.evicted_in_flight = 0
         unit.steps_done += k
         p.done = j
-        self._handle(unit, StepDone(p.ends[j], p.tokens, k, p.ends[j - 1] if k > 1 else None))
+        t = p.ends[j]
+        self._apply(unit, unit.sched.step_done(t, p.tokens, k, p.ends[j - 1] if k > 1 else None), t)
         if unit.plan is p and not unit.step_in_flight:
             unit.plan = None
 
@@ -523,25 +526,24 @@ class Simulator:
             res.decode_busy_s += p.durations[p.counted] if upto == p.counted + 1 else sum(p.durations[p.counted:upto])
             p.counted = upto
 
-    def _handle(self, unit: _Unit, event) -> None:
+    def _apply(self, unit: _Unit, d: Pending, now: float) -> None:
+        """Carry out the scheduler's decision on an event at `now`."""
         self.result.events += 1
-        d = unit.sched.handle(event)
-        now = event.time
         if d.restart:
             self._restart(unit, now, d.restart)
         for slot in d.evict:
             unit.evict(slot)
-        for p in d.placements:
-            unit.owner[p.slot] = p.request_id
+        for rid, slot in d.placements:
+            unit.owner[slot] = rid
             if unit.integrated:
-                unit.pending_slot[p.request_id] = p.slot
+                unit.pending_slot[rid] = slot
             else:
                 start = max(now, unit.link_free, unit.prefill_free) if self.handoff_on_prefill \
                     else max(now, unit.link_free)
-                dt = self._price(self.handoff_s, unit.cost.handoff_s, unit.prompt[p.request_id])
+                dt = self._price(self.handoff_s, unit.cost.handoff_s, unit.prompt[rid])
                 unit.link_free = start + dt
                 self.result.link_busy_s += dt
-                self._push(start + dt, _HANDOFF_DONE, unit.index, (p.request_id, p.slot))
+                self._push(start + dt, _HANDOFF_DONE, unit.index, (rid, slot))
         if d.prefill:
             prompts = unit.prompt
             dt = self._price(self.prefill_s, unit.cost.prefill_s, tuple([prompts[rid] for rid in d.prefill]))
@@ -571,16 +573,15 @@ class Simulator:
                 unit.gen[Worker.PREFILL] += 1
                 unit.prefill_free = now
                 unit.pending_slot.clear()
-            self._push(now, _CONTROL, unit.index, WorkerDied(now, w))
-            self._push(now + self.fleet.restart_s, _CONTROL, unit.index, WorkerReady(now + self.fleet.restart_s, w))
+            self._push(now, _CONTROL, unit.index, (False, w))  # WorkerDied
+            self._push(now + self.fleet.restart_s, _CONTROL, unit.index, (True, w))  # WorkerReady
 
-    def _record(self, unit: _Unit, d) -> None:
+    def _record(self, unit: _Unit, d: Pending) -> None:
         res, slo = self.result, self.slo
-        for f in d.finished:
-            t = f.times
-            n = t.output_tokens
-            ttft = t.first_token - t.arrival
-            e2e = t.finish - t.arrival
+        for r, _, finish in d.finished:  # (the scheduler's request, its finish reason, when it finished)
+            n = r.tokens
+            ttft = r.first_token - r.arrival
+            e2e = finish - r.arrival
             tpot = (e2e - ttft) / (n - 1) if n > 1 else None
             res.finished += 1
             res.output_tokens += n
@@ -593,8 +594,8 @@ class Simulator:
             if ttft <= slo.ttft_s and (tpot or 0.0) <= slo.tpot_s:
                 res.good += 1
             if res.records is not None:
-                res.records.append(RequestRecord(f.request_id, unit.index, t.arrival, ttft, tpot, e2e, n))
-            self._end(unit, f.request_id)
+                res.records.append(RequestRecord(r.id, unit.index, r.arrival, ttft, tpot, e2e, n))
+            self._end(unit, r.id)
         for f in d.failed:
             res.failed[f.reason.value] = res.failed.get(f.reason.value, 0) + 1
             if res.records is not None:
