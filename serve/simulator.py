@@ -477,12 +477,12 @@ class Simulator:
                 or p.done == len(p.durations):
             tokens = unit.step_tokens
             if tokens is None:
-                tokens = unit.step_tokens = tuple(c[0] for c in unit.committed.values())
+                tokens = unit.step_tokens = tuple([c[0] for c in unit.committed.values()])
             n = 1
             if self.bulk_steps:
                 if p is not None and p.done == len(p.durations) == p.final:  # the last plan ran to its end
                     unit.horizon = min(_HORIZON_MAX, 2 * unit.horizon)
-                n = max(1, min(unit.horizon, min(c[3] for c in unit.committed.values()) - unit.steps_done))
+                n = max(1, min(unit.horizon, min([c[3] for c in unit.committed.values()]) - unit.steps_done))
             key = (len(tokens), unit.context, n)
             p = unit.plan = _Plan(unit.decode_gen, tokens, self._durations(unit, key), key, now)
             self._push_plan(unit, p)
