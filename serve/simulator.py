@@ -555,13 +555,15 @@ class Simulator:
             else:
                 start = max(now, unit.link_free, unit.prefill_free) if self.handoff_on_prefill \
                     else max(now, unit.link_free)
-                dt = self._price(self.handoff_s, unit.cost.handoff_s, unit.prompt[rid])
+                tokens = unit.prompt[rid]
+                dt = self.handoff_s.get(tokens) or self._price(self.handoff_s, unit.cost.handoff_s, tokens)
                 unit.link_free = start + dt
                 self.result.link_busy_s += dt
                 self._push(start + dt, _HANDOFF_DONE, unit, (rid, slot))
         if d.prefill:
             prompts = unit.prompt
-            dt = self._price(self.prefill_s, unit.cost.prefill_s, tuple([prompts[rid] for rid in d.prefill]))
+            lens = tuple([prompts[rid] for rid in d.prefill])
+            dt = self.prefill_s.get(lens) or self._price(self.prefill_s, unit.cost.prefill_s, lens)
             self.result.prefill_busy_s += dt
             self.result.prefill_batches += 1
             # A batch starts once the worker has shipped the caches queued before it, when it ships them.
