@@ -83,14 +83,6 @@ class Pending:
         self.decode_step = False
         self.tokens, self.finished, self.failed = [], [], []
 
-    def reset(self) -> None:
-        """Empty again (one `Pending` serves every event: most decisions leave it empty)."""
-        if self.restart or self.evict or self.discard or self.placements:
-            self.restart, self.evict, self.discard, self.placements = [], [], [], []
-        if self.prefill or self.tokens or self.finished or self.failed:
-            self.prefill, self.tokens, self.finished, self.failed = [], [], [], []
-        self.decode_step = False
-
     def freeze(self) -> Decision:
         if not (self.restart or self.evict or self.discard or self.placements or self.prefill or self.tokens
                 or self.finished or self.failed):
@@ -197,7 +189,13 @@ class Scheduler:
             raise ValueError(f"event at {time} is earlier than the last one, at {self.now}")
         self.now = time
         out = self._out
-        out.reset()
+        # Empty the decision: one `Pending` serves every event, and most leave it empty (new lists,
+        # never cleared ones: see Pending).
+        if out.restart or out.evict or out.discard or out.placements:
+            out.restart, out.evict, out.discard, out.placements = [], [], [], []
+        if out.prefill or out.tokens or out.finished or out.failed:
+            out.prefill, out.tokens, out.finished, out.failed = [], [], [], []
+        out.decode_step = False
         if time >= self._quiet_until:
             self._expire(out)
         return out
@@ -445,14 +443,15 @@ class Scheduler:
 
     def _schedule_disaggregated(self, out: Pending) -> None:
         # Prefilled caches take free slots first come, first served.
-        prefilled = self._in[_PREFILLED]
-        while self._up[_DECODE] and prefilled and self._free:
+        prefilled, up = self._in[_PREFILLED], self._up
+        while prefilled and self._free and up[_DECODE]:
             self._place(self._requests[next(iter(prefilled))], _TRANSFERRING, out)
         # A batch only starts if the prefill side has room to hold all its caches until slots free up.
-        room = self.config.max_prefilled - len(prefilled)
-        if self._up[_PREFILL] and self._batch_start is None and room > 0 and self._in[_WAITING]:
-            self._start_prefill(room, out)
-        if self._up[_DECODE] and self._step_start is None and self._in[_DECODING]:
+        if self._batch_start is None and self._in[_WAITING] and up[_PREFILL]:
+            room = self.config.max_prefilled - len(prefilled)
+            if room > 0:
+                self._start_prefill(room, out)
+        if self._step_start is None and self._in[_DECODING] and up[_DECODE]:
             out.decode_step, self._step_start = True, self.now
 
     def _schedule_integrated(self, out: Pending) -> None:
