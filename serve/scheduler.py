@@ -3,7 +3,10 @@
 `Scheduler.handle(event)` updates the state and returns a `Decision` (serve/events.py). It never
 sleeps, reads a clock or touches a socket: time arrives in each event. Each event is handled in
 three steps: deadlines that `event.time` has reached fail their requests; the event itself is
-applied; then new work is scheduled.
+applied; then new work is scheduled. A driver that sends millions of events (the simulator) calls
+the entry point of each kind with plain values instead (`arrive`, `prefill_done`, `step_done`,
+...) and reads the decision as the scheduler built it (`Pending`); `handle` is those entry points
+plus the conversions, so both ways in run the same policy.
 
 Life of a request (disaggregated): WAITING (FCFS queue, bounded) -> PREFILLING (one batch in
 flight on the prefill worker) -> PREFILLED (handoff queue: the cache waits on the prefill side for

@@ -1,9 +1,10 @@
 """The fleet simulator: the serving scheduler (serve/scheduler.py) on a simulated clock.
 
 Nothing of the policy is copied here. The simulator is a driver like the live engine: it sends the
-scheduler events, each stamped with simulated time, and applies each `Decision` in the documented
-order (restart, evict, discard, placements, prefill, decode_step), turning work into future events
-whose times come from a cost source (serve/costs.py):
+scheduler events, each stamped with simulated time (through the scheduler's entry point for each
+kind, as plain values: no event objects), and applies each decision (the scheduler's `Pending`)
+in the documented order (restart, evict, discard, placements, prefill, decode_step), turning work
+into future events whose times come from a cost source (serve/costs.py):
 
 - a prefill batch ends `prefill_s(prompt lengths)` after it starts (`PrefillDone`, one first token
   per prompt);
