@@ -3,7 +3,10 @@
 `Scheduler.handle(event)` updates the state and returns a `Decision` (serve/events.py). It never
 sleeps, reads a clock or touches a socket: time arrives in each event. Each event is handled in
 three steps: deadlines that `event.time` has reached fail their requests; the event itself is
-applied; then new work is scheduled.
+applied; then new work is scheduled. A driver that sends millions of events (the simulator) calls
+the entry point of each kind with plain values instead (`arrive`, `prefill_done`, `step_done`,
+...) and reads the decision as the scheduler built it (`Pending`); `handle` is those entry points
+plus the conversions, so both ways in run the same policy.
 
 Life of a request (disaggregated): WAITING (FCFS queue, bounded) -> PREFILLING (one batch in
 flight on the prefill worker) -> PREFILLED (handoff queue: the cache waits on the prefill side for
@@ -35,7 +38,14 @@ from serve.events import (Arrival, Decision, Disconnect, Event, FailReason, Fail
 from serve.timings import RequestTimes
 
 
-@dataclasses.dataclass
+# The stages and workers as module constants: the scheduler reads several for each event, and
+# reading an Enum member off its class costs a descriptor call (about 4x a global's lookup).
+_WAITING, _PREFILLING, _PREFILLED = Stage.WAITING, Stage.PREFILLING, Stage.PREFILLED
+_TRANSFERRING, _DECODING = Stage.TRANSFERRING, Stage.DECODING
+_PREFILL, _DECODE = Worker.PREFILL, Worker.DECODE
+
+
+@dataclasses.dataclass(slots=True)
 class _Request:
     id: RequestId
     prompt_len: int
@@ -58,8 +68,16 @@ assert tuple(f.name for f in dataclasses.fields(Decision)) == (
     "restart", "evict", "discard", "placements", "prefill", "decode_step", "tokens", "finished", "failed")
 
 
-class _Out:
-    """A decision being built."""
+class Pending:
+    """The decision of the last event as the scheduler builds it: `Decision`'s fields as lists of
+    plain values, for a driver that reads it before its next event (the simulator, through the
+    entry points that take plain values); `handle` returns it frozen, as a `Decision`.
+
+    `placements` holds (request id, slot) pairs and `finished` (request, reason, finish time)
+    triples (the request's `RequestTimes` and the `Placement`s and `Finished`s are made only by
+    `freeze`); the other fields hold what `Decision`'s do. The next event empties it by giving it
+    new lists, never by clearing these, so a driver may keep a list it was given.
+    """
 
     __slots__ = ("restart", "evict", "discard", "placements", "prefill", "decode_step", "tokens", "finished", "failed")
 
@@ -68,26 +86,20 @@ class _Out:
         self.decode_step = False
         self.tokens, self.finished, self.failed = [], [], []
 
-    def reset(self) -> None:
-        """Empty again (one `_Out` serves every event: most decisions leave it empty)."""
-        if self.restart or self.evict or self.discard or self.placements:
-            self.restart, self.evict, self.discard, self.placements = [], [], [], []
-        if self.prefill or self.tokens or self.finished or self.failed:
-            self.prefill, self.tokens, self.finished, self.failed = [], [], [], []
-        self.decode_step = False
-
     def freeze(self) -> Decision:
         if not (self.restart or self.evict or self.discard or self.placements or self.prefill or self.tokens
                 or self.finished or self.failed):
             return _STEP if self.decode_step else _NOTHING  # the common decisions, shared (they are frozen)
         # The Decision without its dataclass __init__, which sets each of the nine fields through
-        # object.__setattr__ (it is frozen): a simulation builds one for most of its events. The
-        # result is the same frozen object (tests compare decisions with Decision(...) ones).
+        # object.__setattr__ (it is frozen). The result is the same frozen object (tests compare
+        # decisions with Decision(...) ones).
         d = _new_object(Decision)
         _set_attribute(d, "__dict__", {
             "restart": tuple(self.restart), "evict": tuple(self.evict), "discard": tuple(self.discard),
-            "placements": tuple(self.placements), "prefill": tuple(self.prefill), "decode_step": self.decode_step,
-            "tokens": tuple(self.tokens), "finished": tuple(self.finished), "failed": tuple(self.failed)})
+            "placements": tuple(Placement(rid, slot) for rid, slot in self.placements),
+            "prefill": tuple(self.prefill), "decode_step": self.decode_step, "tokens": tuple(self.tokens),
+            "finished": tuple(Finished(r.id, reason, r.times(finish)) for r, reason, finish in self.finished),
+            "failed": tuple(self.failed)})
         return d
 
 
@@ -117,11 +129,11 @@ class Scheduler:
         self._free = list(range(config.slots))  # a heap: the lowest free slot is taken first
         self._batch_start: float | None = None  # the prefill batch in flight, even if all its requests ended
         self._step_start: float | None = None  # the decode step in flight
-        self._up = {Worker.PREFILL: True, Worker.DECODE: True}
-        self._out = _Out()  # the decision being built (see `handle`)
+        self._up = {_PREFILL: True, _DECODE: True}
+        self._out = Pending()  # the decision being built (see `handle`)
         d = config.deadlines
-        self._limits = ((Stage.WAITING, d.queue_s), (Stage.PREFILLED, d.handoff_s), (Stage.TRANSFERRING, d.handoff_s),
-                        (Stage.DECODING, d.token_s))
+        self._limits = ((_WAITING, d.queue_s), (_PREFILLED, d.handoff_s), (_TRANSFERRING, d.handoff_s),
+                        (_DECODING, d.token_s))
         # No deadline passes before this time, so `handle` skips `_expire` until then (see there).
         self._quiet_until = float("-inf")
         self._shortest = min(getattr(d, f.name) for f in dataclasses.fields(d))
@@ -136,11 +148,11 @@ class Scheduler:
         return r.stage if r else None
 
     def waiting_ids(self) -> tuple[RequestId, ...]:
-        return tuple(self._in[Stage.WAITING])
+        return tuple(self._in[_WAITING])
 
     def handoff_ids(self) -> tuple[RequestId, ...]:
         """Prefilled requests waiting for a slot, oldest first."""
-        return tuple(self._in[Stage.PREFILLED])
+        return tuple(self._in[_PREFILLED])
 
     def slot_holders(self) -> dict[int, RequestId]:
         """Held slots (reserved or committed) and their requests."""
@@ -162,130 +174,182 @@ class Scheduler:
         """Each stage's deadline but PREFILLING's, which is its batch's (a hung prefill worker)."""
         return self._limits
 
-    # Events.
+    # Events. `handle` takes an event object and returns a frozen `Decision`; the entry points
+    # after it take each kind of event as plain values and return the `Pending` decision (the
+    # simulator's way in: it sends millions of events and reads each decision once). `handle` is
+    # those entry points and nothing else: one policy, whichever way an event comes in.
 
     def handle(self, event: Event) -> Decision:
         """Apply one event; returns what to do now."""
-        if event.time < self.now:
-            raise ValueError(f"event at {event.time} is earlier than the last one, at {self.now}")
-        if type(event) is StepDone and event.steps != 1:
-            self._steps_before_last(event)
-        self.now = event.time
-        out = self._out
-        out.reset()
-        if self.now >= self._quiet_until:
-            self._expire(out)
         apply = _APPLY.get(type(event)) or next((f for t, f in _APPLY.items() if isinstance(event, t)), None)
         if apply is None:
             raise TypeError(f"not a scheduler event: {event!r}")
-        apply(self, event, out)
-        self._schedule(out)
-        return out.freeze()
+        return apply(self, event).freeze()
 
-    def _handoff_done(self, e: HandoffDone, out: _Out) -> None:
-        r = self._requests.get(e.request_id)
-        if r and r.stage is Stage.TRANSFERRING and r.slot == e.slot:
-            self._move(r, Stage.DECODING)
+    def _begin(self, time: float) -> Pending:
+        """Every event starts here: the clock moves to `time` and the deadlines it reached fail."""
+        if time < self.now:
+            raise ValueError(f"event at {time} is earlier than the last one, at {self.now}")
+        self.now = time
+        out = self._out
+        # Empty the decision: one `Pending` serves every event, and most leave it empty (new lists,
+        # never cleared ones: see Pending).
+        if out.restart or out.evict or out.discard or out.placements:
+            out.restart, out.evict, out.discard, out.placements = [], [], [], []
+        if out.prefill or out.tokens or out.finished or out.failed:
+            out.prefill, out.tokens, out.finished, out.failed = [], [], [], []
+        out.decode_step = False
+        if time >= self._quiet_until:
+            self._expire(out)
+        return out
 
-    def _handoff_failed(self, e: HandoffFailed, out: _Out) -> None:
-        r = self._requests.get(e.request_id)
-        if r and r.stage is Stage.TRANSFERRING:
-            self._fail(r, FailReason.HANDOFF_REFUSED, out, detail=e.detail)
-
-    def _disconnect(self, e: Disconnect, out: _Out) -> None:
-        r = self._requests.get(e.request_id)
-        if r:
-            self._fail(r, FailReason.DISCONNECTED, out)
-
-    def _worker_died(self, e: WorkerDied, out: _Out) -> None:
-        self._lose_worker(e.worker, FailReason.WORKER_DIED, out)
-
-    def _worker_ready(self, e: WorkerReady, out: _Out) -> None:
-        for w in self._same_process(e.worker):
-            self._up[w] = True
-
-    def _tick(self, e: Tick, out: _Out) -> None:
-        pass
-
-    def _arrive(self, e: Arrival, out: _Out) -> None:
-        if e.request_id in self._requests:
-            raise ValueError(f"request {e.request_id!r} is already live")
-        if e.prompt_len < 1 or e.max_new_tokens < 1:
-            raise ValueError(f"request {e.request_id!r}: prompt of {e.prompt_len} tokens, "
-                             f"{e.max_new_tokens} new tokens; each must be at least 1")
-        if len(self._in[Stage.WAITING]) >= self.config.max_waiting:
-            out.failed.append(Failure(e.request_id, FailReason.QUEUE_FULL, None, RequestTimes(e.time, (), e.time),
+    def arrive(self, time: float, request_id: RequestId, prompt_len: int, max_new_tokens: int) -> Pending:
+        """An `Arrival`."""
+        out = self._begin(time)
+        if request_id in self._requests:
+            raise ValueError(f"request {request_id!r} is already live")
+        if prompt_len < 1 or max_new_tokens < 1:
+            raise ValueError(f"request {request_id!r}: prompt of {prompt_len} tokens, "
+                             f"{max_new_tokens} new tokens; each must be at least 1")
+        waiting = self._in[_WAITING]
+        if len(waiting) >= self.config.max_waiting:
+            out.failed.append(Failure(request_id, FailReason.QUEUE_FULL, None, RequestTimes(time, (), time),
                                       retry_after_s=self.config.retry_after_s))
-            return
-        self._requests[e.request_id] = _Request(e.request_id, e.prompt_len, e.max_new_tokens, e.time, since=e.time,
-                                                token_times=[] if self.stream else None)
-        self._in[Stage.WAITING][e.request_id] = None
+        else:
+            self._requests[request_id] = _Request(request_id, prompt_len, max_new_tokens, time, since=time,
+                                                  token_times=[] if self.stream else None)
+            waiting[request_id] = None
+        self._schedule(out)
+        return out
 
-    def _prefill_done(self, e: PrefillDone, out: _Out) -> None:
-        if self._batch_start is None:
-            return  # from a worker already declared dead or hung
-        self._batch_start = None
-        members = self._in[Stage.PREFILLING]
-        for o in e.outcomes:
-            if o.request_id not in members:
+    def prefill_done(self, time: float, outcomes: collections.abc.Iterable[tuple[RequestId, int | None, FinishReason | None]]
+                     ) -> Pending:
+        """A `PrefillDone`; its outcomes as (request id, token, finish) triples."""
+        out = self._begin(time)
+        if self._batch_start is not None:  # else from a worker already declared dead or hung
+            self._batch_start = None
+            self._prefill_outcomes(outcomes, out)
+        self._schedule(out)
+        return out
+
+    def _prefill_outcomes(self, outcomes, out: Pending) -> None:
+        members = self._in[_PREFILLING]
+        for rid, token, finish in outcomes:
+            if rid not in members:
                 # Its request ended while it was prefilled: the cache it made is not wanted.
-                if o.request_id not in self._requests and not self.integrated and o.token is not None:
-                    out.discard.append(o.request_id)
+                if rid not in self._requests and not self.integrated and token is not None:
+                    out.discard.append(rid)
                 continue
-            r = self._requests[o.request_id]
-            if o.token is None:
+            r = self._requests[rid]
+            if token is None:
                 self._fail(r, FailReason.PREFILL_FAILED, out)
-            elif self._emit(r, o.token, o.finish, out):
+            elif self._emit(r, token, finish, out):
                 if not self.integrated:
                     out.discard.append(r.id)
             else:
-                self._move(r, Stage.DECODING if self.integrated else Stage.PREFILLED)
+                self._move(r, _DECODING if self.integrated else _PREFILLED)
         for rid in list(members):  # the worker reported nothing for these
             self._fail(self._requests[rid], FailReason.PREFILL_FAILED, out, detail="no result from the prefill batch")
             if not self.integrated:
                 out.discard.append(rid)
 
-    def _step_done(self, e: StepDone, out: _Out) -> None:
-        if self._step_start is None:
-            return  # from a worker already declared dead or hung
-        self._step_start = None
-        requests, decoding, now, counting = self._requests, self._in[Stage.DECODING], self.now, not self.stream
-        for t in e.tokens:
-            r = requests.get(t.request_id)
-            if r and r.stage is Stage.DECODING and r.slot == t.slot:
-                if counting and t.finish is None and r.tokens + 1 < r.max_new_tokens:
-                    # _emit's common case, inlined (a simulation makes this call per token)
-                    r.tokens += 1
-                    r.since = now
-                    decoding.move_to_end(r.id)
-                else:
-                    self._emit(r, t.token, t.finish, out)
+    def handoff_done(self, time: float, request_id: RequestId, slot: int) -> Pending:
+        """A `HandoffDone`."""
+        out = self._begin(time)
+        r = self._requests.get(request_id)
+        if r and r.stage is _TRANSFERRING and r.slot == slot:
+            self._move(r, _DECODING)
+        self._schedule(out)
+        return out
 
-    def _steps_before_last(self, e: StepDone) -> None:
+    def handoff_failed(self, time: float, request_id: RequestId, detail: str = "") -> Pending:
+        """A `HandoffFailed`."""
+        out = self._begin(time)
+        r = self._requests.get(request_id)
+        if r and r.stage is _TRANSFERRING:
+            self._fail(r, FailReason.HANDOFF_REFUSED, out, detail=detail)
+        self._schedule(out)
+        return out
+
+    def disconnect(self, time: float, request_id: RequestId) -> Pending:
+        """A `Disconnect`."""
+        out = self._begin(time)
+        r = self._requests.get(request_id)
+        if r:
+            self._fail(r, FailReason.DISCONNECTED, out)
+        self._schedule(out)
+        return out
+
+    def worker_died(self, time: float, worker: Worker) -> Pending:
+        """A `WorkerDied`."""
+        out = self._begin(time)
+        self._lose_worker(worker, FailReason.WORKER_DIED, out)
+        self._schedule(out)
+        return out
+
+    def worker_ready(self, time: float, worker: Worker) -> Pending:
+        """A `WorkerReady`."""
+        out = self._begin(time)
+        for w in self._same_process(worker):
+            self._up[w] = True
+        self._schedule(out)
+        return out
+
+    def tick(self, time: float) -> Pending:
+        """A `Tick`."""
+        out = self._begin(time)
+        self._schedule(out)
+        return out
+
+    def step_done(self, time: float, tokens: collections.abc.Sequence[tuple[RequestId, int, int, FinishReason | None]],
+                  steps: int = 1, last_start: float | None = None) -> Pending:
+        """A `StepDone`; its tokens as (request id, slot, token, finish) tuples."""
+        if time < self.now:
+            raise ValueError(f"event at {time} is earlier than the last one, at {self.now}")
+        if steps != 1:
+            self._steps_before_last(time, tokens, steps, last_start)
+        out = self._begin(time)
+        if self._step_start is not None:  # else from a worker already declared dead or hung
+            self._step_start = None
+            requests, decoding, now, counting = self._requests, self._in[_DECODING], self.now, not self.stream
+            for rid, slot, token, finish in tokens:
+                r = requests.get(rid)
+                if r and r.stage is _DECODING and r.slot == slot:
+                    if counting and finish is None and r.tokens + 1 < r.max_new_tokens:
+                        # _emit's common case, inlined (a simulation makes this call per token)
+                        r.tokens += 1
+                        r.since = now
+                        decoding.move_to_end(rid)
+                    else:
+                        self._emit(r, token, finish, out)
+        self._schedule(out)
+        return out
+
+    def _steps_before_last(self, time: float, tokens, steps: int, last_start: float | None) -> None:
         """Of a `StepDone` of several steps, apply all but the last, as their own events would have
-        (the driver guarantees that nothing else happened at their boundaries); `handle` then
+        (the driver guarantees that nothing else happened at their boundaries); `step_done` then
         applies the last step as a one-step event."""
         if self.stream:
             raise ValueError("a StepDone of several steps needs a scheduler that counts tokens (stream=False)")
-        if e.steps < 1 or e.last_start is None or not self.now <= e.last_start <= e.time:
-            raise ValueError(f"a StepDone of {e.steps} steps needs its last step's start between the last "
-                             f"event ({self.now}) and its time ({e.time}), got {e.last_start}")
+        if steps < 1 or last_start is None or not self.now <= last_start <= time:
+            raise ValueError(f"a StepDone of {steps} steps needs its last step's start between the last "
+                             f"event ({self.now}) and its time ({time}), got {last_start}")
         if self._step_start is None:
-            return  # from a worker already declared dead or hung: handle drops the event
-        self.now = self._step_start = e.last_start
-        before = e.steps - 1
-        decoding = self._in[Stage.DECODING]
-        for t in e.tokens:
-            r = self._requests.get(t.request_id)
-            if r and r.stage is Stage.DECODING and r.slot == t.slot:
+            return  # from a worker already declared dead or hung: step_done drops the event
+        self.now = self._step_start = last_start
+        before = steps - 1
+        decoding = self._in[_DECODING]
+        for rid, slot, _, _ in tokens:
+            r = self._requests.get(rid)
+            if r and r.stage is _DECODING and r.slot == slot:
                 if r.tokens + before >= r.max_new_tokens:
-                    raise ValueError(f"a StepDone of {e.steps} steps runs request {r.id!r} past its "
+                    raise ValueError(f"a StepDone of {steps} steps runs request {r.id!r} past its "
                                      f"{r.max_new_tokens} tokens before its last step")
                 r.tokens += before
-                r.since = e.last_start
-                decoding.move_to_end(r.id)
+                r.since = last_start
+                decoding.move_to_end(rid)
 
-    def _emit(self, r: _Request, token: int, finish: FinishReason | None, out: _Out) -> bool:
+    def _emit(self, r: _Request, token: int, finish: FinishReason | None, out: Pending) -> bool:
         """Record an output token; ends the request if it finishes it. Returns whether it did."""
         r.tokens += 1
         if r.first_token is None:
@@ -296,12 +360,12 @@ class Scheduler:
         if finish is None and r.tokens >= r.max_new_tokens:
             finish = FinishReason.LENGTH
         if finish is not None:
-            out.finished.append(Finished(r.id, finish, r.times(self.now)))
+            out.finished.append((r, finish, self.now))
             self._release(r, out)
             return True
-        if r.stage is Stage.DECODING:  # its token deadline restarts: it goes to the back
+        if r.stage is _DECODING:  # its token deadline restarts: it goes to the back
             r.since = self.now
-            self._in[Stage.DECODING].move_to_end(r.id)
+            self._in[_DECODING].move_to_end(r.id)
         return False
 
     def _move(self, r: _Request, stage: Stage) -> None:
@@ -311,19 +375,19 @@ class Scheduler:
 
     # Ending requests.
 
-    def _fail(self, r: _Request, reason: FailReason, out: _Out, detail: str = "",
+    def _fail(self, r: _Request, reason: FailReason, out: Pending, detail: str = "",
               prefill_alive: bool = True, decode_alive: bool = True) -> None:
         out.failed.append(Failure(r.id, reason, r.stage, r.times(self.now), detail=detail))
         self._release(r, out, prefill_alive, decode_alive)
 
-    def _release(self, r: _Request, out: _Out, prefill_alive: bool = True, decode_alive: bool = True) -> None:
+    def _release(self, r: _Request, out: Pending, prefill_alive: bool = True, decode_alive: bool = True) -> None:
         """Forget a request that ended, giving back what it holds to the workers still alive.
 
         A disaggregated PREFILLING request holds no cache yet: it is discarded when it arrives.
         """
         del self._requests[r.id]
         del self._in[r.stage][r.id]
-        if r.stage in (Stage.PREFILLED, Stage.TRANSFERRING) and prefill_alive:
+        if r.stage in (_PREFILLED, _TRANSFERRING) and prefill_alive:
             out.discard.append(r.id)
         if r.slot is not None:
             self._slots[r.slot] = None
@@ -332,28 +396,28 @@ class Scheduler:
                 out.evict.append(r.slot)
 
     def _same_process(self, worker: Worker) -> tuple[Worker, ...]:
-        return (Worker.PREFILL, Worker.DECODE) if self.integrated else (worker,)
+        return (_PREFILL, _DECODE) if self.integrated else (worker,)
 
-    def _lose_worker(self, worker: Worker, reason: FailReason, out: _Out) -> None:
+    def _lose_worker(self, worker: Worker, reason: FailReason, out: Pending) -> None:
         """Fail exactly the requests whose state lived in the lost worker, and mark it down."""
         lost = self._same_process(worker)
         # Disaggregated: the prefill worker holds the caches until they are committed on the decode
         # side; the decode worker holds its slots (reserved or committed).
-        held = {Worker.PREFILL: (Stage.PREFILLING, Stage.PREFILLED, Stage.TRANSFERRING),
-                Worker.DECODE: (Stage.TRANSFERRING, Stage.DECODING)}
+        held = {_PREFILL: (_PREFILLING, _PREFILLED, _TRANSFERRING),
+                _DECODE: (_TRANSFERRING, _DECODING)}
         doomed = {stage for w in lost for stage in held[w]}
         for stage in [stage for stage in Stage if stage in doomed]:
             for rid in list(self._in[stage]):
-                self._fail(self._requests[rid], reason, out, prefill_alive=Worker.PREFILL not in lost,
-                           decode_alive=Worker.DECODE not in lost)
+                self._fail(self._requests[rid], reason, out, prefill_alive=_PREFILL not in lost,
+                           decode_alive=_DECODE not in lost)
         for w in lost:
             self._up[w] = False
-        if Worker.PREFILL in lost:
+        if _PREFILL in lost:
             self._batch_start = None
-        if Worker.DECODE in lost:
+        if _DECODE in lost:
             self._step_start = None
 
-    def _expire(self, out: _Out) -> None:
+    def _expire(self, out: Pending) -> None:
         """Fail whatever has reached its deadline at `self.now`, and note when the next one can
         pass: the earliest deadline left, or sooner, `now` + the shortest limit, as anything that
         starts a deadline from now on starts it at `now` or later (a request's `since` and a
@@ -364,15 +428,15 @@ class Scheduler:
         soonest = self.now + self._shortest
         self._quiet_until = soonest if deadline is None or deadline > soonest else deadline
 
-    def _expire_due(self, out: _Out) -> None:
+    def _expire_due(self, out: Pending) -> None:
         d, now = self.config.deadlines, self.now
         # A batch or a step past its deadline means a hung worker: what it holds is lost with it.
         if self._batch_start is not None and self._batch_start + d.prefill_s <= now:
-            out.restart.append(Worker.PREFILL)
-            self._lose_worker(Worker.PREFILL, FailReason.DEADLINE, out)
+            out.restart.append(_PREFILL)
+            self._lose_worker(_PREFILL, FailReason.DEADLINE, out)
         if self._step_start is not None and self._step_start + d.token_s <= now:
-            out.restart.append(Worker.DECODE)
-            self._lose_worker(Worker.DECODE, FailReason.DEADLINE, out)
+            out.restart.append(_DECODE)
+            self._lose_worker(_DECODE, FailReason.DEADLINE, out)
         for stage, limit in self._limits:
             queue = self._in[stage]
             while queue and self._requests[next(iter(queue))].since + limit <= now:
@@ -380,42 +444,43 @@ class Scheduler:
 
     # Scheduling new work (`self._schedule` is the one of the config's mode).
 
-    def _schedule_disaggregated(self, out: _Out) -> None:
+    def _schedule_disaggregated(self, out: Pending) -> None:
         # Prefilled caches take free slots first come, first served.
-        prefilled = self._in[Stage.PREFILLED]
-        while self._up[Worker.DECODE] and prefilled and self._free:
-            self._place(self._requests[next(iter(prefilled))], Stage.TRANSFERRING, out)
+        prefilled, up = self._in[_PREFILLED], self._up
+        while prefilled and self._free and up[_DECODE]:
+            self._place(self._requests[next(iter(prefilled))], _TRANSFERRING, out)
         # A batch only starts if the prefill side has room to hold all its caches until slots free up.
-        room = self.config.max_prefilled - len(prefilled)
-        if self._up[Worker.PREFILL] and self._batch_start is None and room > 0 and self._in[Stage.WAITING]:
-            self._start_prefill(room, out)
-        if self._up[Worker.DECODE] and self._step_start is None and self._in[Stage.DECODING]:
+        if self._batch_start is None and self._in[_WAITING] and up[_PREFILL]:
+            room = self.config.max_prefilled - len(prefilled)
+            if room > 0:
+                self._start_prefill(room, out)
+        if self._step_start is None and self._in[_DECODING] and up[_DECODE]:
             out.decode_step, self._step_start = True, self.now
 
-    def _schedule_integrated(self, out: _Out) -> None:
+    def _schedule_integrated(self, out: Pending) -> None:
         # One unit of work at a time. A prefill goes first whenever a slot is free: new requests
         # join the batch as soon as possible (the interference disaggregation is meant to remove).
-        if not self._up[Worker.DECODE] or self._batch_start is not None or self._step_start is not None:
+        if not self._up[_DECODE] or self._batch_start is not None or self._step_start is not None:
             return
-        if self._free and self._in[Stage.WAITING]:
+        if self._free and self._in[_WAITING]:
             for rid in self._start_prefill(len(self._free), out):
-                self._place(self._requests[rid], Stage.PREFILLING, out)
-        elif self._in[Stage.DECODING]:
+                self._place(self._requests[rid], _PREFILLING, out)
+        elif self._in[_DECODING]:
             out.decode_step, self._step_start = True, self.now
 
-    def _place(self, r: _Request, stage: Stage, out: _Out) -> None:
+    def _place(self, r: _Request, stage: Stage, out: Pending) -> None:
         """Give `r` the lowest free slot as it enters `stage`."""
         r.slot = heapq.heappop(self._free)
         self._slots[r.slot] = r.id
         if r.stage is not stage:
             self._move(r, stage)
-        out.placements.append(Placement(r.id, r.slot))
+        out.placements.append((r.id, r.slot))
 
-    def _start_prefill(self, most: int, out: _Out) -> list[RequestId]:
+    def _start_prefill(self, most: int, out: Pending) -> list[RequestId]:
         """Take the head of the waiting queue, in order, as one batch of at most `most` prompts."""
         batch, tokens = [], 0
         most = min(most, self.config.max_prefill_batch)
-        for rid in self._in[Stage.WAITING]:
+        for rid in self._in[_WAITING]:
             prompt_len = self._requests[rid].prompt_len
             # Strict FCFS: stop at the first prompt that does not fit rather than skip it; a prompt
             # longer than the token budget runs alone, since the prefill chunks it anyway.
@@ -424,14 +489,22 @@ class Scheduler:
             batch.append(rid)
             tokens += prompt_len
         for rid in batch:
-            self._move(self._requests[rid], Stage.PREFILLING)
+            self._move(self._requests[rid], _PREFILLING)
         if batch:
             self._batch_start = self.now
             out.prefill.extend(batch)
         return batch
 
 
-# How `Scheduler.handle` applies each kind of event (after deadlines, before scheduling).
-_APPLY = {Arrival: Scheduler._arrive, PrefillDone: Scheduler._prefill_done, HandoffDone: Scheduler._handoff_done,
-          HandoffFailed: Scheduler._handoff_failed, StepDone: Scheduler._step_done, Disconnect: Scheduler._disconnect,
-          WorkerDied: Scheduler._worker_died, WorkerReady: Scheduler._worker_ready, Tick: Scheduler._tick}
+# How `Scheduler.handle` applies each kind of event: through its entry point, as plain values.
+_APPLY = {
+    Arrival: lambda s, e: s.arrive(e.time, e.request_id, e.prompt_len, e.max_new_tokens),
+    PrefillDone: lambda s, e: s.prefill_done(e.time, [(o.request_id, o.token, o.finish) for o in e.outcomes]),
+    HandoffDone: lambda s, e: s.handoff_done(e.time, e.request_id, e.slot),
+    HandoffFailed: lambda s, e: s.handoff_failed(e.time, e.request_id, e.detail),
+    StepDone: lambda s, e: s.step_done(e.time, [(t.request_id, t.slot, t.token, t.finish) for t in e.tokens], e.steps,
+                                       e.last_start),
+    Disconnect: lambda s, e: s.disconnect(e.time, e.request_id),
+    WorkerDied: lambda s, e: s.worker_died(e.time, e.worker),
+    WorkerReady: lambda s, e: s.worker_ready(e.time, e.worker),
+    Tick: lambda s, e: s.tick(e.time)}

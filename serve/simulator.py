@@ -1,9 +1,10 @@
 """The fleet simulator: the serving scheduler (serve/scheduler.py) on a simulated clock.
 
 Nothing of the policy is copied here. The simulator is a driver like the live engine: it sends the
-scheduler events, each stamped with simulated time, and applies each `Decision` in the documented
-order (restart, evict, discard, placements, prefill, decode_step), turning work into future events
-whose times come from a cost source (serve/costs.py):
+scheduler events, each stamped with simulated time (through the scheduler's entry point for each
+kind, as plain values: no event objects), and applies each decision (the scheduler's `Pending`)
+in the documented order (restart, evict, discard, placements, prefill, decode_step), turning work
+into future events whose times come from a cost source (serve/costs.py):
 
 - a prefill batch ends `prefill_s(prompt lengths)` after it starts (`PrefillDone`, one first token
   per prompt);
@@ -63,9 +64,8 @@ from typing import Callable
 import numpy as np
 
 from serve.costs import CostSource
-from serve.events import (Arrival, FailReason, HandoffDone, Mode, PrefillDone, PrefillOutcome, SchedulerConfig,
-                          SlotToken, StepDone, Tick, Worker, WorkerDied, WorkerReady)
-from serve.scheduler import Scheduler
+from serve.events import FailReason, Mode, SchedulerConfig, Worker
+from serve.scheduler import Pending, Scheduler
 from serve.streamstats import LogHistogram
 from serve.workload import Workload
 
@@ -195,10 +195,11 @@ class _Plan:
     is when the first was dispatched); the scheduler has been told of steps 1..`done`; the event
     in the heap delivers steps up to `final` (`version` tells it from superseded ones)."""
 
-    __slots__ = ("gen", "tokens", "batch", "durations", "ends", "done", "final", "counted", "version")
+    __slots__ = ("gen", "tokens", "batch", "durations", "key", "ends", "done", "final", "counted", "version")
 
-    def __init__(self, gen: int, tokens: tuple, durations: list[float], start: float):
+    def __init__(self, gen: int, tokens: tuple, durations: list[float], key: tuple, start: float):
         self.gen, self.tokens, self.batch, self.durations = gen, tokens, len(tokens), durations
+        self.key = key  # the durations' key in `Simulator.durations`
         self.ends = list(itertools.accumulate(durations, initial=start))  # as step after step would add them
         self.done = 0
         self.final = len(durations)
@@ -218,19 +219,20 @@ class _Unit:
         self.output: dict[str, int] = {}  # live request -> output tokens it will produce
         self.owner: list[str | None] = [None] * fleet.config.slots  # slot -> the request it is reserved for
         self.pending_slot: dict[str, int] = {}  # integrated: request in the prefill batch -> its slot
-        # Committed slots: slot -> [SlotToken, context positions at commit, first step it is in, the
-        # value of `steps_done` after which it has all its tokens].
+        # Committed slots: slot -> [its token in a step_done (request id, slot, token, finish), context
+        # positions at commit, first step it is in, the value of `steps_done` after which it has all
+        # its tokens].
         self.committed: dict[int, list] = {}
         self.plan: _Plan | None = None  # the decode steps in flight
         # Steps a plan covers at most: doubled when a plan runs to its end, cut to twice what ran
         # when another event cuts it (step times computed past the cut are wasted).
         self.horizon = _HORIZON_MIN
-        self.step_tokens: tuple[SlotToken, ...] | None = None  # the committed slots' tokens, cached
+        self.step_tokens: tuple[tuple, ...] | None = None  # the committed slots' tokens, cached
         self.context = 0  # context positions over the committed slots
         self.steps_done = 0
         self.step_in_flight = False
         self.evicted_in_flight = 0  # slots of the step in flight evicted before it ended
-        self.gen = {Worker.PREFILL: 0, Worker.DECODE: 0}  # bumped on restart: stale completions drop
+        self.prefill_gen = self.decode_gen = 0  # bumped on a worker's restart: its stale completions drop
         self.link_free = 0.0
         self.prefill_free = 0.0  # when the prefill batch in flight ends
         self.tick_at: float | None = None
@@ -239,7 +241,7 @@ class _Unit:
     def commit(self, slot: int, rid: str) -> None:
         start = self.steps_done + (1 if self.step_in_flight else 0)
         # The first token comes from the prefill, then one per step.
-        self.committed[slot] = [SlotToken(rid, slot, 0), self.prompt[rid], start, start + self.output[rid] - 1]
+        self.committed[slot] = [(rid, slot, 0, None), self.prompt[rid], start, start + self.output[rid] - 1]
         self.context += self.prompt[rid]
         self.step_tokens = None
 
@@ -261,7 +263,7 @@ class _Unit:
         self.step_in_flight = False
         self.evicted_in_flight = 0
         self.plan = None
-        self.gen[Worker.DECODE] += 1
+        self.decode_gen += 1
 
 
 @contextlib.contextmanager
@@ -296,6 +298,7 @@ class Simulator:
         self.units = [_Unit(i, fleet) for i in range(fleet.units)]
         self.heap: list = []
         self.durations: dict[tuple[int, int, int], list[float]] = {}  # see _durations
+        self.rest_sums: dict[tuple[int, int, int], float] = {}  # a durations list's sum but its first (_count_steps)
         # Handoffs on the prefill worker (the cost source says so): a unit's handoffs and prefill
         # batches run one at a time, in the order they were decided, rather than side by side.
         self.handoff_on_prefill = fleet.config.mode is Mode.DISAGGREGATED and getattr(fleet.cost, "handoff_on_prefill",
@@ -307,14 +310,17 @@ class Simulator:
                                 records=[] if keep_records else None)
         self.progress, self.progress_every = progress, progress_every
         self.ended = 0
+        self.events = 0  # scheduler events (the result's count, set when the run ends)
         self.rr = 0
         # Least-loaded routing: (load, index) of every unit, and superseded entries that are dropped
         # when they reach the top (an entry is current when its load is the unit's load).
         self.by_load = [(0, i) for i in range(fleet.units)]
+        self.balancing = fleet.router is Router.LEAST_LOADED and fleet.units > 1
         deadlines = fleet.config.deadlines
         self.shortest_limit = min(getattr(deadlines, f.name) for f in dataclasses.fields(deadlines))
 
-    def _push(self, t: float, kind: int, unit: int, payload) -> None:
+    def _push(self, t: float, kind: int, unit: _Unit, payload) -> None:
+        """An event of `kind` for `unit` at `t` (entries compare by time, kind and push order)."""
         heapq.heappush(self.heap, (t, kind, next(self.seq), unit, payload))
 
     def run(self) -> SimResult:
@@ -326,26 +332,19 @@ class Simulator:
         n = len(w)
         if n:
             res.first_arrival = float(w.arrival_s[0])
-        heap = self.heap
-        i = 0
-        times = prompts = outputs = ()
-        base = 0
-        while True:
-            if i < n and i - base >= len(times):
-                base = i
-                times = w.arrival_s[i:i + _CHUNK].tolist()
-                prompts = w.prompt_len[i:i + _CHUNK].tolist()
-                outputs = w.output_len[i:i + _CHUNK].tolist()
-            # Arrivals go after completions at the same instant (a slot freed now is free for them).
-            if i < n and (not heap or times[i - base] < heap[0][0]):
-                rid = str(i) if self.ids is None else str(self.ids[i])
-                self._arrive(rid, times[i - base], prompts[i - base], outputs[i - base])
-                i += 1
-            elif heap:
-                t, kind, _, u, payload = heapq.heappop(heap)
-                self._complete(self.units[u], t, kind, payload)
-            else:
-                break
+        heap, pop, complete, arrive = self.heap, heapq.heappop, self._complete, self._arrive
+        for base in range(0, n, _CHUNK):
+            end = min(n, base + _CHUNK)
+            ids = range(base, end) if self.ids is None else self.ids[base:end].tolist()
+            for rid, t, prompt_len, output_len in zip(map(str, ids), w.arrival_s[base:end].tolist(),
+                                                      w.prompt_len[base:end].tolist(), w.output_len[base:end].tolist()):
+                # Arrivals go after completions at the same instant (a slot freed now is free for them).
+                while heap and heap[0][0] <= t:
+                    complete(*pop(heap))
+                arrive(rid, t, prompt_len, output_len)
+        while heap:
+            complete(*pop(heap))
+        res.events = self.events
         return res
 
     def _route(self) -> _Unit:
@@ -360,7 +359,7 @@ class Simulator:
 
     def _load(self, unit: _Unit, change: int) -> None:
         unit.load += change
-        if self.fleet.router is Router.LEAST_LOADED and len(self.units) > 1:
+        if self.balancing:
             heapq.heappush(self.by_load, (unit.load, unit.index))
             if len(self.by_load) > 4 * len(self.units) + 64:  # drop the superseded entries
                 self.by_load = [(u.load, u.index) for u in self.units]
@@ -380,28 +379,33 @@ class Simulator:
         self._load(unit, 1)
         unit.prompt[rid] = prompt_len
         unit.output[rid] = output_len
-        in_flight = self._catch_up(unit, t, True)  # arrivals follow completions at one instant
-        self._handle(unit, Arrival(t, rid, prompt_len, output_len))
-        self._cut(unit, in_flight)
+        if unit.plan is None:
+            self._apply(unit, unit.sched.arrive(t, rid, prompt_len, output_len), t)
+        else:
+            in_flight = self._catch_up(unit, t, True)  # arrivals follow completions at one instant
+            self._apply(unit, unit.sched.arrive(t, rid, prompt_len, output_len), t)
+            self._cut(unit, in_flight)
 
-    def _complete(self, unit: _Unit, t: float, kind: int, payload) -> None:
+    def _complete(self, t: float, kind: int, _, unit: _Unit, payload) -> None:
+        """The event of a heap entry (time, kind, push order, unit, payload) reaches its unit."""
         if kind == _STEP_DONE:
-            gen, plan, version = payload
-            if gen == unit.gen[Worker.DECODE] and plan is unit.plan and version == plan.version:
+            plan, version = payload
+            if plan is unit.plan and version == plan.version and plan.gen == unit.decode_gen:
                 self._deliver(unit, plan, plan.final)
             return
-        if kind == _PREFILL_DONE and payload[0] != unit.gen[Worker.PREFILL]:
+        if kind == _PREFILL_DONE and payload[0] != unit.prefill_gen:
             return
         if kind == _TICK:  # only if it is still the unit's next one
             if unit.tick_at != t:
                 return
             unit.tick_at = None
-        in_flight = self._catch_up(unit, t, kind > _STEP_DONE)
+        in_flight = None if unit.plan is None else self._catch_up(unit, t, kind > _STEP_DONE)
+        sched = unit.sched
         if kind == _HANDOFF_DONE:
             rid, slot = payload
             if unit.owner[slot] == rid and slot not in unit.committed:
                 unit.commit(slot, rid)
-            self._handle(unit, HandoffDone(t, rid, slot))
+            self._apply(unit, sched.handoff_done(t, rid, slot), t)
         elif kind == _PREFILL_DONE:
             batch = payload[1]
             if unit.integrated:
@@ -409,12 +413,14 @@ class Simulator:
                     slot = unit.pending_slot.pop(rid, None)
                     if slot is not None and unit.owner[slot] == rid:
                         unit.commit(slot, rid)
-            self._handle(unit, PrefillDone(t, tuple(PrefillOutcome(rid, 0) for rid in batch)))
+            self._apply(unit, sched.prefill_done(t, [(rid, 0, None) for rid in batch]), t)
         elif kind == _CONTROL:
-            self._handle(unit, payload)
+            ready, worker = payload
+            self._apply(unit, sched.worker_ready(t, worker) if ready else sched.worker_died(t, worker), t)
         else:
-            self._handle(unit, Tick(t))
-        self._cut(unit, in_flight)
+            self._apply(unit, sched.tick(t), t)
+        if in_flight is not None:
+            self._cut(unit, in_flight)
 
     # Decode steps in bulk. A plan runs its batch until the first of its requests has all its
     # tokens; the scheduler hears of its steps in one StepDone at the end, or when another event
@@ -448,7 +454,7 @@ class Simulator:
 
     def _push_plan(self, unit: _Unit, p: _Plan) -> None:
         p.version += 1
-        self._push(p.ends[p.final], _STEP_DONE, unit.index, (p.gen, p, p.version))
+        heapq.heappush(self.heap, (p.ends[p.final], _STEP_DONE, next(self.seq), unit, (p, p.version)))
 
     def _deliver(self, unit: _Unit, p: _Plan, j: int) -> None:
         """Steps `p.done + 1` to `j` have ended: one StepDone tells the scheduler."""
@@ -459,7 +465,8 @@ class Simulator:
         unit.evicted_in_flight = 0
         unit.steps_done += k
         p.done = j
-        self._handle(unit, StepDone(p.ends[j], p.tokens, k, p.ends[j - 1] if k > 1 else None))
+        t = p.ends[j]
+        self._apply(unit, unit.sched.step_done(t, p.tokens, k, p.ends[j - 1] if k > 1 else None), t)
         if unit.plan is p and not unit.step_in_flight:
             unit.plan = None
 
@@ -467,17 +474,18 @@ class Simulator:
         """The scheduler decided a decode step: go on with the plan if its slots are the same,
         or plan anew."""
         p = unit.plan
-        if p is None or p.gen != unit.gen[Worker.DECODE] or unit.step_tokens is not p.tokens \
+        if p is None or p.gen != unit.decode_gen or unit.step_tokens is not p.tokens \
                 or p.done == len(p.durations):
             tokens = unit.step_tokens
             if tokens is None:
-                tokens = unit.step_tokens = tuple(c[0] for c in unit.committed.values())
+                tokens = unit.step_tokens = tuple([c[0] for c in unit.committed.values()])
             n = 1
             if self.bulk_steps:
                 if p is not None and p.done == len(p.durations) == p.final:  # the last plan ran to its end
                     unit.horizon = min(_HORIZON_MAX, 2 * unit.horizon)
-                n = max(1, min(unit.horizon, min(c[3] for c in unit.committed.values()) - unit.steps_done))
-            p = unit.plan = _Plan(unit.gen[Worker.DECODE], tokens, self._durations(unit, len(tokens), n), now)
+                n = max(1, min(unit.horizon, min([c[3] for c in unit.committed.values()]) - unit.steps_done))
+            key = (len(tokens), unit.context, n)
+            p = unit.plan = _Plan(unit.decode_gen, tokens, self._durations(unit, key), key, now)
             self._push_plan(unit, p)
         elif p.final < len(p.durations):  # cut short by an event that changed nothing for it: go on
             p.final = len(p.durations)
@@ -485,14 +493,15 @@ class Simulator:
         unit.step_in_flight = True
         self._count_steps(p, p.done + 1)
 
-    def _durations(self, unit: _Unit, batch: int, n: int) -> list[float]:
-        """The next `n` steps' times over `batch` sequences: each reads `batch` more positions.
-        Remembered (a workload of fixed lengths asks for the same ones again and again); the
-        lists are shared, so they are never changed."""
-        key = (batch, unit.context, n)
+    def _durations(self, unit: _Unit, key: tuple[int, int, int]) -> list[float]:
+        """The next `n` steps' times over `batch` sequences from `context` positions, `key` =
+        (batch, context, n): each reads `batch` more positions. Remembered (a workload of fixed
+        lengths asks for the same ones again and again); the lists are shared, so they are never
+        changed."""
         d = self.durations.get(key)
         if d is None:
-            cost, context = unit.cost, unit.context
+            batch, context, n = key
+            cost = unit.cost
             many = getattr(cost, "decode_steps_s", None)
             if n > 1 and many is not None:
                 d = many(batch, context + batch * np.arange(1, n + 1, dtype=np.int64)).tolist()
@@ -500,6 +509,7 @@ class Simulator:
                 d = [cost.decode_step_s(batch, context + batch * j) for j in range(1, n + 1)]
             if len(self.durations) >= _DURATIONS_KEPT:
                 self.durations.clear()
+                self.rest_sums.clear()
             self.durations[key] = d
         return d
 
@@ -516,40 +526,50 @@ class Simulator:
 
     def _count_steps(self, p: _Plan, upto: int) -> None:
         """Count steps up to `upto` of `p` as dispatched in the result."""
-        if upto > p.counted:
+        counted = p.counted
+        if upto > counted:
             res = self.result
-            res.decode_steps += upto - p.counted
-            res.decode_batch_sum += (upto - p.counted) * p.batch
-            res.decode_busy_s += p.durations[p.counted] if upto == p.counted + 1 else sum(p.durations[p.counted:upto])
+            res.decode_steps += upto - counted
+            res.decode_batch_sum += (upto - counted) * p.batch
+            if upto == counted + 1:
+                res.decode_busy_s += p.durations[counted]
+            elif counted == 1 and upto == len(p.durations):  # a plan that ran to its end (the first step
+                busy = self.rest_sums.get(p.key)  # was counted when it was dispatched): its sum, remembered
+                if busy is None:
+                    busy = self.rest_sums[p.key] = sum(p.durations[1:])
+                res.decode_busy_s += busy
+            else:
+                res.decode_busy_s += sum(p.durations[counted:upto])
             p.counted = upto
 
-    def _handle(self, unit: _Unit, event) -> None:
-        self.result.events += 1
-        d = unit.sched.handle(event)
-        now = event.time
+    def _apply(self, unit: _Unit, d: Pending, now: float) -> None:
+        """Carry out the scheduler's decision on an event at `now`."""
+        self.events += 1
         if d.restart:
             self._restart(unit, now, d.restart)
         for slot in d.evict:
             unit.evict(slot)
-        for p in d.placements:
-            unit.owner[p.slot] = p.request_id
+        for rid, slot in d.placements:
+            unit.owner[slot] = rid
             if unit.integrated:
-                unit.pending_slot[p.request_id] = p.slot
+                unit.pending_slot[rid] = slot
             else:
                 start = max(now, unit.link_free, unit.prefill_free) if self.handoff_on_prefill \
                     else max(now, unit.link_free)
-                dt = self._price(self.handoff_s, unit.cost.handoff_s, unit.prompt[p.request_id])
+                tokens = unit.prompt[rid]
+                dt = self.handoff_s.get(tokens) or self._price(self.handoff_s, unit.cost.handoff_s, tokens)
                 unit.link_free = start + dt
                 self.result.link_busy_s += dt
-                self._push(start + dt, _HANDOFF_DONE, unit.index, (p.request_id, p.slot))
+                self._push(start + dt, _HANDOFF_DONE, unit, (rid, slot))
         if d.prefill:
             prompts = unit.prompt
-            dt = self._price(self.prefill_s, unit.cost.prefill_s, tuple([prompts[rid] for rid in d.prefill]))
+            lens = tuple([prompts[rid] for rid in d.prefill])
+            dt = self.prefill_s.get(lens) or self._price(self.prefill_s, unit.cost.prefill_s, lens)
             self.result.prefill_busy_s += dt
             self.result.prefill_batches += 1
             # A batch starts once the worker has shipped the caches queued before it, when it ships them.
             unit.prefill_free = (max(now, unit.link_free) if self.handoff_on_prefill else now) + dt
-            self._push(unit.prefill_free, _PREFILL_DONE, unit.index, (unit.gen[Worker.PREFILL], d.prefill))
+            self._push(unit.prefill_free, _PREFILL_DONE, unit, (unit.prefill_gen, d.prefill))
         if d.decode_step:
             self._dispatch(unit, now)
         if d.finished or d.failed:
@@ -560,7 +580,7 @@ class Simulator:
             deadline = unit.sched.next_deadline()
             if deadline is not None and (unit.tick_at is None or deadline < unit.tick_at):
                 unit.tick_at = deadline
-                self._push(deadline, _TICK, unit.index, None)
+                self._push(deadline, _TICK, unit, None)
 
     def _restart(self, unit: _Unit, now: float, workers) -> None:
         for w in workers:
@@ -568,19 +588,18 @@ class Simulator:
             if Worker.DECODE in lost:
                 unit.lose_decode()
             if Worker.PREFILL in lost:
-                unit.gen[Worker.PREFILL] += 1
+                unit.prefill_gen += 1
                 unit.prefill_free = now
                 unit.pending_slot.clear()
-            self._push(now, _CONTROL, unit.index, WorkerDied(now, w))
-            self._push(now + self.fleet.restart_s, _CONTROL, unit.index, WorkerReady(now + self.fleet.restart_s, w))
+            self._push(now, _CONTROL, unit, (False, w))  # WorkerDied
+            self._push(now + self.fleet.restart_s, _CONTROL, unit, (True, w))  # WorkerReady
 
-    def _record(self, unit: _Unit, d) -> None:
+    def _record(self, unit: _Unit, d: Pending) -> None:
         res, slo = self.result, self.slo
-        for f in d.finished:
-            t = f.times
-            n = t.output_tokens
-            ttft = t.first_token - t.arrival
-            e2e = t.finish - t.arrival
+        for r, _, finish in d.finished:  # (the scheduler's request, its finish reason, when it finished)
+            n = r.tokens
+            ttft = r.first_token - r.arrival
+            e2e = finish - r.arrival
             tpot = (e2e - ttft) / (n - 1) if n > 1 else None
             res.finished += 1
             res.output_tokens += n
@@ -593,8 +612,8 @@ class Simulator:
             if ttft <= slo.ttft_s and (tpot or 0.0) <= slo.tpot_s:
                 res.good += 1
             if res.records is not None:
-                res.records.append(RequestRecord(f.request_id, unit.index, t.arrival, ttft, tpot, e2e, n))
-            self._end(unit, f.request_id)
+                res.records.append(RequestRecord(r.id, unit.index, r.arrival, ttft, tpot, e2e, n))
+            self._end(unit, r.id)
         for f in d.failed:
             res.failed[f.reason.value] = res.failed.get(f.reason.value, 0) + 1
             if res.records is not None:

@@ -373,8 +373,10 @@ def test_bad_configs_are_refused(make):
 class World:
     """Fake workers and clients around a scheduler, and the checks of its invariants."""
 
-    def __init__(self, config: SchedulerConfig):
+    def __init__(self, config: SchedulerConfig, twin: bool = False):
         self.config, self.s = config, Scheduler(config)
+        # A second scheduler given each event through its plain-value entry point (the simulator's).
+        self.twin = Scheduler(config) if twin else None
         self.now, self.arrived, self.max_new = 0.0, [], {}
         self.ended = collections.Counter()
         self.prefill_order: list[str] = []
@@ -432,6 +434,8 @@ class World:
         elif isinstance(event, WorkerReady):
             self.down -= self.same_process(event.worker)
         decision = self.s.handle(event)
+        if self.twin is not None:
+            assert send_plain(self.twin, event).freeze() == decision, event
         self.apply(decision)
         self.check(decision)
         return decision
@@ -520,6 +524,28 @@ class World:
         assert set(self.ended) == set(self.arrived)
 
 
+def send_plain(s: Scheduler, e):
+    """`e` through the scheduler's entry point for its kind, as plain values."""
+    if isinstance(e, Arrival):
+        return s.arrive(e.time, e.request_id, e.prompt_len, e.max_new_tokens)
+    if isinstance(e, PrefillDone):
+        return s.prefill_done(e.time, [(o.request_id, o.token, o.finish) for o in e.outcomes])
+    if isinstance(e, HandoffDone):
+        return s.handoff_done(e.time, e.request_id, e.slot)
+    if isinstance(e, HandoffFailed):
+        return s.handoff_failed(e.time, e.request_id, e.detail)
+    if isinstance(e, StepDone):
+        return s.step_done(e.time, [(t.request_id, t.slot, t.token, t.finish) for t in e.tokens], e.steps, e.last_start)
+    if isinstance(e, Disconnect):
+        return s.disconnect(e.time, e.request_id)
+    if isinstance(e, WorkerDied):
+        return s.worker_died(e.time, e.worker)
+    if isinstance(e, WorkerReady):
+        return s.worker_ready(e.time, e.worker)
+    assert isinstance(e, Tick), e
+    return s.tick(e.time)
+
+
 def is_idle(s: Scheduler) -> bool:
     return s.live_ids() == () and s.slot_holders() == {} and s.next_deadline() is None
 
@@ -532,6 +558,19 @@ def test_invariants_hold_under_random_events(mode, data):
         max_prefill_batch=data.draw(st.integers(1, 3)), max_prefill_tokens=data.draw(st.integers(1, 40)),
         max_prefilled=data.draw(st.integers(1, 3)), deadlines=SHORT)
     world = World(config)
+    for _ in range(data.draw(st.integers(1, 60))):
+        world.send(world.draw_event(data))
+    world.drain()
+
+
+@settings(max_examples=100, deadline=None)
+@given(mode=st.sampled_from(Mode), data=st.data())
+def test_the_plain_value_entry_points_decide_as_handle_does(mode, data):
+    """The simulator's way in (an entry point per event kind, its decision read before the next
+    event) against `handle` on the same random events: equal decisions, event by event."""
+    config = SchedulerConfig(mode=mode, slots=data.draw(st.integers(1, 3)), max_waiting=data.draw(st.integers(1, 4)),
+                             max_prefill_batch=data.draw(st.integers(1, 3)), max_prefilled=2, deadlines=SHORT)
+    world = World(config, twin=True)
     for _ in range(data.draw(st.integers(1, 60))):
         world.send(world.draw_event(data))
     world.drain()
