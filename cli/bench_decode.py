@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from bench.decode import DecodeBench, check_fits, format_table, run_decode_bench
+from cli import flags
 from cli.flags import (add_dtype_arg, add_mesh_args, add_model_args, busy_check, int_at_least, int_list, positive_int,
                        progress, setup_mesh)
 from mesh.errors import WaferError
@@ -60,11 +60,8 @@ def run(args) -> int:
 
 def run_sweep(args) -> int:
     """Every (batch, context) point against one bandwidth bound, with a progress bar."""
-    from tqdm import tqdm
-
     from bench.sweep import DecodeSweep, format_decode_sweep, run_decode_sweep
-    from bench.sweep_plots import check_plot_path, write_decode_plot
-    from model.load import load_model
+    from bench.sweep_plots import write_decode_plot
 
     for flag in ("compare_hf", "compare_llamacpp"):
         if getattr(args, flag):
@@ -75,16 +72,7 @@ def run_sweep(args) -> int:
     setup_mesh(args)  # refuses the other mesh flags without --mesh
     sweep = DecodeSweep(args.batches or (args.batch,), args.contexts or (args.context,), args.steps or SWEEP_STEPS,
                         args.repeats, args.seed)
-    if args.plot is not None:
-        check_plot_path(args.plot)
-    loaded = load_model(args.model, args.checkpoint, dtype=args.dtype)
-    load_start = busy_check()
-    points = sweep.points()
-    progress(f"wafer bench decode sweep: {len(points)} points, {sweep.steps} steps x {sweep.repeats} timed runs "
-             f"each (after one that compiles)")
-    with tqdm(total=len(points), unit="point", file=sys.stderr, dynamic_ncols=True) as bar:
-        report = run_decode_sweep(loaded, sweep, load_start, progress, lambda: bar.update(1))
-    if args.plot is not None:
-        report["plot"] = write_decode_plot(report, args.plot)
-    print(json.dumps(report) if args.json else format_decode_sweep(report))
-    return 0
+    return flags.run_sweep(
+        args, len(sweep.points()), f"wafer bench decode sweep ({sweep.steps} steps per run)",
+        lambda loaded, load_start, on_point: run_decode_sweep(loaded, sweep, load_start, progress, on_point),
+        write_decode_plot, format_decode_sweep)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from bench.prefill import PrefillBench, check_fits, format_table, run_prefill_bench
+from cli import flags
 from cli.flags import (add_dtype_arg, add_model_args, busy_check, int_at_least, int_list, positive_int,
                        progress)
 from mesh.errors import WaferError
@@ -62,24 +62,13 @@ def run(args) -> int:
 
 def run_sweep(args, grid, executor) -> int:
     """Every (batch, prompt length) point against one matmul peak, with a progress bar."""
-    from tqdm import tqdm
-
     from bench.sweep import PrefillSweep, format_prefill_sweep, run_prefill_sweep
-    from bench.sweep_plots import check_plot_path, write_prefill_plot
-    from model.load import load_model
+    from bench.sweep_plots import write_prefill_plot
 
     sweep = PrefillSweep(args.batches or (args.batch,), args.prompt_lens or (args.prompt_len,), args.chunk,
                          args.repeats, args.seed)
-    if args.plot is not None:
-        check_plot_path(args.plot)
-    loaded = load_model(args.model, args.checkpoint, dtype=args.dtype)
-    load_start = busy_check()
-    points = sweep.points()
-    progress(f"wafer bench prefill sweep: {len(points)} points on the {grid} mesh, {sweep.repeats} timed runs each "
-             f"(after one that compiles)")
-    with tqdm(total=len(points), unit="point", file=sys.stderr, dynamic_ncols=True) as bar:
-        report = run_prefill_sweep(loaded, sweep, grid, executor, load_start, progress, lambda: bar.update(1))
-    if args.plot is not None:
-        report["plot"] = write_prefill_plot(report, args.plot)
-    print(json.dumps(report) if args.json else format_prefill_sweep(report))
-    return 0
+    return flags.run_sweep(
+        args, len(sweep.points()), f"wafer bench prefill sweep on the {grid} mesh",
+        lambda loaded, load_start, on_point: run_prefill_sweep(loaded, sweep, grid, executor, load_start, progress,
+                                                               on_point),
+        write_prefill_plot, format_prefill_sweep)

@@ -222,3 +222,27 @@ def busy_check() -> float | None:
         progress(f"warning: load average {load} on {cpus} CPUs: other processes compete for the "
                  f"cores, so the rates and ratios below are unreliable")
     return load
+
+
+def run_sweep(args, n_points: int, what: str, measure, write_plot, format_report) -> int:
+    """The part every benchmark sweep shares: the plot path checked before any work, the model
+    loaded, `measure(loaded, load_start, on_point)` run under a progress bar of `n_points`, the plot
+    drawn, the report (or its JSON) printed."""
+    import json
+
+    from tqdm import tqdm
+
+    from bench.sweep_plots import check_plot_path
+    from model.load import load_model
+
+    if args.plot is not None:
+        check_plot_path(args.plot)
+    loaded = load_model(args.model, args.checkpoint, dtype=args.dtype)
+    load_start = busy_check()
+    progress(f"{what}: {n_points} points, {args.repeats} timed runs each (after one that compiles)")
+    with tqdm(total=n_points, unit="point", file=sys.stderr, dynamic_ncols=True) as bar:
+        report = measure(loaded, load_start, lambda: bar.update(1))
+    if args.plot is not None:
+        report["plot"] = write_plot(report, args.plot)
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0
