@@ -16,7 +16,14 @@ it in one process on all the CPUs. Each figure is the median of `repeats` after 
   not depend on what the cache holds);
 - handoff (disaggregated): `Ship` to `Landed` of a prompt of `T` tokens into a slot, over TCP,
   for every `T` in `prompt_lens` (bench.serve_overhead.ship_and_land). Sender and receiver share
-  the decode worker's CPUs here, while the server's sender runs on the prefill worker's.
+  the decode worker's CPUs here, while the server's sender runs on the prefill worker's;
+- contention (disaggregated): the two workers run on different CPUs of one machine and still slow
+  each other down (shared cores, caches, memory bandwidth: on this 2-vCPU machine a prefill took
+  3x longer while the decode worker stepped). So the prefills of the first batch size are timed
+  again while a second process keeps the decode worker stepping a full batch on its CPUs, and the
+  steps of the first context while a process keeps the prefill worker prefilling the longest
+  prompt; each worker's slowdown is the median ratio to its solo figures of the same shapes
+  (`contention` in the file; serve.costs.MeasuredCost says how the simulator uses it).
 
 The samples are fitted with `serve.costs.fit_measured` and written as a measured cost file with the
 samples, the fits' residuals, the server's scheduler policy and a note of how, where and when.
@@ -41,8 +48,9 @@ from typing import Callable
 
 from mesh.errors import WaferError
 
-# The measuring process reports one of these per sample, then ("done", samples) or ("error", why).
-_PROGRESS, _DONE, _ERROR = "progress", "done", "error"
+# The measuring process reports one of these per sample, then ("done", samples) or ("error", why);
+# a process keeping a worker busy reports ("busy", None) once its programs are compiled.
+_PROGRESS, _DONE, _ERROR, _BUSY = "progress", "done", "error", "busy"
 CHILD_TIMEOUT_S = 1800.0  # a whole phase; compilation on two busy CPUs is most of it
 
 
@@ -82,7 +90,12 @@ class CostsBench:
         integrated = self.options.mode.value == "integrated"
         return {"prefill": len(self.prompt_lens) * len(self.prefill_batches),
                 "decode": len(self.occupancies) * len(self.contexts),
-                "handoff": 0 if integrated else len(self.prompt_lens)}
+                "handoff": 0 if integrated else len(self.prompt_lens),
+                "contention": 0 if integrated else len(self.prompt_lens) + len(self.occupancies)}
+
+    def contended(self) -> "CostsBench":
+        """The shapes timed again beside the other worker: the first batch size and context."""
+        return dataclasses.replace(self, prefill_batches=self.prefill_batches[:1], contexts=self.contexts[:1])
 
 
 def _median_timed(fn: Callable[[], float], repeats: int) -> float:
@@ -97,8 +110,10 @@ def _prompt(vocab_size: int, n: int, k: int) -> tuple[int, ...]:
     return ids[k:]  # a different prompt per repeat, all of length n
 
 
-def _measure(bench: CostsBench, role_name: str, phases: tuple[str, ...], send: Callable) -> dict:
-    """In a pinned process: the samples of `phases` on the worker(s) of role `role_name`."""
+def _measure(bench: CostsBench, role_name: str, phases: tuple[str, ...], send: Callable, stop=None) -> dict:
+    """In a pinned process: the samples of `phases` on the worker(s) of role `role_name`; or, for
+    the phase "busy", that worker kept working (the prefill worker prefilling the longest prompt,
+    the decode worker stepping a full batch) until `stop` (an Event) is set."""
     import numpy as np
 
     from bench.serve_overhead import Reports, ship_and_land
@@ -122,7 +137,7 @@ def _measure(bench: CostsBench, role_name: str, phases: tuple[str, ...], send: C
             prefill = PrefillWorker(loaded, WorkerSpec(Role.PREFILL, opts), reports)
             workers.append(prefill)
             decode = None
-            if "decode" in phases or "handoff" in phases:
+            if {"decode", "handoff"} & set(phases) or role is Role.DECODE:
                 decode = DecodeWorker(loaded, WorkerSpec(Role.DECODE, opts), reports)
                 workers.append(decode)
         count = iter(range(1 << 30))
@@ -140,6 +155,10 @@ def _measure(bench: CostsBench, role_name: str, phases: tuple[str, ...], send: C
             for i, item in enumerate(items):  # free what the batch holds for the next one
                 prefill.apply(Evict(i) if role is Role.INTEGRATED else Discard(item.request_id))
             return seconds
+
+        if "busy" in phases:
+            _keep_busy(bench, cfg, prefill if role is Role.PREFILL else decode, reports, role is Role.PREFILL,
+                       lambda: prefill_once(1, max(bench.prompt_lens)), send, stop)
 
         if "prefill" in phases:
             for b in bench.prefill_batches:
@@ -191,7 +210,41 @@ def _measure(bench: CostsBench, role_name: str, phases: tuple[str, ...], send: C
     return out
 
 
-def _child(cpus: tuple[int, ...], bench: CostsBench, role_name: str, phases: tuple[str, ...], conn) -> None:
+def _keep_busy(bench: CostsBench, cfg, worker, reports, prefilling: bool, prefill_once: Callable[[], float],
+               send: Callable, stop) -> None:
+    """Work until `stop` is set, saying ("busy", None) once the first round (which compiles) ran."""
+    import numpy as np
+
+    from model.sampling import Sampling
+    from serve.worker_messages import Evict, Step, StepReport
+
+    if prefilling:
+        prefill_once()
+        send((_BUSY, None))
+        while not stop.is_set():
+            prefill_once()
+        return
+    slots = worker.slots
+    b, c = max(bench.occupancies), min(bench.contexts)
+    zeros = np.zeros((cfg.n_kv_heads, c, cfg.head_dim), np.float32)
+    first = True
+    while not stop.is_set():
+        for s in range(b):  # a full batch at the shortest context, refilled before it runs out of room
+            slots.insert(s, f"busy{s}", Sampling(), [zeros] * cfg.n_layers, [zeros] * cfg.n_layers, c, 1)
+        for _ in range(bench.options.max_len - c - 2):
+            worker.apply(Step())
+            reports.take(StepReport)
+            if first:
+                send((_BUSY, None))
+                first = False
+            if stop.is_set():
+                break
+        for s in range(b):
+            worker.apply(Evict(s))
+
+
+def _child(cpus: tuple[int, ...], bench: CostsBench, role_name: str, phases: tuple[str, ...], conn,
+           stop=None) -> None:
     """The measuring process: pinned and set up as a worker process is, then `_measure`."""
     from serve.worker_process import pin_fresh_process
     pin_fresh_process(cpus)
@@ -205,7 +258,7 @@ def _child(cpus: tuple[int, ...], bench: CostsBench, role_name: str, phases: tup
 
         from model.load import cache_dir
         jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir(), "xla"))  # as the workers do
-        samples = _measure(bench, role_name, phases, conn.send)
+        samples = _measure(bench, role_name, phases, conn.send, stop)
         samples["jax"] = jax.__version__
         samples["device_kind"] = jax.devices()[0].device_kind
         samples["cpus"] = sorted(os.sched_getaffinity(0))
@@ -216,33 +269,68 @@ def _child(cpus: tuple[int, ...], bench: CostsBench, role_name: str, phases: tup
         conn.close()
 
 
-def _run_phase(cpus: tuple[int, ...], bench: CostsBench, role_name: str, phases: tuple[str, ...],
-               on_sample: Callable[[], None]) -> dict:
+def _start(cpus: tuple[int, ...], bench: CostsBench, role_name: str, phases: tuple[str, ...], stop=None):
+    """A measuring process started: (the process, the end of the pipe it reports to)."""
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(cpus, bench, role_name, phases, child), daemon=True)
+    proc = ctx.Process(target=_child, args=(cpus, bench, role_name, phases, child, stop), daemon=True)
     proc.start()
     child.close()
+    return proc, parent
+
+
+def _await(proc, parent, role_name: str, on_sample: Callable[[], None]):
+    """What the process reports when it is done (or busy), counting its samples on the way."""
     deadline = time.monotonic() + CHILD_TIMEOUT_S
+    while True:
+        if not parent.poll(max(0.0, deadline - time.monotonic())):
+            raise WaferError(f"the {role_name} measurement took over {CHILD_TIMEOUT_S:g} s")
+        try:
+            kind, value = parent.recv()
+        except EOFError:
+            raise WaferError(f"the {role_name} measuring process died (exit code {proc.exitcode})") from None
+        if kind == _PROGRESS:
+            on_sample()
+        elif kind == _ERROR:
+            raise WaferError(f"the {role_name} measurement failed: {value}")
+        else:
+            return value
+
+
+def _reap(proc) -> None:
+    proc.join(10.0)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+
+
+def _run_phase(cpus: tuple[int, ...], bench: CostsBench, role_name: str, phases: tuple[str, ...],
+               on_sample: Callable[[], None]) -> dict:
+    proc, parent = _start(cpus, bench, role_name, phases)
     try:
-        while True:
-            if not parent.poll(max(0.0, deadline - time.monotonic())):
-                raise WaferError(f"the {role_name} measurement took over {CHILD_TIMEOUT_S:g} s")
-            try:
-                kind, value = parent.recv()
-            except EOFError:
-                raise WaferError(f"the {role_name} measuring process died (exit code {proc.exitcode})") from None
-            if kind == _PROGRESS:
-                on_sample()
-            elif kind == _ERROR:
-                raise WaferError(f"the {role_name} measurement failed: {value}")
-            else:
-                return value
+        return _await(proc, parent, role_name, on_sample)
     finally:
-        proc.join(10.0)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
+        _reap(proc)
+
+
+def _beside_busy(busy_cpus: tuple[int, ...], busy_role: str, cpus: tuple[int, ...], bench: CostsBench,
+                 role_name: str, phases: tuple[str, ...], on_sample: Callable[[], None]) -> dict:
+    """`_run_phase` while another process keeps the `busy_role` worker working on `busy_cpus`."""
+    stop = multiprocessing.get_context("spawn").Event()
+    busy, pipe = _start(busy_cpus, bench, busy_role, ("busy",), stop)
+    try:
+        _await(busy, pipe, busy_role, lambda: None)  # compiled and working
+        return _run_phase(cpus, bench.contended(), role_name, phases, on_sample)
+    finally:
+        stop.set()
+        _reap(busy)
+
+
+def slowdown(solo: list, contended: list) -> float:
+    """The median ratio of contended to solo times over the shapes both timed (samples as
+    `_measure` takes them: the shape first, the seconds last)."""
+    alone = {repr(x[:-1]): x[-1] for x in solo}
+    return statistics.median(x[-1] / alone[repr(x[:-1])] for x in contended)
 
 
 def padded_lens(prompt_lens, bucket: int) -> list[int]:
@@ -296,7 +384,16 @@ def run_costs_bench(bench: CostsBench, on_sample: Callable[[], None] = lambda: N
         samples = _run_phase(cpus[Role.DECODE], bench, "decode", ("handoff", "decode"), on_sample)
         samples["prefill"] = pre["prefill"]
         where = {"prefill": pre["cpus"], "decode": samples.pop("cpus")}
+        beside_decode = _beside_busy(cpus[Role.DECODE], "decode", cpus[Role.PREFILL], bench, "prefill", ("prefill",),
+                                     on_sample)["prefill"]
+        beside_prefill = _beside_busy(cpus[Role.PREFILL], "prefill", cpus[Role.DECODE], bench, "decode", ("decode",),
+                                      on_sample)["decode"]
+        samples["contention"] = {"prefill": beside_decode, "decode": beside_prefill}
     cost = fit_samples(samples, opts.scheduler.slots, PROMPT_BUCKET)
+    if "contention" in samples:
+        busy = samples["contention"]
+        cost = dataclasses.replace(cost, contention={"prefill": slowdown(samples["prefill"], busy["prefill"]),
+                                                     "decode": slowdown(samples["decode"], busy["decode"])})
     grid = f"prefill mesh {opts.prefill_grid.rows}x{opts.prefill_grid.cols}, decode mesh " \
            f"{opts.decode_grid.rows}x{opts.decode_grid.cols} ({opts.executor.value})"
     note = (f"wafer bench serve-costs, {started}, {platform.node()}: {opts.mode.value} workers of "
@@ -312,7 +409,7 @@ def run_costs_bench(bench: CostsBench, on_sample: Callable[[], None] = lambda: N
                       "max_prefill_batch": sched.max_prefill_batch, "max_prefill_tokens": sched.max_prefill_tokens,
                       "max_prefilled": sched.max_prefilled, "deadlines": dataclasses.asdict(sched.deadlines)},
         "max_len": opts.max_len,
-        "samples": {k: samples[k] for k in ("prefill", "decode", "handoff")},
+        "samples": {k: samples[k] for k in ("prefill", "decode", "handoff", "contention") if k in samples},
         "residuals": residuals(cost, samples),
         "env": {"started_utc": started, "host": platform.node(), "cpus": where, "jax": samples["jax"],
                 "device_kind": samples["device_kind"], "loadavg_1m_start": round(load_start, 2),
@@ -334,6 +431,8 @@ def format_report(r: dict) -> str:
         f"{len(r['samples']['decode'])} shapes)",
         f"  handoff  {h['fixed_s'] * 1e3:8.2f} ms + {h['per_token_s'] * 1e6:8.2f} us/token  "
         f"(worst fit error {res['handoff']:.1%}, {len(r['samples']['handoff'])} lengths)",
+        *([f"  contention: a prefill takes {c['prefill']:.2f}x its time while the decode worker steps, a "
+           f"decode step {c['decode']:.2f}x while the prefill worker prefills"] if (c := r.get("contention")) else []),
         f"  jax {r['env']['jax']}, {r['env']['device_kind']}, CPUs {r['env']['cpus']}, "
         f"{r['env']['wall_s']:.0f} s, load average {r['env']['loadavg_1m_start']} -> {r['env']['loadavg_1m_end']}",
     ])

@@ -54,6 +54,8 @@ class CostSource(Protocol):
 
     # Optional: `handoff_on_prefill = True` when a unit's handoffs run on its prefill worker (the
     # one CPU that also runs its prefills), so a handoff and a prefill batch never overlap.
+    # Optional: `slowdowns = (prefill, decode)` when the two workers slow each other down while
+    # both work (they share one machine: MeasuredCost.contention).
 
 
 # Model arithmetic, counted from the config.
@@ -391,6 +393,13 @@ class MeasuredCost:
     worker, on the CPU its prefills run on (`wafer serve` disaggregated: a thread of the prefill
     worker process, pinned with it), so the simulator runs a unit's handoffs and prefill batches
     one after the other on that worker (serve/simulator.py) instead of on an independent link.
+
+    `contention` (default none): `{"prefill": p, "decode": d}`, how many times slower each worker
+    runs while the other one works. Two workers pinned to different CPUs of one machine still
+    share its cores' pipelines, caches and memory bandwidth (on this 2-vCPU machine a prefill ran
+    3x slower while the decode worker stepped), so the simulator prices a prefill batch that
+    starts while the decode batch is stepping at `p` times its time, and slows decode steps by
+    `d` while a prefill batch runs (serve/simulator.py). Measured by `wafer bench serve-costs`.
     """
 
     prefill: dict
@@ -399,6 +408,17 @@ class MeasuredCost:
     slots: int | None = None
     note: str = ""
     handoff_on_prefill: bool = False
+    contention: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        for worker, factor in self.contention.items():
+            if worker not in ("prefill", "decode") or not isinstance(factor, (int, float)) or not factor > 0:
+                raise ValueError(f"contention {self.contention}: expected positive factors for prefill and decode")
+
+    @property
+    def slowdowns(self) -> tuple[float, float]:
+        """(prefill, decode): each worker's time factor while the other one works."""
+        return float(self.contention.get("prefill", 1.0)), float(self.contention.get("decode", 1.0))
 
     def prefill_s(self, prompt_lens: Sequence[int]) -> float:
         p = self.prefill
@@ -418,7 +438,7 @@ class MeasuredCost:
 
     def to_json(self) -> dict:
         return {"prefill": self.prefill, "decode": self.decode, "handoff": self.handoff, "slots": self.slots,
-                "note": self.note, "handoff_on_prefill": self.handoff_on_prefill}
+                "note": self.note, "handoff_on_prefill": self.handoff_on_prefill, "contention": self.contention}
 
 
 def load_measured(path: str | pathlib.Path) -> MeasuredCost:
@@ -430,7 +450,7 @@ def load_measured(path: str | pathlib.Path) -> MeasuredCost:
         if not isinstance(on_prefill, bool):
             raise ValueError(f"handoff_on_prefill {on_prefill!r}: expected true or false")
         m = MeasuredCost(dict(d["prefill"]), dict(d["decode"]), dict(d["handoff"]), d.get("slots"),
-                         d.get("note", ""), on_prefill)
+                         d.get("note", ""), on_prefill, dict(d.get("contention") or {}))
         padding = d.get("padding")
         if padding is None:
             return m

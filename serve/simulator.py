@@ -235,6 +235,7 @@ class _Unit:
         self.prefill_gen = self.decode_gen = 0  # bumped on a worker's restart: its stale completions drop
         self.link_free = 0.0
         self.prefill_free = 0.0  # when the prefill batch in flight ends
+        self.prefill_runs: list[tuple[float, float]] = []  # (start, end) of recent prefill batches (contention)
         self.tick_at: float | None = None
         self.load = 0
 
@@ -264,6 +265,24 @@ class _Unit:
         self.evicted_in_flight = 0
         self.plan = None
         self.decode_gen += 1
+
+
+def _slowed(t: float, work: float, runs: list[tuple[float, float]], factor: float) -> float:
+    """When `work` seconds of work started at `t` end, done `factor` times slower within each
+    (start, end) of `runs` (in time order, not overlapping)."""
+    for start, end in runs:
+        if t >= end:
+            continue
+        if t < start:
+            if t + work <= start:
+                return t + work
+            work -= start - t
+            t = start
+        if t + work * factor <= end:
+            return t + work * factor
+        work -= (end - t) / factor
+        t = end
+    return t + work
 
 
 @contextlib.contextmanager
@@ -303,6 +322,12 @@ class Simulator:
         # batches run one at a time, in the order they were decided, rather than side by side.
         self.handoff_on_prefill = fleet.config.mode is Mode.DISAGGREGATED and getattr(fleet.cost, "handoff_on_prefill",
                                                                                         False)
+        # Workers that slow each other down while both work (the cost source says how much: the live
+        # server's two workers share this machine): a prefill batch that starts while the decode
+        # batch steps takes `prefill_slowdown` times its time, and decode steps run `decode_slowdown`
+        # times slower while a prefill batch runs (see _stretch).
+        slow = getattr(fleet.cost, "slowdowns", (1.0, 1.0)) if fleet.config.mode is Mode.DISAGGREGATED else (1.0, 1.0)
+        self.prefill_slowdown, self.decode_slowdown = slow
         self.prefill_s: dict[tuple[int, ...], float] = {}  # prompt lengths of a batch -> its time (see _price)
         self.handoff_s: dict[int, float] = {}  # prompt tokens -> their handoff's time
         self.seq = itertools.count()
@@ -486,12 +511,25 @@ class Simulator:
                 n = max(1, min(unit.horizon, min([c[3] for c in unit.committed.values()]) - unit.steps_done))
             key = (len(tokens), unit.context, n)
             p = unit.plan = _Plan(unit.decode_gen, tokens, self._durations(unit, key), key, now)
+            if self.decode_slowdown != 1.0 and unit.prefill_free > now:
+                self._stretch(unit, p)
             self._push_plan(unit, p)
         elif p.final < len(p.durations):  # cut short by an event that changed nothing for it: go on
             p.final = len(p.durations)
             self._push_plan(unit, p)
         unit.step_in_flight = True
         self._count_steps(p, p.done + 1)
+
+    def _stretch(self, unit: _Unit, p: _Plan) -> None:
+        """Re-time the steps of `p` from the one in flight on: a step's time is work done at
+        1/`decode_slowdown` of the pace while a prefill batch runs (`unit.prefill_runs`)."""
+        t = p.ends[p.done]  # when the step in flight started
+        runs = unit.prefill_runs = [r for r in unit.prefill_runs if r[1] > t]
+        ends = p.ends[:p.done + 1]
+        for work in p.durations[p.done:]:
+            t = _slowed(t, work, runs, self.decode_slowdown)
+            ends.append(t)
+        p.ends = ends
 
     def _durations(self, unit: _Unit, key: tuple[int, int, int]) -> list[float]:
         """The next `n` steps' times over `batch` sequences from `context` positions, `key` =
@@ -565,11 +603,20 @@ class Simulator:
             prompts = unit.prompt
             lens = tuple([prompts[rid] for rid in d.prefill])
             dt = self.prefill_s.get(lens) or self._price(self.prefill_s, unit.cost.prefill_s, lens)
+            if unit.committed and self.prefill_slowdown != 1.0:  # the decode worker is stepping
+                dt *= self.prefill_slowdown
             self.result.prefill_busy_s += dt
             self.result.prefill_batches += 1
             # A batch starts once the worker has shipped the caches queued before it, when it ships them.
-            unit.prefill_free = (max(now, unit.link_free) if self.handoff_on_prefill else now) + dt
+            start = max(now, unit.link_free) if self.handoff_on_prefill else now
+            unit.prefill_free = start + dt
             self._push(unit.prefill_free, _PREFILL_DONE, unit, (unit.prefill_gen, d.prefill))
+            if self.decode_slowdown != 1.0:
+                unit.prefill_runs.append((start, unit.prefill_free))
+                p = unit.plan
+                if p is not None and p.final > p.done:  # steps in flight slow down from now on
+                    self._stretch(unit, p)
+                    self._push_plan(unit, p)
         if d.decode_step:
             self._dispatch(unit, now)
         if d.finished or d.failed:

@@ -88,6 +88,13 @@ def test_cost_file_round_trip(tmp_path):
     path.write_text(json.dumps(dict(data, handoff_on_prefill="yes")))
     with pytest.raises(WaferError, match="handoff_on_prefill"):
         load_measured(path)
+    path.write_text(json.dumps(data))
+    assert load_measured(path).slowdowns == (1.0, 1.0)  # no contention measured: none assumed
+    path.write_text(json.dumps(dict(data, contention={"prefill": 2.5, "decode": 1.5})))
+    assert load_measured(path).slowdowns == (2.5, 1.5) and load_measured(path).bucket == 32
+    path.write_text(json.dumps(dict(data, contention={"prefill": -1})))
+    with pytest.raises(WaferError, match="contention"):
+        load_measured(path)
     # A file without padding (written by hand, as before) stays a plain MeasuredCost.
     data.pop("padding")
     data.pop("scheduler")
@@ -215,7 +222,31 @@ def test_simulate_replay_bad_input(tmp_path, capsys):
     assert_one_line_error(rc, err, "--replay-rate needs --replay")
 
 
+def test_slowdown_is_the_median_ratio_over_shared_shapes():
+    from bench.serve_costs import slowdown
+    solo = [[[128], 0.5], [[224], 1.0], [[128, 128], 0.9]]
+    assert slowdown(solo, [[[128], 1.5], [[224], 2.0]]) == pytest.approx(2.5)  # ratios 3 and 2
+    assert slowdown([[4, 420, 0.2], [8, 840, 0.25]], [[4, 420, 0.3], [8, 840, 0.5], ]) == pytest.approx(1.75)
+
+
 # ------------------------------------------------------------------------------ end to end (slow)
+
+
+@pytest.mark.slow
+def test_serve_costs_measures_how_the_workers_slow_each_other(tiny_checkpoint, tmp_path):
+    """The whole measurement on a tiny checkpoint, disaggregated: solo samples, the same shapes
+    beside the other worker kept busy, the slowdowns from them, and a file the simulator reads."""
+    out = tmp_path / "costs.json"
+    run_wafer("bench", "serve-costs", "--checkpoint", tiny_checkpoint, "--mode", "disaggregated", "--max-len", "64",
+              "--prompt-lens", "8,24", "--prefill-batches", "1,2", "--occupancies", "1,2", "--contexts", "8,16",
+              "--repeats", "2", "--out", str(out))
+    data = json.loads(out.read_text())
+    busy = data["samples"]["contention"]
+    assert [x[0] for x in busy["prefill"]] == [[8], [24]]  # the first batch size, every prompt length
+    assert [x[0] for x in busy["decode"]] == [1, 2]  # every occupancy, the first context
+    assert set(data["contention"]) == {"prefill", "decode"} and min(data["contention"].values()) > 0
+    cost = load_measured(out)
+    assert cost.slowdowns == (data["contention"]["prefill"], data["contention"]["decode"])
 
 SLOW_MAX_LEN = 256
 START_S = 600.0  # the server imports JAX, then its workers load SmolLM2 and compile

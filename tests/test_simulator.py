@@ -65,6 +65,29 @@ def test_handoffs_on_the_prefill_worker_queue_with_its_prefills(on_prefill):
     assert integrated.records[0].e2e == pytest.approx(1.1, abs=1e-12)  # no handoff to queue
 
 
+def test_workers_that_share_a_machine_slow_each_other_down():
+    """Prefill 1.0 s, step 0.1 s, no handoff time; a prefill runs 2x slower while the decode batch
+    steps, a step 3x slower while a prefill runs. A (0.0, 11 tokens) prefills alone: TTFT 1.0,
+    steps from 1.0, 0.1 apart. B arrives at 1.55, in A's sixth step (1.5-1.6), and prefills
+    2 x 1.0 = 2.0 s beside A's steps (1.55-3.55, TTFT 2.0). A's sixth step has 0.05 s of work
+    left, done by 1.7; its last four take 0.3 each: A ends at 2.9 (2.0 without contention). B's
+    one step then runs alone: 3.55-3.65."""
+    c = dataclasses.replace(cost(1.0, step=0.1), contention={"prefill": 2.0, "decode": 3.0})
+    w = workload([0.0, 1.55], [10, 10], [11, 2])
+    for bulk in (True, False):
+        r = Simulator(Fleet(config(batch=1), c), w, keep_records=True, bulk_steps=bulk).run()
+        a, b = sorted(r.records, key=lambda x: int(x.request_id))
+        assert (a.ttft, a.e2e) == pytest.approx((1.0, 2.9), abs=1e-9)
+        assert (b.ttft, b.e2e) == pytest.approx((2.0, 2.1), abs=1e-9)
+    alone = simulate(Fleet(config(batch=1), cost(1.0, step=0.1)), w, keep_records=True)
+    assert sorted(r.e2e for r in alone.records) == pytest.approx([1.1, 2.0], abs=1e-9)
+    # One worker on all the CPUs (integrated) has no neighbour to contend with.
+    integrated = simulate(Fleet(config(Mode.INTEGRATED, batch=1), c), workload([0.0], [10], [2]), keep_records=True)
+    assert integrated.records[0].e2e == pytest.approx(1.1, abs=1e-12)
+    with pytest.raises(ValueError, match="contention"):
+        dataclasses.replace(c, contention={"prefill": 0.0})
+
+
 def test_a_simulation_gives_back_the_collector_settings():
     import gc
     before = gc.get_threshold(), gc.get_freeze_count(), gc.isenabled()
@@ -386,3 +409,19 @@ def test_decode_steps_in_bulk_equal_one_event_per_step_at_tied_times(mode, token
     w = Workload(np.round(w.arrival_s * 4) / 4, w.prompt_len, w.output_len)
     _assert_bulk_equals_step_by_step(Fleet(cfg, cost(0.5, step=0.25, handoff=0.25, slots=4), units=2,
                                            restart_s=0.75), w)
+
+
+def test_decode_steps_in_bulk_equal_one_event_per_step_with_contention():
+    """Prefills that slow the steps in flight (and steps that slow the prefills) re-time plans
+    mid-way: the bulk plans must still give what one event per step gives."""
+    cfg = SchedulerConfig(mode=Mode.DISAGGREGATED, slots=8, max_waiting=64, max_prefill_batch=2, max_prefilled=16,
+                          deadlines=LONG)
+    c = MeasuredCost({"fixed_s": 0.05, "per_token_s": 2e-4},
+                     {"fixed_s": 0.02, "per_seq_s": 1e-4, "per_context_token_s": 1e-7}, {"fixed_s": 0.01}, 8,
+                     handoff_on_prefill=True, contention={"prefill": 2.5, "decode": 1.7})
+    w = synthetic(300, rate=4.0, input_len=200, output_len=40, seed=3, length_dist=LengthDist.EXPONENTIAL)
+    bulk, _ = _assert_bulk_equals_step_by_step(Fleet(cfg, c), w)
+    plain = simulate(Fleet(cfg, dataclasses.replace(c, contention={})), w)
+    assert bulk.finished == plain.finished == 300
+    assert bulk.summary()["ttft_s"]["p50"] > plain.summary()["ttft_s"]["p50"]
+    assert bulk.summary()["tpot_s"]["p50"] > plain.summary()["tpot_s"]["p50"]
