@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels.attention import decode_attention_partial
+from kernels.gemv_cpu import WLayout, matmul_f32
 from kernels.prefill_attention import blocked_causal_attention
 from kernels.rmsnorm import rmsnorm_ref
 from kernels.rope import rope_cos_sin
@@ -62,7 +63,7 @@ def forward(params: Params, config: ModelConfig, tokens_BT: jax.Array, start_B: 
     cos_BTH, sin_BTH = rope_cos_sin(pos_BT, inv_freq_for(config))
     visible_BTS = jnp.arange(S, dtype=jnp.int32)[None, None, :] <= pos_BT[:, :, None]
     shape = BlockShape((config.n_heads,), config.n_kv_heads, config.head_dim, config.ffn_dim)
-    ops = dense_ops(config.rms_eps, _cache_attention(start_B, visible_BTS))
+    ops = dense_ops(config.rms_eps, _cache_attention(start_B, visible_BTS), matmul=matmul_f32)
     new_k, new_v = [], []
     for i, layer in enumerate(params["layers"]):
         with jax.named_scope(layer_scope(i)):
@@ -73,5 +74,5 @@ def forward(params: Params, config: ModelConfig, tokens_BT: jax.Array, start_B: 
     with jax.named_scope(LM_HEAD_SCOPE):
         x_BD = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)[:, 0]
         x_BD = rmsnorm_ref(x_BD, params["final_norm"], config.rms_eps)
-        logits_BV = jnp.matmul(x_BD, lm_head_weight(params).T, preferred_element_type=jnp.float32)
+        logits_BV = matmul_f32(x_BD, lm_head_weight(params), WLayout.NK)
     return logits_BV, KVCache(tuple(new_k), tuple(new_v))
