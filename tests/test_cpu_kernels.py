@@ -1,5 +1,5 @@
-"""The CPU GEMV kernel (kernels/gemv_cpu.py) against its reference, where the model uses it, and
-its fallback to XLA's dot when it cannot be built."""
+"""The CPU kernels (kernels/gemv_cpu.py, kernels/decode_attention_cpu.py) against their
+references, where the model uses them, and the fallback to XLA's ops when they cannot be built."""
 
 import concurrent.futures
 import logging
@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import gemv_cpu
+from kernels import cpu_ffi, gemv_cpu
+from kernels.decode_attention_cpu import decode_attention_prefix, decode_attention_prefix_ref
 from kernels.gemv_cpu import MAX_ROWS, WLayout, gemv, gemv_ref, matmul_f32
 
-needs_kernel = pytest.mark.skipif(not gemv_cpu.available(), reason="CPU GEMV kernel unavailable (see its warning)")
+needs_kernel = pytest.mark.skipif(not cpu_ffi.available(), reason="CPU kernels unavailable (see the warning)")
 # f32 products of length K against a float64 reference: the error of a float32 dot product grows
 # like sqrt(K) * 2^-24 relative to the norm; 1e-5 leaves room for K in the thousands.
 REL_TOL = 1e-5
@@ -92,21 +93,58 @@ def test_matmul_f32_takes_the_kernel_only_where_it_applies():
 def test_a_failed_build_gives_a_reason_not_an_exception(cxx, monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", cxx)
     monkeypatch.setenv("WAFER_CACHE_DIR", str(tmp_path))  # nothing cached: the build must run
-    monkeypatch.delenv("WAFER_GEMV", raising=False)
-    reason = gemv_cpu.unavailable_reason()
+    monkeypatch.delenv("WAFER_CPU_KERNELS", raising=False)
+    reason = cpu_ffi.unavailable_reason()
     assert reason is not None and reason.startswith("build failed")
     assert not list(tmp_path.rglob("*.so"))
 
 
 def test_unavailable_kernel_warns_once_and_matmul_is_xla(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(gemv_cpu, "unavailable_reason", lambda: "build failed: no compiler")
-    gemv_cpu.available.cache_clear()
+    monkeypatch.setattr(cpu_ffi, "unavailable_reason", lambda: "build failed: no compiler")
+    cpu_ffi.available.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger=gemv_cpu.__name__):
+        with caplog.at_level(logging.WARNING, logger=cpu_ffi.__name__):
             for _ in range(3):
-                assert not gemv_cpu.available()
+                assert not cpu_ffi.available()
             assert custom_calls(matmul_f32, jnp.zeros((1, 64), jnp.float32), jnp.zeros((64, 8), jnp.float32)) == 0
         assert [r.getMessage() for r in caplog.records] == [
-            "CPU GEMV kernel off, XLA's dot used instead: build failed: no compiler"]
+            "CPU kernels off, XLA's ops used instead: build failed: no compiler"]
     finally:
-        gemv_cpu.available.cache_clear()
+        cpu_ffi.available.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize("B,K,G,S,H,n", [
+    (1, 3, 3, 512, 64, [257]),  # SmolLM2 at context 256
+    (8, 3, 3, 512, 64, [1, 8, 9, 100, 257, 511, 512, 300]),  # every exp tail, the whole cache
+    (2, 2, 4, 64, 128, [17, 64]),  # G > 3: blocks of 3 and a tail of 1
+    (1, 1, 2, 40, 32, [33]),
+])
+def test_decode_attention_matches_reference(B, K, G, S, H, n):
+    rng = np.random.default_rng(B * S + G)
+    q = jnp.asarray(rng.standard_normal((B, K, G, H)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((B, K, S, H)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((B, K, S, H)), jnp.float32)
+    n_B = jnp.asarray(n, jnp.int32)
+    got = jax.jit(decode_attention_prefix)(q, k, v, n_B)
+    assert jax.jit(decode_attention_prefix).lower(q, k, v, n_B).as_text().count("wafer_decode_attention_f32") == 1
+    # float64 softmax over the visible prefix, written out independently.
+    qd, kd, vd = (np.asarray(a, np.float64) for a in (q, k, v))
+    want = np.zeros((B, K, G, H))
+    for b in range(B):
+        s = np.einsum("kgh,ksh->kgs", qd[b], kd[b, :, :n[b]]) / np.sqrt(H)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        want[b] = np.einsum("kgs,ksh->kgh", p / p.sum(-1, keepdims=True), vd[b, :, :n[b]])
+    # Softmax-weighted sums of n float32 products; 1e-5 relative norm as for the GEMV.
+    assert rel_err(got, want) < REL_TOL
+    assert rel_err(decode_attention_prefix_ref(q, k, v, n_B), want) < REL_TOL
+    # Positions past the prefix are never read: changing them changes nothing, bit for bit.
+    k2 = k.at[:, :, max(n):].set(1e30) if max(n) < S else k
+    np.testing.assert_array_equal(np.asarray(jax.jit(decode_attention_prefix)(q, k2, v, n_B)), np.asarray(got))
+
+
+def test_decode_attention_falls_back_for_16_bit_caches():
+    q = jnp.ones((1, 1, 1, 64), jnp.bfloat16)
+    k = jnp.ones((1, 1, 8, 64), jnp.bfloat16)
+    lowered = jax.jit(decode_attention_prefix).lower(q, k, k, jnp.ones((1,), jnp.int32)).as_text()
+    assert "wafer_decode_attention_f32" not in lowered
