@@ -1,9 +1,9 @@
 """Decode attention on CPU over the visible prefix of the cache: an XLA FFI target
 (`decode_attention_cpu.cc`, built by kernels/cpu_ffi.py).
 
-Why: XLA's fused elementwise form (kernels/attention.py, `decode_attention_partial`) ran at about
-3 GB/s of cache on this CPU (7 ms of a 23 ms SmolLM2 step, from a profile: docs/decode/step_profile.py)
-and reads every position of the cache it is given; the kernel reads only the positions a token
+Why: XLA's fused elementwise form (kernels/attention.py, `decode_attention_partial`) ran as YNNPACK
+reductions at about 3 GB/s of cache on this CPU (7.3 ms of a ~26 ms SmolLM2 step in a profile:
+docs/decode/step_profile.py, bench/RESULTS.md) and reads every position of the cache it is given; the kernel reads only the positions a token
 may see, with the scores of one (sequence, KV head) pair kept in L1, and spreads the pairs over
 the shared thread pool.
 """
