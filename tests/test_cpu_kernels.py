@@ -126,8 +126,9 @@ def test_decode_attention_matches_reference(B, K, G, S, H, n):
     k = jnp.asarray(rng.standard_normal((B, K, S, H)), jnp.float32)
     v = jnp.asarray(rng.standard_normal((B, K, S, H)), jnp.float32)
     n_B = jnp.asarray(n, jnp.int32)
-    got = jax.jit(decode_attention_prefix)(q, k, v, n_B)
-    assert jax.jit(decode_attention_prefix).lower(q, k, v, n_B).as_text().count("wafer_decode_attention_f32") == 1
+    attend = jax.jit(decode_attention_prefix)
+    got = attend(q, k, v, n_B)
+    assert attend.lower(q, k, v, n_B).as_text().count("wafer_decode_attention_f32") == 1
     # float64 softmax over the visible prefix, written out independently.
     qd, kd, vd = (np.asarray(a, np.float64) for a in (q, k, v))
     want = np.zeros((B, K, G, H))
@@ -137,10 +138,10 @@ def test_decode_attention_matches_reference(B, K, G, S, H, n):
         want[b] = np.einsum("kgs,ksh->kgh", p / p.sum(-1, keepdims=True), vd[b, :, :n[b]])
     # Softmax-weighted sums of n float32 products; 1e-5 relative norm as for the GEMV.
     assert rel_err(got, want) < REL_TOL
-    assert rel_err(decode_attention_prefix_ref(q, k, v, n_B), want) < REL_TOL
+    assert rel_err(jax.jit(decode_attention_prefix_ref)(q, k, v, n_B), want) < REL_TOL
     # Positions past the prefix are never read: changing them changes nothing, bit for bit.
     k2 = k.at[:, :, max(n):].set(1e30) if max(n) < S else k
-    np.testing.assert_array_equal(np.asarray(jax.jit(decode_attention_prefix)(q, k2, v, n_B)), np.asarray(got))
+    np.testing.assert_array_equal(np.asarray(attend(q, k2, v, n_B)), np.asarray(got))
 
 
 def test_decode_attention_falls_back_for_16_bit_caches():
