@@ -94,9 +94,18 @@ class BlockOps:
     attend: Callable
 
 
-def dense_ops(eps: float, attend: Callable, reduce_out: Callable = lambda y: y) -> BlockOps:
-    """Local matmuls (the single device; a prefill column, whose projections `reduce_out` sums)."""
-    matmul = lambda a, w: jnp.matmul(a, w, preferred_element_type=jnp.float32)
+def xla_matmul(a, w):
+    """a[..., K] @ w[K, N], accumulated in float32, by XLA's dot."""
+    return jnp.matmul(a, w, preferred_element_type=jnp.float32)
+
+
+def dense_ops(eps: float, attend: Callable, reduce_out: Callable = lambda y: y,
+              matmul: Callable = xla_matmul) -> BlockOps:
+    """Local matmuls (the single device; a prefill column, whose projections `reduce_out` sums).
+
+    `matmul(a, w)`: a[..., K] @ w[K, N] accumulated in float32 (the single device passes the
+    CPU GEMV kernel's `matmul_f32`, which is XLA's dot wherever the kernel does not apply).
+    """
     return BlockOps(norm_project=lambda x, norm_w, w: matmul(rmsnorm_ref(x, norm_w, eps), w),
                     project_out=lambda a, w: reduce_out(matmul(a, w)), attend=attend)
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.attention import decode_attention_partial
+from kernels.decode_attention_cpu import decode_attention_prefix
+from kernels.gemv_cpu import WLayout, matmul_f32
 from kernels.prefill_attention import blocked_causal_attention
 from kernels.rmsnorm import rmsnorm_ref
 from kernels.rope import rope_cos_sin
@@ -21,7 +22,7 @@ from model.config import ModelConfig
 from model.weights import Params, lm_head_weight
 
 
-def _cache_attention(start_B, visible_BTS):
+def _cache_attention(start_B):
     """The single-device cache [B, K, S, H]: T new positions per sequence written at start_B."""
 
     def attend(q_BTNH, k_BTKH, v_BTKH, k_cache_BKSH, v_cache_BKSH):
@@ -29,10 +30,9 @@ def _cache_attention(start_B, visible_BTS):
         K = k_BTKH.shape[2]
         k_cache_BKSH = write_kv(k_cache_BKSH, k_BTKH.transpose(0, 2, 1, 3), start_B)
         v_cache_BKSH = write_kv(v_cache_BKSH, v_BTKH.transpose(0, 2, 1, 3), start_B)
-        if T == 1:  # decode: the copy-free elementwise form (see decode_attention_partial)
-            _, l, o = decode_attention_partial(q_BTNH.reshape(B, K, N // K, H), k_cache_BKSH, v_cache_BKSH,
-                                               visible_BTS[:, 0])
-            attn_BTNH = (o / l[..., None]).reshape(B, 1, N, H)
+        if T == 1:  # decode: over the visible prefix (the CPU kernel, or XLA's copy-free elementwise form)
+            attn_BTNH = decode_attention_prefix(q_BTNH.reshape(B, K, N // K, H), k_cache_BKSH, v_cache_BKSH,
+                                                start_B + 1).reshape(B, 1, N, H)
         else:  # prefill: blocked, so memory grows linearly with the prompt (no T x S scores)
             attn_BTNH = blocked_causal_attention(q_BTNH, k_cache_BKSH, v_cache_BKSH, start_B, start_B + T)
         return attn_BTNH, k_cache_BKSH, v_cache_BKSH
@@ -55,14 +55,12 @@ def forward(params: Params, config: ModelConfig, tokens_BT: jax.Array, start_B: 
       logits_BV (float32) at `last_B`, and the updated cache.
     """
     B, T = tokens_BT.shape
-    S = cache.max_len
     with jax.named_scope(EMBED_SCOPE):
         x_BTD = jnp.take(params["embed"], tokens_BT, axis=0)
     pos_BT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     cos_BTH, sin_BTH = rope_cos_sin(pos_BT, inv_freq_for(config))
-    visible_BTS = jnp.arange(S, dtype=jnp.int32)[None, None, :] <= pos_BT[:, :, None]
     shape = BlockShape((config.n_heads,), config.n_kv_heads, config.head_dim, config.ffn_dim)
-    ops = dense_ops(config.rms_eps, _cache_attention(start_B, visible_BTS))
+    ops = dense_ops(config.rms_eps, _cache_attention(start_B), matmul=matmul_f32)
     new_k, new_v = [], []
     for i, layer in enumerate(params["layers"]):
         with jax.named_scope(layer_scope(i)):
@@ -73,5 +71,5 @@ def forward(params: Params, config: ModelConfig, tokens_BT: jax.Array, start_B: 
     with jax.named_scope(LM_HEAD_SCOPE):
         x_BD = jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1)[:, 0]
         x_BD = rmsnorm_ref(x_BD, params["final_norm"], config.rms_eps)
-        logits_BV = jnp.matmul(x_BD, lm_head_weight(params).T, preferred_element_type=jnp.float32)
+        logits_BV = matmul_f32(x_BD, lm_head_weight(params), WLayout.NK)
     return logits_BV, KVCache(tuple(new_k), tuple(new_v))
