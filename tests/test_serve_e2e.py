@@ -254,7 +254,7 @@ def server(request, checkpoint):
     s.stop()
 
 
-@pytest.fixture(scope="class")
+@pytest.fixture(scope="module")
 def one_slot(checkpoint):
     """A disaggregated server with a single decode slot: a second request waits for the first."""
     s = Server(checkpoint, "--decode-mesh", "1x2", "--slots", "1")
@@ -286,104 +286,6 @@ def completion(client: openai.OpenAI, stream: bool, prompt, max_tokens: int = NE
 
 def finish_reason_of(tokens: list[int], max_tokens: int) -> str:
     return "length" if len(tokens) == max_tokens and tokens[-1] != 2 else "stop"
-
-
-# ------------------------------------------------------------------------------------- faults
-
-
-async def sse(resp: aiohttp.ClientResponse):
-    """The decoded `data:` payloads of a streamed response ([DONE] as the string)."""
-    async for line in resp.content:
-        if line.startswith(b"data: "):
-            payload = line[len(b"data: "):].decode().strip()
-            yield payload if payload == "[DONE]" else json.loads(payload)
-
-
-async def open_stream(session: aiohttp.ClientSession, url: str, prompt, max_tokens: int, ignore_eos: bool = False):
-    """A streamed greedy completion, its response and its events (after the first one, returned)."""
-    resp = await session.post(f"{url}/v1/completions", json=dict(model="ckpt", prompt=prompt, max_tokens=max_tokens,
-                                                                  temperature=0, stream=True, ignore_eos=ignore_eos))
-    assert resp.status == 200, await resp.text()
-    events = sse(resp)
-    return resp, events, await anext(events)
-
-
-async def rest(events) -> list:
-    return [e async for e in events]
-
-
-class TestOneSlot:
-    """The fault tests, on the one-slot server. They run before the tests of each mode, and their
-    server is stopped once they are done (`one_slot` is class-scoped): after those tests the last
-    mode's server would stay up, idle but compiling its prefill programs, until the module ends."""
-
-    def test_a_killed_decode_worker_fails_its_stream_and_the_server_recovers(self, one_slot, reference):
-        s = one_slot
-        before = s.workers()
-        restarts = s.metric("wafer_worker_restarts_total", {"worker": "decode"})
-
-        async def scenario():
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2 * WAIT_S)) as session:
-                a, a_events, a_first = await open_stream(session, s.url, LONG_PROMPT, LONG, ignore_eos=True)
-                a_second = await anext(a_events)  # a token of a decode step: its cache landed, it decodes
-                # The second request's first token comes from the prefill worker: once it is here, the
-                # request waits for the only slot, which the first one holds.
-                b, b_events, b_first = await open_stream(session, s.url, COMPLETION_PROMPT, NEW_TOKENS)
-                os.kill(before["decode"], signal.SIGKILL)
-                a_rest, b_rest = await asyncio.gather(rest(a_events), rest(b_events))
-                a.release()
-                b.release()
-                return [a_first, a_second, *a_rest], [b_first, *b_rest]
-        a_events, b_events = asyncio.run(scenario())
-
-        # The decoding request: its tokens so far, then an error event (headers were sent: no status to
-        # change), then [DONE]; it never reached its limit.
-        assert a_events[-1] == "[DONE]" and "error" in a_events[-2], a_events[-3:]
-        assert a_events[-2]["error"]["code"] == "worker_died" and a_events[-2]["error"]["type"] == "server_error"
-        assert 2 <= len(a_events[:-2]) < LONG
-        assert a_events[-2]["error"]["message"].endswith("while decoding")
-        # The waiting request completes on the restarted worker, or fails visibly: never silence.
-        assert b_events[-1] == "[DONE]"
-        if "error" in b_events[-2]:
-            assert b_events[-2]["error"]["type"] == "server_error"
-        else:
-            assert "".join(e["choices"][0]["text"] for e in b_events[:-1]) == reference["completion"]["text"]
-
-        wait_for(s.healthy, "/health 200 after the restart")
-        after = s.workers()
-        assert after["prefill"] == before["prefill"] and after["decode"] != before["decode"]
-        assert s.gone(before["decode"])
-        assert s.metric("wafer_worker_restarts_total", {"worker": "decode"}) == restarts + 1
-        text, _, _ = completion(s.client(), True, COMPLETION_PROMPT)
-        assert text == reference["completion"]["text"]
-        # What the killed request got before the kill was right: a prefix of its text run again.
-        whole, _, _ = completion(s.client(), False, LONG_PROMPT, LONG, ignore_eos=True)
-        assert whole.startswith("".join(e["choices"][0]["text"] for e in a_events[:-2]))
-
-
-    def test_a_client_that_disconnects_frees_the_only_slot(self, one_slot, reference):
-        s = one_slot
-        steps = s.metric("wafer_decode_step_seconds_count")
-        gone = s.metric("wafer_requests_total", {"outcome": "disconnected"})
-
-        async def scenario():
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as session:
-                resp, events, _ = await open_stream(session, s.url, LONG_PROMPT, LONG, ignore_eos=True)
-                await anext(events)  # a token from a decode step: the request holds the slot
-                resp.close()  # drops the connection, mid-stream
-            # The next request would wait for LONG tokens if the slot were not freed.
-            async with s.async_client() as client:
-                r = await client.completions.create(model="ckpt", prompt=COMPLETION_PROMPT, max_tokens=NEW_TOKENS,
-                                                    temperature=0)
-            return r.choices[0].text
-        assert asyncio.run(scenario()) == reference["completion"]["text"]
-        assert s.metric("wafer_requests_total", {"outcome": "disconnected"}) == gone + 1
-        # The abandoned request stopped within a few steps of its client leaving, far from its limit.
-        assert s.metric("wafer_decode_step_seconds_count") - steps < LONG // 2
-        wait_for(lambda: s.metric("wafer_slots_in_use") == 0, "the slot to be free")
-
-
-# ------------------------------------------------------------------------------ each mode
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
@@ -426,6 +328,96 @@ def test_eight_concurrent_streams_each_equal_their_solo_text(server):
 def test_the_openai_client_lists_the_model(server):
     models = server.client().models.list().data
     assert [m.id for m in models] == ["ckpt"] and models[0].model_extra["max_model_len"] == MAX_LEN
+
+
+# ------------------------------------------------------------------------------------- faults
+
+
+async def sse(resp: aiohttp.ClientResponse):
+    """The decoded `data:` payloads of a streamed response ([DONE] as the string)."""
+    async for line in resp.content:
+        if line.startswith(b"data: "):
+            payload = line[len(b"data: "):].decode().strip()
+            yield payload if payload == "[DONE]" else json.loads(payload)
+
+
+async def open_stream(session: aiohttp.ClientSession, url: str, prompt, max_tokens: int, ignore_eos: bool = False):
+    """A streamed greedy completion, its response and its events (after the first one, returned)."""
+    resp = await session.post(f"{url}/v1/completions", json=dict(model="ckpt", prompt=prompt, max_tokens=max_tokens,
+                                                                  temperature=0, stream=True, ignore_eos=ignore_eos))
+    assert resp.status == 200, await resp.text()
+    events = sse(resp)
+    return resp, events, await anext(events)
+
+
+async def rest(events) -> list:
+    return [e async for e in events]
+
+
+def test_a_killed_decode_worker_fails_its_stream_and_the_server_recovers(one_slot, reference):
+    s = one_slot
+    before = s.workers()
+    restarts = s.metric("wafer_worker_restarts_total", {"worker": "decode"})
+
+    async def scenario():
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2 * WAIT_S)) as session:
+            a, a_events, a_first = await open_stream(session, s.url, LONG_PROMPT, LONG, ignore_eos=True)
+            a_second = await anext(a_events)  # a token of a decode step: its cache landed, it decodes
+            # The second request's first token comes from the prefill worker: once it is here, the
+            # request waits for the only slot, which the first one holds.
+            b, b_events, b_first = await open_stream(session, s.url, COMPLETION_PROMPT, NEW_TOKENS)
+            os.kill(before["decode"], signal.SIGKILL)
+            a_rest, b_rest = await asyncio.gather(rest(a_events), rest(b_events))
+            a.release()
+            b.release()
+            return [a_first, a_second, *a_rest], [b_first, *b_rest]
+    a_events, b_events = asyncio.run(scenario())
+
+    # The decoding request: its tokens so far, then an error event (headers were sent: no status to
+    # change), then [DONE]; it never reached its limit.
+    assert a_events[-1] == "[DONE]" and "error" in a_events[-2], a_events[-3:]
+    assert a_events[-2]["error"]["code"] == "worker_died" and a_events[-2]["error"]["type"] == "server_error"
+    assert 2 <= len(a_events[:-2]) < LONG
+    assert a_events[-2]["error"]["message"].endswith("while decoding")
+    # The waiting request completes on the restarted worker, or fails visibly: never silence.
+    assert b_events[-1] == "[DONE]"
+    if "error" in b_events[-2]:
+        assert b_events[-2]["error"]["type"] == "server_error"
+    else:
+        assert "".join(e["choices"][0]["text"] for e in b_events[:-1]) == reference["completion"]["text"]
+
+    wait_for(s.healthy, "/health 200 after the restart")
+    after = s.workers()
+    assert after["prefill"] == before["prefill"] and after["decode"] != before["decode"]
+    assert s.gone(before["decode"])
+    assert s.metric("wafer_worker_restarts_total", {"worker": "decode"}) == restarts + 1
+    text, _, _ = completion(s.client(), True, COMPLETION_PROMPT)
+    assert text == reference["completion"]["text"]
+    # What the killed request got before the kill was right: a prefix of its text run again.
+    whole, _, _ = completion(s.client(), False, LONG_PROMPT, LONG, ignore_eos=True)
+    assert whole.startswith("".join(e["choices"][0]["text"] for e in a_events[:-2]))
+
+
+def test_a_client_that_disconnects_frees_the_only_slot(one_slot, reference):
+    s = one_slot
+    steps = s.metric("wafer_decode_step_seconds_count")
+    gone = s.metric("wafer_requests_total", {"outcome": "disconnected"})
+
+    async def scenario():
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT_S)) as session:
+            resp, events, _ = await open_stream(session, s.url, LONG_PROMPT, LONG, ignore_eos=True)
+            await anext(events)  # a token from a decode step: the request holds the slot
+            resp.close()  # drops the connection, mid-stream
+        # The next request would wait for LONG tokens if the slot were not freed.
+        async with s.async_client() as client:
+            r = await client.completions.create(model="ckpt", prompt=COMPLETION_PROMPT, max_tokens=NEW_TOKENS,
+                                                temperature=0)
+        return r.choices[0].text
+    assert asyncio.run(scenario()) == reference["completion"]["text"]
+    assert s.metric("wafer_requests_total", {"outcome": "disconnected"}) == gone + 1
+    # The abandoned request stopped within a few steps of its client leaving, far from its limit.
+    assert s.metric("wafer_decode_step_seconds_count") - steps < LONG // 2
+    wait_for(lambda: s.metric("wafer_slots_in_use") == 0, "the slot to be free")
 
 
 @pytest.mark.slow
