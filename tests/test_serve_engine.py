@@ -168,35 +168,6 @@ def assert_done(result, want_tokens, reason=FinishReason.LENGTH):
     assert end.times.output_tokens == len(tokens)
 
 
-# First, before the module's disaggregated engine starts: that engine stays up until the module
-# ends, idle but compiling its prefill programs, and beside this engine it would only take CPU from it.
-def test_integrated_greedy_equals_the_generator_and_stop_reaps(sharp_checkpoint, reference):
-    # The first spawned process of a session starts multiprocessing's resource tracker, which keeps
-    # a pipe open for the session: not the engine's, so it is started before the count.
-    resource_tracker.ensure_running()
-    fds = len(os.listdir("/proc/self/fd"))
-    running = Running(options(sharp_checkpoint, Mode.INTEGRATED))
-    try:
-        assert running.engine.capacity == 128
-        assert_done(running.generate(PROMPTS[0]), reference(PROMPTS[0]))
-
-        async def together():
-            return await asyncio.gather(*(collect(running.engine, request(p)) for p in PROMPTS))
-        for prompt, result in zip(PROMPTS, running.lt.run(together())):
-            assert_done(result, reference(prompt))
-
-        async def in_flight():  # stop() fails what is still running
-            stream = running.engine.submit(request(PROMPTS[0], LONG))
-            await anext(stream)
-            await running.engine.stop()
-            return await drain(stream)
-        _, end = running.lt.run(in_flight())
-        assert isinstance(end, Failed) and end.reason is FailReason.WORKER_DIED
-    finally:
-        running.stop()
-    assert len(os.listdir("/proc/self/fd")) == fds  # pipes and sockets all closed
-
-
 @pytest.fixture(scope="module")
 def disaggregated(sharp_checkpoint):
     running = Running(options(sharp_checkpoint, Mode.DISAGGREGATED), Faults(wrong_fingerprint=frozenset({"refused"})))
@@ -398,6 +369,33 @@ def test_a_killed_decode_worker_fails_only_its_requests(disaggregated, reference
     assert_done(kept, reference(PROMPTS[3]))
     assert_done(later, reference(PROMPTS[4]))
     assert d.metrics.registry.get_sample_value("wafer_worker_restarts_total", {"worker": "decode"}) == 1
+
+
+def test_integrated_greedy_equals_the_generator_and_stop_reaps(sharp_checkpoint, reference):
+    # The first spawned process of a session starts multiprocessing's resource tracker, which keeps
+    # a pipe open for the session: not the engine's, so it is started before the count.
+    resource_tracker.ensure_running()
+    fds = len(os.listdir("/proc/self/fd"))
+    running = Running(options(sharp_checkpoint, Mode.INTEGRATED))
+    try:
+        assert running.engine.capacity == 128
+        assert_done(running.generate(PROMPTS[0]), reference(PROMPTS[0]))
+
+        async def together():
+            return await asyncio.gather(*(collect(running.engine, request(p)) for p in PROMPTS))
+        for prompt, result in zip(PROMPTS, running.lt.run(together())):
+            assert_done(result, reference(prompt))
+
+        async def in_flight():  # stop() fails what is still running
+            stream = running.engine.submit(request(PROMPTS[0], LONG))
+            await anext(stream)
+            await running.engine.stop()
+            return await drain(stream)
+        _, end = running.lt.run(in_flight())
+        assert isinstance(end, Failed) and end.reason is FailReason.WORKER_DIED
+    finally:
+        running.stop()
+    assert len(os.listdir("/proc/self/fd")) == fds  # pipes and sockets all closed
 
 
 def test_options_the_engine_cannot_run_are_refused():
