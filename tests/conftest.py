@@ -9,6 +9,13 @@ from mesh.devices import ensure_cpu_devices
 
 # Tests never write into the user's cache: each session gets its own weight cache folder.
 os.environ.setdefault("WAFER_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "wafer"))
+# Tests build many decoders and generators of the same shapes, each compiling its programs anew
+# (and subprocesses compile what this process already did): XLA's persistent cache, in the folder
+# the serve workers already use, turns every compilation after the first of a program into a load.
+# Every program, however quick to compile (JAX's default caches only those over 1 s). Set in the
+# environment, before JAX starts, so the subprocesses that tests launch share it.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["WAFER_CACHE_DIR"], "xla"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 # Real 2D meshes need real devices: 16 emulated CPU devices (up to a 4x4 mesh), set before JAX
 # starts. Larger meshes run in subprocesses (the stress test) or on the vcores executor.

@@ -363,6 +363,10 @@ def test_a_killed_decode_worker_fails_its_stream_and_the_server_recovers(one_slo
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2 * WAIT_S)) as session:
             a, a_events, a_first = await open_stream(session, s.url, LONG_PROMPT, LONG, ignore_eos=True)
             a_second = await anext(a_events)  # a token of a decode step: its cache landed, it decodes
+            # Stopped (not yet killed) while the second request is prefilled: the first cannot run
+            # to its limit meanwhile (a delayed prefill once let it finish all LONG tokens before
+            # the kill). The stop is far shorter than the server's 30 s step deadline.
+            os.kill(before["decode"], signal.SIGSTOP)
             # The second request's first token comes from the prefill worker: once it is here, the
             # request waits for the only slot, which the first one holds.
             b, b_events, b_first = await open_stream(session, s.url, COMPLETION_PROMPT, NEW_TOKENS)

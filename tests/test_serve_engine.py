@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+from multiprocessing import resource_tracker
 
 import pytest
 
@@ -299,10 +300,31 @@ def test_a_full_queue_rejects_with_retry_after(disaggregated, reference):
         assert end.retry_after_s == SchedulerConfig().retry_after_s
 
 
+def _wait_until_dead(pid, timeout_s: float = 30.0) -> None:
+    """Block (the engine's event loop too, on purpose) until `pid` has exited: a zombie, its pipe
+    closed. The engine reaps it only once its loop runs again, so the state stays 'Z' until then."""
+    end = time.monotonic() + timeout_s
+    while True:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        if time.monotonic() > end:
+            raise AssertionError(f"worker {pid} still running {timeout_s} s after SIGKILL")
+        time.sleep(0.005)
+
+
 def _kill_then_submit(d, role, prompt):
-    """SIGKILL the `role` worker and, before the engine can notice, submit `prompt`."""
+    """SIGKILL the `role` worker and, before the engine can notice, submit `prompt`.
+
+    The submit waits until the worker has really exited, so its closed pipe is already readable
+    when the loop next runs and the engine learns of the death before any report `prompt` can
+    cause: without the wait, a prefill worker fast enough to report `prompt`'s prefill before the
+    dying decode worker's pipe closed got it a slot on the dead worker (TRANSFERRING), and the
+    death then failed it too (test_a_killed_decode_worker_fails_only_its_requests flaked so)."""
     async def go():
-        os.kill(d.engine.pids()[role], signal.SIGKILL)
+        pid = d.engine.pids()[role]
+        os.kill(pid, signal.SIGKILL)
+        _wait_until_dead(pid)
         return d.engine.submit(request(prompt))
     return go()
 
@@ -350,6 +372,9 @@ def test_a_killed_decode_worker_fails_only_its_requests(disaggregated, reference
 
 
 def test_integrated_greedy_equals_the_generator_and_stop_reaps(sharp_checkpoint, reference):
+    # The first spawned process of a session starts multiprocessing's resource tracker, which keeps
+    # a pipe open for the session: not the engine's, so it is started before the count.
+    resource_tracker.ensure_running()
     fds = len(os.listdir("/proc/self/fd"))
     running = Running(options(sharp_checkpoint, Mode.INTEGRATED))
     try:
