@@ -18,8 +18,9 @@ it in one process on all the CPUs. Each figure is the median of `repeats` after 
   for every `T` in `prompt_lens` (bench.serve_overhead.ship_and_land). Sender and receiver share
   the decode worker's CPUs here, while the server's sender runs on the prefill worker's;
 - contention (disaggregated): the two workers run on different CPUs of one machine and still slow
-  each other down (shared cores, caches, memory bandwidth: on this 2-vCPU machine a prefill took
-  3x longer while the decode worker stepped). So the prefills of the first batch size are timed
+  each other down (shared cores, caches, memory bandwidth, and what other work on the machine
+  leaves them: on this 2-vCPU machine, with another session's tests running, a prefill took 3x
+  longer while the decode worker stepped; quiet, no longer). So the prefills of the first batch size are timed
   again while a second process keeps the decode worker stepping a full batch on its CPUs, and the
   steps of the first context while a process keeps the prefill worker prefilling the longest
   prompt; each worker's slowdown is the median ratio to its solo figures of the same shapes

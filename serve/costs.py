@@ -396,8 +396,9 @@ class MeasuredCost:
 
     `contention` (default none): `{"prefill": p, "decode": d}`, how many times slower each worker
     runs while the other one works. Two workers pinned to different CPUs of one machine still
-    share its cores' pipelines, caches and memory bandwidth (on this 2-vCPU machine a prefill ran
-    3x slower while the decode worker stepped), so the simulator prices a prefill batch that
+    share its cores, caches and memory bandwidth, and with other work on the machine they share
+    what it leaves them (on this 2-vCPU machine, while another session's tests ran, a prefill ran
+    3x slower while the decode worker stepped; quiet, not measurably), so the simulator prices a prefill batch that
     starts while the decode batch is stepping at `p` times its time, and slows decode steps by
     `d` while a prefill batch runs (serve/simulator.py). Measured by `wafer bench serve-costs`.
     """
