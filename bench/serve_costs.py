@@ -329,9 +329,11 @@ def _beside_busy(busy_cpus: tuple[int, ...], busy_role: str, cpus: tuple[int, ..
 
 def slowdown(solo: list, contended: list) -> float:
     """The median ratio of contended to solo times over the shapes both timed (samples as
-    `_measure` takes them: the shape first, the seconds last)."""
+    `_measure` takes them: the shape first, the seconds last), at least 1: a worker does not run
+    faster because the other one works, so a median below 1 is the machine's noise (a quiet run
+    gave 0.81) and would price a prefill beside a stepping decode worker as faster than alone."""
     alone = {repr(x[:-1]): x[-1] for x in solo}
-    return statistics.median(x[-1] / alone[repr(x[:-1])] for x in contended)
+    return max(1.0, statistics.median(x[-1] / alone[repr(x[:-1])] for x in contended))
 
 
 def padded_lens(prompt_lens, bucket: int) -> list[int]:
@@ -403,7 +405,9 @@ def run_costs_bench(bench: CostsBench, on_sample: Callable[[], None] = lambda: N
             f"load average {load_start:.2f}")
     # Disaggregated, the server ships each cache from a thread of its prefill worker, pinned to the
     # prefill worker's CPUs: the simulator must not run handoffs beside that worker's prefills.
-    out = dataclasses.replace(cost, note=note, handoff_on_prefill=opts.mode.value == "disaggregated").to_json()
+    disaggregated = opts.mode.value == "disaggregated"  # the server's handoff path (serve/workers.py)
+    out = dataclasses.replace(cost, note=note, handoff_on_prefill=disaggregated,
+                              listens_between_steps=disaggregated).to_json()
     sched = opts.scheduler
     out.update({
         "scheduler": {"mode": opts.mode.value, "slots": sched.slots, "max_waiting": sched.max_waiting,

@@ -56,6 +56,8 @@ class CostSource(Protocol):
     # one CPU that also runs its prefills), so a handoff and a prefill batch never overlap.
     # Optional: `slowdowns = (prefill, decode)` when the two workers slow each other down while
     # both work (they share one machine: MeasuredCost.contention).
+    # Optional: `listens_between_steps = True` when the decode worker opens a handoff's listener
+    # only between two decode steps (the live server), so a transfer waits for the step in flight.
 
 
 # Model arithmetic, counted from the config.
@@ -383,7 +385,8 @@ class MeasuredCost:
         {"prefill": {"fixed_s": a, "per_token_s": b, "per_token2_s": c},
          "decode":  {"fixed_s": a, "per_seq_s": b, "per_context_token_s": c},
          "handoff": {"fixed_s": a, "per_token_s": b},
-         "slots": 8, "note": "how, where and when it was measured", "handoff_on_prefill": true}
+         "slots": 8, "note": "how, where and when it was measured", "handoff_on_prefill": true,
+         "listens_between_steps": true}
 
     prefill_s = a + b * sum(T) + c * sum(T^2) over the batch's prompt lengths T;
     decode_step_s = a + b * batch + c * (context positions of the batch);
@@ -393,6 +396,11 @@ class MeasuredCost:
     worker, on the CPU its prefills run on (`wafer serve` disaggregated: a thread of the prefill
     worker process, pinned with it), so the simulator runs a unit's handoffs and prefill batches
     one after the other on that worker (serve/simulator.py) instead of on an independent link.
+
+    `listens_between_steps` (default false): the measured server's decode worker takes commands
+    only between decode steps, so the listener a handoff streams into opens at the end of the step
+    in flight when the cache was placed (and the landed cache joins at the boundary after the
+    transfer, as on any decode worker): the simulator starts such a transfer no earlier than that.
 
     `contention` (default none): `{"prefill": p, "decode": d}`, how many times slower each worker
     runs while the other one works. Two workers pinned to different CPUs of one machine still
@@ -410,6 +418,7 @@ class MeasuredCost:
     note: str = ""
     handoff_on_prefill: bool = False
     contention: dict = dataclasses.field(default_factory=dict)
+    listens_between_steps: bool = False
 
     def __post_init__(self):
         for worker, factor in self.contention.items():
@@ -420,6 +429,13 @@ class MeasuredCost:
     def slowdowns(self) -> tuple[float, float]:
         """(prefill, decode): each worker's time factor while the other one works."""
         return float(self.contention.get("prefill", 1.0)), float(self.contention.get("decode", 1.0))
+
+    def scaled(self, prefill: float = 1.0, decode: float = 1.0) -> "MeasuredCost":
+        """The same cost with every prefill time `prefill` times and every decode step `decode`
+        times as long: the fits' shape, another level (a machine that ran faster or slower)."""
+        def times(fit: dict, k: float) -> dict:
+            return {name: value * k for name, value in fit.items()}
+        return dataclasses.replace(self, prefill=times(self.prefill, prefill), decode=times(self.decode, decode))
 
     def prefill_s(self, prompt_lens: Sequence[int]) -> float:
         p = self.prefill
@@ -439,7 +455,8 @@ class MeasuredCost:
 
     def to_json(self) -> dict:
         return {"prefill": self.prefill, "decode": self.decode, "handoff": self.handoff, "slots": self.slots,
-                "note": self.note, "handoff_on_prefill": self.handoff_on_prefill, "contention": self.contention}
+                "note": self.note, "handoff_on_prefill": self.handoff_on_prefill, "contention": self.contention,
+                "listens_between_steps": self.listens_between_steps}
 
 
 def load_measured(path: str | pathlib.Path) -> MeasuredCost:
@@ -447,11 +464,13 @@ def load_measured(path: str | pathlib.Path) -> MeasuredCost:
     files of `wafer bench serve-costs` do), else a plain `MeasuredCost`."""
     try:
         d = json.loads(pathlib.Path(path).read_text())
-        on_prefill = d.get("handoff_on_prefill", False)
-        if not isinstance(on_prefill, bool):
-            raise ValueError(f"handoff_on_prefill {on_prefill!r}: expected true or false")
+        flags = {}
+        for name in ("handoff_on_prefill", "listens_between_steps"):
+            flags[name] = d.get(name, False)
+            if not isinstance(flags[name], bool):
+                raise ValueError(f"{name} {flags[name]!r}: expected true or false")
         m = MeasuredCost(dict(d["prefill"]), dict(d["decode"]), dict(d["handoff"]), d.get("slots"),
-                         d.get("note", ""), on_prefill, dict(d.get("contention") or {}))
+                         d.get("note", ""), contention=dict(d.get("contention") or {}), **flags)
         padding = d.get("padding")
         if padding is None:
             return m

@@ -12,7 +12,11 @@ into future events whose times come from a cost source (serve/costs.py):
   a time: it ends `handoff_s(prompt tokens)` after the link is free (`HandoffDone`); the slot
   joins the decode batch at the next step boundary. When the cost source ships caches from the
   prefill worker (`handoff_on_prefill`: the live server on this machine), a transfer also waits
-  for the prefill batch in flight, and a prefill batch for the transfers queued before it;
+  for the prefill batch in flight, and a prefill batch for the transfers queued before it; when
+  its decode worker takes commands only between steps (`listens_between_steps`: the live server
+  again), the listener a transfer streams into opens at the end of the decode step in flight (at
+  once if none is), and only then is the transfer queued on the link or prefill worker, behind
+  whatever was sent to it before (the prefill batch decided with the placement too);
 - a decode step over the committed slots ends `decode_step_s(batch, context positions)` later and
   gives every slot one token (`StepDone`: one event for the whole batch); a request ends when the
   scheduler sees its output length (`max_new_tokens` = the workload's output length). Steps over
@@ -77,7 +81,8 @@ _COLLECT_EVERY = 50_000  # allocations between collections of the youngest gener
 _HORIZON_MIN, _HORIZON_MAX = 8, 1 << 14  # steps a plan covers (see _Unit.horizon)
 
 # Event kinds on the heap, in the order ties at one instant are broken by (then by push order).
-_PREFILL_DONE, _HANDOFF_DONE, _STEP_DONE, _CONTROL, _TICK = range(5)
+# A listener opening (_LISTEN) comes after a step's end at the same instant: it opens at that boundary.
+_PREFILL_DONE, _HANDOFF_DONE, _STEP_DONE, _LISTEN, _CONTROL, _TICK = range(6)
 
 
 class Router(enum.Enum):
@@ -322,6 +327,10 @@ class Simulator:
         # batches run one at a time, in the order they were decided, rather than side by side.
         self.handoff_on_prefill = fleet.config.mode is Mode.DISAGGREGATED and getattr(fleet.cost, "handoff_on_prefill",
                                                                                         False)
+        # A decode worker that opens a handoff's listener between steps: a transfer starts after
+        # the decode step in flight when its cache was placed.
+        self.listens_between_steps = fleet.config.mode is Mode.DISAGGREGATED and getattr(
+            fleet.cost, "listens_between_steps", False)
         # Workers that slow each other down while both work (the cost source says how much: the live
         # server's two workers share this machine): a prefill batch that starts while the decode
         # batch steps takes `prefill_slowdown` times its time, and decode steps run `decode_slowdown`
@@ -419,6 +428,11 @@ class Simulator:
                 self._deliver(unit, plan, plan.final)
             return
         if kind == _PREFILL_DONE and payload[0] != unit.prefill_gen:
+            return
+        if kind == _LISTEN:  # nothing for the scheduler: the transfer is queued now
+            rid, slot = payload
+            if unit.owner[slot] == rid:
+                self._ship(unit, t, rid, slot)
             return
         if kind == _TICK:  # only if it is still the unit's next one
             if unit.tick_at != t:
@@ -591,14 +605,15 @@ class Simulator:
             unit.owner[slot] = rid
             if unit.integrated:
                 unit.pending_slot[rid] = slot
+            elif self.listens_between_steps:
+                # The decode worker opens the listener at the end of its step in flight (p.done + 1:
+                # the steps ended before now are delivered); the engine then sends the transfer to
+                # the prefill worker, behind this decision's prefill batch (an event after this one).
+                p = unit.plan
+                opens = p.ends[p.done + 1] if unit.step_in_flight and p is not None else now
+                self._push(opens, _LISTEN, unit, (rid, slot))
             else:
-                start = max(now, unit.link_free, unit.prefill_free) if self.handoff_on_prefill \
-                    else max(now, unit.link_free)
-                tokens = unit.prompt[rid]
-                dt = self.handoff_s.get(tokens) or self._price(self.handoff_s, unit.cost.handoff_s, tokens)
-                unit.link_free = start + dt
-                self.result.link_busy_s += dt
-                self._push(start + dt, _HANDOFF_DONE, unit, (rid, slot))
+                self._ship(unit, now, rid, slot)
         if d.prefill:
             prompts = unit.prompt
             lens = tuple([prompts[rid] for rid in d.prefill])
@@ -628,6 +643,16 @@ class Simulator:
             if deadline is not None and (unit.tick_at is None or deadline < unit.tick_at):
                 unit.tick_at = deadline
                 self._push(deadline, _TICK, unit, None)
+
+    def _ship(self, unit: _Unit, now: float, rid: str, slot: int) -> None:
+        """Queue the transfer of `rid`'s cache into `slot` at `now`: it starts when the link is free
+        (and the prefill worker, when it ships from there) and lands `handoff_s` later."""
+        start = max(now, unit.link_free, unit.prefill_free) if self.handoff_on_prefill else max(now, unit.link_free)
+        tokens = unit.prompt[rid]
+        dt = self.handoff_s.get(tokens) or self._price(self.handoff_s, unit.cost.handoff_s, tokens)
+        unit.link_free = start + dt
+        self.result.link_busy_s += dt
+        self._push(start + dt, _HANDOFF_DONE, unit, (rid, slot))
 
     def _restart(self, unit: _Unit, now: float, workers) -> None:
         for w in workers:

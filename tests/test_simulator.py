@@ -65,6 +65,43 @@ def test_handoffs_on_the_prefill_worker_queue_with_its_prefills(on_prefill):
     assert integrated.records[0].e2e == pytest.approx(1.1, abs=1e-12)  # no handoff to queue
 
 
+@pytest.mark.parametrize("listens", [False, True])
+def test_a_handoff_into_a_worker_that_listens_between_steps_waits_for_the_step_in_flight(listens):
+    """Prefill 1.0 s, handoff 0.02 s, step 0.1 s, prefill batches of one. A (arrival 0, 21 tokens):
+    prefill 0-1.0, ships 1.0-1.02 (nothing decoding: the listener opens at once), steps from 1.02,
+    0.1 apart, its 20 steps ending at 3.02. B (arrival 1.05, 2 tokens): prefill 1.05-2.05, placed
+    at 2.05, during A's step 2.02-2.12. On an independent listener B ships
+    2.05-2.07 and joins at the next boundary, 2.12: its step 2.12-2.22, e2e 1.17. Listening between
+    steps, B's transfer starts when that step ends, 2.12-2.14, so B joins at 2.22 and its step
+    ends at 2.32: e2e 1.27, one step later. A's timeline is the same either way."""
+    c = dataclasses.replace(cost(1.0, step=0.1, handoff=0.02), listens_between_steps=listens)
+    for bulk in (True, False):
+        r = Simulator(Fleet(config(batch=1), c), workload([0.0, 1.05], [10, 10], [21, 2]), keep_records=True,
+                      bulk_steps=bulk).run()
+        a, b = sorted(r.records, key=lambda x: int(x.request_id))
+        assert (a.ttft, a.e2e) == pytest.approx((1.0, 3.02), abs=1e-9)
+        assert (b.ttft, b.e2e) == pytest.approx((1.0, 1.27 if listens else 1.17), abs=1e-9)
+    # Integrated has no handoff; a lone request's handoff finds no step in flight.
+    lone = simulate(Fleet(config(batch=1), c), workload([0.0], [10], [3]), keep_records=True).records[0]
+    assert lone.e2e == pytest.approx(1.0 + 0.02 + 2 * 0.1, abs=1e-12)
+
+
+def test_a_transfer_queued_when_its_listener_opens_follows_the_prefill_sent_before_it():
+    """The live server's path: the decode worker opens the listener, then the engine asks the
+    prefill worker to ship, behind the prefill batch it sent with the placement. Prefill 1.0 s,
+    handoff 0.5 s, step 0.1 s, batches of one; A at 0, B at 0.2, 2 tokens each. At 1.0 A's prefill
+    ends, A is placed and B's prefill starts (1.0-2.0); A's listener opens at once (nothing
+    decodes) but its transfer waits for B's prefill: 2.0-2.5, A's step 2.5-2.6 (e2e 2.6; 1.6 when
+    the transfer goes first). B is placed at 2.0, ships after A, 2.5-3.0, steps 3.0-3.1 (TTFT 1.8,
+    e2e 2.9)."""
+    c = dataclasses.replace(cost(1.0, step=0.1, handoff=0.5), handoff_on_prefill=True, listens_between_steps=True)
+    r = simulate(Fleet(config(batch=1), c), workload([0.0, 0.2], [10, 10], [2, 2]), keep_records=True)
+    a, b = sorted(r.records, key=lambda x: int(x.request_id))
+    assert (a.ttft, a.e2e) == pytest.approx((1.0, 2.6), abs=1e-12)
+    assert (b.ttft, b.e2e) == pytest.approx((1.8, 2.9), abs=1e-12)
+    assert r.link_busy_s == pytest.approx(1.0, abs=1e-12)
+
+
 def test_workers_that_share_a_machine_slow_each_other_down():
     """Prefill 1.0 s, step 0.1 s, no handoff time; a prefill runs 2x slower while the decode batch
     steps, a step 3x slower while a prefill runs. A (0.0, 11 tokens) prefills alone: TTFT 1.0,
