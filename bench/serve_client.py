@@ -11,6 +11,10 @@ when the request is sent; open loop means the schedule, so we do not).
 A content chunk is a server-sent event with non-empty `choices` (vLLM's rule: a chunk whose text
 is empty still counts). The output token count is the server's `usage.completion_tokens` (the last
 one seen) or, without usage, the number of content chunks.
+
+Around each run the client also reads the server's own worker times from `GET /metrics` where the
+server has them (`wafer serve`'s histograms of prefill batches, decode steps and KV handoffs), so
+a report says how fast the workers ran during the run, not only what the users saw.
 """
 
 from __future__ import annotations
@@ -119,6 +123,52 @@ async def fetch_models(url: str, timeout: float = 10.0) -> list[str]:
         return [m["id"] for m in data if isinstance(m, dict) and "id" in m]
     except (ValueError, AttributeError):
         raise WaferError(f"GET {base_url(url)}/v1/models did not answer a model list") from None
+
+
+# The worker histograms of `wafer serve` (serve/metrics.py) a report reads, by the name it gives them.
+WORKER_HISTOGRAMS = {"prefill_batch": "wafer_prefill_batch_seconds", "decode_step": "wafer_decode_step_seconds",
+                     "handoff": "wafer_kv_handoff_seconds"}
+
+
+async def _fetch_worker_times(url: str, timeout: float) -> dict | None:
+    from prometheus_client.parser import text_string_to_metric_families
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+        async with session.get(base_url(url) + "/metrics") as resp:
+            if resp.status != 200:
+                return None
+            text = await resp.text()
+    sums = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            sums[sample.name] = sample.value
+    out = {}
+    for key, name in WORKER_HISTOGRAMS.items():
+        if f"{name}_count" in sums:
+            out[key] = (sums[f"{name}_count"], sums[f"{name}_sum"])
+    return out or None
+
+
+def fetch_worker_times(url: str, timeout: float = 10.0) -> dict | None:
+    """{"prefill_batch" | "decode_step" | "handoff": (count, total seconds)} from the server's
+    `/metrics` so far, or None from a server without them (another vendor's, or unreachable: the
+    run itself reports that)."""
+    try:
+        return asyncio.run(_fetch_worker_times(url, timeout))
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+        return None
+
+
+def worker_times_between(before: dict | None, after: dict | None) -> dict | None:
+    """What the workers did between two `fetch_worker_times`: per histogram, the count and the
+    mean in ms (None where nothing was observed)."""
+    if not before or not after:
+        return None
+    out = {}
+    for key, (n1, s1) in after.items():
+        n0, s0 = before.get(key, (0.0, 0.0))
+        n = int(round(n1 - n0))
+        out[key] = {"count": n, "mean_ms": round(1e3 * (s1 - s0) / n, 3) if n > 0 else None}
+    return out
 
 
 def payload(target: Target, spec: RequestSpec) -> dict:

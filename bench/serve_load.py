@@ -21,7 +21,8 @@ from typing import Callable, Protocol
 import aiohttp
 import numpy as np
 
-from bench.serve_client import LoadRun, ServerUnreachable, Target, fetch_models, run_load
+from bench.serve_client import (LoadRun, ServerUnreachable, Target, fetch_models, fetch_worker_times, run_load,
+                                worker_times_between)
 from bench.serve_metrics import SLOs, summarize
 from bench.serve_workload import Workload, arrival_times, make_requests
 from mesh.errors import WaferError
@@ -162,11 +163,15 @@ def run_serve_bench(bench: ServeBench, load_start: float | None, progress: Calla
         arrivals = arrival_times(w.requests, rate, bench.burstiness, w.seed)
         progress(f"rate {rate:g} req/s: {w.requests} requests of ~{w.input_len} in / ~{w.output_len} out tokens")
         bar = new_bar(w.requests, f"rate {rate:g}")
+        before = fetch_worker_times(bench.target.url)
         try:
             load: LoadRun = run_load(bench.target, specs, arrivals, on_done=lambda rec: bar.update(1))
         finally:
             bar.close()
         summary = summarize(load, rate, bench.burstiness, bench.slos, bench.per_request)
+        workers = worker_times_between(before, fetch_worker_times(bench.target.url))
+        if workers is not None:  # the server's own times of its workers during this run
+            summary["worker_times"] = workers
         runs.append(summary)
         return summary
 

@@ -6,6 +6,14 @@ linear percentiles over the requests that finished (the simulator's kept records
 streaming histograms, so both sides compute the same statistic on the same requests), and
 throughput is finished requests over first arrival to last end. Targets: TTFT and TPOT p50 and
 p90 within 15% of the real server's, request and output-token throughput within 10%.
+
+A cost file is measured minutes before the run it is compared with, and this machine's speed
+drifts by 30% between such minutes (bench/RESULTS.md). So the comparison also says how fast the
+workers really ran during the run (the server's own histograms of its decode steps and prefill
+batches, which `wafer bench serve` records as `worker_times`) against the simulated run's mean
+step and batch times, and, with `--calibrate`, simulates again with the profile's fits scaled to
+the run's level: the profile keeps the shape (how times grow with batch, context and prompt),
+the run gives the level. The figures without it are always reported beside.
 """
 
 from __future__ import annotations
@@ -62,4 +70,28 @@ def format_comparison(rows: list[dict]) -> str:
         verdict = "within" if row["within"] else "MISSED"
         lines.append(f"                 {row['figure']:18s} {f(row['real'])} {f(row['simulated'])} {ratio:>7s}  "
                      f"±{row['tolerance']:.0%} {verdict}")
+    return "\n".join(lines)
+
+
+def worker_levels(run: dict, result) -> dict:
+    """Real over simulated mean time of a decode step and of a prefill batch in the same requests:
+    {"decode_step" | "prefill_batch": {real_ms, simulated_ms, ratio, real_count, simulated_count}}
+    for each that both sides have (empty when the report has no `worker_times`)."""
+    real = run.get("worker_times") or {}
+    simulated = {"decode_step": (result.decode_steps, result.decode_busy_s),
+                 "prefill_batch": (result.prefill_batches, result.prefill_busy_s)}
+    out = {}
+    for key, (n, busy) in simulated.items():
+        r = real.get(key) or {}
+        if r.get("count") and r.get("mean_ms") and n:
+            sim_ms = 1e3 * busy / n
+            out[key] = {"real_ms": r["mean_ms"], "simulated_ms": sim_ms, "ratio": r["mean_ms"] / sim_ms,
+                        "real_count": r["count"], "simulated_count": n}
+    return out
+
+
+def format_levels(levels: dict) -> str:
+    lines = ["workers' level  mean time of        real ms   simulated ms   real / simulated"]
+    for key, v in levels.items():
+        lines.append(f"                 {key:18s} {v['real_ms']:9.2f} {v['simulated_ms']:12.2f} {v['ratio']:14.3f}")
     return "\n".join(lines)

@@ -51,6 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the requests a `wafer bench serve --json --per-request` run sent: same arrivals and lengths")
     w.add_argument("--replay-rate", type=positive_float, default=None,
                    help="with --replay: the rate of the run to replay, when the report holds several")
+    w.add_argument("--calibrate", action="store_true",
+                   help="with --replay and --measured: also simulate with the cost file's prefill and decode "
+                        "times scaled to the level the server's workers ran at during the run (its /metrics, "
+                        "recorded by `wafer bench serve`), and compare that too")
     w.add_argument("--time-scale", type=positive_float, default=1.0,
                    help="multiply trace arrival times (0.5 doubles the rate)")
     w.add_argument("--seed", type=int, default=0)
@@ -112,6 +116,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _defaults(args) -> None:
     """Flags whose defaults differ between one simulation and the question's sweeps."""
     question = args.sweep in ("question", "sensitivity")
+    if args.calibrate and (args.replay is None or args.measured is None):
+        raise WaferError("--calibrate needs --replay (the run whose worker times it scales to) and --measured "
+                         "(the cost file it scales)")
     if question:
         given = [f"--{k.replace('_', '-')}" for k in ("trace", "measured", "prefill", "decode", "integrated", "slots",
                                                      "input_len", "output_len") if getattr(args, k) is not None]
@@ -273,14 +280,38 @@ def run(args) -> int:
         s["plots"] = [write_latency_plot(result, args.plot)]
     text = None if args.json else _format(s)
     if replay:  # the run it replays, figure by figure
-        from bench.sim_validation import compare, format_comparison, real_figures, simulated_figures
-        from serve.workload import bench_report_run
-        rows = compare(real_figures(bench_report_run(args.replay, args.replay_rate)),
-                       simulated_figures(result.records, result.duration_s))
-        s["replay"] = {"report": args.replay, "rows": rows}
-        text = None if args.json else text + "\n" + format_comparison(rows)
+        s["replay"], more = _compare_with_run(args, plan, workload, result)
+        text = None if args.json else text + "\n" + more
     print(json.dumps(s) if args.json else text)
     return 0
+
+
+def _compare_with_run(args, plan, workload, result) -> tuple[dict, str]:
+    """The replayed run against the simulation, figure by figure, with the workers' level in each;
+    with --calibrate, again with the costs scaled to the run's level. Returns (JSON, text)."""
+    import dataclasses
+
+    from bench.sim_validation import compare, format_comparison, format_levels, real_figures, simulated_figures, worker_levels
+    from serve.simulator import simulate
+    from serve.workload import bench_report_run
+    run = bench_report_run(args.replay, args.replay_rate)
+    real = real_figures(run)
+    rows = compare(real, simulated_figures(result.records, result.duration_s))
+    levels = worker_levels(run, result)
+    out = {"report": args.replay, "rows": rows, "worker_levels": levels}
+    text = format_comparison(rows) + ("\n" + format_levels(levels) if levels else "")
+    if args.calibrate:
+        if not levels:
+            raise WaferError(f"--calibrate: {args.replay} has no worker times of the server (a `wafer bench serve` "
+                             "report of a run against `wafer serve`)")
+        scale = {key: levels[key]["ratio"] if key in levels else 1.0 for key in ("prefill_batch", "decode_step")}
+        cost = plan.fleet.cost.scaled(prefill=scale["prefill_batch"], decode=scale["decode_step"])
+        again = simulate(dataclasses.replace(plan.fleet, cost=cost), workload, _slo(args), keep_records=True)
+        calibrated = compare(real, simulated_figures(again.records, again.duration_s))
+        out["calibrated"] = {"scale": scale, "rows": calibrated, "worker_levels": worker_levels(run, again)}
+        text += (f"\ncalibrated: prefill x{scale['prefill_batch']:.3f}, decode x{scale['decode_step']:.3f} "
+                 "(the run's level)\n" + format_comparison(calibrated))
+    return out, text
 
 
 def _run_sweep(args) -> int:

@@ -37,8 +37,16 @@ class FakeServer:
     """
 
     def __init__(self, ttft=0.0, gap=0.0, slots=1000, tokens_per_chunk=1, fail_every=0, break_every=0,
-                 breaks="cut"):
+                 breaks="cut", worker_metrics=False):
         self.ttft, self.gap, self.slots, self.tokens_per_chunk = ttft, gap, slots, tokens_per_chunk
+        # worker_metrics: a /metrics with wafer serve's worker histograms, one 50 ms prefill batch
+        # per request and one 20 ms decode step per chunk after the first (None: no /metrics, 404).
+        self.registry = None
+        if worker_metrics:
+            from prometheus_client import CollectorRegistry, Histogram
+            self.registry = CollectorRegistry()
+            self.prefill_h = Histogram("wafer_prefill_batch_seconds", "", registry=self.registry)
+            self.step_h = Histogram("wafer_decode_step_seconds", "", registry=self.registry)
         self.fail_every, self.break_every, self.breaks = fail_every, break_every, breaks
         self.bodies: list[dict] = []
         self.in_flight = self.most_in_flight = 0
@@ -58,9 +66,19 @@ class FakeServer:
         finally:
             self.in_flight -= 1
 
+    async def metrics(self, request):
+        if self.registry is None:
+            raise web.HTTPNotFound()
+        from prometheus_client import generate_latest
+        return web.Response(body=generate_latest(self.registry), content_type="text/plain")
+
     async def answer(self, request, body, n):
         if self.fail_every and n % self.fail_every == 0:
             return web.json_response({"error": {"message": "queue full", "type": "rate_limit"}}, status=429)
+        if self.registry is not None:
+            self.prefill_h.observe(0.05)
+            for _ in range(body["max_tokens"] - 1):
+                self.step_h.observe(0.02)
         async with self.semaphore:
             start = time.perf_counter()
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -92,6 +110,7 @@ class FakeServer:
         app = web.Application()
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/metrics", self.metrics)
         self.runner = web.AppRunner(app, handler_cancellation=True)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -407,6 +426,22 @@ def test_json_shape(capsys):
     rows = r["runs"][1]["per_request"]
     assert [row["index"] for row in rows] == [0, 1, 2] and {row["scheduled_s"] for row in rows} == {0.0}
     assert all(row["error"] is None and row["output_tokens"] == 2 and row["ttft_ms"] <= row["e2e_ms"] for row in rows)
+
+
+def test_the_servers_worker_times_during_each_run_are_recorded(capsys):
+    """The server's /metrics histograms are read before and after each run: the warm-up request is
+    not counted; each run's 4 requests of 6 tokens are (4 batches of 50 ms, 4 x 5 steps of 20 ms).
+    A server without them (404) gives no `worker_times`."""
+    with serving(worker_metrics=True) as fake:
+        rc, r, _ = bench_json(capsys, fake.url, "--input-len", "8", "--output-len", "6", "--requests", "4",
+                              "--rates", "inf,inf", "--warmup", "1")
+    assert rc == 0
+    for run in r["runs"]:
+        assert run["worker_times"] == {"prefill_batch": {"count": 4, "mean_ms": 50.0},
+                                       "decode_step": {"count": 20, "mean_ms": 20.0}}
+    with serving() as fake:
+        rc, r, _ = bench_json(capsys, fake.url, "--input-len", "8", "--output-len", "2", "--requests", "2")
+    assert rc == 0 and "worker_times" not in r["runs"][0]
 
 
 def test_table_sweep_plot_and_compare(capsys, tmp_path):
