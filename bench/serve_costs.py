@@ -181,6 +181,8 @@ def _measure(bench: CostsBench, role_name: str, phases: tuple[str, ...], send: C
                 out["handoff"].append([t, _median_timed(lambda: handoff_once(t), bench.repeats)])
                 send((_PROGRESS, 1))
 
+        if decode is not None:  # what --schedule auto chose in this process (the server chooses in its own)
+            out["schedule"] = decode.slots.batch.opts.schedule.value
         if "decode" in phases:
             slots = decode.slots
             for b in bench.occupancies:
@@ -399,10 +401,14 @@ def run_costs_bench(bench: CostsBench, on_sample: Callable[[], None] = lambda: N
                                                      "decode": slowdown(samples["decode"], busy["decode"])})
     grid = f"prefill mesh {opts.prefill_grid.rows}x{opts.prefill_grid.cols}, decode mesh " \
            f"{opts.decode_grid.rows}x{opts.decode_grid.cols} ({opts.executor.value})"
+    # The all-reduce schedule the decode steps ran: with --schedule auto each process measures its
+    # own at start, and a server that picks another one steps at another speed (name it for both).
+    schedule = samples.get("schedule") or "-"
+    chosen = "auto: " if opts.schedule is None else ""
     note = (f"wafer bench serve-costs, {started}, {platform.node()}: {opts.mode.value} workers of "
-            f"{opts.model or opts.checkpoint or 'the embedded model'} ({grid}, {opts.scheduler.slots} slots, "
-            f"max-len {opts.max_len}) on CPUs {where}, median of {bench.repeats} per shape, "
-            f"load average {load_start:.2f}")
+            f"{opts.model or opts.checkpoint or 'the embedded model'} ({grid}, schedule {chosen}{schedule}, "
+            f"{opts.scheduler.slots} slots, max-len {opts.max_len}) on CPUs {where}, median of {bench.repeats} "
+            f"per shape, load average {load_start:.2f}")
     # Disaggregated, the server ships each cache from a thread of its prefill worker, pinned to the
     # prefill worker's CPUs: the simulator must not run handoffs beside that worker's prefills.
     disaggregated = opts.mode.value == "disaggregated"  # the server's handoff path (serve/workers.py)
@@ -416,7 +422,8 @@ def run_costs_bench(bench: CostsBench, on_sample: Callable[[], None] = lambda: N
         "max_len": opts.max_len,
         "samples": {k: samples[k] for k in ("prefill", "decode", "handoff", "contention") if k in samples},
         "residuals": residuals(cost, samples),
-        "env": {"started_utc": started, "host": platform.node(), "cpus": where, "jax": samples["jax"],
+        "env": {"started_utc": started, "host": platform.node(), "cpus": where, "decode_schedule": schedule,
+                "schedule_flag": opts.schedule.value if opts.schedule else "auto", "jax": samples["jax"],
                 "device_kind": samples["device_kind"], "loadavg_1m_start": round(load_start, 2),
                 "loadavg_1m_end": round(os.getloadavg()[0], 2), "wall_s": round(time.perf_counter() - t0, 1)},
     })

@@ -112,7 +112,7 @@ class PrefillReport:
     """One prefill batch: (request id, first token or None if it failed), in batch order."""
 
     outcomes: tuple[tuple[RequestId, int | None], ...]
-    seconds: float  # the compiled prefill (0 if it failed)
+    seconds: float  # the batch's whole time on the worker (0 if it failed)
     detail: str = ""  # why it failed
 
 
