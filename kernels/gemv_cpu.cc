@@ -7,7 +7,8 @@
 // Each thread streams one contiguous block of W, so every thread reads memory sequentially:
 // - kn: thread t takes rows k of W [k0, k1) and produces a partial y over them (the partials
 //   are summed at the end: M x N floats per thread, small next to W's K x N);
-// - nk: thread t takes rows n of W [n0, n1), whole outputs, no reduction.
+// - nk: thread t takes rows n of W [n0, n1), whole outputs, no reduction (with one row of x,
+//   eight rows of W at a time).
 // The vector code is compiled for AVX2 + FMA through target attributes only, and
 // `wafer_cpu_kernels_supported()` (baseline code) tells Python whether this CPU runs it.
 
@@ -112,11 +113,40 @@ WAFER_AVX2 void gemv_kn_rows(const float* x, int64_t M, int64_t K, const float* 
 }
 
 
+// nk with one row of x (the LM head at batch 1): eight rows of W at a time, so eight sequential
+// streams are in flight per thread (against four in gemv_nk_rows), each load of x feeding 8 FMAs.
+// Returns the first row it did not do (n1 rounded down to a multiple of 8 from n0).
+WAFER_AVX2 int64_t gemv_nk_rows8(const float* x, int64_t K, const float* w, int64_t n0, int64_t n1, float* y) {
+  const int64_t kv = K / 8 * 8;
+  int64_t n = n0;
+  for (; n + 8 <= n1; n += 8) {
+    const float* r = w + n * K;
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0, s7 = s0;
+    for (int64_t k = 0; k < kv; k += 8) {
+      const __m256 v = _mm256_loadu_ps(x + k);
+      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(r + k), v, s0);
+      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(r + K + k), v, s1);
+      s2 = _mm256_fmadd_ps(_mm256_loadu_ps(r + 2 * K + k), v, s2);
+      s3 = _mm256_fmadd_ps(_mm256_loadu_ps(r + 3 * K + k), v, s3);
+      s4 = _mm256_fmadd_ps(_mm256_loadu_ps(r + 4 * K + k), v, s4);
+      s5 = _mm256_fmadd_ps(_mm256_loadu_ps(r + 5 * K + k), v, s5);
+      s6 = _mm256_fmadd_ps(_mm256_loadu_ps(r + 6 * K + k), v, s6);
+      s7 = _mm256_fmadd_ps(_mm256_loadu_ps(r + 7 * K + k), v, s7);
+    }
+    float sa[8] = {hsum(s0), hsum(s1), hsum(s2), hsum(s3), hsum(s4), hsum(s5), hsum(s6), hsum(s7)};
+    for (int64_t k = kv; k < K; ++k)
+      for (int i = 0; i < 8; ++i) sa[i] += r[i * K + k] * x[k];
+    for (int i = 0; i < 8; ++i) y[n + i] = sa[i];
+  }
+  return n;
+}
+
+
 // nk, one thread: y[:, n0:n1] = x[M, K] @ W[n0:n1, K].T (y row stride N).
 WAFER_AVX2 void gemv_nk_rows(const float* x, int64_t M, int64_t K, const float* w, int64_t N, int64_t n0,
                              int64_t n1, float* y) {
   const int64_t kv = K / 8 * 8;
-  int64_t n = n0;
+  int64_t n = M == 1 ? gemv_nk_rows8(x, K, w, n0, n1, y) : n0;
   for (; n + 4 <= n1; n += 4) {  // four rows of W against one or two rows of x at a time
     const float* r0 = w + n * K;
     const float* r1 = r0 + K;

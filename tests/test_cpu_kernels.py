@@ -25,8 +25,10 @@ def rel_err(got, want) -> float:
 
 # (M, K, N): the model's shapes (SmolLM2: D 576, QKV 960, F 1536, 2F 3072), odd sizes that leave
 # every scalar tail (K % 8, K % 4, N % 8, N % 4, M odd) and sizes large enough to be chunked.
+# (1, 1037, 2055): the batch-1 `[N, K]` path's blocks of 8 rows of W, then of 4, then single rows,
+# each with a K % 8 tail.
 SHAPES = [(1, 576, 960), (8, 576, 3072), (1, 1536, 576), (8, 1536, 576), (3, 1537, 1029), (5, 13, 37),
-          (MAX_ROWS, 64, 1000), (1, 3, 1), (7, 2053, 515)]
+          (MAX_ROWS, 64, 1000), (1, 3, 1), (7, 2053, 515), (1, 1037, 2055)]
 
 
 @needs_kernel

@@ -5,7 +5,7 @@ ways, and a 64 MB sum as the streaming bound of the same run. Prints ms and GB/s
 Run under the bench lock: PYTHONPATH=$PWD flock /tmp/wafer-bench.lock python docs/decode/gemv_micro.py [B]
 (XLA_FLAGS in the environment apply to the XLA rows.)"""
 import os, statistics, sys, time, numpy as np, jax, jax.numpy as jnp
-from kernels import gemv_cpu
+from kernels import cpu_ffi, gemv_cpu
 D, QKV, F, V, L = 576, 960, 1536, 49152, 30
 B = int(sys.argv[1]) if len(sys.argv) > 1 else 1
 rng = np.random.default_rng(0)
@@ -36,7 +36,7 @@ row("sum 64MB (bound)", t(jnp.sum, a), a.size * 4)
 row("layers XLA [K,N]", t(lambda P, x: chain(P, x, xla), KN, x), layer_bytes)
 row("layers XLA [N,K]", t(lambda P, x: chain(P, x, lambda a, w: xla(a, w.T)), NK, x), layer_bytes)
 row("head XLA x@E.T", t(lambda E, x: xla(x, E.T), E, x), E.size * 4)
-if gemv_cpu.available():
+if cpu_ffi.available():
     for th in (1, 2):
         row(f"layers kernel {th}t", t(lambda P, x: chain(P, x, lambda a, w: gemv_cpu.gemv(a, w, threads=th)), KN, x),
             layer_bytes)
