@@ -438,12 +438,14 @@ async def _stream(request: web.Request, gen: Generation, fmt: CompletionFormat, 
         await resp.write(_sse({**chunk, **usage_field}))
 
     async def send(text: str) -> bool:
-        """Write one delta; True once it was the last (its chunk carries the finish reason)."""
+        """Write one token's delta; True once it was the last (its chunk carries the finish reason).
+        A token whose text is held back (half a UTF-8 character, or perhaps the start of a stop
+        string) still gets its chunk, with empty text, as vLLM streams it: a client timing tokens
+        by chunks (TTFT, ITL) then sees each token when it was made, not when its text completed."""
         if gen.finish_reason is not None:
             await resp.write(_sse({**fmt.chunk(text, gen.finish_reason, gen.stop_reason), **usage_field}))
             return True
-        if text:
-            await resp.write(_sse({**fmt.chunk(text), **usage_field}))
+        await resp.write(_sse({**fmt.chunk(text), **usage_field}))
         return False
 
     try:

@@ -347,6 +347,12 @@ def test_streamed_utf8_has_no_replacement_character(url, engine, tokenizer):
     texts = [e["choices"][0]["text"] for e in events[:-1] if e["choices"]]
     assert not any("\ufffd" in t for t in texts)
     assert "".join(texts) == UTF8_TEXT
+    # One chunk per token, as vLLM streams: the tokens that end mid-character get theirs with
+    # empty text, so a client timing tokens by chunks sees every token when it is made.
+    # (The finish reason may come in a chunk of its own, with empty text, if the engine's Done
+    # was not queued yet when the last token's chunk went out: that chunk is not a token's.)
+    ids = tokenizer.encode(UTF8_TEXT, add_special_tokens=False)
+    assert len(texts) - (texts[-1] == "") == len(ids) and "" in texts
 
 
 def test_stop_string_spanning_two_tokens(client, engine, tokenizer):
