@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from bench.decode import DecodeBench, check_fits, format_table, run_decode_bench
 from cli import flags
 from cli.flags import (add_dtype_arg, add_mesh_args, add_model_args, busy_check, int_at_least, int_list, positive_int,
                        progress, setup_mesh)
@@ -43,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     if args.batches is not None or args.contexts is not None or args.plot is not None:
         return run_sweep(args)
+    # Imported here, not at the top: bench.decode imports JAX, which every other command
+    # (`wafer --help`, `wafer simulate`) would otherwise pay for at startup.
+    from bench.decode import DecodeBench, check_fits, format_table, run_decode_bench
     from model.load import load_model
 
     if args.compare_llamacpp:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from bench.kv import KVBench, format_report, run_kv_bench
 from cli.flags import positive_int
 from mesh.errors import WaferError
 
@@ -22,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from bench.kv import KVBench, format_report, run_kv_bench
     from model.dtypes import DTYPES
 
     dtypes = tuple(d for d in args.dtypes.replace(" ", "").split(",") if d)

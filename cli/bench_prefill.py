@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from bench.prefill import PrefillBench, check_fits, format_table, run_prefill_bench
 from cli import flags
 from cli.flags import (add_dtype_arg, add_model_args, busy_check, int_at_least, int_list, positive_int,
                        progress)
@@ -52,6 +51,8 @@ def run(args) -> int:
         ensure_cpu_devices(grid.cores)  # before JAX starts
     if sweep:
         return run_sweep(args, grid, executor)
+    from bench.prefill import PrefillBench, check_fits, format_table, run_prefill_bench
+
     loaded = load_model(args.model, args.checkpoint, dtype=args.dtype)
     bench = PrefillBench(args.batch, args.prompt_len, args.chunk, args.repeats, args.seed, args.compare_hf)
     check_fits(loaded.config, bench)  # before the busy check's warning: a bad request is one line

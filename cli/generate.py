@@ -10,7 +10,6 @@ import json
 import os
 import sys
 
-from bench.mesh_setup import make_decoder
 from cli.flags import (add_dtype_arg, add_mesh_args, add_model_args, add_process_args, add_prompt_args,
                        check_prompt_args, prompt_ids_from_args, setup_mesh)
 from mesh.errors import WaferError
@@ -32,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from bench.mesh_setup import make_decoder
     from model.generate import check_request
     from model.sampling import Sampling
     from model.load import load_model

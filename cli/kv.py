@@ -7,7 +7,6 @@ import json
 import sys
 import time
 
-from bench.mesh_setup import make_decoder
 from cli.flags import (add_dtype_arg, add_mesh_args, add_model_args, add_prompt_args, check_prompt_args, positive_int,
                        prompt_ids_from_args, setup_mesh)
 from mesh.errors import WaferError
@@ -108,6 +107,7 @@ def run_import(args) -> int:
     if args.mesh is None:
         args.mesh = "1x1"
     mesh_setup = setup_mesh(args)
+    from bench.mesh_setup import make_decoder
     from kvcache.format import KVReader
     from kvcache.landing import KVLanding
     from kvcache.transport import FileSource

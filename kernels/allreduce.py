@@ -27,24 +27,13 @@ segment length (mesh/trace.py).
 from __future__ import annotations
 
 import dataclasses
-import enum
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels.schedules import ReduceOp, Schedule  # noqa: F401 (re-exported)
 from mesh.axes import ALLREDUCE_SCOPE, ROUTES_SCOPE_PREFIX, SEGMENT_SCOPE_PREFIX
-
-
-class Schedule(enum.Enum):
-    PSUM = "psum"
-    RING = "ring"
-    KTREE = "ktree"
-
-
-class ReduceOp(enum.Enum):
-    SUM = "sum"
-    MAX = "max"
 
 
 _COMBINE = {ReduceOp.SUM: jnp.add, ReduceOp.MAX: jnp.maximum}

@@ -8,8 +8,6 @@ f32, so 16-bit there buys memory, not speed); bfloat16 is the default on a GPU.
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
@@ -22,6 +20,8 @@ DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat
 
 def default_dtype_name() -> str:
     """bfloat16 on a GPU, float32 elsewhere."""
+    import jax  # here, not at the top: the CLI reads DTYPES for its flags before JAX may start
+
     return "bfloat16" if jax.default_backend() == "gpu" else "float32"
 
 
@@ -35,5 +35,8 @@ def resolve_dtype(name: str | None) -> np.dtype:
 
 def cast_params(params, dtype):
     """Every weight as a device array of `dtype` (the storage the run chose)."""
+    import jax
+    import jax.numpy as jnp
+
     return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
 

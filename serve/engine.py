@@ -27,7 +27,7 @@ import os
 from collections.abc import AsyncIterator
 
 from mesh.errors import WaferError
-from mesh.executors import Executor
+from mesh.grid import Executor
 from model.config import ModelConfig
 from model.load import resolve_source
 from serve.events import (Arrival, Decision, Disconnect, Event, FailReason, Failure, FinishReason, HandoffDone,

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from kernels.allreduce import Schedule
-from mesh.executors import Executor, Grid
+from kernels.schedules import Schedule
+from mesh.grid import Executor, Grid
 from serve.events import Mode, SchedulerConfig
 
 

@@ -327,8 +327,9 @@ class Simulator:
         # batches run one at a time, in the order they were decided, rather than side by side.
         self.handoff_on_prefill = fleet.config.mode is Mode.DISAGGREGATED and getattr(fleet.cost, "handoff_on_prefill",
                                                                                         False)
-        # A decode worker that opens a handoff's listener between steps: a transfer starts after
-        # the decode step in flight when its cache was placed.
+        # A decode worker that opens a handoff's listener between steps: the listener opens at the
+        # end of the decode step in flight when the cache was placed, and only then is the transfer
+        # queued on the prefill worker (behind the prefill batch sent with the placement).
         self.listens_between_steps = fleet.config.mode is Mode.DISAGGREGATED and getattr(
             fleet.cost, "listens_between_steps", False)
         # Workers that slow each other down while both work (the cost source says how much: the live

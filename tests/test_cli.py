@@ -123,6 +123,19 @@ def test_console_script_exit_code(tmp_path):
                                                  + ", ".join(__import__("model.config").config.PRESETS)]
 
 
+def test_the_command_line_is_built_without_importing_jax():
+    """Every command's flags parse without JAX: `wafer --help` and `wafer simulate` start in well
+    under a second, and no command starts JAX before its mesh flags set the CPU device count."""
+    code = ("import sys\n"
+            "from cli.main import build_parser\n"
+            "build_parser().parse_args(['simulate', '--requests', '10'])\n"
+            "print(sorted(m for m in sys.modules if m == 'jax' or m.startswith('jax.')))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 @pytest.mark.slow  # ~32 s; the CLI mesh path stays covered by bench decode --mesh and the two-process generate test
 def test_generate_on_a_mesh_matches_single_device(capsys):
     args = ("generate", "--prompt-ids", "1,9690,198,2683", "--max-new-tokens", "6", "--json")
