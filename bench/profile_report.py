@@ -81,6 +81,11 @@ def format_report(r: dict) -> str:
                   [[c["scope"], c["axis"], c["axis_size"], c["segment"] or "", c["primitive"], c["bytes"], c["stages"],
                     c["hops"],
                     c["max_link_words"], c["messages"], f"{c['time_us']:.2f}"] for c in r["collectives_per_layer"]])
+    choice = r.get("schedule_choice")
+    if choice:  # --schedule auto
+        tried = ", ".join(f"{k} {us:.1f} us" for k, us in choice["token_us"].items())
+        skipped = "".join(f"; {k} does not fit" for k in choice["not_fitting"])
+        head += f"\nschedule auto: {tried} a token{skipped} -> {choice['chosen']}"
     return f"{head}\n\n{kern}\n\n{calls}"
 
 

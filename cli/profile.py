@@ -13,7 +13,7 @@ import json
 from cli.flags import add_layout_arg, progress
 from mesh.errors import WaferError
 
-PROFILE_SCHEDULES = ("psum", "ring", "ktree")
+PROFILE_SCHEDULES = ("auto", "psum", "ring", "ktree")
 COMPARE_GRIDS = ("360x360", "480x96", "360x240", "750x128")
 
 
@@ -21,7 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="llama3-8b", help="model preset (default: llama3-8b)")
     p.add_argument("--wafer", default="wse2", help="wafer spec: wse2 or wse3 (default: wse2)")
     p.add_argument("--grid", default="360x360", help="RxC cores per stage, or 'auto' for the fastest that fits")
-    p.add_argument("--schedule", choices=PROFILE_SCHEDULES, default="ktree", help="all-reduce schedule")
+    p.add_argument("--schedule", choices=PROFILE_SCHEDULES, default="ktree",
+                   help="all-reduce schedule (default ktree, WaferLLM's; auto: the one the cost model "
+                        "predicts fastest for this layout, each profiled in turn)")
     p.add_argument("--groups", type=int, default=None, help="K-tree groups per mesh axis (default ~sqrt)")
     add_layout_arg(p)
     p.add_argument("--batch", type=int, default=1, help="decode slots (default 1)")
@@ -53,7 +55,7 @@ def _setup(args):
             raise WaferError(f"--{flag} must be positive, got {getattr(args, flag)}")
     if args.groups is not None and args.groups < 1:
         raise WaferError(f"--groups must be positive, got {args.groups}")
-    return config, SPECS[args.wafer], Schedule(args.schedule)
+    return config, SPECS[args.wafer], None if args.schedule == "auto" else Schedule(args.schedule)
 
 
 def _accounting(args):
@@ -84,12 +86,20 @@ def run(args) -> int:
         return _run_published(args)
     if args.compare_layouts:
         return _run_compare(config, spec, args)
-    if args.grid == "auto":
-        profile = _autotune(config, spec, schedule, args)[0]
+
+    def profile_with(s):
+        if args.grid == "auto":
+            return _autotune(config, spec, s, args)[0]
+        return profile_layout(config, Grid.parse(args.grid), spec, s, args.groups, args.batch,
+                              args.context, args.dtype, LayoutMode(args.layout), _accounting(args))
+
+    if schedule is None:
+        profile, choice = _fastest_schedule(profile_with)
     else:
-        profile = profile_layout(config, Grid.parse(args.grid), spec, schedule, args.groups, args.batch,
-                                 args.context, args.dtype, LayoutMode(args.layout), _accounting(args))
+        profile, choice = profile_with(schedule), None
     report = profile_report(profile)
+    if choice is not None:
+        report["schedule_choice"] = choice
     if args.plot:
         from bench.plots import write_plots
         report["plots"] = write_plots(profile, args.plot, progress)
@@ -98,6 +108,27 @@ def run(args) -> int:
     else:
         print(format_report(report))
     return 0
+
+
+def _fastest_schedule(profile_with):
+    """`--schedule auto`: every schedule profiled on the same layout; the one with the shortest
+    predicted token wins (ties to the first in `Schedule`'s order). Returns that profile and the
+    choice, {"chosen", "token_us": {schedule: us}, "not_fitting": {schedule: reason}}; a schedule
+    that does not fit is skipped, and when none fits the first one's error is raised."""
+    from kernels.allreduce import Schedule
+
+    profiles, not_fitting = {}, {}
+    for s in Schedule:
+        try:
+            profiles[s] = profile_with(s)
+        except WaferError as e:
+            not_fitting[s.value] = str(e)
+    if not profiles:
+        raise WaferError(f"--schedule auto: no schedule fits; {next(iter(not_fitting.values()))}")
+    best = min(profiles, key=lambda s: profiles[s].token_s)
+    return profiles[best], {"chosen": best.value,
+                            "token_us": {s.value: p.token_s * 1e6 for s, p in profiles.items()},
+                            "not_fitting": not_fitting}
 
 
 def _run_compare(config, spec, args) -> int:

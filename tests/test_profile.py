@@ -334,6 +334,7 @@ def run_cli(capsys, *argv):
     (["--wafer", "wse9"], "unknown wafer"),
     (["--grid", "800x800"], "exceeds wse2"),
     (["--model", "qwen2-72b", "--grid", "96x96"], "does not fit"),
+    (["--model", "qwen2-72b", "--grid", "96x96", "--schedule", "auto"], "--schedule auto: no schedule fits"),
     (["--batch", "0"], "--batch must be positive"),
 ])
 def test_cli_errors_are_one_line(capsys, argv, fragment):
@@ -341,6 +342,23 @@ def test_cli_errors_are_one_line(capsys, argv, fragment):
     assert rc == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("wafer: error:") and fragment in lines[0], err
+
+
+def test_schedule_auto_takes_the_schedule_with_the_shortest_predicted_token(capsys):
+    rc, out, _ = run_cli(capsys, "profile", "--model", "smollm2-135m", "--grid", "48x64", "--schedule", "auto",
+                         "--json")
+    assert rc == 0
+    d = json.loads(out)
+    choice = d["schedule_choice"]
+    assert set(choice["token_us"]) == {s.value for s in Schedule} and choice["not_fitting"] == {}
+    assert d["schedule"] == choice["chosen"] == min(choice["token_us"], key=choice["token_us"].get)
+    assert d["token_us"] == pytest.approx(choice["token_us"][d["schedule"]])
+    for s in Schedule:  # each figure is that schedule's own profile
+        rc, out, _ = run_cli(capsys, "profile", "--model", "smollm2-135m", "--grid", "48x64", "--schedule", s.value,
+                             "--json")
+        assert rc == 0 and json.loads(out)["token_us"] == pytest.approx(choice["token_us"][s.value])
+    rc, out, _ = run_cli(capsys, "profile", "--model", "smollm2-135m", "--grid", "48x64", "--schedule", "auto")
+    assert rc == 0 and f"-> {d['schedule']}" in out
 
 
 def test_cli_json_and_table(capsys):
