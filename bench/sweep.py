@@ -173,11 +173,12 @@ def decode_point(config: ModelConfig, sweep: DecodeSweep, params, bounds: Machin
 
 
 def run_decode_sweep(loaded: LoadedModel, sweep: DecodeSweep, load_start: float | None,
-                     progress: Callable[[str], None], advance: Callable[[], None],
+                     progress: Callable[[str], None], advance: Callable[[dict], None],
                      budget: int | None = None) -> dict:
     """Measure the bounds once, then every point of `sweep` in order; the report (--json object).
 
-    `advance()` is called after each point (run or skipped), `progress` receives a line before
+    `advance(point)` is called with each point's entry of the report as soon as it is measured
+    (or skipped), so a long sweep shows its figures as it goes; `progress` receives a line before
     each stage; `budget` is the memory a point may hold (default `memory_budget()`).
     """
     config, params = loaded.config, loaded.params
@@ -195,7 +196,7 @@ def run_decode_sweep(loaded: LoadedModel, sweep: DecodeSweep, load_start: float 
         else:
             points.append({"batch": batch, "context": context, "skipped": reason,
                            "memory_bytes": decode_point_bytes(config, w_bytes, itemsize, batch, context, sweep.steps)})
-        advance()
+        advance(points[-1])
     return {
         "kind": "decode_sweep",
         "model": config.name,
@@ -212,6 +213,15 @@ def run_decode_sweep(loaded: LoadedModel, sweep: DecodeSweep, load_start: float 
         "points": points,
         "env": decode_environment(None, load_start),
     }
+
+
+def format_decode_point(p: dict) -> str:
+    """One point of a decode sweep as one line, written as soon as it is measured."""
+    where = f"batch {p['batch']}, context {p['context']}"
+    if p["skipped"]:
+        return f"{where}: skipped ({p['skipped']})"
+    return (f"{where}: {p['tok_per_s']:.1f} tok/s a sequence ({p['tok_per_s_aggregate']:.1f} in all), "
+            f"{p['roofline_fraction']:.2f} of the bound")
 
 
 def format_decode_sweep(r: dict) -> str:
@@ -289,7 +299,7 @@ def prefill_skip_reason(config: ModelConfig, need: int, prompt_len: int, budget:
 
 
 def run_prefill_sweep(loaded: LoadedModel, sweep: PrefillSweep, grid, executor, load_start: float | None,
-                      progress: Callable[[str], None], advance: Callable[[], None],
+                      progress: Callable[[str], None], advance: Callable[[dict], None],
                       budget: int | None = None) -> dict:
     """Measure the matmul peak once, then every point of `sweep` on the `grid` mesh; the report."""
     from bench import prefill as single
@@ -315,7 +325,7 @@ def run_prefill_sweep(loaded: LoadedModel, sweep: PrefillSweep, grid, executor, 
             points.append({"skipped": None, **{k: v for k, v in report.items() if k not in RUN_KEYS}})
         else:
             points.append({"batch": batch, "prompt_len": prompt_len, "skipped": reason, "memory_bytes": need})
-        advance()
+        advance(points[-1])
     return {
         "kind": "prefill_sweep",
         "model": config.name,
@@ -331,6 +341,14 @@ def run_prefill_sweep(loaded: LoadedModel, sweep: PrefillSweep, grid, executor, 
         "points": points,
         "env": decode_environment(None, load_start),
     }
+
+
+def format_prefill_point(p: dict) -> str:
+    """One point of a prefill sweep as one line, written as soon as it is measured."""
+    where = f"batch {p['batch']}, prompt {p['prompt_len']}"
+    if p["skipped"]:
+        return f"{where}: skipped ({p['skipped']})"
+    return f"{where}: {p['tok_per_s']:.0f} tok/s, {p['achieved_gflops']:.1f} GFLOP/s, MFU {p['mfu']:.3f}"
 
 
 def format_prefill_sweep(r: dict) -> str:

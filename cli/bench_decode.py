@@ -62,7 +62,7 @@ def run(args) -> int:
 
 def run_sweep(args) -> int:
     """Every (batch, context) point against one bandwidth bound, with a progress bar."""
-    from bench.sweep import DecodeSweep, format_decode_sweep, run_decode_sweep
+    from bench.sweep import DecodeSweep, format_decode_point, format_decode_sweep, run_decode_sweep
     from bench.sweep_plots import write_decode_plot
 
     for flag in ("compare_hf", "compare_llamacpp"):
@@ -77,4 +77,4 @@ def run_sweep(args) -> int:
     return flags.run_sweep(
         args, len(sweep.points()), f"wafer bench decode sweep ({sweep.steps} steps per run)",
         lambda loaded, load_start, on_point: run_decode_sweep(loaded, sweep, load_start, progress, on_point),
-        write_decode_plot, format_decode_sweep)
+        write_decode_plot, format_decode_sweep, format_decode_point)

@@ -63,7 +63,7 @@ def run(args) -> int:
 
 def run_sweep(args, grid, executor) -> int:
     """Every (batch, prompt length) point against one matmul peak, with a progress bar."""
-    from bench.sweep import PrefillSweep, format_prefill_sweep, run_prefill_sweep
+    from bench.sweep import PrefillSweep, format_prefill_point, format_prefill_sweep, run_prefill_sweep
     from bench.sweep_plots import write_prefill_plot
 
     sweep = PrefillSweep(args.batches or (args.batch,), args.prompt_lens or (args.prompt_len,), args.chunk,
@@ -72,4 +72,4 @@ def run_sweep(args, grid, executor) -> int:
         args, len(sweep.points()), f"wafer bench prefill sweep on the {grid} mesh",
         lambda loaded, load_start, on_point: run_prefill_sweep(loaded, sweep, grid, executor, load_start, progress,
                                                                on_point),
-        write_prefill_plot, format_prefill_sweep)
+        write_prefill_plot, format_prefill_sweep, format_prefill_point)

@@ -224,10 +224,11 @@ def busy_check() -> float | None:
     return load
 
 
-def run_sweep(args, n_points: int, what: str, measure, write_plot, format_report) -> int:
+def run_sweep(args, n_points: int, what: str, measure, write_plot, format_report, format_point) -> int:
     """The part every benchmark sweep shares: the plot path checked before any work, the model
-    loaded, `measure(loaded, load_start, on_point)` run under a progress bar of `n_points`, the plot
-    drawn, the report (or its JSON) printed."""
+    loaded, `measure(loaded, load_start, on_point)` run under a progress bar of `n_points` (each
+    point's figures, `format_point(point)`, written above the bar as it is measured: a sweep takes
+    minutes to hours), the plot drawn, the report (or its JSON) printed."""
     import json
 
     from tqdm import tqdm
@@ -241,7 +242,11 @@ def run_sweep(args, n_points: int, what: str, measure, write_plot, format_report
     load_start = busy_check()
     progress(f"{what}: {n_points} points, {args.repeats} timed runs each (after one that compiles)")
     with tqdm(total=n_points, unit="point", file=sys.stderr, dynamic_ncols=True) as bar:
-        report = measure(loaded, load_start, lambda: bar.update(1))
+        def on_point(point: dict) -> None:
+            bar.write(format_point(point), file=sys.stderr)
+            bar.update(1)
+
+        report = measure(loaded, load_start, on_point)
     if args.plot is not None:
         report["plot"] = write_plot(report, args.plot)
     print(json.dumps(report) if args.json else format_report(report))

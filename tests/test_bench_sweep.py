@@ -121,6 +121,9 @@ def test_decode_sweep_json_plot_and_single_point_agreement(capsys, tiny_checkpoi
     assert ran["roofline_tok_per_s"] == pytest.approx(r["bandwidth_gbs"] * 1e9 / ran["bytes_per_step"], rel=1e-3)
     assert ran["roofline_fraction"] == pytest.approx(ran["tok_per_s"] / ran["roofline_tok_per_s"], rel=1e-2, abs=1e-4)
     assert r["plot"] == str(plot) and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Each point's line reached stderr as it was measured, in order.
+    lines = [line for line in err.splitlines() if line.startswith("batch ")]
+    assert lines == [sweep.format_decode_point(p) for p in r["points"]]
 
 
 def test_sweep_tables():
@@ -142,6 +145,13 @@ def test_sweep_tables():
                                        "flops": 3e9, "achieved_gflops": 25.0, "mfu": 0.25}]}
     lines = sweep.format_prefill_sweep(prefill).splitlines()
     assert "matmul peak 100 GFLOP/s" in lines[1] and lines[4].split() == ["1", "16", "50", "3.0", "25.0", "0.250"]
+    # The line a sweep writes per point as soon as it is measured.
+    assert sweep.format_decode_point(ran) == ("batch 2, context 8: 10.0 tok/s a sequence (20.0 in all), "
+                                              "0.25 of the bound")
+    assert sweep.format_decode_point(decode["points"][1]) == ("batch 2, context 254: skipped (context 254 + 2 "
+                                                              "steps + 1 exceeds)")
+    assert sweep.format_prefill_point(prefill["points"][0]) == ("batch 1, prompt 16: 50 tok/s, 25.0 GFLOP/s, "
+                                                                "MFU 0.250")
 
 
 def test_prefill_sweep_json_plot_and_single_point_agreement(capsys, tiny_checkpoint, small_bounds, tmp_path):
