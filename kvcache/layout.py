@@ -28,7 +28,7 @@ import numpy as np
 
 from mesh.axes import COL, ROW
 from mesh.errors import WaferError
-from mesh.executors import Grid
+from mesh.grid import Grid
 from mesh.extent import ceil_div
 
 
