@@ -7,7 +7,8 @@ sources, the flags, the compiler and jaxlib, so a fresh clone needs no network a
 The vector code is compiled for AVX2 + FMA through target attributes, never `-march=native`, and
 runs only where the CPU reports both. When the compiler is missing, the build fails or the CPU
 lacks AVX2/FMA, `available()` is False, the callers use XLA's ops and one warning says why;
-`WAFER_CPU_KERNELS=xla` asks for XLA's ops (A/B measurements).
+`WAFER_CPU_KERNELS=xla` asks for XLA's ops (A/B measurements); `WAFER_CPU_KERNELS=panels` asks
+the single-device Generator to pack its block weights into column panels (`panels_requested`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ HERE = Path(__file__).parent
 SOURCES = (HERE / "gemv_cpu.cc", HERE / "decode_attention_cpu.cc")
 HEADERS = (HERE / "cpu_common.h",)
 # FFI target name -> the library's handler symbol.
-TARGETS = {"wafer_gemv_f32": "WaferGemvF32", "wafer_decode_attention_f32": "WaferDecodeAttentionF32"}
+TARGETS = {"wafer_gemv_f32": "WaferGemvF32", "wafer_gemv_panels_f32": "WaferGemvPanelsF32",
+           "wafer_decode_attention_f32": "WaferDecodeAttentionF32"}
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread")
 
 
@@ -80,6 +82,12 @@ def build_library() -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return lib
+
+
+def panels_requested() -> bool:
+    """Whether `WAFER_CPU_KERNELS=panels` asks for block weights packed for the panel kernel
+    (model/generate.py; off by default: the packed copy is held beside the caller's weights)."""
+    return os.environ.get("WAFER_CPU_KERNELS", "").lower() == "panels"
 
 
 def unavailable_reason() -> str | None:

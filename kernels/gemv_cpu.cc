@@ -8,7 +8,9 @@
 // - kn: thread t takes rows k of W [k0, k1) and produces a partial y over them (the partials
 //   are summed at the end: M x N floats per thread, small next to W's K x N);
 // - nk: thread t takes rows n of W [n0, n1), whole outputs, no reduction (with one row of x,
-//   eight rows of W at a time).
+//   eight rows of W at a time);
+// - kn packed into column panels of 8 (`WaferGemvPanelsF32`): thread t takes whole panels, each
+//   read sequentially once, with the accumulators in registers (see gemv_panels_range).
 // The vector code is compiled for AVX2 + FMA through target attributes only, and
 // `wafer_cpu_kernels_supported()` (baseline code) tells Python whether this CPU runs it.
 
@@ -212,6 +214,106 @@ WAFER_AVX2 void gemv_nk_rows(const float* x, int64_t M, int64_t K, const float* 
 }
 
 
+// ---- kn packed into column panels (the block weights of the decode path, kernels/gemv_cpu.py
+// `pack_panels`): W[K, N] stored as ceil(N / 8) panels of [K, 8] floats, each contiguous (panel
+// p, row k at (p * K + k) * 8), the last one zero-padded. A thread streams whole panels in order,
+// so W is read once and sequentially; R rows of x x C panels of accumulators stay in ymm
+// registers over all of K (each load of W feeds R FMAs), and every output is one FMA chain in k
+// order from zero: the same bits as gemv_kn_rows over all of K, whatever the thread count.
+constexpr int64_t kPanel = 8;
+// Floats ahead of the current row that the panel loop asks the cache for (4 KB).
+constexpr int64_t kPanelPrefetch = 1024;
+
+// y[0:R, panels p .. p + C) = x[0:R, :] @ panels (y rows of stride N, clipped to N).
+template <int R, int C>
+WAFER_AVX2 inline void panel_block(const float* x, int64_t K, const float* wp, int64_t N, int64_t p, float* y) {
+  static_assert(R * C <= 12, "accumulators must stay in ymm registers");
+  // Named accumulators: GCC keeps an array of __m256 in memory and stores it every row.
+  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a04 = a00, a05 = a00, a06 = a00,
+         a07 = a00, a08 = a00, a09 = a00, a10 = a00, a11 = a00;
+  const float* base = wp + p * K * kPanel;
+  const int64_t stride = K * kPanel;  // between adjacent panels
+  for (int64_t k = 0; k < K; ++k) {
+    const float* wk = base + k * kPanel;
+    if ((k & 7) == 0)  // every 8 rows (256 bytes a panel): the 4 lines kPanelPrefetch ahead
+      for (int c = 0; c < C; ++c)
+        for (int l = 0; l < 4; ++l)
+          _mm_prefetch(reinterpret_cast<const char*>(wk + c * stride + kPanelPrefetch + 16 * l), _MM_HINT_T0);
+    __m256 w0, w1, w2, w3;
+    w0 = _mm256_loadu_ps(wk);
+    if constexpr (C > 1) w1 = _mm256_loadu_ps(wk + stride);
+    if constexpr (C > 2) w2 = _mm256_loadu_ps(wk + 2 * stride);
+    if constexpr (C > 3) w3 = _mm256_loadu_ps(wk + 3 * stride);
+#define WAFER_XV(r) \
+    __m256 xv##r;   \
+    if constexpr (R > r) xv##r = _mm256_broadcast_ss(x + r * K + k);
+#define WAFER_FMA(r, c, A) \
+    if constexpr (R > r && C > c) A = _mm256_fmadd_ps(xv##r, w##c, A);
+    WAFER_XV(0) WAFER_XV(1) WAFER_XV(2) WAFER_XV(3) WAFER_XV(4) WAFER_XV(5) WAFER_XV(6) WAFER_XV(7)
+    // accumulator r * C + c
+    if constexpr (C == 1) {
+      WAFER_FMA(0, 0, a00) WAFER_FMA(1, 0, a01) WAFER_FMA(2, 0, a02) WAFER_FMA(3, 0, a03)
+      WAFER_FMA(4, 0, a04) WAFER_FMA(5, 0, a05) WAFER_FMA(6, 0, a06) WAFER_FMA(7, 0, a07)
+    } else if constexpr (C == 2) {
+      WAFER_FMA(0, 0, a00) WAFER_FMA(0, 1, a01) WAFER_FMA(1, 0, a02) WAFER_FMA(1, 1, a03)
+      WAFER_FMA(2, 0, a04) WAFER_FMA(2, 1, a05) WAFER_FMA(3, 0, a06) WAFER_FMA(3, 1, a07)
+      WAFER_FMA(4, 0, a08) WAFER_FMA(4, 1, a09) WAFER_FMA(5, 0, a10) WAFER_FMA(5, 1, a11)
+    } else if constexpr (C == 3) {
+      WAFER_FMA(0, 0, a00) WAFER_FMA(0, 1, a01) WAFER_FMA(0, 2, a02) WAFER_FMA(1, 0, a03)
+      WAFER_FMA(1, 1, a04) WAFER_FMA(1, 2, a05) WAFER_FMA(2, 0, a06) WAFER_FMA(2, 1, a07)
+      WAFER_FMA(2, 2, a08) WAFER_FMA(3, 0, a09) WAFER_FMA(3, 1, a10) WAFER_FMA(3, 2, a11)
+    } else {
+      WAFER_FMA(0, 0, a00) WAFER_FMA(0, 1, a01) WAFER_FMA(0, 2, a02) WAFER_FMA(0, 3, a03)
+      WAFER_FMA(1, 0, a04) WAFER_FMA(1, 1, a05) WAFER_FMA(1, 2, a06) WAFER_FMA(1, 3, a07)
+      WAFER_FMA(2, 0, a08) WAFER_FMA(2, 1, a09) WAFER_FMA(2, 2, a10) WAFER_FMA(2, 3, a11)
+    }
+#undef WAFER_FMA
+#undef WAFER_XV
+  }
+  const __m256 acc[12] = {a00, a01, a02, a03, a04, a05, a06, a07, a08, a09, a10, a11};
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      const int64_t n0 = (p + c) * kPanel;
+      float* yr = y + r * N + n0;
+      if (n0 + kPanel <= N) {
+        _mm256_storeu_ps(yr, acc[r * C + c]);
+      } else {  // the padded panel
+        alignas(32) float t[kPanel];
+        _mm256_store_ps(t, acc[r * C + c]);
+        for (int64_t j = 0; n0 + j < N; ++j) yr[j] = t[j];
+      }
+    }
+}
+
+// R rows of x against panels [p0, p1): C panels at a time (R * C <= 12), then one at a time.
+template <int R>
+WAFER_AVX2 void panel_rows(const float* x, int64_t K, const float* wp, int64_t N, int64_t p0, int64_t p1, float* y) {
+  constexpr int C = R >= 7 ? 1 : R >= 5 ? 2 : R == 4 ? 3 : 4;
+  int64_t p = p0;
+  for (; p + C <= p1; p += C) panel_block<R, C>(x, K, wp, N, p, y);
+  for (; p < p1; ++p) panel_block<R, 1>(x, K, wp, N, p, y);
+}
+
+// y[M, N] over panels [p0, p1): the rows of x in groups of 8, then the 1-7 left.
+void gemv_panels_range(const float* x, int64_t M, int64_t K, const float* wp, int64_t N, int64_t p0, int64_t p1,
+                       float* y) {
+  int64_t b = 0;
+  for (; b + 8 <= M; b += 8) panel_rows<8>(x + b * K, K, wp, N, p0, p1, y + b * N);
+  const float* xb = x + b * K;
+  float* yb = y + b * N;
+  switch (M - b) {
+    case 1: panel_rows<1>(xb, K, wp, N, p0, p1, yb); break;
+    case 2: panel_rows<2>(xb, K, wp, N, p0, p1, yb); break;
+    case 3: panel_rows<3>(xb, K, wp, N, p0, p1, yb); break;
+    case 4: panel_rows<4>(xb, K, wp, N, p0, p1, yb); break;
+    case 5: panel_rows<5>(xb, K, wp, N, p0, p1, yb); break;
+    case 6: panel_rows<6>(xb, K, wp, N, p0, p1, yb); break;
+    case 7: panel_rows<7>(xb, K, wp, N, p0, p1, yb); break;
+    default: break;
+  }
+}
+
+
 // Bytes of W per chunk, at least: smaller chunks cost more in claims and (kn) partial sums.
 constexpr int64_t kChunkBytes = 512 * 1024;
 
@@ -263,6 +365,34 @@ ffi::Error GemvImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Resul
   return ffi::Error::Success();
 }
 
+// Packed kn: chunks are whole panels (no partial sums), claimed as in Gemv.
+void GemvPanels(const float* x, int64_t M, int64_t K, const float* wp, int64_t N, int threads, float* y) {
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  const int64_t chunks = std::min<int64_t>({4 * threads, K * N * 4 / kChunkBytes, panels});
+  if (threads < 2 || chunks < 2) return gemv_panels_range(x, M, K, wp, N, 0, panels, y);
+  Pool* pool = GetPool(threads);
+  std::unique_lock<std::mutex> lk(pool->busy(), std::try_to_lock);
+  if (!lk.owns_lock()) return gemv_panels_range(x, M, K, wp, N, 0, panels, y);
+  pool->Run(chunks, [&](int64_t c) {
+    gemv_panels_range(x, M, K, wp, N, panels * c / chunks, panels * (c + 1) / chunks, y);
+  });
+}
+
+ffi::Error GemvPanelsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wp, ffi::ResultBuffer<ffi::F32> y,
+                          int64_t threads) {
+  const auto xd = x.dimensions();
+  const auto wd = wp.dimensions();
+  const auto yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[2] != kPanel)
+    return ffi::Error::InvalidArgument("wafer_gemv_panels: x [M, K], panels [P, K, 8], y [M, N] expected");
+  const int64_t M = xd[0], K = xd[1], N = yd[1];
+  if (wd[1] != K || yd[0] != M || (N + kPanel - 1) / kPanel != wd[0])
+    return ffi::Error::InvalidArgument("wafer_gemv_panels: shapes differ");
+  GemvPanels(x.typed_data(), M, K, wp.typed_data(), N, static_cast<int>(std::max<int64_t>(1, threads)),
+             y->typed_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(WaferGemvF32, GemvImpl,
@@ -271,6 +401,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WaferGemvF32, GemvImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w [K, N] or [N, K]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [M, N]
                                   .Attr<bool>("w_nk")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WaferGemvPanelsF32, GemvPanelsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [M, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // W packed: [ceil(N / 8), K, 8]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y [M, N]
                                   .Attr<int64_t>("threads"));
 
 extern "C" int wafer_cpu_kernels_supported() {

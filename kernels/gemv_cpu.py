@@ -10,6 +10,11 @@ thread timing.
 
     y[M, N] = x[M, K] @ W      with W stored [K, N] (`WLayout.KN`: the block weights) or
                                [N, K] (`WLayout.NK`: the LM head, i.e. the embedding [V, D]).
+
+Batch > 1 (several rows of x) wants W packed into column panels (`pack_panels`, `gemv_panels`):
+[K, N] read with the accumulators in memory is compute bound there, and read in [K, 8] tiles of
+a [K, N] array it waits on strided loads; packed, each thread streams whole panels sequentially
+with R rows x C panels of accumulators in registers (bench/RESULTS.md, "2026-11-30 night").
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import numpy as np
 from kernels import cpu_ffi
 
 TARGET = "wafer_gemv_f32"
+PANELS_TARGET = "wafer_gemv_panels_f32"
+PANEL = 8  # columns of W in a panel (one AVX2 vector)
 # x rows up to which the kernel replaces XLA's dot (decode batches); longer inputs (prefill) are
 # matrix products that XLA's GEMM does well.
 MAX_ROWS = 16
@@ -47,6 +54,33 @@ def gemv(x_MK: jax.Array, w: jax.Array, layout: WLayout = WLayout.KN, threads: i
     return call(x_MK, w, w_nk=layout is WLayout.NK, threads=np.int64(threads or cpu_ffi.default_threads()))
 
 
+def pack_panels(w_KN) -> np.ndarray:
+    """W[K, N] as ceil(N / PANEL) contiguous column panels [P, K, PANEL] (the last one zero-padded):
+    the layout `gemv_panels` streams. A numpy copy (made once, at load time)."""
+    w = np.asarray(w_KN, np.float32)
+    K, N = w.shape
+    P = -(-N // PANEL)
+    if P * PANEL != N:
+        w = np.concatenate([w, np.zeros((K, P * PANEL - N), np.float32)], axis=1)
+    return np.ascontiguousarray(w.reshape(K, P, PANEL).transpose(1, 0, 2))
+
+
+def unpack_panels(w_PKC: jax.Array, n: int) -> jax.Array:
+    """The [K, n] matrix that `pack_panels` packed (a transposing copy; XLA's dot on it)."""
+    P, K, C = w_PKC.shape
+    return w_PKC.transpose(1, 0, 2).reshape(K, P * C)[:, :n]
+
+
+def gemv_panels(x_MK: jax.Array, w_PKC: jax.Array, n: int | None = None, threads: int | None = None) -> jax.Array:
+    """y[M, n] = x[M, K] @ W through the panel kernel, W given as `pack_panels(W)` (CPU only; call
+    `cpu_ffi.available()` first). `n`: W's columns (default all of the panels')."""
+    M, _ = x_MK.shape
+    P, _, C = w_PKC.shape
+    n = P * C if n is None else n
+    call = jax.ffi.ffi_call(PANELS_TARGET, jax.ShapeDtypeStruct((M, n), jnp.float32), vmap_method="sequential")
+    return call(x_MK, w_PKC, threads=np.int64(threads or cpu_ffi.default_threads()))
+
+
 def gemv_ref(x_MK: jax.Array, w: jax.Array, layout: WLayout = WLayout.KN) -> jax.Array:
     """The plain-jnp product `gemv` computes."""
     w_KN = w.T if layout is WLayout.NK else w
@@ -55,7 +89,11 @@ def gemv_ref(x_MK: jax.Array, w: jax.Array, layout: WLayout = WLayout.KN) -> jax
 
 def matmul_f32(x: jax.Array, w: jax.Array, layout: WLayout = WLayout.KN) -> jax.Array:
     """x[..., K] @ W in float32: the kernel on CPU for f32 operands of at most MAX_ROWS rows,
-    XLA's dot otherwise (GPU, 16-bit weights, prefill-sized inputs, kernel unavailable)."""
+    XLA's dot otherwise (GPU, 16-bit weights, prefill-sized inputs, kernel unavailable).
+
+    A 3-D `w` is W[K, N] packed by `pack_panels` with N a multiple of PANEL (`layout` ignored)."""
+    if w.ndim == 3:
+        return _matmul_panels_f32(x, w)
     w_KN = w.T if layout is WLayout.NK else w
     xla = lambda x, w_KN: jnp.matmul(x, w_KN, preferred_element_type=jnp.float32)
     rows = int(np.prod(x.shape[:-1]))
@@ -66,3 +104,16 @@ def matmul_f32(x: jax.Array, w: jax.Array, layout: WLayout = WLayout.KN) -> jax.
         y = gemv(x.reshape(rows, x.shape[-1]), w, layout)
         return y.reshape(x.shape[:-1] + y.shape[-1:])
     return jax.lax.platform_dependent(x, w, cpu=cpu, default=lambda x, w: xla(x, w.T if layout is WLayout.NK else w))
+
+
+def _matmul_panels_f32(x: jax.Array, w_PKC: jax.Array) -> jax.Array:
+    """`matmul_f32` for packed W: the panel kernel, or XLA's dot on the unpacked copy."""
+    n = w_PKC.shape[0] * w_PKC.shape[2]
+    xla = lambda x, w: jnp.matmul(x, unpack_panels(w, n), preferred_element_type=jnp.float32)
+    rows = int(np.prod(x.shape[:-1]))
+    if x.dtype != jnp.float32 or w_PKC.dtype != jnp.float32 or rows > MAX_ROWS or not cpu_ffi.available():
+        return xla(x, w_PKC)
+
+    def cpu(x, w):
+        return gemv_panels(x.reshape(rows, x.shape[-1]), w).reshape(x.shape[:-1] + (n,))
+    return jax.lax.platform_dependent(x, w_PKC, cpu=cpu, default=xla)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels import cpu_ffi
 from kernels.sampling import sample_ref
 from mesh.errors import WaferError
 from mesh.extent import round_up
@@ -30,7 +31,7 @@ from model.compile_cache import CompileCache
 from model.config import ModelConfig
 from model.forward import forward
 from model.sampling import Sampling, sampling_keys, sampling_knobs
-from model.weights import Params, params_dtype
+from model.weights import Params, pack_block_weights, params_dtype
 
 # Prompt and cache lengths are rounded up to these multiples: fewer distinct compiled shapes,
 # and a cache only slightly longer than needed (decode attention reads the whole cache).
@@ -139,11 +140,18 @@ class DevicePrefill:
 class Generator:
     """Generates from one model on the default device, caching compiled code per shape."""
 
-    def __init__(self, params: Params, config: ModelConfig, chunk: int = DECODE_CHUNK):
-        """`chunk`: decode steps per compiled program (1: a dispatch per token)."""
+    def __init__(self, params: Params, config: ModelConfig, chunk: int = DECODE_CHUNK, panels: bool | None = None):
+        """`chunk`: decode steps per compiled program (1: a dispatch per token).
+
+        `panels`: hold the block matrices packed for the CPU panel kernel (model/weights.py
+        `pack_block_weights`; faster at batch > 1, a packed copy beside the caller's weights);
+        default: `WAFER_CPU_KERNELS=panels`. Ignored unless the CPU kernels run here."""
         if chunk < 1:
             raise WaferError(f"decode chunk must be at least 1 step, got {chunk}")
-        self.params = params
+        if panels is None:
+            panels = cpu_ffi.panels_requested()
+        self.panels = panels and jax.default_backend() == "cpu" and cpu_ffi.available()
+        self.params = pack_block_weights(params) if self.panels else params
         self.config = config
         self.dtype = params_dtype(params)  # of the weights, the activations and the cache
         self.chunk = chunk

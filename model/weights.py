@@ -21,8 +21,10 @@ Layout (one array per layer, never stacked: on CPU a stacked [L, ...] array slic
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
+from kernels.gemv_cpu import PANEL, pack_panels
 from mesh.errors import WaferError
 from model.config import ModelConfig
 
@@ -117,6 +119,22 @@ def unflatten_params(flat: dict[str, np.ndarray], n_layers: int) -> Params:
             _, i, name = k.split(".", 2)
             params["layers"][int(i)][name] = v
     return params
+
+
+# The block's [K, N] matrices, the ones `pack_block_weights` packs.
+BLOCK_MATRICES = ("w_qkv", "w_o", "w_gate_up", "w_down")
+
+
+def pack_block_weights(params: Params) -> Params:
+    """A copy of `params` whose f32 block matrices with N a multiple of 8 are packed into column
+    panels (kernels/gemv_cpu.py `pack_panels`, [N / 8, K, 8]) for the CPU panel kernel; everything
+    else (embedding, norms, biases) is shared, not copied. Only for the single-device forward:
+    its `matmul_f32` takes either layout (prefill rows read the packed one through XLA's dot);
+    the mesh executors, the prefill columns and the slot batch keep this module's [K, N] layout."""
+    def pack(name, w):
+        ok = name in BLOCK_MATRICES and w.ndim == 2 and w.dtype == np.float32 and w.shape[1] % PANEL == 0
+        return jnp.asarray(pack_panels(w)) if ok else w
+    return {**params, "layers": [{k: pack(k, v) for k, v in layer.items()} for layer in params["layers"]]}
 
 
 def params_dtype(params: Params) -> np.dtype:

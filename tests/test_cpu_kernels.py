@@ -11,7 +11,11 @@ import pytest
 
 from kernels import cpu_ffi, gemv_cpu
 from kernels.decode_attention_cpu import decode_attention_prefix, decode_attention_prefix_ref
-from kernels.gemv_cpu import MAX_ROWS, WLayout, gemv, gemv_ref, matmul_f32
+from kernels.gemv_cpu import (MAX_ROWS, PANEL, WLayout, gemv, gemv_panels, gemv_ref, matmul_f32, pack_panels,
+                              unpack_panels)
+from model.config import TINY_LLAMA
+from model.generate import Generator
+from model.weights import init_random_params
 
 needs_kernel = pytest.mark.skipif(not cpu_ffi.available(), reason="CPU kernels unavailable (see the warning)")
 # f32 products of length K against a float64 reference: the error of a float32 dot product grows
@@ -89,6 +93,69 @@ def test_matmul_f32_takes_the_kernel_only_where_it_applies():
     got = matmul_f32(x, wr)
     assert got.shape == (2, 1, 48)
     assert rel_err(got, np.asarray(x, np.float64) @ np.asarray(wr, np.float64)) < REL_TOL
+
+
+# (K, N) for the panel kernel: a model shape large enough to be cut into chunks of panels, odd K,
+# N with a padded last panel (N % 8 = 1, 3, 7), fewer panels than one block of C, one panel.
+PANEL_SHAPES = [(576, 3072), (1537, 1029), (13, 37), (3, 1), (64, 8), (7, 23), (2053, 515)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("K,N", PANEL_SHAPES)
+def test_gemv_panels_matches_reference(K, N):
+    # Every row count the decode path sends (1..16: row groups of 8 and each remainder 1-7, whose
+    # blocks of C panels leave 0..C-1 panels over), on two threads, against float64.
+    rng = np.random.default_rng(K + N)
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    w_PKC = pack_panels(w)
+    assert w_PKC.shape == (-(-N // PANEL), K, PANEL)
+    np.testing.assert_array_equal(np.asarray(unpack_panels(jnp.asarray(w_PKC), N)), w)
+    for M in range(1, MAX_ROWS + 1):
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        got = gemv_panels(jnp.asarray(x), jnp.asarray(w_PKC), N, threads=2)
+        assert got.shape == (M, N) and got.dtype == jnp.float32
+        assert rel_err(got, x.astype(np.float64) @ w.astype(np.float64)) < REL_TOL, M
+
+
+@needs_kernel
+@pytest.mark.parametrize("K,N", [(576, 960), (1536, 576), (37, 64)])
+def test_gemv_panels_same_bits_as_kn_kernel_on_one_thread(K, N):
+    # Each output is one FMA chain in k order from zero, as in the [K, N] kernel without chunk
+    # partials (one thread): the same bits, for any thread count of the panel kernel.
+    rng = np.random.default_rng(K * N)
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    w_PKC = jnp.asarray(pack_panels(w))
+    for M in range(1, MAX_ROWS + 1):
+        x = jnp.asarray(rng.standard_normal((M, K)).astype(np.float32))
+        want = np.asarray(gemv(x, jnp.asarray(w), threads=1))
+        for threads in (1, 2, 3):
+            np.testing.assert_array_equal(np.asarray(gemv_panels(x, w_PKC, threads=threads)), want)
+
+
+@needs_kernel
+def test_matmul_f32_takes_the_panel_kernel_for_packed_weights():
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    w_PKC = jnp.asarray(pack_panels(w))
+    count = lambda x: jax.jit(matmul_f32).lower(x, w_PKC).as_text().count(gemv_cpu.PANELS_TARGET)
+    assert count(jnp.zeros((2, 1, 64), jnp.float32)) == 1  # decode rows
+    assert count(jnp.zeros((MAX_ROWS + 1, 64), jnp.float32)) == 0  # prefill-sized: XLA's dot, unpacked
+    for shape in [(2, 1, 64), (MAX_ROWS + 1, 64)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        got = matmul_f32(jnp.asarray(x), w_PKC)
+        assert got.shape == shape[:-1] + (48,)
+        assert rel_err(got, x.astype(np.float64) @ w.astype(np.float64)) < REL_TOL
+
+
+@needs_kernel
+def test_generator_with_panels_gives_the_same_greedy_tokens():
+    params = init_random_params(TINY_LLAMA, seed=3, scale=0.2)
+    plain, packed = Generator(params, TINY_LLAMA, panels=False), Generator(params, TINY_LLAMA, panels=True)
+    assert packed.panels and packed.params["layers"][0]["w_qkv"].ndim == 3
+    assert plain.params["layers"][0]["w_qkv"].ndim == 2
+    prompts = [[1, 5, 9], [7, 3, 2, 8, 4], [11], [6, 6, 6, 6]]  # batch 4: prefill and decode rows
+    assert packed.generate(prompts, 12, stop_on_eos=False).tokens == plain.generate(
+        prompts, 12, stop_on_eos=False).tokens
 
 
 @pytest.mark.parametrize("cxx", ["/nonexistent/g++", "false"])
