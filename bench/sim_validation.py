@@ -78,7 +78,10 @@ def worker_levels(run: dict, result) -> dict:
     {"decode_step" | "prefill_batch": {real_ms, simulated_ms, ratio, real_count, simulated_count}}
     for each that both sides have (empty when the report has no `worker_times`)."""
     real = run.get("worker_times") or {}
-    simulated = {"decode_step": (result.decode_steps, result.decode_busy_s),
+    # Decode steps as they ran (a step that overlapped a prefill stretched, as the server's own
+    # histogram times it), not as priced: with the priced times, a run whose steps overlap
+    # prefills more would count the overlap twice once calibrated.
+    simulated = {"decode_step": (result.decode_steps_ended, result.decode_wall_s),
                  "prefill_batch": (result.prefill_batches, result.prefill_busy_s)}
     out = {}
     for key, (n, busy) in simulated.items():

@@ -143,7 +143,12 @@ class SimResult:
     units: int = 1
     mode: str = ""
     prefill_busy_s: float = 0.0
-    decode_busy_s: float = 0.0
+    decode_busy_s: float = 0.0  # the steps' own times, as the cost source prices them
+    # The steps that ended, from start to end: with workers that slow each other down
+    # (`decode_slowdown`), a step that overlaps a prefill takes longer than its price; this is what
+    # the live server's histogram of step times measures (bench/sim_validation.py compares them).
+    decode_wall_s: float = 0.0
+    decode_steps_ended: int = 0
     link_busy_s: float = 0.0
     prefill_batches: int = 0
     decode_steps: int = 0
@@ -182,7 +187,7 @@ def merge(results: list[SimResult]) -> SimResult:
         for name in ("requests", "finished", "good", "output_tokens", "fast_tokens", "units", "prefill_batches",
                      "decode_steps", "decode_batch_sum", "events"):
             setattr(out, name, getattr(out, name) + getattr(r, name))
-        for name in ("prefill_busy_s", "decode_busy_s", "link_busy_s"):
+        for name in ("prefill_busy_s", "decode_busy_s", "decode_wall_s", "decode_steps_ended", "link_busy_s"):
             setattr(out, name, getattr(out, name) + getattr(r, name))
         out.last_end = max(out.last_end, r.last_end)
         for reason, n in r.failed.items():
@@ -500,6 +505,9 @@ class Simulator:
         """Steps `p.done + 1` to `j` have ended: one StepDone tells the scheduler."""
         self._count_steps(p, j)
         k = j - p.done
+        res = self.result
+        res.decode_wall_s += p.ends[j] - p.ends[p.done]  # back to back: step i ran from ends[i-1] to ends[i]
+        res.decode_steps_ended += k
         unit.step_in_flight = False
         unit.context += k * p.batch - unit.evicted_in_flight
         unit.evicted_in_flight = 0

@@ -116,8 +116,13 @@ def test_workers_that_share_a_machine_slow_each_other_down():
         a, b = sorted(r.records, key=lambda x: int(x.request_id))
         assert (a.ttft, a.e2e) == pytest.approx((1.0, 2.9), abs=1e-9)
         assert (b.ttft, b.e2e) == pytest.approx((2.0, 2.1), abs=1e-9)
+        # 11 steps priced at 0.1 s; as they ran, A's ten took 1.0-2.9 and B's one 0.1 (what the
+        # server's histogram of step times would record).
+        assert (r.decode_steps, r.decode_steps_ended) == (11, 11)
+        assert (r.decode_busy_s, r.decode_wall_s) == pytest.approx((1.1, 2.0), abs=1e-9)
     alone = simulate(Fleet(config(batch=1), cost(1.0, step=0.1)), w, keep_records=True)
     assert sorted(r.e2e for r in alone.records) == pytest.approx([1.1, 2.0], abs=1e-9)
+    assert alone.decode_wall_s == pytest.approx(alone.decode_busy_s, abs=1e-12) and alone.decode_steps_ended == 11
     # One worker on all the CPUs (integrated) has no neighbour to contend with.
     integrated = simulate(Fleet(config(Mode.INTEGRATED, batch=1), c), workload([0.0], [10], [2]), keep_records=True)
     assert integrated.records[0].e2e == pytest.approx(1.1, abs=1e-12)
