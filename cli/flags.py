@@ -113,7 +113,8 @@ def add_mesh_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executor", choices=["devices", "vcores"], default="devices",
                    help="devices: one JAX device per core; vcores: virtual cores on one device")
     p.add_argument("--schedule", choices=["auto", "psum", "ring", "ktree"], default="auto",
-                   help="all-reduce schedule (auto: the fastest on this mesh, from a short measurement)")
+                   help="all-reduce schedule (auto: on devices the fastest from a short measurement on the mesh; "
+                        "on vcores psum, one reduction where the others gather the whole grid)")
     p.add_argument("--groups", type=int, default=None, help="K-tree groups per mesh axis (default ~sqrt)")
     add_layout_arg(p)
     p.add_argument("--sram-budget", default=None,

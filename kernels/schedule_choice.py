@@ -63,9 +63,16 @@ def fastest_schedule(core_mesh: CoreMesh, width: int, batch: int = 1, groups: in
     """The first of `candidates` whose chain on `core_mesh` is within `TIE_FACTOR` of the shortest,
     and every candidate's median seconds. `width`: the per-core width of the activations
     (the layout's D per row). A TRACE mesh runs nothing: it gets the K-tree, the schedule
-    WaferLLM measured fastest on a wafer and the profiler's default."""
+    WaferLLM measured fastest on a wafer and the profiler's default. A VCORES mesh gets psum
+    without a measurement: there every schedule runs on one device as array operations, a psum
+    one reduction over the grid axis and each ring or K-tree message a gather over the whole grid,
+    so psum does the least work by construction; the short chain disagreed with the decode step
+    (it chose the K-tree on 16x16 in one run, whose step then took 1.68x psum's:
+    bench/RESULTS.md, issue 15's quiet figures)."""
     if core_mesh.executor is Executor.TRACE:
         return Schedule.KTREE, {}
+    if core_mesh.executor is Executor.VCORES:
+        return Schedule.PSUM, {}
     if core_mesh.grid.cores == 1:  # no all-reduce crosses a core: every schedule is the identity
         return candidates[0], {}
     seconds = {s: schedule_chain_seconds(core_mesh, s, width, batch, groups, repeats) for s in candidates}

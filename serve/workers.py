@@ -296,7 +296,8 @@ def decode_batch(loaded: LoadedModel, spec: WorkerSpec) -> SlotBatch:
         schedule, seconds = fastest_schedule(mesh, batch.layout.d, opts.scheduler.slots, opts.groups)
         batch.use_schedule(schedule)
         log.info("decode mesh %s: all-reduce schedule %s, measured (%s)", opts.decode_grid, schedule.value,
-                 ", ".join(f"{s.value} {t * 1e3:.2f} ms" for s, t in seconds.items()) or "one core: no all-reduce")
+                 ", ".join(f"{s.value} {t * 1e3:.2f} ms" for s, t in seconds.items())
+                 or "not measured: one core, or vcores (psum)")
     batch.compile()
     return batch
 

@@ -30,6 +30,9 @@ def test_auto_chooses_a_measured_schedule(grid, executor):
     if core_mesh.grid.cores == 1:
         assert seconds == {}  # nothing crosses a core: no measurement
         return
+    if executor is Executor.VCORES:  # one device: psum is one reduction, the others whole-grid gathers
+        assert (chosen, seconds) == (Schedule.PSUM, {})
+        return
     assert set(seconds) == set(Schedule) and all(t > 0 for t in seconds.values())
     assert seconds[chosen] <= TIE_FACTOR * min(seconds.values())
     # Ties go to the earlier candidate: nothing before the choice was within TIE_FACTOR.
