@@ -91,29 +91,21 @@ def matmul_f32(x: jax.Array, w: jax.Array, layout: WLayout = WLayout.KN) -> jax.
     """x[..., K] @ W in float32: the kernel on CPU for f32 operands of at most MAX_ROWS rows,
     XLA's dot otherwise (GPU, 16-bit weights, prefill-sized inputs, kernel unavailable).
 
-    A 3-D `w` is W[K, N] packed by `pack_panels` with N a multiple of PANEL (`layout` ignored)."""
+    A 3-D `w` is W[K, N] packed by `pack_panels` with N a multiple of PANEL (`layout` ignored):
+    the panel kernel, or XLA's dot on the unpacked copy."""
     if w.ndim == 3:
-        return _matmul_panels_f32(x, w)
-    w_KN = w.T if layout is WLayout.NK else w
-    xla = lambda x, w_KN: jnp.matmul(x, w_KN, preferred_element_type=jnp.float32)
+        n = w.shape[0] * w.shape[2]
+        as_kn = lambda w: unpack_panels(w, n)
+        kernel = gemv_panels
+    else:
+        as_kn = lambda w: w.T if layout is WLayout.NK else w
+        kernel = lambda x_MK, w: gemv(x_MK, w, layout)
+    xla = lambda x, w: jnp.matmul(x, as_kn(w), preferred_element_type=jnp.float32)
     rows = int(np.prod(x.shape[:-1]))
     if x.dtype != jnp.float32 or w.dtype != jnp.float32 or rows > MAX_ROWS or not cpu_ffi.available():
-        return xla(x, w_KN)
+        return xla(x, w)
 
     def cpu(x, w):
-        y = gemv(x.reshape(rows, x.shape[-1]), w, layout)
+        y = kernel(x.reshape(rows, x.shape[-1]), w)
         return y.reshape(x.shape[:-1] + y.shape[-1:])
-    return jax.lax.platform_dependent(x, w, cpu=cpu, default=lambda x, w: xla(x, w.T if layout is WLayout.NK else w))
-
-
-def _matmul_panels_f32(x: jax.Array, w_PKC: jax.Array) -> jax.Array:
-    """`matmul_f32` for packed W: the panel kernel, or XLA's dot on the unpacked copy."""
-    n = w_PKC.shape[0] * w_PKC.shape[2]
-    xla = lambda x, w: jnp.matmul(x, unpack_panels(w, n), preferred_element_type=jnp.float32)
-    rows = int(np.prod(x.shape[:-1]))
-    if x.dtype != jnp.float32 or w_PKC.dtype != jnp.float32 or rows > MAX_ROWS or not cpu_ffi.available():
-        return xla(x, w_PKC)
-
-    def cpu(x, w):
-        return gemv_panels(x.reshape(rows, x.shape[-1]), w).reshape(x.shape[:-1] + (n,))
-    return jax.lax.platform_dependent(x, w_PKC, cpu=cpu, default=xla)
+    return jax.lax.platform_dependent(x, w, cpu=cpu, default=xla)

@@ -7,6 +7,8 @@ profiler's cost model) the K-tree's short routes win. So the choice is a short m
 the mesh itself: a chain of MeshGEMVs with alternating reduction axes, the decode step's
 pattern, timed under each schedule, the fastest kept. It costs a few small compilations, not a
 decode step's.
+Under the vcores executor there is nothing to measure: every schedule runs on one device as array
+operations, where psum is one reduction and any other message a whole-grid gather, so psum.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def fastest_schedule(core_mesh: CoreMesh, width: int, batch: int = 1, groups: in
     bench/RESULTS.md, issue 15's quiet figures)."""
     if core_mesh.executor is Executor.TRACE:
         return Schedule.KTREE, {}
-    if core_mesh.executor is Executor.VCORES:
+    if core_mesh.executor is Executor.VCORES and Schedule.PSUM in candidates:
         return Schedule.PSUM, {}
     if core_mesh.grid.cores == 1:  # no all-reduce crosses a core: every schedule is the identity
         return candidates[0], {}

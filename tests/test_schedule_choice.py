@@ -17,7 +17,7 @@ from model.weights import init_random_params
 DEVICE_GRIDS = ["1x1", "1x2", "2x1", "1x4", "4x1", "3x1", "2x2", "2x3", "1x5", "1x6", "1x7", "2x4", "4x2", "2x6",
                 "3x3", "3x4", "5x2", "1x12", "2x8", "4x4"]
 VCORE_GRIDS = ["2x2", "2x9", "1x12", "2x12", "8x8", "4x36", "16x16", "8x72"]
-FAST = {("2x2", Executor.DEVICES), ("2x9", Executor.VCORES)}
+FAST = {("2x2", Executor.DEVICES)} | {(g, Executor.VCORES) for g in VCORE_GRIDS}  # vcores: no measurement
 CASES = [pytest.param(g, e, marks=[] if (g, e) in FAST else pytest.mark.slow, id=f"{g}-{e.value}")
          for e, grids in ((Executor.DEVICES, DEVICE_GRIDS), (Executor.VCORES, VCORE_GRIDS)) for g in grids]
 
