@@ -394,21 +394,24 @@ class MeasuredCost:
 
     `handoff_on_prefill` (default false): the measured server ships each cache from its prefill
     worker, on the CPU its prefills run on (`wafer serve` disaggregated: a thread of the prefill
-    worker process, pinned with it), so the simulator runs a unit's handoffs and prefill batches
-    one after the other on that worker (serve/simulator.py) instead of on an independent link.
+    worker process, pinned with it), so the simulator starts a unit's handoff no earlier than the
+    end of the prefill batch in flight (the worker reads the ship command after it); a prefill
+    batch does not wait for the handoffs (serve/simulator.py).
 
     `listens_between_steps` (default false): the measured server's decode worker takes commands
     only between decode steps, so the listener a handoff streams into opens at the end of the step
     in flight when the cache was placed (and the landed cache joins at the boundary after the
-    transfer, as on any decode worker): the simulator starts such a transfer no earlier than that.
+    transfer, as on any decode worker): the simulator starts such a transfer no earlier than that,
+    and a step waits for a cache that is landing when the step is decided (the worker places
+    arriving caches in its loop before it steps).
 
     `contention` (default none): `{"prefill": p, "decode": d}`, how many times slower each worker
     runs while the other one works. Two workers pinned to different CPUs of one machine still
     share its cores, caches and memory bandwidth, and with other work on the machine they share
     what it leaves them (on this 2-vCPU machine, while another session's tests ran, a prefill ran
-    3x slower while the decode worker stepped; quiet, not measurably), so the simulator prices a prefill batch that
-    starts while the decode batch is stepping at `p` times its time, and slows decode steps by
-    `d` while a prefill batch runs (serve/simulator.py). Measured by `wafer bench serve-costs`.
+    3x slower while the decode worker stepped; quiet, not measurably), so the simulator runs a
+    prefill batch `p` times slower while the decode batch steps (until it would empty), and slows
+    decode steps by `d` while a prefill batch runs (serve/simulator.py). Measured by `wafer bench serve-costs`.
     """
 
     prefill: dict

@@ -12,11 +12,16 @@ into future events whose times come from a cost source (serve/costs.py):
   a time: it ends `handoff_s(prompt tokens)` after the link is free (`HandoffDone`); the slot
   joins the decode batch at the next step boundary. When the cost source ships caches from the
   prefill worker (`handoff_on_prefill`: the live server on this machine), a transfer also waits
-  for the prefill batch in flight, and a prefill batch for the transfers queued before it; when
-  its decode worker takes commands only between steps (`listens_between_steps`: the live server
-  again), the listener a transfer streams into opens at the end of the decode step in flight (at
-  once if none is), and only then is the transfer queued on the link or prefill worker, behind
-  whatever was sent to it before (the prefill batch decided with the placement too);
+  for the prefill batch in flight (the worker reads the ship command after it), but a prefill
+  batch never waits for a transfer (the worker ships on a thread of its own); when its decode
+  worker takes commands only between steps (`listens_between_steps`: the live server again), the
+  listener a transfer streams into opens at the end of the decode step in flight (at once if none
+  is), and only then is the transfer queued on the link or prefill worker, behind whatever was sent
+  to it before (the prefill batch decided with the placement too); and a step decided while a
+  cache is landing (its transfer started and not ended) starts when it has landed and takes it
+  in, as the live decode worker places arriving caches in its loop before it steps (in the
+  prefill-heavy validation runs, 15 and 17 pairs of requests ended in the same step, which the
+  simulator gave 2 before this rule and 16 and 17 after);
 - a decode step over the committed slots ends `decode_step_s(batch, context positions)` later and
   gives every slot one token (`StepDone`: one event for the whole batch); a request ends when the
   scheduler sees its output length (`max_new_tokens` = the workload's output length). Steps over
@@ -55,6 +60,7 @@ Memory is bounded by the live requests: latencies go into streaming histograms
 from __future__ import annotations
 
 import bisect
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -244,6 +250,10 @@ class _Unit:
         self.evicted_in_flight = 0  # slots of the step in flight evicted before it ended
         self.prefill_gen = self.decode_gen = 0  # bumped on a worker's restart: its stale completions drop
         self.link_free = 0.0
+        # (start, end) of the transfers queued on the link, kept when the decode worker lands caches
+        # between its steps (Simulator.listens_between_steps): a step waits for the one landing.
+        self.transfers: collections.deque[tuple[float, float]] = collections.deque()
+        self.step_deferred = False  # a step the scheduler decided waits for a cache to land
         self.prefill_free = 0.0  # when the prefill batch in flight ends
         self.prefill_runs: list[tuple[float, float]] = []  # (start, end) of recent prefill batches (contention)
         self.tick_at: float | None = None
@@ -275,6 +285,15 @@ class _Unit:
         self.evicted_in_flight = 0
         self.plan = None
         self.decode_gen += 1
+        self.transfers.clear()
+        self.step_deferred = False
+
+    def landing(self, now: float) -> float | None:
+        """When the transfer streaming at `now` (started, not ended) lands; None if none is."""
+        q = self.transfers
+        while q and q[0][1] <= now:
+            q.popleft()
+        return q[0][1] if q and q[0][0] <= now else None
 
 
 def _slowed(t: float, work: float, runs: list[tuple[float, float]], factor: float) -> float:
@@ -338,9 +357,9 @@ class Simulator:
         self.listens_between_steps = fleet.config.mode is Mode.DISAGGREGATED and getattr(
             fleet.cost, "listens_between_steps", False)
         # Workers that slow each other down while both work (the cost source says how much: the live
-        # server's two workers share this machine): a prefill batch that starts while the decode
-        # batch steps takes `prefill_slowdown` times its time, and decode steps run `decode_slowdown`
-        # times slower while a prefill batch runs (see _stretch).
+        # server's two workers share this machine): a prefill batch runs `prefill_slowdown` times
+        # slower while the decode batch steps (see _contended_prefill_s), and decode steps run
+        # `decode_slowdown` times slower while a prefill batch runs (see _stretch).
         slow = getattr(fleet.cost, "slowdowns", (1.0, 1.0)) if fleet.config.mode is Mode.DISAGGREGATED else (1.0, 1.0)
         self.prefill_slowdown, self.decode_slowdown = slow
         self.prefill_s: dict[tuple[int, ...], float] = {}  # prompt lengths of a batch -> its time (see _price)
@@ -451,6 +470,9 @@ class Simulator:
             if unit.owner[slot] == rid and slot not in unit.committed:
                 unit.commit(slot, rid)
             self._apply(unit, sched.handoff_done(t, rid, slot), t)
+            if unit.step_deferred and unit.landing(t) is None:
+                unit.step_deferred = False
+                self._dispatch(unit, t)
         elif kind == _PREFILL_DONE:
             batch = payload[1]
             if unit.integrated:
@@ -628,11 +650,10 @@ class Simulator:
             lens = tuple([prompts[rid] for rid in d.prefill])
             dt = self.prefill_s.get(lens) or self._price(self.prefill_s, unit.cost.prefill_s, lens)
             if unit.committed and self.prefill_slowdown != 1.0:  # the decode worker is stepping
-                dt *= self.prefill_slowdown
+                dt = self._contended_prefill_s(unit, now, dt)
             self.result.prefill_busy_s += dt
             self.result.prefill_batches += 1
-            # A batch starts once the worker has shipped the caches queued before it, when it ships them.
-            start = max(now, unit.link_free) if self.handoff_on_prefill else now
+            start = now
             unit.prefill_free = start + dt
             self._push(unit.prefill_free, _PREFILL_DONE, unit, (unit.prefill_gen, d.prefill))
             if self.decode_slowdown != 1.0:
@@ -642,7 +663,10 @@ class Simulator:
                     self._stretch(unit, p)
                     self._push_plan(unit, p)
         if d.decode_step:
-            self._dispatch(unit, now)
+            if self.listens_between_steps and unit.landing(now) is not None:
+                unit.step_deferred = True  # dispatched when the cache has landed (_complete)
+            else:
+                self._dispatch(unit, now)
         if d.finished or d.failed:
             self._record(unit, d)
         # A deadline set by this event is at least `now + shortest limit` away; while the unit's tick
@@ -653,6 +677,25 @@ class Simulator:
                 unit.tick_at = deadline
                 self._push(deadline, _TICK, unit, None)
 
+    def _contended_prefill_s(self, unit: _Unit, now: float, work: float) -> float:
+        """The time of a prefill batch of `work` seconds alone that starts at `now` beside a stepping
+        decode worker: `prefill_slowdown` times slower until the decode batch would empty (its
+        committed requests' remaining steps, each as long as the next step alone, run
+        `decode_slowdown` times slower meanwhile), at full pace after. A prefill-heavy mix's decode
+        batch often empties partway through a prefill (the live server's lone 224-token prompts
+        took 820-1060 ms beside a short decode batch, rather than all either 870 or 1110)."""
+        p = unit.plan
+        step = unit.cost.decode_step_s(len(unit.committed), unit.context)
+        last = max([c[3] for c in unit.committed.values()])
+        if unit.step_in_flight and p is not None:
+            decode = max(0.0, p.ends[p.done + 1] - now) + max(0, last - unit.steps_done - 1) * step
+        else:
+            decode = max(0, last - unit.steps_done) * step
+        both = decode * self.decode_slowdown  # how long the two run side by side, if the prefill lasts
+        if work * self.prefill_slowdown <= both:
+            return work * self.prefill_slowdown
+        return both + work - both / self.prefill_slowdown
+
     def _ship(self, unit: _Unit, now: float, rid: str, slot: int) -> None:
         """Queue the transfer of `rid`'s cache into `slot` at `now`: it starts when the link is free
         (and the prefill worker, when it ships from there) and lands `handoff_s` later."""
@@ -660,6 +703,8 @@ class Simulator:
         tokens = unit.prompt[rid]
         dt = self.handoff_s.get(tokens) or self._price(self.handoff_s, unit.cost.handoff_s, tokens)
         unit.link_free = start + dt
+        if self.listens_between_steps:
+            unit.transfers.append((start, start + dt))
         self.result.link_busy_s += dt
         self._push(start + dt, _HANDOFF_DONE, unit, (rid, slot))
 
