@@ -260,6 +260,14 @@ def test_calibrate_needs_the_servers_worker_times(tmp_path, capsys):
     assert_one_line_error(rc, err, "--calibrate", "no worker times")
 
 
+def test_the_load_follows_the_machines_speed(tmp_path):
+    costs = tmp_path / "costs.json"
+    costs.write_text(json.dumps({"prefill": {"fixed_s": 0.5}, "decode": {}, "handoff": {}}))
+    assert load_rate(costs) == SLOW_RATE  # faster than the reference: the rate as chosen
+    costs.write_text(json.dumps({"prefill": {"fixed_s": 1.86}, "decode": {}, "handoff": {}}))
+    assert load_rate(costs) == pytest.approx(SLOW_RATE / 2, abs=1e-4)  # twice as slow: half the rate
+
+
 def test_slowdown_is_the_median_ratio_over_shared_shapes():
     from bench.serve_costs import slowdown
     solo = [[[128], 0.5], [[224], 1.0], [[128, 128], 0.9]]
@@ -296,7 +304,20 @@ RUN_S = 900.0  # one command: the costs profile, a load run
 # Two profiles, shortened so a run is well under a minute of load on two CPUs: a chat-like one
 # (more decode than prefill) and a prefill-heavy one. Lengths are exact (spread 0).
 SLOW_PROFILES = {"chat": ("128", "16"), "prefill-heavy": ("224", "4")}
-SLOW_RATE = "0.5"
+SLOW_RATE = 0.5
+# The rate loads the machine as it did in the runs it was chosen in, where a 224-token prefill took
+# 0.80-0.93 s and the prefill-heavy profile kept the prefill worker about half busy: on a slower
+# machine it is lowered in proportion (a run of 2026-12-01, with that prefill at 1.82 s, left it
+# at 0.5 req/s: the prefill worker saturated, the real TTFT p50 reached 18 s, and a queue that
+# grows without bound amplifies a 1% error in a prefill's time into any error in its TTFT).
+REFERENCE_PREFILL_S = 0.93
+
+
+def load_rate(costs) -> float:
+    """SLOW_RATE, lowered in proportion where this machine prefills the prefill-heavy prompt more
+    slowly than REFERENCE_PREFILL_S (the measured cost file says how fast it does)."""
+    measured = load_measured(costs).prefill_s([int(SLOW_PROFILES["prefill-heavy"][0])])
+    return round(SLOW_RATE * min(1.0, REFERENCE_PREFILL_S / measured), 4)
 # 64 rather than 8: with 8 a p90 is the worst request and a median falls between two (one batching
 # flip moved the chat median 25-40% in the 14:52 run, bench/RESULTS.md); with 16, the TTFTs of
 # identical requests that arrived alone still ranged from 333 to 647 ms in one run; with 32, the
@@ -369,6 +390,7 @@ def test_simulator_matches_the_real_server(tmp_path, mode):
     # run such a batch took about 2.4 s, and a fit of batches 1 and 2 alone priced it at 1.8 s.
     run_wafer("bench", "serve-costs", *flags, "--prompt-lens", "128,224", "--prefill-batches", "1,2,4",
               "--occupancies", "1,4,8", "--contexts", "64,224", "--repeats", "5", "--out", str(costs))
+    rate = str(load_rate(costs))
     server = SmolServer(*flags)
     reports = {}
     try:
@@ -383,7 +405,7 @@ def test_simulator_matches_the_real_server(tmp_path, mode):
             reports[name] = tmp_path / f"{name}.json"
             reports[name].write_text(run_wafer(
                 "bench", "serve", "--url", server.url, "--profile", name, "--input-len", n_in, "--output-len", n_out,
-                "--requests", SLOW_REQUESTS, "--rate", SLOW_RATE, "--seed", "0", "--json", "--per-request"))
+                "--requests", SLOW_REQUESTS, "--rate", rate, "--seed", "0", "--json", "--per-request"))
     finally:
         server.stop()
     missed = []
