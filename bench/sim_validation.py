@@ -98,3 +98,54 @@ def format_levels(levels: dict) -> str:
     for key, v in levels.items():
         lines.append(f"                 {key:18s} {v['real_ms']:9.2f} {v['simulated_ms']:12.2f} {v['ratio']:14.3f}")
     return "\n".join(lines)
+
+
+FIGURES = ("ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms", "request_throughput", "output_throughput")
+
+
+def conditioning(fleet, workload, slo, base: dict, draws: int, jitter_s: float, cost_spread: float,
+                 seed: int = 0) -> list[dict]:
+    """How far each figure moves when the same requests arrive up to `jitter_s` earlier or later
+    and the workers run up to `cost_spread` faster or slower (each draw scales every prefill and
+    every decode step by one uniform factor each): per figure its value in `base` (the figures of
+    the unperturbed simulation), the 10th and 90th percentile over the draws, and the share of
+    draws beyond the figure's tolerance from the base.
+
+    A real run differs from its replay by at least that much (the client sends up to ~10 ms late,
+    a burst lands a few ms either side of a step's end, the machine drifts by percents within a
+    run). A figure that moves beyond its tolerance in many draws is a quantile on a cliff, between
+    the modes of a multimodal distribution: no simulator can be held to it, and the workload
+    should change, not the tolerance. Needs a cost with `scaled` (a measured cost)."""
+    import dataclasses
+
+    from serve.simulator import simulate
+    rng = np.random.default_rng(seed)
+    values = {key: [] for key in FIGURES}
+    for _ in range(draws):
+        t = np.sort(np.maximum(workload.arrival_s + rng.uniform(-jitter_s, jitter_s, len(workload)), 0.0))
+        # Sorted, as arrivals must be; each position keeps its lengths (two requests may swap times).
+        jittered = dataclasses.replace(workload, arrival_s=t - t[0])
+        cost = fleet.cost.scaled(prefill=rng.uniform(1 - cost_spread, 1 + cost_spread),
+                                 decode=rng.uniform(1 - cost_spread, 1 + cost_spread))
+        result = simulate(dataclasses.replace(fleet, cost=cost), jittered, slo, keep_records=True)
+        for key, value in simulated_figures(result.records, result.duration_s).items():
+            if key in values and value is not None:
+                values[key].append(value)
+    rows = []
+    for key in FIGURES:
+        tol = THROUGHPUT_TOLERANCE if key.endswith("throughput") else LATENCY_TOLERANCE
+        b, v = base.get(key), np.array(values[key])
+        if b is None or not len(v):
+            continue
+        rows.append({"figure": key, "base": b, "p10": float(np.percentile(v, 10)), "p90": float(np.percentile(v, 90)),
+                     "tolerance": tol, "moved": float(np.mean(np.abs(v / b - 1.0) > tol))})
+    return rows
+
+
+def format_conditioning(rows: list[dict], draws: int, jitter_s: float, cost_spread: float) -> str:
+    lines = [f"conditioning ({draws} draws: arrivals ±{jitter_s * 1e3:.0f} ms, costs ±{cost_spread:.0%})",
+             "                 figure                base    draws p10    draws p90   beyond tolerance"]
+    for r in rows:
+        lines.append(f"                 {r['figure']:18s} {r['base']:9.3f} {r['p10']:12.3f} {r['p90']:12.3f}   "
+                     f"{r['moved']:6.0%} (±{r['tolerance']:.0%})")
+    return "\n".join(lines)

@@ -44,6 +44,17 @@ def int_list(text: str) -> tuple[int, ...]:
 # ------------------------------------------------------------------------------- model and prompt
 
 
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def positive_float(text: str) -> float:
     """A positive number (`inf` included) for argparse."""
     try:

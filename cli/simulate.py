@@ -20,7 +20,7 @@ import json
 import sys
 import time
 
-from cli.flags import positive_float, positive_int, progress
+from cli.flags import non_negative_float, positive_float, positive_int, progress
 from mesh.errors import WaferError
 
 # Without fleet flags: 8 prefill accelerators and 4 decode replicas (as many wafers as that takes).
@@ -55,6 +55,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --replay and --measured: also simulate with the cost file's prefill and decode "
                         "times scaled to the level the server's workers ran at during the run (its /metrics, "
                         "recorded by `wafer bench serve`), and compare that too")
+    w.add_argument("--conditioning", type=positive_int, default=None, metavar="DRAWS",
+                   help="with --measured: simulate DRAWS more times with every arrival moved by up to "
+                        "--jitter-ms and the prefill and decode costs scaled by up to --cost-spread, and report "
+                        "how often each figure moves beyond its validation tolerance (a quantile on a cliff)")
+    w.add_argument("--jitter-ms", type=non_negative_float, default=60.0,
+                   help="with --conditioning: the largest shift of an arrival (default 60)")
+    w.add_argument("--cost-spread", type=non_negative_float, default=0.08,
+                   help="with --conditioning: the largest relative change of the costs (default 0.08)")
     w.add_argument("--time-scale", type=positive_float, default=1.0,
                    help="multiply trace arrival times (0.5 doubles the rate)")
     w.add_argument("--seed", type=int, default=0)
@@ -119,6 +127,10 @@ def _defaults(args) -> None:
     if args.calibrate and (args.replay is None or args.measured is None):
         raise WaferError("--calibrate needs --replay (the run whose worker times it scales to) and --measured "
                          "(the cost file it scales)")
+    if args.conditioning is not None and (args.measured is None or args.sweep):
+        raise WaferError("--conditioning needs --measured (a cost it can scale) and one simulation, no --sweep")
+    if args.cost_spread >= 1:
+        raise WaferError(f"--cost-spread {args.cost_spread:g}: must be under 1 (a cost scaled by up to 1 ± it)")
     if question:
         given = [f"--{k.replace('_', '-')}" for k in ("trace", "measured", "prefill", "decode", "integrated", "slots",
                                                      "input_len", "output_len") if getattr(args, k) is not None]
@@ -263,12 +275,13 @@ def run(args) -> int:
         last[0] = done
 
     replay = args.replay is not None
+    keep = replay or args.conditioning is not None
     if args.processes > 1:
         if plan.fleet.router is not Router.ROUND_ROBIN:
             raise WaferError("--processes needs --router round-robin (least-loaded routing couples the units)")
-        result = simulate_parallel(plan.fleet, workload, _slo(args), args.processes, keep_records=replay)
+        result = simulate_parallel(plan.fleet, workload, _slo(args), args.processes, keep_records=keep)
     else:
-        result = simulate(plan.fleet, workload, _slo(args), keep_records=replay, progress=tick)
+        result = simulate(plan.fleet, workload, _slo(args), keep_records=keep, progress=tick)
     wall = time.perf_counter() - start
     bar.update(result.requests - last[0])
     bar.close()
@@ -279,16 +292,32 @@ def run(args) -> int:
         from bench.fleet_plots import write_latency_plot
         s["plots"] = [write_latency_plot(result, args.plot)]
     text = None if args.json else _format(s)
+    fleet, base = plan.fleet, result
     if replay:  # the run it replays, figure by figure
-        s["replay"], more = _compare_with_run(args, plan, workload, result)
+        s["replay"], more, calibrated = _compare_with_run(args, plan, workload, result)
+        text = None if args.json else text + "\n" + more
+        if calibrated is not None:  # the figures compared last: perturb those
+            fleet, base = calibrated
+    if args.conditioning is not None:
+        s["conditioning"], more = _conditioning(args, fleet, workload, base)
         text = None if args.json else text + "\n" + more
     print(json.dumps(s) if args.json else text)
     return 0
 
 
-def _compare_with_run(args, plan, workload, result) -> tuple[dict, str]:
+def _conditioning(args, fleet, workload, base) -> tuple[dict, str]:
+    from bench.sim_validation import conditioning, format_conditioning, simulated_figures
+    jitter_s = args.jitter_ms / 1e3
+    rows = conditioning(fleet, workload, _slo(args), simulated_figures(base.records, base.duration_s),
+                        args.conditioning, jitter_s, args.cost_spread, args.seed)
+    return ({"draws": args.conditioning, "jitter_ms": args.jitter_ms, "cost_spread": args.cost_spread, "rows": rows},
+            format_conditioning(rows, args.conditioning, jitter_s, args.cost_spread))
+
+
+def _compare_with_run(args, plan, workload, result) -> tuple[dict, str, tuple | None]:
     """The replayed run against the simulation, figure by figure, with the workers' level in each;
-    with --calibrate, again with the costs scaled to the run's level. Returns (JSON, text)."""
+    with --calibrate, again with the costs scaled to the run's level. Returns (JSON, text, and with
+    --calibrate the calibrated fleet and its result, else None)."""
     import dataclasses
 
     from bench.sim_validation import compare, format_comparison, format_levels, real_figures, simulated_figures, worker_levels
@@ -306,12 +335,14 @@ def _compare_with_run(args, plan, workload, result) -> tuple[dict, str]:
                              "report of a run against `wafer serve`)")
         scale = {key: levels[key]["ratio"] if key in levels else 1.0 for key in ("prefill_batch", "decode_step")}
         cost = plan.fleet.cost.scaled(prefill=scale["prefill_batch"], decode=scale["decode_step"])
-        again = simulate(dataclasses.replace(plan.fleet, cost=cost), workload, _slo(args), keep_records=True)
+        fleet = dataclasses.replace(plan.fleet, cost=cost)
+        again = simulate(fleet, workload, _slo(args), keep_records=True)
         calibrated = compare(real, simulated_figures(again.records, again.duration_s))
         out["calibrated"] = {"scale": scale, "rows": calibrated, "worker_levels": worker_levels(run, again)}
         text += (f"\ncalibrated: prefill x{scale['prefill_batch']:.3f}, decode x{scale['decode_step']:.3f} "
                  "(the run's level)\n" + format_comparison(calibrated))
-    return out, text
+        return out, text, (fleet, again)
+    return out, text, None
 
 
 def _run_sweep(args) -> int:

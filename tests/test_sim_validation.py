@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from bench.serve_costs import fit_samples, padded_lens, residuals
@@ -222,6 +223,55 @@ def test_simulate_replays_a_bench_run(tmp_path, capsys):
     assert rc == 0 and "calibrated: prefill x1.500, decode x2.000" in out and "workers' level" in out
 
 
+def lone_requests_plan(n: int = 10):
+    """An integrated measured fleet (100 ms prefills, 10 ms steps) and n requests 1 s apart: no
+    request meets another, so each TTFT is the prefill and each TPOT a step."""
+    from bench.fleet import measured
+    from serve.events import Mode
+    from serve.workload import Workload
+    cost = MeasuredCost({"fixed_s": 0.1}, {"fixed_s": 0.01}, {}, slots=2)
+    n_arr = np.arange(n, dtype=float)
+    return measured(cost, Mode.INTEGRATED).fleet, Workload(n_arr, np.full(n, 16), np.full(n, 5))
+
+
+def test_conditioning_measures_how_far_each_figure_moves():
+    from bench.sim_validation import conditioning
+    from serve.simulator import SLO, simulate
+    fleet, workload = lone_requests_plan()
+    first = simulate(fleet, workload, keep_records=True)
+    base = simulated_figures(first.records, first.duration_s)
+    assert base["ttft_p50_ms"] == pytest.approx(100.0) and base["tpot_p90_ms"] == pytest.approx(10.0)
+    # Unperturbed draws: every figure where it was.
+    rows = {r["figure"]: r for r in conditioning(fleet, workload, SLO(), base, 4, 0.0, 0.0)}
+    assert rows["ttft_p50_ms"]["p10"] == rows["ttft_p50_ms"]["p90"] == pytest.approx(100.0)
+    assert all(r["moved"] == 0.0 for r in rows.values())
+    # Costs within ±8% move the lone requests' latencies by at most 8%: never beyond 15%.
+    rows = {r["figure"]: r for r in conditioning(fleet, workload, SLO(), base, 50, 0.03, 0.08)}
+    assert rows["tpot_p50_ms"]["moved"] == 0.0 and 92.0 <= rows["ttft_p50_ms"]["p10"] <= 100.0
+    # Within ±50%: beyond 15% whenever a draw's factor is (P = 0.7 for a uniform factor).
+    rows = {r["figure"]: r for r in conditioning(fleet, workload, SLO(), base, 400, 0.0, 0.5, seed=3)}
+    assert rows["ttft_p50_ms"]["moved"] == pytest.approx(0.7, abs=0.07)
+    assert rows["tpot_p90_ms"]["moved"] == pytest.approx(0.7, abs=0.07)
+
+
+def test_simulate_reports_the_conditioning_of_its_figures(tmp_path, capsys):
+    costs = tmp_path / "costs.json"
+    costs.write_text(json.dumps({"prefill": {"fixed_s": 0.1}, "decode": {"fixed_s": 0.01}, "handoff": {},
+                                 "slots": 2, "scheduler": {"mode": "integrated", "slots": 2, "max_waiting": 4,
+                                                           "max_prefill_batch": 2, "max_prefill_tokens": 512,
+                                                           "max_prefilled": 4, "deadlines": {}}}))
+    argv = ["simulate", "--measured", str(costs), "--requests", "20", "--rate", "0.5", "--input-len", "16",
+            "--output-len", "5", "--conditioning", "8", "--no-progress"]
+    rc, out, _ = run_cli(capsys, *argv, "--json")
+    assert rc == 0
+    c = json.loads(out)["conditioning"]
+    assert c["draws"] == 8 and c["jitter_ms"] == 60.0 and c["cost_spread"] == 0.08
+    assert [r["figure"] for r in c["rows"]][:2] == ["ttft_p50_ms", "ttft_p90_ms"]
+    assert all(0.0 <= r["moved"] <= 1.0 and r["p10"] <= r["p90"] for r in c["rows"])
+    rc, out, _ = run_cli(capsys, *argv)
+    assert rc == 0 and "conditioning (8 draws: arrivals ±60 ms, costs ±8%)" in out and "beyond tolerance" in out
+
+
 # ------------------------------------------------------------------------------ bad input
 
 
@@ -248,6 +298,12 @@ def test_simulate_replay_bad_input(tmp_path, capsys):
     assert_one_line_error(rc, err, "--replay-rate needs --replay")
     rc, _, err = run_cli(capsys, "simulate", "--calibrate", "--no-progress")
     assert_one_line_error(rc, err, "--calibrate needs --replay")
+    rc, _, err = run_cli(capsys, "simulate", "--conditioning", "4", "--no-progress")
+    assert_one_line_error(rc, err, "--conditioning needs --measured")
+    rc, _, err = run_cli(capsys, "simulate", "--cost-spread", "1.5", "--no-progress")
+    assert_one_line_error(rc, err, "--cost-spread 1.5", "under 1")
+    rc, _, err = run_cli(capsys, "simulate", "--jitter-ms", "-3", "--no-progress")
+    assert_one_line_error(rc, err, "--jitter-ms", ">= 0")
 
 
 def test_calibrate_needs_the_servers_worker_times(tmp_path, capsys):
@@ -423,12 +479,15 @@ def test_simulator_matches_the_real_server(tmp_path, mode):
         # Calibrated: the profile's fits at the level the workers ran at during the run (the
         # machine drifts 30% between the profile and the run; bench/sim_validation.py). The
         # uncalibrated comparison is kept in the same file, for the record.
-        out = run_wafer("simulate", "--measured", str(costs), "--replay", str(path), "--calibrate", "--json",
-                        "--no-progress")
+        # With the conditioning of each calibrated figure: a miss on a figure that the replay's own
+        # perturbations (arrivals ±60 ms, costs ±8%) move beyond tolerance is a quantile on a cliff.
+        out = run_wafer("simulate", "--measured", str(costs), "--replay", str(path), "--calibrate", "--conditioning",
+                        "32", "--json", "--no-progress")
         (tmp_path / f"{name}-simulated.json").write_text(out)
         s = json.loads(out)
         assert s["fleet"]["mode"] == mode and s["finished"] == int(SLOW_REQUESTS)
         assert set(s["replay"]["worker_levels"]) >= {"decode_step", "prefill_batch"}
-        missed += [(name, r["figure"], r["real"], r["simulated"]) for r in s["replay"]["calibrated"]["rows"]
-                   if not r["within"]]
+        moved = {r["figure"]: r["moved"] for r in s["conditioning"]["rows"]}
+        missed += [(name, r["figure"], r["real"], r["simulated"], f"moved beyond tolerance in {moved[r['figure']]:.0%} "
+                    "of perturbed replays") for r in s["replay"]["calibrated"]["rows"] if not r["within"]]
     assert not missed, missed
