@@ -362,9 +362,9 @@ RUN_S = 900.0  # one command: the costs profile, a load run
 # The prefill-heavy one outputs 8 tokens, not 4: a 4-token TPOT is the mean of 3 steps and is
 # bimodal in the integrated mode (~210 ms, or >=550 ms when a 224-token prefill falls among them),
 # and at this load about half the requests see one, so its median fell in the gap (2026-12-01: 64
-# of 128 real requests above 300 ms, 62 simulated, a median ratio of 0.78). Simulated with that
-# run's costs and arrivals, arrivals jittered by 60 ms and costs by 8%, the 4-token TPOT p50 moved
-# by more than 15% in 22% of draws, the 8-token one in none (bench/RESULTS.md, "conditioning").
+# of 128 real requests above 300 ms, 62 simulated, a median ratio of 0.78). With that run's costs
+# and rate, `wafer simulate --conditioning 32` moved the 4-token TPOT p50 beyond 15% in 25% and 91%
+# of the draws for two of four arrival seeds, the 8-token one in none (bench/RESULTS.md).
 SLOW_PROFILES = {"chat": ("128", "16"), "prefill-heavy": ("224", "8")}
 SLOW_RATE = 0.5
 # The rate loads the machine as it did in the runs it was chosen in, where a 224-token prefill took
