@@ -16,15 +16,17 @@ import dataclasses
 import json
 import struct
 from collections.abc import Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import xxhash
 
 from kvcache.layout import PrefillKVLayout
-from kvcache.sequence import SequenceKV
 from mesh.errors import WaferError
 from model.dtypes import DTYPES
+
+if TYPE_CHECKING:  # a type only: kvcache.sequence brings JAX, which the simulator's KV pricing does not need
+    from kvcache.sequence import SequenceKV
 
 MAGIC = b"\x89WKV\r\n\x1a\n"  # PNG-style: a non-ASCII byte, and line endings a text-mode copy would mangle
 VERSION = 1

@@ -95,7 +95,7 @@ def kv_wire_bytes(c: ModelConfig, tokens: int, itemsize: int = 2) -> int:
     """Bytes of the KV wire format (kvcache/FORMAT.md) for a prompt of `tokens`: per layer a frame
     prefix, K and V, a checksum; the header is bounded by MAX_HEADER_BYTES and counted at that
     bound (it is a few hundred bytes in practice, a rounding error at any real prompt length)."""
-    from kvcache.format import CHECKSUM, FRAME_PREFIX, MAX_HEADER_BYTES  # here: kvcache brings JAX
+    from kvcache.format import CHECKSUM, FRAME_PREFIX, MAX_HEADER_BYTES
 
     per_layer = FRAME_PREFIX.size + 2 * c.n_kv_heads * c.head_dim * tokens * itemsize + CHECKSUM.size
     return MAX_HEADER_BYTES + c.n_layers * per_layer

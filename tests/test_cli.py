@@ -123,17 +123,34 @@ def test_console_script_exit_code(tmp_path):
                                                  + ", ".join(__import__("model.config").config.PRESETS)]
 
 
-def test_the_command_line_is_built_without_importing_jax():
-    """Every command's flags parse without JAX: `wafer --help` and `wafer simulate` start in well
-    under a second, and no command starts JAX before its mesh flags set the CPU device count."""
-    code = ("import sys\n"
-            "from cli.main import build_parser\n"
-            "build_parser().parse_args(['simulate', '--requests', '10'])\n"
-            "print(sorted(m for m in sys.modules if m == 'jax' or m.startswith('jax.')))\n")
+def jax_modules_after(code: str) -> str:
+    """The JAX modules a fresh interpreter holds after running `code` in the repository, printed."""
+    code += "import sys\nprint(sorted(m for m in sys.modules if m == 'jax' or m.startswith('jax.')))\n"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[]"
+    return proc.stdout.strip()
+
+
+def test_the_command_line_is_built_without_importing_jax():
+    """Every command's flags parse without JAX: `wafer --help` and `wafer simulate` start in well
+    under a second, and no command starts JAX before its mesh flags set the CPU device count."""
+    assert jax_modules_after("from cli.main import build_parser\n"
+                             "build_parser().parse_args(['simulate', '--requests', '10'])\n") == "[]"
+
+
+def test_a_simulation_that_needs_no_profile_runs_without_jax():
+    """`wafer simulate` imports JAX only to trace a wafer profile it has not cached: an integrated
+    fleet, and the KV wire bytes a disaggregated one ships, are priced without it (importing JAX
+    cost 1.6 s of every simulation when the KV format pulled it in)."""
+    assert jax_modules_after("import contextlib, io\n"
+                             "from cli.main import main\n"
+                             "from model.config import preset\n"
+                             "from serve.costs import kv_wire_bytes\n"
+                             "assert kv_wire_bytes(preset('llama3.1-70b'), 100) > 0\n"
+                             "with contextlib.redirect_stdout(io.StringIO()):\n"
+                             "    assert main(['simulate', '--integrated', '8', '--requests', '10', '--no-progress',"
+                             " '--json']) == 0\n") == "[]"
 
 
 @pytest.mark.slow  # ~32 s; the CLI mesh path stays covered by bench decode --mesh and the two-process generate test
