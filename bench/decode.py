@@ -26,6 +26,7 @@ from bench.bandwidth import MachineBounds, measure_machine
 from bench.decode_mesh import mesh_report, mesh_rows
 from bench.mesh_setup import MeshSetup, make_decoder
 from bench.table import Row, aligned, env_row
+from kernels import cpu_ffi
 from mesh.errors import WaferError
 from model.config import ModelConfig
 from model.generate import DECODE_CHUNK, Generator, cache_len_for, chunk_schedule
@@ -177,6 +178,16 @@ def environment(hf: HFResult | None, load_start: float | None) -> dict:
     return env
 
 
+def kernel_path(generator: Generator) -> str:
+    """Which matrix-vector kernels the single-device decoder ran: the project's CPU kernels (with
+    the block weights packed into column panels, or not) or XLA's ops, and why XLA's."""
+    if jax.default_backend() != "cpu":
+        return f"xla ({jax.default_backend()})"
+    if not cpu_ffi.available():
+        return f"xla ({cpu_ffi.why_off()})"
+    return "cpu kernels, panels" if generator.panels else "cpu kernels"
+
+
 def llamacpp_report(peers: list, ours: OursResult) -> dict:
     """llama.cpp's figures beside ours: per precision its rate, ours over it, and whether its first
     greedy tokens are ours (the f32 file holds our very weights; f16 may part on a near-tie)."""
@@ -258,6 +269,7 @@ def format_table(r: dict) -> str:
                      f"repeats {r['repeats']}"),
         Row("ours", f"{r['tok_per_s']:.1f} tok/s per sequence, {r['tok_per_s_aggregate']:.1f} tok/s in all, "
                     f"{r['step_ms']:.2f} ms/step (compile {r['compile_s']:.1f} s, prefill {r['prefill_ms']:.0f} ms)"),
+        Row("kernels", r["kernels"]),
         Row("bandwidth", f"{r['bandwidth_gbs']:.1f} GB/s streaming read ({r['bandwidth_source']}; "
                          + ", ".join(f"{k} {v:.1f}" for k, v in r["bandwidth_candidates"].items()) + ")"),
         Row("bytes/step", f"{r['bytes_per_step'] / 1e6:.1f} MB = weights {r['weight_bytes'] / 1e6:.1f} MB "
@@ -308,7 +320,10 @@ def run_decode_bench(loaded: LoadedModel, bench: DecodeBench, mesh_setup: MeshSe
     progress("measuring bandwidth and matmul peak...")
     bounds = measure_machine()
     progress(f"decoding (batch {bench.batch}, {bench.steps} steps, 1 compile run + {bench.repeats} timed)...")
-    ours = time_ours(Generator(loaded.params, config), prompts, bench.steps, bench.repeats)
+    generator = Generator(loaded.params, config)
+    ours = time_ours(generator, prompts, bench.steps, bench.repeats)
+    kernels = kernel_path(generator)
+    del generator
     mesh = None
     if mesh_setup is not None:
         progress(f"decoding on the {mesh_setup.grid} mesh ({mesh_setup.executor.value}, "
@@ -336,6 +351,7 @@ def run_decode_bench(loaded: LoadedModel, bench: DecodeBench, mesh_setup: MeshSe
             peers.append(time_llamacpp(path, precision, prompts[0], bench.steps, bench.repeats, threads))
         llamacpp = llamacpp_report(peers, ours)
     report = build_report(config, bench, loaded.params, bounds, ours, hf, environment(hf, load_start))
+    report["kernels"] = kernels
     if llamacpp is not None:
         report["llamacpp"] = llamacpp
     if mesh is not None:

@@ -109,10 +109,16 @@ def unavailable_reason() -> str | None:
 
 
 @functools.cache
+def why_off() -> str | None:
+    """`unavailable_reason()`, decided once per process (it builds and registers the kernels)."""
+    return unavailable_reason()
+
+
+@functools.cache
 def available() -> bool:
     """Whether the kernels are usable in this process (decided once; when they are not, one
     warning says why, except when WAFER_CPU_KERNELS=xla asked for XLA's ops)."""
-    reason = unavailable_reason()
+    reason = why_off()
     if reason is not None and reason != "WAFER_CPU_KERNELS=xla":
         log.warning("CPU kernels off, XLA's ops used instead: %s", reason)
     return reason is None

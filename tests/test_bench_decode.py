@@ -137,6 +137,9 @@ def test_json_smoke(capsys, tiny_checkpoint, small_machine):
     assert r["roofline_fraction"] == pytest.approx(r["tok_per_s"] / r["roofline_tok_per_s"], rel=1e-2, abs=1e-4)
     assert r["cache_len"] == 64
     assert "hf_tok_per_s" not in r
+    # Which kernels ran: the project's CPU kernels where they build here, else XLA's and why.
+    from kernels import cpu_ffi
+    assert r["kernels"] == ("cpu kernels" if cpu_ffi.available() else f"xla ({cpu_ffi.why_off()})")
     env = r["env"]
     assert env["device_count"] >= 1 and env["cpu_count"] >= 1 and env["jax"]
     assert "torch" not in env
@@ -148,7 +151,7 @@ def test_compare_hf_table(capsys, tiny_checkpoint, small_machine):
                            "--context", "8", "--steps", "6", "--repeats", "1", "--compare-hf")
     assert rc == 0
     labels = [line.split("  ")[0] for line in out.strip().splitlines()]
-    assert labels == ["model", "ours", "bandwidth", "bytes/step", "roofline", "compute roof", "HF generate", "env"]
+    assert labels == ["model", "ours", "kernels", "bandwidth", "bytes/step", "roofline", "compute roof", "HF generate", "env"]
     assert "loading HF reference" in err and "loading HF reference" not in out
     # Same weights, same prompt, greedy: the 7 tokens (first + 6 steps) agree with HF's.
     assert "first 7 tokens match" in out
@@ -210,3 +213,16 @@ def test_llamacpp_f32_decodes_our_tokens(smollm2, tmp_path):
     peer = time_llamacpp(path, "f32", prompt[0], 15, 1, 2)
     ours = Generator(smollm2.params, smollm2.config).generate(prompt, 16, stop_on_eos=False).tokens[0]
     assert peer.tokens == ours and peer.tok_per_s > 0
+
+
+def test_kernel_path_names_the_panels_and_why_xla(monkeypatch):
+    from types import SimpleNamespace
+
+    from bench.decode import kernel_path
+    from kernels import cpu_ffi
+    monkeypatch.setattr(cpu_ffi, "available", lambda: True)
+    assert kernel_path(SimpleNamespace(panels=True)) == "cpu kernels, panels"
+    assert kernel_path(SimpleNamespace(panels=False)) == "cpu kernels"
+    monkeypatch.setattr(cpu_ffi, "available", lambda: False)
+    monkeypatch.setattr(cpu_ffi, "why_off", lambda: "this CPU lacks AVX2 or FMA")
+    assert kernel_path(SimpleNamespace(panels=False)) == "xla (this CPU lacks AVX2 or FMA)"
