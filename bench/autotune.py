@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from kernels.allreduce import Schedule
 from mesh.errors import WaferError
 from mesh.executors import Grid
@@ -24,9 +26,10 @@ def autotune_candidates(spec: WaferSpec) -> list[Grid]:
 
 def autotune_grid(config: ModelConfig, spec: WaferSpec, schedule: Schedule, batch: int, context: int,
                   dtype: str, candidates: list[Grid] | None = None, groups: int | None = None,
-                  accounting: Accounting = Accounting.FULL) -> list[LayoutProfile]:
+                  accounting: Accounting = Accounting.FULL,
+                  on_candidate: Callable[[], None] = lambda: None) -> list[LayoutProfile]:
     """Profiles of every candidate grid that fits (default: `autotune_candidates(spec)`), fastest
-    first (raises if none fits)."""
+    first (raises if none fits); `on_candidate` is called after each candidate, fitting or not."""
     found, last_error = [], None
     for grid in autotune_candidates(spec) if candidates is None else candidates:
         try:
@@ -34,6 +37,7 @@ def autotune_grid(config: ModelConfig, spec: WaferSpec, schedule: Schedule, batc
                                         accounting=accounting))
         except WaferError as e:
             last_error = e
+        on_candidate()
     if not found:
         raise WaferError(f"no candidate grid fits {config.name} on {spec.name}: {last_error}")
     return sorted(found, key=lambda p: p.token_s)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from cli.flags import add_layout_arg, progress
 from mesh.errors import WaferError
 
@@ -63,12 +64,19 @@ def _accounting(args):
     return Accounting(args.accounting)
 
 
-def _autotune(config, spec, schedule, args):
+def _bar(total: int, unit: str):
+    """A progress bar on stderr (stdout holds the report alone)."""
+    from tqdm import tqdm
+    return tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True)
+
+
+def _autotune(config, spec, schedule, args, bar):
     from bench.autotune import autotune_candidates, autotune_grid
     candidates = autotune_candidates(spec)
-    progress(f"autotuning {config.name} on {spec.name}: {len(candidates)} grids ...")
+    progress(f"autotuning {config.name} on {spec.name}: {len(candidates)} grids"
+             + (f" x {schedule.value}" if schedule is not None else "") + " ...")
     return autotune_grid(config, spec, schedule, args.batch, args.context, args.dtype, candidates, args.groups,
-                         _accounting(args))
+                         _accounting(args), on_candidate=lambda: bar.update(1))
 
 
 def run(args) -> int:
@@ -87,16 +95,26 @@ def run(args) -> int:
     if args.compare_layouts:
         return _run_compare(config, spec, args)
 
+    bar = None
+    if args.grid == "auto":  # minutes with --schedule auto: every candidate grid per schedule
+        from bench.autotune import autotune_candidates
+        from kernels.allreduce import Schedule
+        bar = _bar(len(autotune_candidates(spec)) * (len(Schedule) if schedule is None else 1), "grid")
+
     def profile_with(s):
         if args.grid == "auto":
-            return _autotune(config, spec, s, args)[0]
+            return _autotune(config, spec, s, args, bar)[0]
         return profile_layout(config, Grid.parse(args.grid), spec, s, args.groups, args.batch,
                               args.context, args.dtype, LayoutMode(args.layout), _accounting(args))
 
-    if schedule is None:
-        profile, choice = _fastest_schedule(profile_with)
-    else:
-        profile, choice = profile_with(schedule), None
+    try:
+        if schedule is None:
+            profile, choice = _fastest_schedule(profile_with)
+        else:
+            profile, choice = profile_with(schedule), None
+    finally:
+        if bar is not None:
+            bar.close()
     report = profile_report(profile)
     if choice is not None:
         report["schedule_choice"] = choice
@@ -144,15 +162,15 @@ def _run_compare(config, spec, args) -> int:
     grids = [g for g in grids if g.rows <= spec.max_rows and g.cols <= spec.max_cols]
     progress(f"comparing {len(grids)} grids x {len(Schedule)} schedules for {config.name} on {spec.name} ...")
     rows, skipped = [], []
-    for g in grids:
-        for s in Schedule:
-            try:
-                p = profile_layout(config, g, spec, s, args.groups, args.batch, args.context, args.dtype,
-                                   LayoutMode(args.layout), _accounting(args))
-            except WaferError as e:
-                skipped.append({"grid": str(g), "schedule": s.value, "reason": str(e)})
-                continue
-            rows.append(p)
+    with _bar(len(grids) * len(Schedule), "layout") as bar:
+        for g in grids:
+            for s in Schedule:
+                try:
+                    rows.append(profile_layout(config, g, spec, s, args.groups, args.batch, args.context, args.dtype,
+                                               LayoutMode(args.layout), _accounting(args)))
+                except WaferError as e:
+                    skipped.append({"grid": str(g), "schedule": s.value, "reason": str(e)})
+                bar.update(1)
     rows.sort(key=lambda p: p.token_s)
     ranked = [{"rank": i + 1, "grid": str(p.grid), "schedule": p.schedule.value,
                "tokens_per_s_per_request": p.tokens_per_s, "layer_us": p.layer_s * 1e6, "wafers": p.staging.wafers,

@@ -374,3 +374,17 @@ def test_cli_json_and_table(capsys):
     assert any(c["segment"] == 32 for c in d["collectives_per_layer"])
     rc, out, _ = run_cli(capsys, "profile", "--model", "smollm2-135m", "--grid", "48x64")
     assert rc == 0 and "tokens/s per request" in out and "layer1/mlp/mesh_gemv/allreduce" in out
+
+
+def test_autotune_ranks_the_fitting_grids_and_counts_every_candidate():
+    """`--grid auto`'s search: every candidate is profiled or refused, each reported to the
+    progress bar (`on_candidate`), and the fitting ones come back fastest first."""
+    from bench.autotune import autotune_grid
+    seen = []
+    found = autotune_grid(preset("smollm2-135m"), WSE2, Schedule.RING, 1, 4096, "bfloat16",
+                          [Grid(48, 64), Grid(2, 2), Grid(64, 96)], on_candidate=lambda: seen.append(1))
+    assert len(seen) == 3
+    assert {str(p.grid) for p in found} == {"48x64", "64x96"}  # 2x2 cannot hold a layer
+    assert [p.token_s for p in found] == sorted(p.token_s for p in found)
+    with pytest.raises(WaferError, match="no candidate grid fits"):
+        autotune_grid(preset("smollm2-135m"), WSE2, Schedule.RING, 1, 4096, "bfloat16", [Grid(2, 2)])
