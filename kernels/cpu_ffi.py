@@ -108,17 +108,21 @@ def unavailable_reason() -> str | None:
     return None
 
 
-@functools.cache
+_why_off: str | None = None  # available()'s reason, for why_off()
+
+
 def why_off() -> str | None:
-    """`unavailable_reason()`, decided once per process (it builds and registers the kernels)."""
-    return unavailable_reason()
+    """Why `available()` is False, as `unavailable_reason()` said when it decided (None: usable)."""
+    available()
+    return _why_off
 
 
 @functools.cache
 def available() -> bool:
     """Whether the kernels are usable in this process (decided once; when they are not, one
     warning says why, except when WAFER_CPU_KERNELS=xla asked for XLA's ops)."""
-    reason = why_off()
+    global _why_off
+    reason = _why_off = unavailable_reason()
     if reason is not None and reason != "WAFER_CPU_KERNELS=xla":
         log.warning("CPU kernels off, XLA's ops used instead: %s", reason)
     return reason is None

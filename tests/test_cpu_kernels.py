@@ -176,6 +176,7 @@ def test_unavailable_kernel_warns_once_and_matmul_is_xla(monkeypatch, tmp_path, 
             for _ in range(3):
                 assert not cpu_ffi.available()
             assert custom_calls(matmul_f32, jnp.zeros((1, 64), jnp.float32), jnp.zeros((64, 8), jnp.float32)) == 0
+            assert cpu_ffi.why_off() == "build failed: no compiler"  # what `bench decode` reports
         assert [r.getMessage() for r in caplog.records] == [
             "CPU kernels off, XLA's ops used instead: build failed: no compiler"]
     finally:
