@@ -22,6 +22,11 @@ import numpy as np
 
 LATENCY_TOLERANCE = 0.15
 THROUGHPUT_TOLERANCE = 0.10
+FIGURES = ("ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms", "request_throughput", "output_throughput")
+
+
+def tolerance(figure: str) -> float:
+    return THROUGHPUT_TOLERANCE if figure.endswith("throughput") else LATENCY_TOLERANCE
 
 
 def simulated_figures(records, duration_s: float) -> dict:
@@ -51,9 +56,8 @@ def real_figures(run: dict) -> dict:
 def compare(real: dict, simulated: dict) -> list[dict]:
     """One row per figure: real, simulated, simulated / real, the tolerance and whether it holds."""
     rows = []
-    for key in ("ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms", "request_throughput",
-                "output_throughput"):
-        tol = THROUGHPUT_TOLERANCE if key.endswith("throughput") else LATENCY_TOLERANCE
+    for key in FIGURES:
+        tol = tolerance(key)
         r, s = real.get(key), simulated.get(key)
         ratio = s / r if r and s is not None else None
         rows.append({"figure": key, "real": r, "simulated": s, "ratio": ratio, "tolerance": tol,
@@ -100,9 +104,6 @@ def format_levels(levels: dict) -> str:
     return "\n".join(lines)
 
 
-FIGURES = ("ttft_p50_ms", "ttft_p90_ms", "tpot_p50_ms", "tpot_p90_ms", "request_throughput", "output_throughput")
-
-
 def conditioning(fleet, workload, slo, base: dict, draws: int, jitter_s: float, cost_spread: float,
                  seed: int = 0) -> list[dict]:
     """How far each figure moves when the same requests arrive up to `jitter_s` earlier or later
@@ -133,7 +134,7 @@ def conditioning(fleet, workload, slo, base: dict, draws: int, jitter_s: float, 
                 values[key].append(value)
     rows = []
     for key in FIGURES:
-        tol = THROUGHPUT_TOLERANCE if key.endswith("throughput") else LATENCY_TOLERANCE
+        tol = tolerance(key)
         b, v = base.get(key), np.array(values[key])
         if b is None or not len(v):
             continue

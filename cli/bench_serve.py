@@ -10,9 +10,8 @@ import argparse
 import json
 import math
 import os
-import sys
 
-from cli.flags import busy_check, int_at_least, positive_float, positive_int, progress
+from cli.flags import busy_check, int_at_least, positive_float, positive_int, progress, progress_bar
 from mesh.errors import WaferError
 
 
@@ -90,8 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _new_bar(total: int, desc: str):
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="req", file=sys.stderr, leave=False, dynamic_ncols=True)
+    return progress_bar(total, "req", desc=desc, leave=False)
 
 
 def _search(text: str, steps: int):

@@ -7,10 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 
 from cli import serve as serve_cmd
-from cli.flags import busy_check, int_list, positive_int, progress
+from cli.flags import busy_check, int_list, positive_int, progress, progress_bar
 from mesh.errors import WaferError
 
 
@@ -35,8 +34,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from tqdm import tqdm
-
     from bench.serve_costs import CostsBench, format_report, run_costs_bench
 
     options = serve_cmd.options_from_args(args)
@@ -51,7 +48,7 @@ def run(args) -> int:
     total = sum(bench.samples.values())
     progress(f"wafer bench serve-costs: {total} shapes of the {options.mode.value} workers, "
              f"{args.repeats} timed runs each (compilation first)")
-    with tqdm(total=total, unit="shape", file=sys.stderr, dynamic_ncols=True) as bar:
+    with progress_bar(total, "shape") as bar:
         report = run_costs_bench(bench, lambda: bar.update(1))
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report) if args.json else format_report(report) + f"\n  written to {out}")

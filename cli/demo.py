@@ -40,7 +40,6 @@ async def _run(engine, request):
 
     A two-token copy of the request goes first, unmeasured: it compiles the prefill for the
     prompt's length bucket, which a server pays once per bucket, not per request."""
-    from serve.requests import Done, Failed, TokenOut
 
     await engine.start()
     try:

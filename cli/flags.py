@@ -219,6 +219,13 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def progress_bar(total: int, unit: str, **options):
+    """A tqdm bar on stderr (stdout holds the report alone); `options` go to tqdm (desc, leave,
+    disable, mininterval)."""
+    from tqdm import tqdm
+    return tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, **options)
+
+
 def busy_check() -> float | None:
     """The 1-minute load average, with a warning on stderr when other work competes for the CPUs.
 
@@ -243,8 +250,6 @@ def run_sweep(args, n_points: int, what: str, measure, write_plot, format_report
     minutes to hours), the plot drawn, the report (or its JSON) printed."""
     import json
 
-    from tqdm import tqdm
-
     from bench.sweep_plots import check_plot_path
     from model.load import load_model
 
@@ -253,7 +258,7 @@ def run_sweep(args, n_points: int, what: str, measure, write_plot, format_report
     loaded = load_model(args.model, args.checkpoint, dtype=args.dtype)
     load_start = busy_check()
     progress(f"{what}: {n_points} points, {args.repeats} timed runs each (after one that compiles)")
-    with tqdm(total=n_points, unit="point", file=sys.stderr, dynamic_ncols=True) as bar:
+    with progress_bar(n_points, "point") as bar:
         def on_point(point: dict) -> None:
             bar.write(format_point(point), file=sys.stderr)
             bar.update(1)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from cli.flags import add_layout_arg, progress
+
+from cli.flags import add_layout_arg, progress, progress_bar
 from mesh.errors import WaferError
 
 PROFILE_SCHEDULES = ("auto", "psum", "ring", "ktree")
@@ -64,12 +64,6 @@ def _accounting(args):
     return Accounting(args.accounting)
 
 
-def _bar(total: int, unit: str):
-    """A progress bar on stderr (stdout holds the report alone)."""
-    from tqdm import tqdm
-    return tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True)
-
-
 def _autotune(config, spec, schedule, args, bar):
     from bench.autotune import autotune_candidates, autotune_grid
     candidates = autotune_candidates(spec)
@@ -99,7 +93,7 @@ def run(args) -> int:
     if args.grid == "auto":  # minutes with --schedule auto: every candidate grid per schedule
         from bench.autotune import autotune_candidates
         from kernels.allreduce import Schedule
-        bar = _bar(len(autotune_candidates(spec)) * (len(Schedule) if schedule is None else 1), "grid")
+        bar = progress_bar(len(autotune_candidates(spec)) * (len(Schedule) if schedule is None else 1), "grid")
 
     def profile_with(s):
         if args.grid == "auto":
@@ -162,7 +156,7 @@ def _run_compare(config, spec, args) -> int:
     grids = [g for g in grids if g.rows <= spec.max_rows and g.cols <= spec.max_cols]
     progress(f"comparing {len(grids)} grids x {len(Schedule)} schedules for {config.name} on {spec.name} ...")
     rows, skipped = [], []
-    with _bar(len(grids) * len(Schedule), "layout") as bar:
+    with progress_bar(len(grids) * len(Schedule), "layout") as bar:
         for g in grids:
             for s in Schedule:
                 try:

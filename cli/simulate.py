@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
-from cli.flags import non_negative_float, positive_float, positive_int, progress
+from cli.flags import non_negative_float, positive_float, positive_int, progress, progress_bar
 from mesh.errors import WaferError
 
 # Without fleet flags: 8 prefill accelerators and 4 decode replicas (as many wafers as that takes).
@@ -251,8 +250,7 @@ def _format(s: dict) -> str:
 
 
 def _bar(total: int, disable: bool):
-    from tqdm import tqdm
-    return tqdm(total=total, unit="req", file=sys.stderr, disable=disable, mininterval=0.5)
+    return progress_bar(total, "req", disable=disable, mininterval=0.5)
 
 
 def run(args) -> int:
